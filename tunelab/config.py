@@ -1,0 +1,314 @@
+"""One flat, typed configuration for a run: YAML in, ``--set`` overrides, early validation.
+
+The field names and defaults follow the seed's ``FineTuningConfig``; everything added keeps
+its name self-explanatory. Each field carries its help text once, and that text drives the
+starter config written by ``tunelab init`` and the CLI's ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.errors import TunelabError, did_you_mean
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+SCHEDULERS = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHAT_FORMATS = ("auto", "chat", "plain")
+METHODS = ("lora",)
+
+
+def _f(default: Any, help: str, **choices: Any) -> Any:
+    """A dataclass field with its help text (and allowed values) kept beside the default."""
+    metadata = {"help": help, **choices}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class FineTuningConfig:
+    """Everything a fine-tuning run needs, flat and typed (the seed's names first)."""
+
+    # --- the seed's fields ---
+    model_name: str = _f(
+        DEFAULT_MODEL,
+        "Base model: 'smollm2-135m-instruct' (shipped with tunelab), a local transformers "
+        "folder, a .gguf file, or a hub id.",
+    )
+    dataset_path: str = _f("", "Training data: a file (.jsonl, .json, .csv, .txt, ...) or folder.")
+    output_dir: str = _f("outputs/run", "Run folder: adapter, tokenizer, config, metrics, results.")
+    lora_r: int = _f(8, "LoRA rank (the adapter's inner dimension).")
+    lora_alpha: int = _f(32, "LoRA scaling numerator: updates are scaled by lora_alpha / lora_r.")
+    lora_dropout: float = _f(0.1, "Dropout on the LoRA input during training.")
+    target_modules: list[str] = _f(
+        ["q_proj", "v_proj"], "Module names that get adapters, or ['all-linear']."
+    )
+    learning_rate: float = _f(3e-4, "Peak learning rate of AdamW.")
+    num_epochs: int = _f(3, "Passes over the training data (ignored when max_steps is set).")
+    batch_size: int = _f(4, "Sequences per micro-batch (rows of max_length tokens when packing).")
+    max_length: int = _f(512, "Longest sequence in tokens; longer examples are truncated.")
+
+    # --- training strategy ---
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step.")
+    warmup_ratio: float = _f(0.1, "Share of the optimizer steps spent warming the rate up.")
+    lr_scheduler: str = _f("linear", "Learning-rate schedule after warm-up.", choices=SCHEDULERS)
+    max_steps: int | None = _f(None, "Optimizer steps to run; overrides num_epochs when set.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 turns clipping off).")
+    precision: str = _f(
+        "auto", "Compute precision; auto picks bf16 where the CPU/GPU supports it.", choices=PRECISIONS
+    )
+    packing: bool = _f(
+        True, "Pack several examples into each row (attention stays inside each example)."
+    )
+    seed: int = _f(42, "Random seed for initialisation, shuffling and dropout.")
+    logging_steps: int = _f(10, "Optimizer steps between metric lines in metrics.jsonl.")
+    eval_path: str | None = _f(None, "Held-out data evaluated during and after training.")
+    eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (and always at the end).")
+    save_steps: int | None = _f(None, "Checkpoint every N optimizer steps (and at each epoch end).")
+
+    # --- data rendering ---
+    chat_format: str = _f(
+        "auto",
+        "How prompt/completion data is rendered: 'chat' wraps it in the model's chat template, "
+        "'plain' joins the strings, 'auto' uses chat when the model has a template.",
+        choices=CHAT_FORMATS,
+    )
+    prompt_template: str | None = _f(
+        None, "Build the prompt from any columns, e.g. 'What does {term} mean?'."
+    )
+    completion_template: str | None = _f(
+        None, "Build the completion from any columns, e.g. '{definition}'."
+    )
+    system_prompt: str | None = _f(None, "System message for chat-rendered examples.")
+
+    # --- method ---
+    method: str = _f("lora", "Adaptation method.", choices=METHODS)
+    trust_remote_code: bool = _f(
+        False, "Run model code shipped with a hub model (off unless you trust its author)."
+    )
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> FineTuningConfig:
+        """Read a YAML config, apply ``key=value`` overrides, and validate the result."""
+        return load_config(path, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(FineTuningConfig)}
+_HINTS = typing.get_type_hints(FineTuningConfig)
+
+
+def _type_name(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in inner) + " (or null)"
+    if typing.get_origin(hint) is list:
+        return "a list of strings"
+    return names.get(hint, str(hint))
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    """Check ``value`` against the field's type, converting only what is lossless."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(key, value, inner[0], source)
+    wrong = TunelabError(
+        f"{source}: '{key}' is {value!r} ({type(value).__name__}), expected {_type_name(hint)}. "
+        f"Fix the value of '{key}'."
+    )
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise wrong
+        return list(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong
+        if isinstance(value, float) and not value.is_integer():
+            raise wrong
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    return value
+
+
+def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise TunelabError(
+            f"config key '{key}' is {value!r}, but it must be {allowed}. Change '{key}' in the "
+            f"config or with --set {key}=..."
+        )
+
+
+def validate(config: FineTuningConfig) -> None:
+    """Reject impossible values before any heavy work (model-dependent checks live in methods)."""
+    c = config
+    for name, spec in FIELDS.items():
+        value = getattr(c, name)
+        setattr(c, name, _coerce(name, value, _HINTS[name], "config"))
+        allowed = spec.metadata.get("choices")
+        if allowed and value not in allowed:
+            raise TunelabError(
+                f"config key '{name}' is {value!r}; allowed values are "
+                f"{', '.join(map(repr, allowed))}.{did_you_mean(str(value), allowed)}"
+            )
+    _check(c.lora_r >= 1, "lora_r", c.lora_r, "a whole number of at least 1 (8 is typical)")
+    _check(c.lora_alpha > 0, "lora_alpha", c.lora_alpha, "positive (often 2-4 x lora_r)")
+    _check(0 <= c.lora_dropout < 1, "lora_dropout", c.lora_dropout, "in [0, 1)")
+    _check(len(c.target_modules) > 0, "target_modules", c.target_modules, "a non-empty list")
+    _check(
+        math.isfinite(c.learning_rate) and c.learning_rate > 0,
+        "learning_rate",
+        c.learning_rate,
+        "a positive number (1e-4 to 1e-3 is usual for LoRA)",
+    )
+    _check(c.num_epochs >= 1, "num_epochs", c.num_epochs, "at least 1")
+    _check(c.batch_size >= 1, "batch_size", c.batch_size, "at least 1")
+    _check(c.max_length >= 8, "max_length", c.max_length, "at least 8 tokens")
+    _check(
+        c.gradient_accumulation_steps >= 1,
+        "gradient_accumulation_steps",
+        c.gradient_accumulation_steps,
+        "at least 1",
+    )
+    _check(0 <= c.warmup_ratio < 1, "warmup_ratio", c.warmup_ratio, "in [0, 1)")
+    _check(c.max_steps is None or c.max_steps >= 1, "max_steps", c.max_steps, "null or >= 1")
+    _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "zero or positive")
+    _check(c.max_grad_norm >= 0, "max_grad_norm", c.max_grad_norm, "zero (off) or positive")
+    _check(c.logging_steps >= 1, "logging_steps", c.logging_steps, "at least 1")
+    _check(c.eval_steps is None or c.eval_steps >= 1, "eval_steps", c.eval_steps, "null or >= 1")
+    _check(c.save_steps is None or c.save_steps >= 1, "save_steps", c.save_steps, "null or >= 1")
+    if (c.prompt_template is None) != (c.completion_template is None):
+        raise TunelabError(
+            "config keys 'prompt_template' and 'completion_template' go together: set both "
+            "(e.g. prompt_template: 'What does {term} mean?', completion_template: "
+            "'{definition}') or neither."
+        )
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split a ``key=value`` override; the value is read as YAML (so 1e-4, true, [a, b] work)."""
+    if "=" not in text:
+        raise TunelabError(
+            f"--set expects key=value, got {text!r}. Example: --set learning_rate=1e-4"
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _HINTS.get(key) is float:
+        try:  # YAML reads '3e-4' (no dot) as a string; a float field still wants it
+            value = float(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def config_from_dict(
+    values: dict[str, Any], source: str = "config", overrides: list[str] | None = None
+) -> FineTuningConfig:
+    """Build a validated config from a mapping plus ``key=value`` overrides."""
+    merged = dict(values)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        merged[key] = value
+        source_of = "--set"
+        _check_known(key, source_of)
+    for key in merged:
+        _check_known(key, source)
+    typed = {k: _coerce(k, v, _HINTS[k], source) for k, v in merged.items()}
+    return FineTuningConfig(**typed)
+
+
+def _check_known(key: str, source: str) -> None:
+    if key not in FIELDS:
+        raise TunelabError(
+            f"{source}: unknown config key '{key}'.{did_you_mean(key, FIELDS)} "
+            f"Run 'tunelab init' to see every key with its meaning."
+        )
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> FineTuningConfig:
+    """Read and validate a YAML run config; relative data/output paths resolve from its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunelabError(
+            f"config file {path} does not exist. Create one with 'tunelab init {path}'."
+        )
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise TunelabError(
+            f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}). "
+            "Each line should be 'key: value'."
+        ) from None
+    except UnicodeDecodeError:
+        raise TunelabError(f"{path}: not UTF-8 text. Save the config as UTF-8.") from None
+    if not isinstance(values, dict):
+        raise TunelabError(
+            f"{path}: expected a mapping of 'key: value' lines, found {type(values).__name__}."
+        )
+    config = config_from_dict(values, source=str(path), overrides=overrides)
+    base = path.resolve().parent
+    for key in ("dataset_path", "eval_path", "output_dir"):
+        value = getattr(config, key)
+        if value and not Path(value).is_absolute():
+            setattr(config, key, str(base / value))
+    model = Path(config.model_name)
+    if not model.is_absolute() and (base / model).exists():
+        config.model_name = str(base / model)
+    return config
+
+
+def starter_config_text() -> str:
+    """The commented YAML that ``tunelab init`` writes: every key, its default and meaning."""
+    lines = ["# tunelab run config: edit, then run 'tunelab train <this file>'.", ""]
+    for name, spec in FIELDS.items():
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default  # type: ignore[misc]
+        if name == "dataset_path":
+            default = "data/train.jsonl"
+        lines.append(f"# {spec.metadata['help']}")
+        if spec.metadata.get("choices"):
+            lines.append(f"# one of: {', '.join(spec.metadata['choices'])}")
+        dumped = yaml.safe_dump({name: default}, default_flow_style=True, width=1000).strip()
+        lines.append(dumped[1:-1] if dumped.startswith("{") else dumped)
+        lines.append("")
+    return "\n".join(lines)

