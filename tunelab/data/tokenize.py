@@ -1,0 +1,134 @@
+"""Render canonical examples to token ids with a loss mask.
+
+The loss covers only what the model should learn to produce: the completion of a
+prompt/completion pair, every assistant turn of a chat, the whole of a plain text. The
+end-of-sequence token is always inside the loss, even when the pad token is the same token,
+or the tuned model never learns to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunelab.data.schema import Example
+from tunelab.errors import TunelabError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+    truncated: bool = False
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def uses_chat_template(tokenizer: Any, chat_format: str) -> bool:
+    """Whether prompt/completion examples are rendered with the model's chat template."""
+    if chat_format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise TunelabError(
+                "chat_format is 'chat' but the tokenizer has no chat template. Use "
+                "chat_format: plain, or a model with a chat template."
+            )
+        return True
+    if chat_format == "plain":
+        return False
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def as_messages(example: Example, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The example as a chat (prompt/completion becomes one user and one assistant turn)."""
+    if example.messages is not None:
+        messages = list(example.messages)
+    else:
+        messages = [{"role": "user", "content": example.prompt or ""},
+                    {"role": "assistant", "content": example.completion or ""}]
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def render_prompt(tokenizer: Any, prompt: str, chat: bool, system_prompt: str | None = None
+                  ) -> str:
+    """The text a model sees before its answer, exactly as in training."""
+    if not chat:
+        return prompt
+    messages = [{"role": "user", "content": prompt}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _chat_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans of each assistant answer (with its end tag).
+
+    A span runs from the end of the rendering of the turns before it (with the generation
+    prompt) to the end of the rendering that includes it, so the template's own end-of-turn
+    token is inside the span; the template decides the layout, not tunelab.
+    """
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False,
+                                               add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not full.startswith(upto) or not upto.startswith(before):
+            raise TunelabError(
+                "the tokenizer's chat template renders a conversation differently from its "
+                "prefixes, so the answer tokens cannot be located. Use chat_format: plain or a "
+                "template whose turns append."
+            )
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]],
+                         max_length: int) -> TokenizedExample:
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    labels = []
+    for token, (start, end) in zip(ids, offsets, strict=True):
+        inside = any(s <= start < e or (start == end and s < end <= e) for s, e in spans)
+        labels.append(token if inside else IGNORE_INDEX)
+    truncated = len(ids) > max_length
+    return TokenizedExample(ids[:max_length], labels[:max_length], truncated)
+
+
+def tokenize_example(example: Example, tokenizer: Any, max_length: int, chat: bool,
+                     system_prompt: str | None = None) -> TokenizedExample:
+    """Token ids and labels for one example (labels are ``IGNORE_INDEX`` outside the loss)."""
+    eos = tokenizer.eos_token or ""
+    if example.kind == "text":
+        text = (tokenizer.bos_token or "") if _adds_bos(tokenizer) else ""
+        text += (example.text or "") + eos
+        return _tokenize_with_spans(tokenizer, text, [(0, len(text))], max_length)
+    if example.kind == "messages" or chat:
+        if not getattr(tokenizer, "chat_template", None):
+            if example.kind == "messages":
+                raise TunelabError(
+                    f"{example.origin}: chat data needs a chat template, but the tokenizer has "
+                    "none. Use a chat model or convert the data to prompt/completion."
+                )
+        text, spans = _chat_spans(tokenizer, as_messages(example, system_prompt))
+        return _tokenize_with_spans(tokenizer, text, spans, max_length)
+    # plain prompt/completion: the strings are joined as they are, the answer ends with EOS
+    prompt = example.prompt or ""
+    completion = example.completion or ""
+    text = prompt + completion + eos
+    return _tokenize_with_spans(tokenizer, text, [(len(prompt), len(text))], max_length)
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts a BOS token in front by itself (Llama-2 style tokenizers do)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
