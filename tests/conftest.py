@@ -95,3 +95,22 @@ def qa_rows() -> list[dict]:
         "linked list": "Nodes that each point to the next node.",
     }
     return [{"term": t, "definition": d} for t, d in terms.items()]
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model_dir, qa_rows):
+    """A config for a fast run on the tiny model with prompt/completion data in tmp_path."""
+    from tunelab.config import FineTuningConfig
+
+    def make(**overrides):
+        train = write_jsonl(tmp_path / "train.jsonl",
+                            [{"prompt": f"What does {r['term']} mean?",
+                              "completion": r["definition"]} for r in qa_rows] * 4)
+        values = dict(model_name=str(tiny_model_dir), dataset_path=str(train),
+                      output_dir=str(tmp_path / "run"), learning_rate=3e-3, max_steps=6,
+                      batch_size=2, gradient_accumulation_steps=2, max_length=64,
+                      precision="fp32", logging_steps=1, lora_dropout=0.0)
+        values.update(overrides)
+        return FineTuningConfig(**values)
+
+    return make

@@ -200,7 +200,9 @@ def load_model(location: str, dtype: Any, trust_remote_code: bool = False,
                device: str = "cpu") -> Any:
     """The causal LM in ``dtype`` on ``device``, in eval mode (training switches it on)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # tunelab prints its own progress
     if trust_remote_code:
         print(f"warning: trust_remote_code is on: running code shipped with '{location}'.")
     try:

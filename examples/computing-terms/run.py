@@ -1,0 +1,56 @@
+"""The computing-terms demo: fine-tune the default model on FOLDOC, then compare with the base.
+
+Run from anywhere: python examples/computing-terms/run.py [--set key=value ...]
+It trains (about 10 minutes on a 2-core CPU), then prints the held-out loss of the base and the
+tuned model and their answers to a few held-out terms side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from tunelab import FineTuner
+from tunelab.config import load_config
+from tunelab.generation import generate, load_for_inference
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--terms", type=int, default=4, help="Held-out terms to show.")
+    args = parser.parse_args()
+    started = time.time()
+
+    config = load_config(HERE / "config.yaml", args.set)
+    results = FineTuner(config).train(overwrite=True)
+
+    held_out = [json.loads(line) for line in
+                (HERE / "data" / "heldout.jsonl").read_text().splitlines()][: args.terms]
+    prompts = [f"What does {row['term']} mean?" for row in held_out]
+    base = generate(load_for_inference(config.output_dir, use_adapter=False), prompts,
+                    max_new_tokens=60)
+    tuned = generate(load_for_inference(config.output_dir), prompts, max_new_tokens=60)
+
+    print("\n=== Held-out loss (200 terms never seen in training) ===")
+    print(f"base model : {results['initial_eval_loss']:.4f}")
+    print(f"fine-tuned : {results['eval_loss']:.4f}")
+    for row, prompt, before, after in zip(held_out, prompts, base, tuned, strict=True):
+        print(f"\n--- {prompt}")
+        print("reference :", textwrap.shorten(row["definition"], 200))
+        print("base      :", textwrap.shorten(before, 200))
+        print("fine-tuned:", textwrap.shorten(after, 200))
+    print(f"\nDemo finished in {time.time() - started:.0f} s. Run folder: {config.output_dir}")
+    print(f"Try: tunelab generate {config.output_dir} --prompt 'What does {held_out[0]['term']} "
+          "mean?'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

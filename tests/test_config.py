@@ -1,0 +1,90 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunelab.config import FineTuningConfig, load_config, parse_override, starter_config_text
+from tunelab.errors import TunelabError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_seeds():
+    c = FineTuningConfig()
+    assert (c.lora_r, c.lora_alpha, c.lora_dropout) == (8, 32, 0.1)
+    assert c.target_modules == ["q_proj", "v_proj"]
+    assert (c.learning_rate, c.num_epochs, c.batch_size, c.max_length) == (3e-4, 3, 4, 512)
+    assert (c.gradient_accumulation_steps, c.warmup_ratio) == (4, 0.1)
+    assert c.model_name == "smollm2-135m-instruct"
+    assert c.max_steps is None and c.precision == "auto"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "dataset_path: data.jsonl\nlora_r: 16\nlearning_rate: 1e-4\n")
+    c = load_config(path, ["num_epochs=2", "target_modules=[q_proj, k_proj]", "max_steps=5",
+                           "packing=false", "learning_rate=3e-4"])
+    assert c.lora_r == 16 and c.num_epochs == 2 and c.max_steps == 5 and c.packing is False
+    assert c.learning_rate == 3e-4  # '3e-4' is a string to YAML; the float field still reads it
+    assert c.target_modules == ["q_proj", "k_proj"]
+    assert c.dataset_path == str(tmp_path / "data.jsonl")  # relative to the config file
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    path = write(tmp_path, "lora_rank: 8\n")
+    with pytest.raises(TunelabError, match=r"unknown config key 'lora_rank'.*Did you mean 'lora_r'"):
+        load_config(path)
+    with pytest.raises(TunelabError, match=r"--set: unknown config key 'learning_rat'.*"
+                                           r"'learning_rate'"):
+        load_config(write(tmp_path, "{}"), ["learning_rat=1"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lora_r: 0", r"'lora_r' is 0, but it must be a whole number of at least 1"),
+    ("learning_rate: -0.1", r"'learning_rate' is -0.1, but it must be a positive number"),
+    ("lora_r: eight", r"'lora_r' is 'eight' \(str\), expected an integer"),
+    ("lora_dropout: 1.5", r"'lora_dropout' is 1.5, but it must be in \[0, 1\)"),
+    ("precision: bf61", r"'precision' is 'bf61'; allowed values are 'auto', 'fp32', 'bf16', "
+                        r"'fp16'.*Did you mean 'bf16'"),
+    ("lr_scheduler: cosin", r"Did you mean 'cosine'"),
+    ("packing: 3", r"'packing' is 3 \(int\), expected true or false"),
+    ("batch_size: 2.5", r"'batch_size' is 2.5 \(float\), expected an integer"),
+    ("prompt_template: 'Q {x}'", r"'prompt_template' and 'completion_template' go together"),
+])
+def test_impossible_values_name_key_value_and_allowed(tmp_path, text, message):
+    with pytest.raises(TunelabError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(TunelabError, match=r"run.yaml line 2: not valid YAML"):
+        load_config(write(tmp_path, "lora_r: 8\n  bad: [\n"))
+    with pytest.raises(TunelabError, match=r"does not exist. Create one with 'tunelab init"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(TunelabError, match=r"expected a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(TunelabError, match=r"--set expects key=value"):
+        parse_override("lora_r")
+
+
+def test_starter_config_documents_every_key_and_loads_back(tmp_path):
+    text = starter_config_text()
+    for field in dataclasses.fields(FineTuningConfig):
+        assert f"\n{field.name}:" in "\n" + text, field.name
+        assert field.metadata["help"] in text
+    path = write(tmp_path, text)
+    loaded = load_config(path)
+    assert loaded.lora_r == 8 and loaded.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("examples/*/*.yaml")), ids=lambda p: p.parent.name)
+def test_every_shipped_example_config_loads(path):
+    config = load_config(path)
+    assert Path(config.dataset_path).is_file()
+    assert yaml.safe_load(path.read_text())

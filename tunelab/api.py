@@ -1,0 +1,224 @@
+"""The Python API in the seed's shape: ``FineTuner(config)`` with ``prepare_model()``,
+``prepare_dataset()``, ``train()`` and ``save_model()``. The CLI calls exactly these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle  # noqa: S403 (only for our own cache files, written and read by tunelab)
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import FineTuningConfig
+from tunelab.data.prepare import PreparedData, prepare_examples
+from tunelab.data.schema import Example, to_example
+from tunelab.data.tokenize import tokenize_example, uses_chat_template
+from tunelab.device import Placement, choose_placement
+from tunelab.errors import TunelabError
+from tunelab.methods import apply_lora, check_target_modules, format_trainable
+from tunelab.models import (
+    cache_dir,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    module_names,
+    resolve_model,
+)
+from tunelab.training.batching import Row, pack_examples, single_rows
+
+RUN_CONFIG = "tunelab_config.yaml"
+RUN_INFO = "run_info.json"
+RESULTS = "results.json"
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to mix a new run into a folder that holds files, unless told to."""
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        if resume:
+            raise TunelabError(
+                f"--resume was given, but {output_dir} holds no run to resume. Drop --resume to "
+                "start a new run."
+            )
+        return
+    if resume:
+        return
+    is_run = (output_dir / RUN_CONFIG).exists() or (output_dir / "checkpoints").exists()
+    if overwrite and is_run:
+        shutil.rmtree(output_dir)
+        return
+    if overwrite:
+        raise TunelabError(
+            f"output_dir {output_dir} holds files that are not a tunelab run, so --overwrite "
+            "will not delete them. Choose an empty or new folder for output_dir."
+        )
+    raise TunelabError(
+        f"output_dir {output_dir} is not empty. Pass --overwrite to replace that run, --resume "
+        "to continue it, or set another output_dir (e.g. --set output_dir=outputs/run2)."
+    )
+
+
+class FineTuner:
+    """Holds one run's state: the config, the model and tokenizer, and the prepared data."""
+
+    def __init__(self, config: FineTuningConfig, device: str | None = None) -> None:
+        self.config = config
+        self.placement: Placement = choose_placement(config.precision, device)
+        self.model_location: str | None = None
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self.prepared: PreparedData | None = None
+
+    # --- model ---
+    def load_tokenizer(self) -> Any:
+        """Resolve the model name (converting the default model once) and load its tokenizer;
+        the target modules are checked against the model's config first (no weights read)."""
+        if self.tokenizer is None:
+            location = resolve_model(self.config.model_name)
+            model_config = load_model_config(location, self.config.trust_remote_code)
+            check_target_modules(self.config, module_names(model_config))
+            self.model_location = location
+            self.tokenizer = load_tokenizer(location, self.config.trust_remote_code)
+        return self.tokenizer
+
+    def prepare_model(self) -> Any:
+        """Load the base model in the chosen precision and attach LoRA; prints the trainable
+        parameters like the seed does."""
+        self.load_tokenizer()
+        assert self.model_location is not None
+        print(f"Device {self.placement.device}, precision {self.placement.precision} "
+              f"({self.placement.reason})")
+        model = load_model(self.model_location, self.placement.dtype,
+                           self.config.trust_remote_code, self.placement.device)
+        self.model = apply_lora(model, self.config)
+        print(format_trainable(self.model))
+        return self.model
+
+    # --- data ---
+    @property
+    def chat(self) -> bool:
+        return uses_chat_template(self.load_tokenizer(), self.config.chat_format)
+
+    def prepare_dataset(self, dataset: Any = None, text_column: str = "text") -> list[Row]:
+        """Tokenized, packed training rows.
+
+        ``dataset`` may be None (read ``config.dataset_path`` through the data stage), a
+        ``datasets.Dataset``, or a list of dicts in any supported schema; ``text_column`` names
+        the text column of plain-text data, as in the seed.
+        """
+        if dataset is None:
+            self.prepared = prepare_examples(self.config, self.load_tokenizer())
+            return self.rows(self.prepared.train, self.prepared.manifest.get("content_hash"))
+        return self.rows(self.examples_from(dataset, text_column))
+
+    def examples_from(self, dataset: Any, text_column: str = "text") -> list[Example]:
+        rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+        examples = []
+        for i, row in enumerate(rows):
+            if text_column != "text" and isinstance(row, dict) and text_column in row:
+                row = {"text": row[text_column]}
+            examples.append(to_example(row, f"dataset[{i}]",
+                                       prompt_template=self.config.prompt_template,
+                                       completion_template=self.config.completion_template))
+        return examples
+
+    def rows(self, examples: list[Example], content_hash: str | None = None) -> list[Row]:
+        """Tokenize (cached by content hash when the data stage gives one) and pack."""
+        tokenizer = self.load_tokenizer()
+        c = self.config
+        cache_file = None
+        if content_hash:
+            key = json.dumps([content_hash, self.model_location, len(tokenizer), c.max_length,
+                              self.chat, c.system_prompt]).encode()
+            cache_file = cache_dir() / "tokenized" / f"{hashlib.sha256(key).hexdigest()[:24]}.pkl"
+            if cache_file.is_file():
+                tokenized = pickle.loads(cache_file.read_bytes())  # noqa: S301 (our own file)
+                return self._pack(tokenized)
+        tokenized = [tokenize_example(e, tokenizer, c.max_length, self.chat, c.system_prompt)
+                     for e in examples]
+        empty = [e.origin for e, t in zip(examples, tokenized, strict=True)
+                 if t.num_loss_tokens == 0]
+        if len(empty) == len(examples):
+            raise TunelabError(
+                f"no example has any token to learn from (first: {empty[0]}). Check that the "
+                "completions/assistant turns are not empty and max_length leaves room for them."
+            )
+        truncated = sum(t.truncated for t in tokenized)
+        if truncated:
+            print(f"Note: {truncated} of {len(tokenized)} examples were truncated at max_length "
+                  f"{c.max_length} tokens.")
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_bytes(pickle.dumps(tokenized))
+            tmp.replace(cache_file)
+        return self._pack(tokenized)
+
+    def _pack(self, tokenized: list[Any]) -> list[Row]:
+        if self.config.packing:
+            return pack_examples(tokenized, self.config.max_length)
+        return single_rows(tokenized)
+
+    # --- training ---
+    def train(self, train_dataset: list[Row] | None = None, eval_dataset: list[Row] | None = None,
+              resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        """Fine-tune and write the run folder; returns the results (also in results.json)."""
+        from tunelab.training.loop import fit
+
+        output_dir = Path(self.config.output_dir)
+        check_output_dir(output_dir, overwrite, resume)
+        if train_dataset is None:
+            train_dataset = self.prepare_dataset()
+        if eval_dataset is None:
+            eval_dataset = self.eval_rows()
+        if self.model is None:
+            self.prepare_model()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.config.save(output_dir / RUN_CONFIG)
+        results = fit(self.model, train_dataset, eval_dataset, self.config, output_dir,
+                      self.tokenizer.pad_token_id, self.placement.device, resume=resume)
+        results.update(precision=self.placement.precision, device=self.placement.device,
+                       train_examples=self._count_examples())
+        self.results = results
+        self.save_model()
+        (output_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+        return results
+
+    def eval_rows(self) -> list[Row] | None:
+        if self.prepared is not None and self.prepared.eval:
+            return self.rows(self.prepared.eval)
+        if self.config.eval_path:
+            from tunelab.data.prepare import load_examples
+
+            return self.rows(load_examples(self.config.eval_path, self.config))
+        return None
+
+    def _count_examples(self) -> int | None:
+        return len(self.prepared.train) if self.prepared is not None else None
+
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        """Write the adapter (standard PEFT files), tokenizer, config and run info."""
+        if self.model is None:
+            raise TunelabError("there is no model to save yet: call prepare_model() and train().")
+        folder = Path(output_dir or self.config.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        self.config.save(folder / RUN_CONFIG)
+        info = {"base_model": self.model_location, "chat": self.chat,
+                "system_prompt": self.config.system_prompt,
+                "precision": self.placement.precision, "device": self.placement.device,
+                **_versions()}
+        (folder / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        return folder
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    import tunelab
+
+    return {"tunelab": tunelab.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}

@@ -1,0 +1,146 @@
+"""Load a run folder or a model for inference, and generate from it.
+
+A run folder generates with the same chat template and system prompt it trained with (both
+saved in the folder), so what the model sees at inference matches what it learned on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.data.tokenize import render_prompt, uses_chat_template
+from tunelab.errors import TunelabError
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    chat: bool
+    system_prompt: str | None
+    source: str
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_for_inference(target: str, precision: str = "fp32", use_adapter: bool = True,
+                       device: str | None = None) -> LoadedModel:
+    """A run folder (base model + its adapter) or a plain model name, ready to generate.
+
+    ``use_adapter=False`` loads a run's base model alone, for base-vs-tuned comparisons.
+    fp32 is the default so results match plain transformers + peft to 1e-4.
+    """
+    from tunelab.device import choose_placement
+    from tunelab.models import load_model, load_tokenizer, resolve_model
+
+    placement = choose_placement(precision, device)
+    if is_run_dir(target):
+        folder = Path(target)
+        adapter_config = json.loads((folder / "adapter_config.json").read_text())
+        base = adapter_config.get("base_model_name_or_path")
+        info_path = folder / "run_info.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        if not base or not (Path(base).exists() or "/" in base):
+            raise TunelabError(
+                f"{folder}/adapter_config.json names base model {base!r}, which cannot be "
+                "found. Edit base_model_name_or_path there to point at the base model folder."
+            )
+        tokenizer = load_tokenizer(str(folder))
+        model = load_model(base, placement.dtype, device=placement.device)
+        if use_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(folder)).eval()
+        chat = bool(info.get("chat", getattr(tokenizer, "chat_template", None)))
+        return LoadedModel(model, tokenizer, chat, info.get("system_prompt"), str(folder))
+    if Path(target).is_dir() and not (Path(target) / "config.json").exists():
+        raise TunelabError(
+            f"{target} is neither a tunelab run folder (no adapter_config.json) nor a model "
+            "folder (no config.json). Pass the output_dir of a finished 'tunelab train'."
+        )
+    location = resolve_model(target)
+    tokenizer = load_tokenizer(location)
+    model = load_model(location, placement.dtype, device=placement.device)
+    return LoadedModel(model, tokenizer, uses_chat_template(tokenizer, "auto"), None, location)
+
+
+def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 128,
+             do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
+             top_k: int | None = None, seed: int | None = None, batch_size: int = 8) -> list[str]:
+    """Answers to ``prompts`` (greedy by default), batched with left padding and a KV cache."""
+    texts = [render_prompt(loaded.tokenizer, p, loaded.chat, loaded.system_prompt)
+             for p in prompts]
+    return generate_from_text(loaded, texts, max_new_tokens, do_sample, temperature, top_p,
+                              top_k, seed, batch_size)
+
+
+def generate_from_text(loaded: LoadedModel, texts: list[str], max_new_tokens: int = 128,
+                       do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
+                       top_k: int | None = None, seed: int | None = None,
+                       batch_size: int = 8) -> list[str]:
+    """Continuations of already-rendered prompt texts."""
+    import torch
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    if seed is not None:
+        torch.manual_seed(seed)
+    tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                               "pad_token_id": tokenizer.pad_token_id,
+                               "eos_token_id": tokenizer.eos_token_id}
+    if do_sample:
+        options.update(temperature=temperature, top_p=top_p)
+        if top_k is not None:
+            options["top_k"] = top_k
+    else:  # greedy: silence the sampling defaults a model's generation config may carry
+        options.update(temperature=None, top_p=None, top_k=None)
+    answers = []
+    device = next(model.parameters()).device
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = {k: v.to(device) for k, v in encoded.items()}
+        with torch.no_grad():
+            output = model.generate(**encoded, **options)
+        new_tokens = output[:, encoded["input_ids"].shape[1]:]
+        answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return answers
+
+
+def chat_loop(loaded: LoadedModel, max_new_tokens: int = 256, do_sample: bool = False,
+              temperature: float = 0.7, top_p: float = 0.9, input_fn: Any = input,
+              output_fn: Any = print) -> None:
+    """An interactive chat on the terminal; '/reset' clears the history, '/exit' or EOF ends."""
+    history: list[dict[str, str]] = []
+    output_fn(f"Chatting with {loaded.source}. Type /reset to start over, /exit to quit.")
+    while True:
+        try:
+            line = input_fn("you> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = []
+            output_fn("(history cleared)")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        if loaded.chat:
+            messages = list(history)
+            if loaded.system_prompt:
+                messages.insert(0, {"role": "system", "content": loaded.system_prompt})
+            text = loaded.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                        add_generation_prompt=True)
+        else:  # no template: the conversation so far as plain text
+            text = "\n".join(m["content"] for m in history) + "\n"
+        answer = generate_from_text(loaded, [text], max_new_tokens, do_sample, temperature,
+                                    top_p)[0]
+        history.append({"role": "assistant", "content": answer})
+        output_fn(f"model> {answer}")

@@ -1,0 +1,1 @@
+"""The training loop and its strategies (batching, loss, schedule, checkpoints, logging)."""

@@ -1,0 +1,58 @@
+"""Cross-entropy on the loss tokens only, without materialising logits anywhere else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data.tokenize import IGNORE_INDEX
+
+
+def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The transformer body and LM head of a (PEFT-wrapped) causal LM, or None when the model
+    cannot be split (then the full forward is used)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = getattr(base, "base_model_prefix", None)
+    body = getattr(base, prefix, None) if prefix else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if body is None or head is None or body is base:
+        return None
+    return body, head
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: Any, targets: torch.Tensor,
+                          chunk_size: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``targets``, a chunk of rows at a time,
+    in fp32 (bf16 logits lose too much precision in the log-softmax)."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = head(hidden[start:start + chunk_size]).float()
+        total = total + F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+    return total
+
+
+def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed loss, number of loss tokens) of one batch.
+
+    Only positions whose next token is a target go through the LM head: with a 49k vocabulary
+    the head is a large share of the compute, and prompt tokens need none of it.
+    """
+    input_ids, labels, position_ids = batch["input_ids"], batch["labels"], batch["position_ids"]
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    count = int(selected.sum())
+    split = decoder_and_head(model)
+    if split is not None:
+        body, head = split
+        hidden = body(input_ids=input_ids, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+        chosen = hidden[:, :-1][selected]
+    else:
+        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        chosen_logits = logits[:, :-1][selected].float()
+        return F.cross_entropy(chosen_logits, targets[selected], reduction="sum"), count
+    if count == 0:
+        return chosen.sum() * 0.0, 0
+    return chunked_cross_entropy(chosen, head, targets[selected]), count
