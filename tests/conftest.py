@@ -41,20 +41,30 @@ def build_tiny_model(folder: Path, with_pad_token: bool = False, vocab_size: int
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials,
+        vocab_size=vocab_size,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(CORPUS, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        unk_token="<|endoftext|>", pad_token="<|endoftext|>" if with_pad_token else None,
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>" if with_pad_token else None,
     )
     tokenizer.chat_template = CHATML
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
@@ -103,13 +113,27 @@ def make_config(tmp_path, tiny_model_dir, qa_rows):
     from tunelab.config import FineTuningConfig
 
     def make(**overrides):
-        train = write_jsonl(tmp_path / "train.jsonl",
-                            [{"prompt": f"What does {r['term']} mean?",
-                              "completion": r["definition"]} for r in qa_rows] * 4)
-        values = dict(model_name=str(tiny_model_dir), dataset_path=str(train),
-                      output_dir=str(tmp_path / "run"), learning_rate=3e-3, max_steps=6,
-                      batch_size=2, gradient_accumulation_steps=2, max_length=64,
-                      precision="fp32", logging_steps=1, lora_dropout=0.0)
+        train = write_jsonl(
+            tmp_path / "train.jsonl",
+            [
+                {"prompt": f"What does {r['term']} mean?", "completion": r["definition"]}
+                for r in qa_rows
+            ]
+            * 4,
+        )
+        values = dict(
+            model_name=str(tiny_model_dir),
+            dataset_path=str(train),
+            output_dir=str(tmp_path / "run"),
+            learning_rate=3e-3,
+            max_steps=6,
+            batch_size=2,
+            gradient_accumulation_steps=2,
+            max_length=64,
+            precision="fp32",
+            logging_steps=1,
+            lora_dropout=0.0,
+        )
         values.update(overrides)
         return FineTuningConfig(**values)
 

@@ -28,8 +28,16 @@ def write(tmp_path, text):
 
 def test_yaml_and_overrides(tmp_path):
     path = write(tmp_path, "dataset_path: data.jsonl\nlora_r: 16\nlearning_rate: 1e-4\n")
-    c = load_config(path, ["num_epochs=2", "target_modules=[q_proj, k_proj]", "max_steps=5",
-                           "packing=false", "learning_rate=3e-4"])
+    c = load_config(
+        path,
+        [
+            "num_epochs=2",
+            "target_modules=[q_proj, k_proj]",
+            "max_steps=5",
+            "packing=false",
+            "learning_rate=3e-4",
+        ],
+    )
     assert c.lora_r == 16 and c.num_epochs == 2 and c.max_steps == 5 and c.packing is False
     assert c.learning_rate == 3e-4  # '3e-4' is a string to YAML; the float field still reads it
     assert c.target_modules == ["q_proj", "k_proj"]
@@ -38,25 +46,36 @@ def test_yaml_and_overrides(tmp_path):
 
 def test_unknown_key_suggests_the_closest(tmp_path):
     path = write(tmp_path, "lora_rank: 8\n")
-    with pytest.raises(TunelabError, match=r"unknown config key 'lora_rank'.*Did you mean 'lora_r'"):
+    with pytest.raises(
+        TunelabError, match=r"unknown config key 'lora_rank'.*Did you mean 'lora_r'"
+    ):
         load_config(path)
-    with pytest.raises(TunelabError, match=r"--set: unknown config key 'learning_rat'.*"
-                                           r"'learning_rate'"):
+    with pytest.raises(
+        TunelabError,
+        match=r"--set: unknown config key 'learning_rat'.*"
+        r"'learning_rate'",
+    ):
         load_config(write(tmp_path, "{}"), ["learning_rat=1"])
 
 
-@pytest.mark.parametrize("text, message", [
-    ("lora_r: 0", r"'lora_r' is 0, but it must be a whole number of at least 1"),
-    ("learning_rate: -0.1", r"'learning_rate' is -0.1, but it must be a positive number"),
-    ("lora_r: eight", r"'lora_r' is 'eight' \(str\), expected an integer"),
-    ("lora_dropout: 1.5", r"'lora_dropout' is 1.5, but it must be in \[0, 1\)"),
-    ("precision: bf61", r"'precision' is 'bf61'; allowed values are 'auto', 'fp32', 'bf16', "
-                        r"'fp16'.*Did you mean 'bf16'"),
-    ("lr_scheduler: cosin", r"Did you mean 'cosine'"),
-    ("packing: 3", r"'packing' is 3 \(int\), expected true or false"),
-    ("batch_size: 2.5", r"'batch_size' is 2.5 \(float\), expected an integer"),
-    ("prompt_template: 'Q {x}'", r"'prompt_template' and 'completion_template' go together"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lora_r: 0", r"'lora_r' is 0, but it must be a whole number of at least 1"),
+        ("learning_rate: -0.1", r"'learning_rate' is -0.1, but it must be a positive number"),
+        ("lora_r: eight", r"'lora_r' is 'eight' \(str\), expected an integer"),
+        ("lora_dropout: 1.5", r"'lora_dropout' is 1.5, but it must be in \[0, 1\)"),
+        (
+            "precision: bf61",
+            r"'precision' is 'bf61'; allowed values are 'auto', 'fp32', 'bf16', "
+            r"'fp16'.*Did you mean 'bf16'",
+        ),
+        ("lr_scheduler: cosin", r"Did you mean 'cosine'"),
+        ("packing: 3", r"'packing' is 3 \(int\), expected true or false"),
+        ("batch_size: 2.5", r"'batch_size' is 2.5 \(float\), expected an integer"),
+        ("prompt_template: 'Q {x}'", r"'prompt_template' and 'completion_template' go together"),
+    ],
+)
 def test_impossible_values_name_key_value_and_allowed(tmp_path, text, message):
     with pytest.raises(TunelabError, match=message):
         load_config(write(tmp_path, text))
@@ -83,7 +102,9 @@ def test_starter_config_documents_every_key_and_loads_back(tmp_path):
     assert loaded.lora_r == 8 and loaded.target_modules == ["q_proj", "v_proj"]
 
 
-@pytest.mark.parametrize("path", sorted(REPO.glob("examples/*/*.yaml")), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize(
+    "path", sorted(REPO.glob("examples/*/*.yaml")), ids=lambda p: p.parent.name
+)
 def test_every_shipped_example_config_loads(path):
     config = load_config(path)
     assert Path(config.dataset_path).is_file()

@@ -18,8 +18,9 @@ def loss_text(tokenizer, tokenized):
 def test_pad_token_added_as_eos_and_eos_stays_in_the_labels(tokenizer):
     # the fixture tokenizer has no pad token: tunelab pads with EOS ...
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
-    out = tokenize_example(Example("x", prompt="What is a byte?", completion="Eight bits."),
-                           tokenizer, 64, chat=False)
+    out = tokenize_example(
+        Example("x", prompt="What is a byte?", completion="Eight bits."), tokenizer, 64, chat=False
+    )
     # ... and the EOS token is still a target, so the tuned model learns to stop
     assert out.labels[-1] == tokenizer.eos_token_id == out.input_ids[-1]
     assert loss_text(tokenizer, out) == "Eight bits.<|im_end|>"
@@ -32,16 +33,25 @@ def test_plain_text_is_all_loss(tokenizer):
 
 
 def test_chat_rendering_masks_everything_but_the_answers(tokenizer):
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A byte."},
-                {"role": "user", "content": "more"}, {"role": "assistant", "content": "Bits."}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "A byte."},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "Bits."},
+    ]
     out = tokenize_example(Example("x", messages=messages), tokenizer, 128, chat=False)
     assert loss_text(tokenizer, out) == "A byte.<|im_end|>\nBits.<|im_end|>\n"
     assert tokenizer.decode(out.input_ids).startswith("<|im_start|>user\nhi<|im_end|>")
 
 
 def test_prompt_completion_in_chat_format_with_system_prompt(tokenizer):
-    out = tokenize_example(Example("x", prompt="What is TCP?", completion="A protocol."),
-                           tokenizer, 128, chat=True, system_prompt="Be brief.")
+    out = tokenize_example(
+        Example("x", prompt="What is TCP?", completion="A protocol."),
+        tokenizer,
+        128,
+        chat=True,
+        system_prompt="Be brief.",
+    )
     text = tokenizer.decode(out.input_ids)
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is")
     assert loss_text(tokenizer, out) == "A protocol.<|im_end|>\n"
@@ -60,8 +70,17 @@ def test_chat_format_without_template_is_an_error(tokenizer):
         with pytest.raises(TunelabError, match="chat_format is 'chat' but the tokenizer has no"):
             uses_chat_template(tokenizer, "chat")
         with pytest.raises(TunelabError, match="chat data needs a chat template"):
-            tokenize_example(Example("f.jsonl:3", messages=[
-                {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
-                tokenizer, 32, chat=False)
+            tokenize_example(
+                Example(
+                    "f.jsonl:3",
+                    messages=[
+                        {"role": "user", "content": "a"},
+                        {"role": "assistant", "content": "b"},
+                    ],
+                ),
+                tokenizer,
+                32,
+                chat=False,
+            )
     finally:
         tokenizer.chat_template = template

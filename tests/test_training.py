@@ -18,14 +18,23 @@ def test_short_run_writes_a_complete_run_folder(make_config, tiny_model_dir, tmp
     config = make_config(eval_path=str(tmp_path / "train.jsonl"))
     results = FineTuner(config).train()
     out = tmp_path / "run"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-                 "chat_template.jinja", "tunelab_config.yaml", "metrics.jsonl", "results.json",
-                 "run_info.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "tunelab_config.yaml",
+        "metrics.jsonl",
+        "results.json",
+        "run_info.json",
+    ):
         assert (out / name).is_file(), name
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
     assert adapter_config["r"] == 8 and sorted(adapter_config["target_modules"]) == [
-        "q_proj", "v_proj"]
+        "q_proj",
+        "v_proj",
+    ]
     saved = json.loads((out / "results.json").read_text())
     assert saved == results
     assert results["steps"] == 6 and results["train_tokens"] > 0
@@ -33,9 +42,11 @@ def test_short_run_writes_a_complete_run_folder(make_config, tiny_model_dir, tmp
     assert results["eval_loss"] < results["initial_eval_loss"]  # it learned something
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
-    assert metrics[0] == {"step": 0, "eval_loss": results["initial_eval_loss"],
-                          "eval_perplexity": pytest.approx(2.718281828 ** results[
-                              "initial_eval_loss"], rel=1e-3)}
+    assert metrics[0] == {
+        "step": 0,
+        "eval_loss": results["initial_eval_loss"],
+        "eval_perplexity": pytest.approx(2.718281828 ** results["initial_eval_loss"], rel=1e-3),
+    }
     printed = capsys.readouterr().out
     assert "Trainable parameters: 3,584 (3.51%)" in printed
 
@@ -48,8 +59,9 @@ def test_pinned_loss_of_a_seeded_run(make_config):
 
 
 def test_loss_goes_down(make_config, tmp_path):
-    results = FineTuner(make_config(max_steps=30, learning_rate=1e-2,
-                                    target_modules=["all-linear"])).train()
+    results = FineTuner(
+        make_config(max_steps=30, learning_rate=1e-2, target_modules=["all-linear"])
+    ).train()
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert results["final_train_loss"] < 0.9 * first["loss"]
 
@@ -90,8 +102,11 @@ def test_schedules():
 
 def test_refuses_a_non_empty_output_dir_unless_told(make_config, tmp_path):
     FineTuner(make_config(max_steps=1)).train()
-    with pytest.raises(TunelabError, match=r"is not empty. Pass --overwrite to replace that run, "
-                                           r"--resume to continue it"):
+    with pytest.raises(
+        TunelabError,
+        match=r"is not empty. Pass --overwrite to replace that run, "
+        r"--resume to continue it",
+    ):
         FineTuner(make_config(max_steps=1)).train()
     FineTuner(make_config(max_steps=2)).train(overwrite=True)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 2
@@ -118,8 +133,7 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(make_config, tmp_
         (interrupted / name).unlink()
     checkpoints = sorted((interrupted / "checkpoints").iterdir())
     assert [c.name for c in checkpoints] == ["step-000003", "step-000006"]
-    resumed = make_config(max_steps=8, save_steps=3, lora_dropout=0.1,
-                          output_dir=str(interrupted))
+    resumed = make_config(max_steps=8, save_steps=3, lora_dropout=0.1, output_dir=str(interrupted))
     results = FineTuner(resumed).train(resume=True)
     assert results["steps"] == 8
     a, b = adapter(whole), adapter(interrupted)
@@ -128,7 +142,10 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(make_config, tmp_
         assert torch.equal(a[key], b[key]), key  # bitwise, fp32 on CPU
 
     def losses(folder):
-        return [(m["step"], m["loss"], m["lr"]) for m in map(json.loads, (
-            folder / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+        return [
+            (m["step"], m["loss"], m["lr"])
+            for m in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+            if "loss" in m
+        ]
 
     assert losses(interrupted) == losses(whole)

@@ -86,10 +86,16 @@ class FineTuner:
         parameters like the seed does."""
         self.load_tokenizer()
         assert self.model_location is not None
-        print(f"Device {self.placement.device}, precision {self.placement.precision} "
-              f"({self.placement.reason})")
-        model = load_model(self.model_location, self.placement.dtype,
-                           self.config.trust_remote_code, self.placement.device)
+        print(
+            f"Device {self.placement.device}, precision {self.placement.precision} "
+            f"({self.placement.reason})"
+        )
+        model = load_model(
+            self.model_location,
+            self.placement.dtype,
+            self.config.trust_remote_code,
+            self.placement.device,
+        )
         self.model = apply_lora(model, self.config)
         print(format_trainable(self.model))
         return self.model
@@ -117,9 +123,14 @@ class FineTuner:
         for i, row in enumerate(rows):
             if text_column != "text" and isinstance(row, dict) and text_column in row:
                 row = {"text": row[text_column]}
-            examples.append(to_example(row, f"dataset[{i}]",
-                                       prompt_template=self.config.prompt_template,
-                                       completion_template=self.config.completion_template))
+            examples.append(
+                to_example(
+                    row,
+                    f"dataset[{i}]",
+                    prompt_template=self.config.prompt_template,
+                    completion_template=self.config.completion_template,
+                )
+            )
         return examples
 
     def rows(self, examples: list[Example], content_hash: str | None = None) -> list[Row]:
@@ -128,16 +139,27 @@ class FineTuner:
         c = self.config
         cache_file = None
         if content_hash:
-            key = json.dumps([content_hash, self.model_location, len(tokenizer), c.max_length,
-                              self.chat, c.system_prompt]).encode()
+            key = json.dumps(
+                [
+                    content_hash,
+                    self.model_location,
+                    len(tokenizer),
+                    c.max_length,
+                    self.chat,
+                    c.system_prompt,
+                ]
+            ).encode()
             cache_file = cache_dir() / "tokenized" / f"{hashlib.sha256(key).hexdigest()[:24]}.pkl"
             if cache_file.is_file():
                 tokenized = pickle.loads(cache_file.read_bytes())  # noqa: S301 (our own file)
                 return self._pack(tokenized)
-        tokenized = [tokenize_example(e, tokenizer, c.max_length, self.chat, c.system_prompt)
-                     for e in examples]
-        empty = [e.origin for e, t in zip(examples, tokenized, strict=True)
-                 if t.num_loss_tokens == 0]
+        tokenized = [
+            tokenize_example(e, tokenizer, c.max_length, self.chat, c.system_prompt)
+            for e in examples
+        ]
+        empty = [
+            e.origin for e, t in zip(examples, tokenized, strict=True) if t.num_loss_tokens == 0
+        ]
         if len(empty) == len(examples):
             raise TunelabError(
                 f"no example has any token to learn from (first: {empty[0]}). Check that the "
@@ -145,8 +167,10 @@ class FineTuner:
             )
         truncated = sum(t.truncated for t in tokenized)
         if truncated:
-            print(f"Note: {truncated} of {len(tokenized)} examples were truncated at max_length "
-                  f"{c.max_length} tokens.")
+            print(
+                f"Note: {truncated} of {len(tokenized)} examples were truncated at max_length "
+                f"{c.max_length} tokens."
+            )
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(".tmp")
@@ -160,8 +184,13 @@ class FineTuner:
         return single_rows(tokenized)
 
     # --- training ---
-    def train(self, train_dataset: list[Row] | None = None, eval_dataset: list[Row] | None = None,
-              resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    def train(
+        self,
+        train_dataset: list[Row] | None = None,
+        eval_dataset: list[Row] | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> dict[str, Any]:
         """Fine-tune and write the run folder; returns the results (also in results.json)."""
         from tunelab.training.loop import fit
 
@@ -175,10 +204,21 @@ class FineTuner:
             self.prepare_model()
         output_dir.mkdir(parents=True, exist_ok=True)
         self.config.save(output_dir / RUN_CONFIG)
-        results = fit(self.model, train_dataset, eval_dataset, self.config, output_dir,
-                      self.tokenizer.pad_token_id, self.placement.device, resume=resume)
-        results.update(precision=self.placement.precision, device=self.placement.device,
-                       train_examples=self._count_examples())
+        results = fit(
+            self.model,
+            train_dataset,
+            eval_dataset,
+            self.config,
+            output_dir,
+            self.tokenizer.pad_token_id,
+            self.placement.device,
+            resume=resume,
+        )
+        results.update(
+            precision=self.placement.precision,
+            device=self.placement.device,
+            train_examples=self._count_examples(),
+        )
         self.results = results
         self.save_model()
         (output_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
@@ -205,10 +245,14 @@ class FineTuner:
         self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         self.config.save(folder / RUN_CONFIG)
-        info = {"base_model": self.model_location, "chat": self.chat,
-                "system_prompt": self.config.system_prompt,
-                "precision": self.placement.precision, "device": self.placement.device,
-                **_versions()}
+        info = {
+            "base_model": self.model_location,
+            "chat": self.chat,
+            "system_prompt": self.config.system_prompt,
+            "precision": self.placement.precision,
+            "device": self.placement.device,
+            **_versions(),
+        }
         (folder / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
         return folder
 
@@ -220,5 +264,9 @@ def _versions() -> dict[str, str]:
 
     import tunelab
 
-    return {"tunelab": tunelab.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
+    return {
+        "tunelab": tunelab.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }

@@ -16,8 +16,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if path.exists() and not args.force:
-        raise TunelabError(f"{path} already exists. Pass --force to replace it, or give another "
-                           "path: tunelab init my-run.yaml")
+        raise TunelabError(
+            f"{path} already exists. Pass --force to replace it, or give another "
+            "path: tunelab init my-run.yaml"
+        )
     path.write_text(starter_config_text(), encoding="utf-8")
     print(f"Wrote {path}. Set dataset_path, then run: tunelab train {path}")
     return 0
@@ -30,14 +32,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     tuner = FineTuner(config)
     results = tuner.train(resume=args.resume, overwrite=args.overwrite)
-    print(f"Trained {results['steps']} steps on {results['train_tokens']:,} tokens in "
-          f"{results['train_runtime_seconds']:.1f} s ({results['tokens_per_second']:.0f} tokens/s)"
-          f"; final train loss {results['final_train_loss']:.4f}")
+    print(
+        f"Trained {results['steps']} steps on {results['train_tokens']:,} tokens in "
+        f"{results['train_runtime_seconds']:.1f} s ({results['tokens_per_second']:.0f} tokens/s)"
+        f"; final train loss {results['final_train_loss']:.4f}"
+    )
     if "eval_loss" in results:
         before = results.get("initial_eval_loss")
         change = f" (base model: {before:.4f})" if before is not None else ""
-        print(f"Eval loss {results['eval_loss']:.4f}, perplexity "
-              f"{results['eval_perplexity']:.2f}{change}")
+        print(
+            f"Eval loss {results['eval_loss']:.4f}, perplexity "
+            f"{results['eval_perplexity']:.2f}{change}"
+        )
     print(f"Run folder: {config.output_dir}")
     return 0
 
@@ -45,17 +51,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):  # noqa: ANN202
     from tunelab.generation import load_for_inference
 
-    return load_for_inference(args.target, precision=args.precision,
-                              use_adapter=not args.base)
+    return load_for_inference(args.target, precision=args.precision, use_adapter=not args.base)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from tunelab.generation import generate
 
     loaded = _load(args)
-    answers = generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
-                       do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, seed=args.seed)
+    answers = generate(
+        loaded,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     for prompt, answer in zip(args.prompt, answers, strict=True):
         if len(args.prompt) > 1:
             print(f"### {prompt}")
@@ -66,24 +78,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from tunelab.generation import chat_loop
 
-    chat_loop(_load(args), max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-              temperature=args.temperature, top_p=args.top_p)
+    chat_loop(
+        _load(args),
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
     return 0
 
 
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", help="A run folder (output_dir of 'tunelab train'), a model "
-                        "folder, a .gguf file, or 'smollm2-135m-instruct'.")
+    parser.add_argument(
+        "target",
+        help="A run folder (output_dir of 'tunelab train'), a model "
+        "folder, a .gguf file, or 'smollm2-135m-instruct'.",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128, help="Longest answer.")
     parser.add_argument("--sample", action="store_true", help="Sample instead of greedy.")
     parser.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature.")
     parser.add_argument("--top-p", type=float, default=0.9, help="Nucleus sampling mass.")
     parser.add_argument("--top-k", type=int, default=None, help="Sample from the k best.")
     parser.add_argument("--seed", type=int, default=None, help="Seed for sampling.")
-    parser.add_argument("--base", action="store_true",
-                        help="Use a run's base model without its adapter (for comparison).")
-    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="Inference precision (fp32 matches plain transformers exactly).")
+    parser.add_argument(
+        "--base",
+        action="store_true",
+        help="Use a run's base model without its adapter (for comparison).",
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="Inference precision (fp32 matches plain transformers exactly).",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,37 +119,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunelab",
         description="Fine-tune a language model on your own domain data, and prove whether it "
-                    "helped.")
+        "helped.",
+    )
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="Show full tracebacks instead of short error messages.")
+    parser.add_argument(
+        "--debug", action="store_true", help="Show full tracebacks instead of short error messages."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    init = sub.add_parser("init", help="Write a commented starter config.",
-                          description="Write a YAML config with every key, its default and "
-                                      "meaning.")
+    init = sub.add_parser(
+        "init",
+        help="Write a commented starter config.",
+        description="Write a YAML config with every key, its default and meaning.",
+    )
     init.add_argument("path", nargs="?", default="tunelab.yaml", help="Where to write it.")
     init.add_argument("--force", action="store_true", help="Replace an existing file.")
     init.set_defaults(func=cmd_init)
 
-    train = sub.add_parser("train", help="Fine-tune a model as a config describes.",
-                           description="Fine-tune with LoRA; writes the adapter, tokenizer, "
-                                       "config, metrics.jsonl and results.json to output_dir.")
+    train = sub.add_parser(
+        "train",
+        help="Fine-tune a model as a config describes.",
+        description="Fine-tune with LoRA; writes the adapter, tokenizer, "
+        "config, metrics.jsonl and results.json to output_dir.",
+    )
     train.add_argument("config", help="YAML config (see 'tunelab init').")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="Override a config key, e.g. --set learning_rate=1e-4 (repeatable).")
-    train.add_argument("--overwrite", action="store_true",
-                       help="Replace an existing run in output_dir.")
-    train.add_argument("--resume", action="store_true",
-                       help="Continue the run in output_dir from its last checkpoint.")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override a config key, e.g. --set learning_rate=1e-4 (repeatable).",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing run in output_dir."
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue the run in output_dir from its last checkpoint.",
+    )
     train.set_defaults(func=cmd_train)
 
-    generate = sub.add_parser("generate", help="Answer prompts with a run or a model.",
-                              description="Greedy by default; a run uses the chat template it "
-                                          "trained with.")
+    generate = sub.add_parser(
+        "generate",
+        help="Answer prompts with a run or a model.",
+        description="Greedy by default; a run uses the chat template it trained with.",
+    )
     _add_inference_options(generate)
-    generate.add_argument("--prompt", action="append", required=True,
-                          help="A prompt (repeatable).")
+    generate.add_argument("--prompt", action="append", required=True, help="A prompt (repeatable).")
     generate.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="Chat interactively with a run or a model.")

@@ -66,7 +66,9 @@ class FineTuningConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 turns clipping off).")
     precision: str = _f(
-        "auto", "Compute precision; auto picks bf16 where the CPU/GPU supports it.", choices=PRECISIONS
+        "auto",
+        "Compute precision; auto picks bf16 where the CPU/GPU supports it.",
+        choices=PRECISIONS,
     )
     packing: bool = _f(
         True, "Pack several examples into each row (attention stays inside each example)."
@@ -302,7 +304,11 @@ def starter_config_text() -> str:
     """The commented YAML that ``tunelab init`` writes: every key, its default and meaning."""
     lines = ["# tunelab run config: edit, then run 'tunelab train <this file>'.", ""]
     for name, spec in FIELDS.items():
-        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default  # type: ignore[misc]
+        default = (
+            spec.default_factory()
+            if spec.default_factory is not dataclasses.MISSING
+            else spec.default
+        )  # type: ignore[misc]
         if name == "dataset_path":
             default = "data/train.jsonl"
         lines.append(f"# {spec.metadata['help']}")

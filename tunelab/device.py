@@ -43,8 +43,10 @@ def choose_placement(precision: str = "auto", device: str | None = None) -> Plac
             chosen = "bf16" if bf16_ok else "fp16"
             return Placement(device, chosen, f"CUDA {'supports' if bf16_ok else 'lacks'} bf16")
         if precision == "bf16" and not bf16_ok:
-            raise TunelabError("precision bf16 was asked for, but this GPU lacks bf16. Use "
-                               "precision: fp16 or fp32.")
+            raise TunelabError(
+                "precision bf16 was asked for, but this GPU lacks bf16. Use "
+                "precision: fp16 or fp32."
+            )
         return Placement(device, precision, "set in the config")
     features = cpu_bf16_features()
     if precision == "fp16":

@@ -28,8 +28,9 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def load_for_inference(target: str, precision: str = "fp32", use_adapter: bool = True,
-                       device: str | None = None) -> LoadedModel:
+def load_for_inference(
+    target: str, precision: str = "fp32", use_adapter: bool = True, device: str | None = None
+) -> LoadedModel:
     """A run folder (base model + its adapter) or a plain model name, ready to generate.
 
     ``use_adapter=False`` loads a run's base model alone, for base-vs-tuned comparisons.
@@ -69,20 +70,35 @@ def load_for_inference(target: str, precision: str = "fp32", use_adapter: bool =
     return LoadedModel(model, tokenizer, uses_chat_template(tokenizer, "auto"), None, location)
 
 
-def generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 128,
-             do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
-             top_k: int | None = None, seed: int | None = None, batch_size: int = 8) -> list[str]:
+def generate(
+    loaded: LoadedModel,
+    prompts: list[str],
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    seed: int | None = None,
+    batch_size: int = 8,
+) -> list[str]:
     """Answers to ``prompts`` (greedy by default), batched with left padding and a KV cache."""
-    texts = [render_prompt(loaded.tokenizer, p, loaded.chat, loaded.system_prompt)
-             for p in prompts]
-    return generate_from_text(loaded, texts, max_new_tokens, do_sample, temperature, top_p,
-                              top_k, seed, batch_size)
+    texts = [render_prompt(loaded.tokenizer, p, loaded.chat, loaded.system_prompt) for p in prompts]
+    return generate_from_text(
+        loaded, texts, max_new_tokens, do_sample, temperature, top_p, top_k, seed, batch_size
+    )
 
 
-def generate_from_text(loaded: LoadedModel, texts: list[str], max_new_tokens: int = 128,
-                       do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
-                       top_k: int | None = None, seed: int | None = None,
-                       batch_size: int = 8) -> list[str]:
+def generate_from_text(
+    loaded: LoadedModel,
+    texts: list[str],
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    seed: int | None = None,
+    batch_size: int = 8,
+) -> list[str]:
     """Continuations of already-rendered prompt texts."""
     import torch
 
@@ -90,9 +106,12 @@ def generate_from_text(loaded: LoadedModel, texts: list[str], max_new_tokens: in
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
-    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                               "pad_token_id": tokenizer.pad_token_id,
-                               "eos_token_id": tokenizer.eos_token_id}
+    options: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)
         if top_k is not None:
@@ -102,19 +121,25 @@ def generate_from_text(loaded: LoadedModel, texts: list[str], max_new_tokens: in
     answers = []
     device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
+        chunk = texts[start : start + batch_size]
         encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
         encoded = {k: v.to(device) for k, v in encoded.items()}
         with torch.no_grad():
             output = model.generate(**encoded, **options)
-        new_tokens = output[:, encoded["input_ids"].shape[1]:]
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
         answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return answers
 
 
-def chat_loop(loaded: LoadedModel, max_new_tokens: int = 256, do_sample: bool = False,
-              temperature: float = 0.7, top_p: float = 0.9, input_fn: Any = input,
-              output_fn: Any = print) -> None:
+def chat_loop(
+    loaded: LoadedModel,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    input_fn: Any = input,
+    output_fn: Any = print,
+) -> None:
     """An interactive chat on the terminal; '/reset' clears the history, '/exit' or EOF ends."""
     history: list[dict[str, str]] = []
     output_fn(f"Chatting with {loaded.source}. Type /reset to start over, /exit to quit.")
@@ -136,11 +161,13 @@ def chat_loop(loaded: LoadedModel, max_new_tokens: int = 256, do_sample: bool = 
             messages = list(history)
             if loaded.system_prompt:
                 messages.insert(0, {"role": "system", "content": loaded.system_prompt})
-            text = loaded.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                        add_generation_prompt=True)
+            text = loaded.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
         else:  # no template: the conversation so far as plain text
             text = "\n".join(m["content"] for m in history) + "\n"
-        answer = generate_from_text(loaded, [text], max_new_tokens, do_sample, temperature,
-                                    top_p)[0]
+        answer = generate_from_text(loaded, [text], max_new_tokens, do_sample, temperature, top_p)[
+            0
+        ]
         history.append({"role": "assistant", "content": answer})
         output_fn(f"model> {answer}")

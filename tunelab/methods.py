@@ -54,7 +54,8 @@ def apply_lora(model: Any, config: FineTuningConfig) -> Any:
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules if config.target_modules != ["all-linear"]
+        target_modules=config.target_modules
+        if config.target_modules != ["all-linear"]
         else "all-linear",
         bias="none",
     )

@@ -196,8 +196,9 @@ def ensure_pad_token(tokenizer: Any) -> None:
         )
 
 
-def load_model(location: str, dtype: Any, trust_remote_code: bool = False,
-               device: str = "cpu") -> Any:
+def load_model(
+    location: str, dtype: Any, trust_remote_code: bool = False, device: str = "cpu"
+) -> Any:
     """The causal LM in ``dtype`` on ``device``, in eval mode (training switches it on)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging

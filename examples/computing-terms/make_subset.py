@@ -17,10 +17,16 @@ rows = [json.loads(line) for line in SOURCE.read_text(encoding="utf-8").splitlin
 usable = [r for r in rows if 150 <= len(r["definition"]) <= 600 and len(r["term"]) <= 40]
 random.Random(2023).shuffle(usable)
 OUT.mkdir(exist_ok=True)
-for name, part in (("train.jsonl", usable[:TRAIN]),
-                   ("heldout.jsonl", usable[TRAIN:TRAIN + HELD_OUT])):
+for name, part in (
+    ("train.jsonl", usable[:TRAIN]),
+    ("heldout.jsonl", usable[TRAIN : TRAIN + HELD_OUT]),
+):
     with (OUT / name).open("w", encoding="utf-8") as file:
         for row in part:
-            file.write(json.dumps({"term": row["term"], "definition": row["definition"]},
-                                  ensure_ascii=False) + "\n")
+            file.write(
+                json.dumps(
+                    {"term": row["term"], "definition": row["definition"]}, ensure_ascii=False
+                )
+                + "\n"
+            )
 print(f"wrote {TRAIN} training and {HELD_OUT} held-out entries to {OUT}")

@@ -31,11 +31,13 @@ def main() -> int:
     config = load_config(HERE / "config.yaml", args.set)
     results = FineTuner(config).train(overwrite=True)
 
-    held_out = [json.loads(line) for line in
-                (HERE / "data" / "heldout.jsonl").read_text().splitlines()][: args.terms]
+    held_out = [
+        json.loads(line) for line in (HERE / "data" / "heldout.jsonl").read_text().splitlines()
+    ][: args.terms]
     prompts = [f"What does {row['term']} mean?" for row in held_out]
-    base = generate(load_for_inference(config.output_dir, use_adapter=False), prompts,
-                    max_new_tokens=60)
+    base = generate(
+        load_for_inference(config.output_dir, use_adapter=False), prompts, max_new_tokens=60
+    )
     tuned = generate(load_for_inference(config.output_dir), prompts, max_new_tokens=60)
 
     print("\n=== Held-out loss (200 terms never seen in training) ===")
@@ -47,8 +49,10 @@ def main() -> int:
         print("base      :", textwrap.shorten(before, 200))
         print("fine-tuned:", textwrap.shorten(after, 200))
     print(f"\nDemo finished in {time.time() - started:.0f} s. Run folder: {config.output_dir}")
-    print(f"Try: tunelab generate {config.output_dir} --prompt 'What does {held_out[0]['term']} "
-          "mean?'")
+    print(
+        f"Try: tunelab generate {config.output_dir} --prompt 'What does {held_out[0]['term']} "
+        "mean?'"
+    )
     return 0
 
 

@@ -18,8 +18,15 @@ from tunelab.errors import TunelabError, did_you_mean
 
 SCHEMAS = ("auto", "text", "prompt_completion", "instruction", "messages", "sharegpt", "template")
 ROLES = ("system", "user", "assistant", "tool")
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                   "assistant": "assistant", "model": "assistant", "tool": "tool"}
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "tool": "tool",
+}
 
 
 @dataclass
@@ -58,8 +65,12 @@ class Example:
             messages = [{**m, "content": fn(m["content"])} for m in self.messages]
             return Example(self.origin, messages=messages, meta=dict(self.meta))
         if self.completion is not None:
-            return Example(self.origin, prompt=fn(self.prompt or ""),
-                           completion=fn(self.completion), meta=dict(self.meta))
+            return Example(
+                self.origin,
+                prompt=fn(self.prompt or ""),
+                completion=fn(self.completion),
+                meta=dict(self.meta),
+            )
         return Example(self.origin, text=fn(self.text or ""), meta=dict(self.meta))
 
     def to_row(self) -> dict[str, Any]:
@@ -96,8 +107,14 @@ def _need_str(row: dict[str, Any], key: str, origin: str, what: str) -> str:
     return value
 
 
-def _messages(raw: Any, origin: str, key: str, role_key: str, content_key: str,
-              role_map: dict[str, str] | None = None) -> list[dict[str, str]]:
+def _messages(
+    raw: Any,
+    origin: str,
+    key: str,
+    role_key: str,
+    content_key: str,
+    role_map: dict[str, str] | None = None,
+) -> list[dict[str, str]]:
     if not isinstance(raw, list) or not raw:
         raise TunelabError(
             f"{origin}: '{key}' should be a non-empty list of {{'{role_key}': ..., "
@@ -136,9 +153,13 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def to_example(row: dict[str, Any], origin: str, schema: str = "auto",
-               prompt_template: str | None = None,
-               completion_template: str | None = None) -> Example:
+def to_example(
+    row: dict[str, Any],
+    origin: str,
+    schema: str = "auto",
+    prompt_template: str | None = None,
+    completion_template: str | None = None,
+) -> Example:
     """Turn one raw row into an ``Example``; errors name the row's origin and what to fix."""
     if not isinstance(row, dict):
         raise TunelabError(
@@ -161,31 +182,45 @@ def to_example(row: dict[str, Any], origin: str, schema: str = "auto",
     if schema == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, list) and isinstance(completion, list):
-            messages = _messages(prompt + completion, origin, "prompt+completion", "role",
-                                 "content")
+            messages = _messages(
+                prompt + completion, origin, "prompt+completion", "role", "content"
+            )
             return Example(origin, messages=messages)
-        return Example(origin, prompt=_need_str(row, "prompt", origin, "the prompt"),
-                       completion=_need_str(row, "completion", origin, "the answer"))
+        return Example(
+            origin,
+            prompt=_need_str(row, "prompt", origin, "the prompt"),
+            completion=_need_str(row, "completion", origin, "the answer"),
+        )
     if schema == "instruction":
         instruction = _need_str(row, "instruction", origin, "the task")
         extra = row.get("input") or ""
         if not isinstance(extra, str):
-            raise TunelabError(f"{origin}: 'input' should be a string, found {type(extra).__name__}.")
+            raise TunelabError(
+                f"{origin}: 'input' should be a string, found {type(extra).__name__}."
+            )
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
-        return Example(origin, prompt=prompt,
-                       completion=_need_str(row, "output", origin, "the answer"))
+        return Example(
+            origin, prompt=prompt, completion=_need_str(row, "output", origin, "the answer")
+        )
     if schema == "messages":
-        return Example(origin, messages=_messages(row.get("messages"), origin, "messages",
-                                                  "role", "content"))
+        return Example(
+            origin, messages=_messages(row.get("messages"), origin, "messages", "role", "content")
+        )
     if schema == "sharegpt":
-        return Example(origin, messages=_messages(row.get("conversations"), origin,
-                                                  "conversations", "from", "value",
-                                                  _SHAREGPT_ROLES))
+        return Example(
+            origin,
+            messages=_messages(
+                row.get("conversations"), origin, "conversations", "from", "value", _SHAREGPT_ROLES
+            ),
+        )
     if schema == "template":
         assert prompt_template is not None and completion_template is not None
-        return Example(origin, prompt=_fill(prompt_template, row, origin, "prompt_template"),
-                       completion=_fill(completion_template, row, origin, "completion_template"),
-                       meta={k: v for k, v in row.items() if isinstance(v, str)})
+        return Example(
+            origin,
+            prompt=_fill(prompt_template, row, origin, "prompt_template"),
+            completion=_fill(completion_template, row, origin, "completion_template"),
+            meta={k: v for k, v in row.items() if isinstance(v, str)},
+        )
     raise TunelabError(
         f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)}."
         f"{did_you_mean(schema, SCHEMAS)}"

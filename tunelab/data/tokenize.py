@@ -47,15 +47,16 @@ def as_messages(example: Example, system_prompt: str | None = None) -> list[dict
     if example.messages is not None:
         messages = list(example.messages)
     else:
-        messages = [{"role": "user", "content": example.prompt or ""},
-                    {"role": "assistant", "content": example.completion or ""}]
+        messages = [
+            {"role": "user", "content": example.prompt or ""},
+            {"role": "assistant", "content": example.completion or ""},
+        ]
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
 
 
-def render_prompt(tokenizer: Any, prompt: str, chat: bool, system_prompt: str | None = None
-                  ) -> str:
+def render_prompt(tokenizer: Any, prompt: str, chat: bool, system_prompt: str | None = None) -> str:
     """The text a model sees before its answer, exactly as in training."""
     if not chat:
         return prompt
@@ -65,7 +66,9 @@ def render_prompt(tokenizer: Any, prompt: str, chat: bool, system_prompt: str | 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _chat_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def _chat_spans(
+    tokenizer: Any, messages: list[dict[str, str]]
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered chat and the character spans of each assistant answer (with its end tag).
 
     A span runs from the end of the rendering of the turns before it (with the generation
@@ -77,8 +80,11 @@ def _chat_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, li
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False,
-                                               add_generation_prompt=True) if i else ""
+        before = (
+            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            if i
+            else ""
+        )
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not full.startswith(upto) or not upto.startswith(before):
             raise TunelabError(
@@ -90,8 +96,9 @@ def _chat_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, li
     return full, spans
 
 
-def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]],
-                         max_length: int) -> TokenizedExample:
+def _tokenize_with_spans(
+    tokenizer: Any, text: str, spans: list[tuple[int, int]], max_length: int
+) -> TokenizedExample:
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     labels = []
@@ -102,8 +109,9 @@ def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]
     return TokenizedExample(ids[:max_length], labels[:max_length], truncated)
 
 
-def tokenize_example(example: Example, tokenizer: Any, max_length: int, chat: bool,
-                     system_prompt: str | None = None) -> TokenizedExample:
+def tokenize_example(
+    example: Example, tokenizer: Any, max_length: int, chat: bool, system_prompt: str | None = None
+) -> TokenizedExample:
     """Token ids and labels for one example (labels are ``IGNORE_INDEX`` outside the loss)."""
     eos = tokenizer.eos_token or ""
     if example.kind == "text":

@@ -74,7 +74,9 @@ def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :n] = torch.tensor(row.input_ids)
         labels[i, :n] = torch.tensor(row.labels)
         last = row.position_ids[-1] if row.position_ids else -1
-        position_ids[i] = torch.tensor(row.position_ids + list(range(last + 1, last + 1 + width - n)))
+        position_ids[i] = torch.tensor(
+            row.position_ids + list(range(last + 1, last + 1 + width - n))
+        )
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
@@ -83,8 +85,9 @@ def loss_tokens(rows: list[Row]) -> int:
     return sum(sum(1 for label in r.labels[1:] if label != IGNORE_INDEX) for r in rows)
 
 
-def plan_epoch(rows: list[Row], batch_size: int, seed: int, epoch: int,
-               group_by_length: bool) -> list[list[int]]:
+def plan_epoch(
+    rows: list[Row], batch_size: int, seed: int, epoch: int, group_by_length: bool
+) -> list[list[int]]:
     """The micro-batches (lists of row indices) of one epoch, shuffled by (seed, epoch).
 
     Without packing, rows are sorted by length inside windows of 50 batches before batching,
@@ -94,9 +97,12 @@ def plan_epoch(rows: list[Row], batch_size: int, seed: int, epoch: int,
     order = torch.randperm(len(rows), generator=generator).tolist()
     if group_by_length:
         window = batch_size * 50
-        order = [i for start in range(0, len(order), window)
-                 for i in sorted(order[start:start + window], key=lambda j: -len(rows[j]))]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        order = [
+            i
+            for start in range(0, len(order), window)
+            for i in sorted(order[start : start + window], key=lambda j: -len(rows[j]))
+        ]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if group_by_length:  # shuffle whole batches again so long ones are not all first
         perm = torch.randperm(len(batches), generator=generator).tolist()
         batches = [batches[i] for i in perm]

@@ -30,8 +30,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any,
-                    state: dict[str, Any], keep_last: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically and drop all but the newest ``keep_last``."""
     parent = Path(run_dir) / CHECKPOINTS
     parent.mkdir(parents=True, exist_ok=True)
@@ -39,8 +45,14 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any,
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
     try:
         model.save_pretrained(staging)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, staging / "training_state.pt")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            staging / "training_state.pt",
+        )
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
         if target.exists():
             shutil.rmtree(target)

@@ -17,8 +17,11 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -40,19 +43,30 @@ class Progress:
 
     def __init__(self, total: int, initial: int) -> None:
         self.interactive = sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step",
-                        dynamic_ncols=True, disable=not self.interactive)
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.interactive,
+        )
         self.total = total
 
-    def update(self, step: int, loss: float, tokens_per_second: float, lr: float,
-               log_line: bool) -> None:
+    def update(
+        self, step: int, loss: float, tokens_per_second: float, lr: float, log_line: bool
+    ) -> None:
         if self.interactive:
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}",
-                                 lr=f"{lr:.2e}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}", lr=f"{lr:.2e}", refresh=False
+            )
             self.bar.update(1)
         elif log_line:
-            print(f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_second:.0f} tok/s  "
-                  f"lr {lr:.2e}", flush=True)
+            print(
+                f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_second:.0f} tok/s  "
+                f"lr {lr:.2e}",
+                flush=True,
+            )
 
     def write(self, text: str) -> None:
         if self.interactive:

@@ -31,14 +31,15 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: Any, rows: list[Row], batch_size: int, pad_token_id: int,
-             device: str = "cpu") -> EvalResult:
+def evaluate(
+    model: Any, rows: list[Row], batch_size: int, pad_token_id: int, device: str = "cpu"
+) -> EvalResult:
     """Token-weighted mean loss (and perplexity) over ``rows``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        batch = _to(collate(rows[start:start + batch_size], pad_token_id), device)
+        batch = _to(collate(rows[start : start + batch_size], pad_token_id), device)
         loss_sum, n = causal_lm_loss_sum(model, batch)
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
@@ -50,8 +51,9 @@ def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def accumulate_gradients(model: Any, micro_batches: list[list[Row]], pad_token_id: int,
-                         device: str = "cpu") -> tuple[float, int]:
+def accumulate_gradients(
+    model: Any, micro_batches: list[list[Row]], pad_token_id: int, device: str = "cpu"
+) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches; returns the step's mean
     loss and its number of loss tokens.
 
@@ -76,23 +78,37 @@ def total_steps(num_rows: int, config: FineTuningConfig) -> int:
     return config.max_steps or steps_per_epoch(num_rows, config) * config.num_epochs
 
 
-def fit(model: Any, train_rows: list[Row], eval_rows: list[Row] | None,
-        config: FineTuningConfig, run_dir: Path, pad_token_id: int, device: str = "cpu",
-        resume: bool = False) -> dict[str, Any]:
+def fit(
+    model: Any,
+    train_rows: list[Row],
+    eval_rows: list[Row] | None,
+    config: FineTuningConfig,
+    run_dir: Path,
+    pad_token_id: int,
+    device: str = "cpu",
+    resume: bool = False,
+) -> dict[str, Any]:
     """Train ``model`` (its trainable parameters) on ``train_rows``; returns the run's results."""
     run_dir = Path(run_dir)
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
-                                  weight_decay=config.weight_decay, foreach=True)
+    optimizer = torch.optim.AdamW(
+        params, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
+    )
     per_epoch = steps_per_epoch(len(train_rows), config)
     steps = total_steps(len(train_rows), config)
     warmup = warmup_steps_for(steps, config.warmup_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps, warmup, config.lr_scheduler))
+        optimizer, lambda s: lr_factor(s, steps, warmup, config.lr_scheduler)
+    )
 
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "loss_tokens": 0, "train_seconds": 0.0,
-                             "best_eval_loss": None}
+    state: dict[str, Any] = {
+        "step": 0,
+        "tokens": 0,
+        "loss_tokens": 0,
+        "train_seconds": 0.0,
+        "best_eval_loss": None,
+    }
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
@@ -107,24 +123,39 @@ def fit(model: Any, train_rows: list[Row], eval_rows: list[Row] | None,
     initial = None
     if eval_rows and state["step"] == 0:  # the untrained adapter is the identity: base model
         initial = evaluate(model, eval_rows, config.batch_size, pad_token_id, device)
-        log.write({"step": 0, "eval_loss": round(initial.loss, 6),
-                   "eval_perplexity": round(initial.perplexity, 4)})
-        progress.write(f"step 0: eval loss {initial.loss:.4f}, perplexity "
-                       f"{initial.perplexity:.2f} (base model)")
+        log.write(
+            {
+                "step": 0,
+                "eval_loss": round(initial.loss, 6),
+                "eval_perplexity": round(initial.perplexity, 4),
+            }
+        )
+        progress.write(
+            f"step 0: eval loss {initial.loss:.4f}, perplexity "
+            f"{initial.perplexity:.2f} (base model)"
+        )
     model.train()
     while state["step"] < steps:
         step = state["step"]
         epoch, index = divmod(step, per_epoch)
         if epoch not in plan_cache:
             plan_cache.clear()
-            plan_cache[epoch] = plan_epoch(train_rows, config.batch_size, config.seed, epoch,
-                                           group_by_length=not config.packing)
-        micro_batches = [[train_rows[i] for i in indices]
-                         for indices in plan_cache[epoch][index * accumulate:(index + 1) * accumulate]]
+            plan_cache[epoch] = plan_epoch(
+                train_rows,
+                config.batch_size,
+                config.seed,
+                epoch,
+                group_by_length=not config.packing,
+            )
+        micro_batches = [
+            [train_rows[i] for i in indices]
+            for indices in plan_cache[epoch][index * accumulate : (index + 1) * accumulate]
+        ]
         started = time.perf_counter()
 
-        step_loss, step_loss_tokens = accumulate_gradients(model, micro_batches, pad_token_id,
-                                                           device)
+        step_loss, step_loss_tokens = accumulate_gradients(
+            model, micro_batches, pad_token_id, device
+        )
         grad_norm = _clip(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -138,28 +169,45 @@ def fit(model: Any, train_rows: list[Row], eval_rows: list[Row] | None,
         state["train_seconds"] += seconds
         last_loss = step_loss
         lr = scheduler.get_last_lr()[0]
-        step_record = {"step": state["step"], "epoch": round(state["step"] / per_epoch, 4),
-                       "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                       "tokens": state["tokens"],
-                       "tokens_per_second": round(step_tokens / seconds, 2)}
+        step_record = {
+            "step": state["step"],
+            "epoch": round(state["step"] / per_epoch, 4),
+            "loss": round(last_loss, 6),
+            "lr": lr,
+            "grad_norm": round(grad_norm, 6),
+            "tokens": state["tokens"],
+            "tokens_per_second": round(step_tokens / seconds, 2),
+        }
         log_now = state["step"] % config.logging_steps == 0 or state["step"] == steps
         if log_now:
             log.write(step_record)
         progress.update(state["step"], last_loss, step_tokens / seconds, lr, log_now)
 
         end_of_epoch = state["step"] % per_epoch == 0
-        if eval_rows and (state["step"] == steps or end_of_epoch or (
-                config.eval_steps and state["step"] % config.eval_steps == 0)):
+        if eval_rows and (
+            state["step"] == steps
+            or end_of_epoch
+            or (config.eval_steps and state["step"] % config.eval_steps == 0)
+        ):
             eval_result = evaluate(model, eval_rows, config.batch_size, pad_token_id, device)
             best = state["best_eval_loss"]
-            state["best_eval_loss"] = eval_result.loss if best is None else min(best,
-                                                                                 eval_result.loss)
-            log.write({"step": state["step"], "eval_loss": round(eval_result.loss, 6),
-                       "eval_perplexity": round(eval_result.perplexity, 4)})
-            progress.write(f"step {state['step']}: eval loss {eval_result.loss:.4f}, "
-                           f"perplexity {eval_result.perplexity:.2f}")
-        if state["step"] < steps and (end_of_epoch or (
-                config.save_steps and state["step"] % config.save_steps == 0)):
+            state["best_eval_loss"] = (
+                eval_result.loss if best is None else min(best, eval_result.loss)
+            )
+            log.write(
+                {
+                    "step": state["step"],
+                    "eval_loss": round(eval_result.loss, 6),
+                    "eval_perplexity": round(eval_result.perplexity, 4),
+                }
+            )
+            progress.write(
+                f"step {state['step']}: eval loss {eval_result.loss:.4f}, "
+                f"perplexity {eval_result.perplexity:.2f}"
+            )
+        if state["step"] < steps and (
+            end_of_epoch or (config.save_steps and state["step"] % config.save_steps == 0)
+        ):
             save_checkpoint(run_dir, model, optimizer, scheduler, state)
     progress.close()
     model.eval()
@@ -177,9 +225,11 @@ def fit(model: Any, train_rows: list[Row], eval_rows: list[Row] | None,
     if initial is not None:
         results["initial_eval_loss"] = round(initial.loss, 6)
     if eval_result is not None:
-        results.update(eval_loss=round(eval_result.loss, 6),
-                       eval_perplexity=round(eval_result.perplexity, 4),
-                       best_eval_loss=round(state["best_eval_loss"], 6))
+        results.update(
+            eval_loss=round(eval_result.loss, 6),
+            eval_perplexity=round(eval_result.perplexity, 4),
+            best_eval_loss=round(state["best_eval_loss"], 6),
+        )
     return results
 
 

@@ -22,14 +22,17 @@ def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     return body, head
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, head: Any, targets: torch.Tensor,
-                          chunk_size: int = 1024) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor, head: Any, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``targets``, a chunk of rows at a time,
     in fp32 (bf16 logits lose too much precision in the log-softmax)."""
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = head(hidden[start:start + chunk_size]).float()
-        total = total + F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+        logits = head(hidden[start : start + chunk_size]).float()
+        total = total + F.cross_entropy(
+            logits, targets[start : start + chunk_size], reduction="sum"
+        )
     return total
 
 
@@ -46,8 +49,9 @@ def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torc
     split = decoder_and_head(model)
     if split is not None:
         body, head = split
-        hidden = body(input_ids=input_ids, position_ids=position_ids,
-                      use_cache=False).last_hidden_state
+        hidden = body(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         chosen = hidden[:, :-1][selected]
     else:
         logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
