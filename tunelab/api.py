@@ -7,6 +7,7 @@ import hashlib
 import json
 import pickle  # noqa: S403 (only for our own cache files, written and read by tunelab)
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,7 @@ class FineTuner:
         eval_dataset: list[Row] | None = None,
         resume: bool = False,
         overwrite: bool = False,
+        on_eval: Callable[[int, float], None] | None = None,
     ) -> dict[str, Any]:
         """Fine-tune and write the run folder; returns the results (also in results.json)."""
         from tunelab.training.loop import fit
@@ -213,6 +215,7 @@ class FineTuner:
             self.tokenizer.pad_token_id,
             self.placement.device,
             resume=resume,
+            on_eval=on_eval,
         )
         results.update(
             precision=self.placement.precision,

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,8 +88,13 @@ def fit(
     pad_token_id: int,
     device: str = "cpu",
     resume: bool = False,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` (its trainable parameters) on ``train_rows``; returns the run's results."""
+    """Train ``model`` (its trainable parameters) on ``train_rows``; returns the run's results.
+
+    ``on_eval(step, eval_loss)`` is called after each evaluation during training; an exception
+    it raises (a sweep pruning a trial) stops the run and propagates.
+    """
     run_dir = Path(run_dir)
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -205,6 +211,8 @@ def fit(
                 f"step {state['step']}: eval loss {eval_result.loss:.4f}, "
                 f"perplexity {eval_result.perplexity:.2f}"
             )
+            if on_eval is not None:
+                on_eval(state["step"], eval_result.loss)
         if state["step"] < steps and (
             end_of_epoch or (config.save_steps and state["step"] % config.save_steps == 0)
         ):
