@@ -17,7 +17,15 @@ from tunelab.data.schema import Example, to_example
 from tunelab.data.tokenize import tokenize_example, uses_chat_template
 from tunelab.device import Placement, choose_placement
 from tunelab.errors import TunelabError
-from tunelab.methods import apply_lora, check_target_modules, format_trainable
+from tunelab.methods import (
+    PROMPT_METHODS,
+    apply_method,
+    check_target_modules,
+    count_parameters,
+    format_trainable,
+    method_step_hooks,
+    quantization_config,
+)
 from tunelab.models import (
     cache_dir,
     load_model,
@@ -82,22 +90,40 @@ class FineTuner:
             self.tokenizer = load_tokenizer(location, self.config.trust_remote_code)
         return self.tokenizer
 
-    def prepare_model(self) -> Any:
-        """Load the base model in the chosen precision and attach LoRA; prints the trainable
-        parameters like the seed does."""
-        self.load_tokenizer()
+    def prepare_model(self, total_steps: int = 0) -> Any:
+        """Load the base model and attach the configured method (LoRA by default); prints the
+        trainable parameters like the seed does.
+
+        ``total_steps`` is needed only by AdaLoRA, whose rank pruning follows the schedule.
+        """
+        c = self.config
+        tokenizer = self.load_tokenizer()
         assert self.model_location is not None
-        print(
-            f"Device {self.placement.device}, precision {self.placement.precision} "
-            f"({self.placement.reason})"
-        )
+        dtype = self.placement.dtype
+        quantization = None
+        if c.method == "full" and self.placement.precision != "fp32":
+            # every weight is trained: keep fp32 weights so AdamW's small updates are not lost
+            dtype = self.placement.fp32_dtype
+            note = "full fine-tuning keeps fp32 weights"
+        elif c.method == "qlora":
+            quantization = quantization_config(c, dtype)
+            note = f"{c.quantization_bits}-bit base, compute in {self.placement.precision}"
+        else:
+            note = self.placement.reason
+        print(f"Device {self.placement.device}, precision {self.placement.precision} ({note})")
         model = load_model(
             self.model_location,
-            self.placement.dtype,
-            self.config.trust_remote_code,
+            dtype,
+            c.trust_remote_code,
             self.placement.device,
+            quantization_config=quantization,
         )
-        self.model = apply_lora(model, self.config)
+        if c.add_tokens:
+            added = tokenizer.add_tokens([t for t in c.add_tokens if t not in tokenizer.get_vocab()])
+            if added:
+                model.resize_token_embeddings(len(tokenizer))
+                print(f"Added {added} new tokens to the tokenizer and the embeddings.")
+        self.model = apply_method(model, c, self.model_location, total_steps)
         print(format_trainable(self.model))
         return self.model
 
@@ -180,6 +206,11 @@ class FineTuner:
         return self._pack(tokenized)
 
     def _pack(self, tokenized: list[Any]) -> list[Row]:
+        if self.config.packing and self.config.method in PROMPT_METHODS:
+            # PEFT prepends virtual tokens per sequence and ignores position_ids, so packed
+            # examples would see each other: one example per row instead
+            print(f"Note: packing is off for {self.config.method} (one example per row).")
+            self.config.packing = False
         if self.config.packing:
             return pack_examples(tokenized, self.config.max_length)
         return single_rows(tokenized)
@@ -194,7 +225,7 @@ class FineTuner:
         on_eval: Callable[[int, float], None] | None = None,
     ) -> dict[str, Any]:
         """Fine-tune and write the run folder; returns the results (also in results.json)."""
-        from tunelab.training.loop import fit
+        from tunelab.training.loop import fit, total_steps
 
         output_dir = Path(self.config.output_dir)
         check_output_dir(output_dir, overwrite, resume)
@@ -203,24 +234,30 @@ class FineTuner:
         if eval_dataset is None:
             eval_dataset = self.eval_rows()
         if self.model is None:
-            self.prepare_model()
+            self.prepare_model(total_steps(len(train_dataset), self.config))
         output_dir.mkdir(parents=True, exist_ok=True)
         self.config.save(output_dir / RUN_CONFIG)
-        results = fit(
-            self.model,
-            train_dataset,
-            eval_dataset,
-            self.config,
-            output_dir,
-            self.tokenizer.pad_token_id,
-            self.placement.device,
-            resume=resume,
-            on_eval=on_eval,
-        )
+        with method_step_hooks(self.model, self.config):
+            results = fit(
+                self.model,
+                train_dataset,
+                eval_dataset,
+                self.config,
+                output_dir,
+                self.tokenizer.pad_token_id,
+                self.placement.device,
+                resume=resume,
+                on_eval=on_eval,
+            )
+        trainable, total = count_parameters(self.model)
         results.update(
+            method=self.config.method,
             precision=self.placement.precision,
             device=self.placement.device,
             train_examples=self._count_examples(),
+            trainable_parameters=trainable,
+            total_parameters=total,
+            peak_memory_mb=round(peak_memory_mb(), 1),
         )
         self.results = results
         self.save_model()
@@ -258,6 +295,15 @@ class FineTuner:
         }
         (folder / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
         return folder
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
 
 
 def _versions() -> dict[str, str]:

@@ -24,7 +24,16 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHAT_FORMATS = ("auto", "chat", "plain")
-METHODS = ("lora",)
+METHODS = (
+    "lora",
+    "dora",
+    "qlora",
+    "prompt_tuning",
+    "prefix_tuning",
+    "ia3",
+    "adalora",
+    "full",
+)
 
 
 def _f(default: Any, help: str, **choices: Any) -> Any:
@@ -95,7 +104,24 @@ class FineTuningConfig:
     system_prompt: str | None = _f(None, "System message for chat-rendered examples.")
 
     # --- method ---
-    method: str = _f("lora", "Adaptation method.", choices=METHODS)
+    method: str = _f(
+        "lora",
+        "Adaptation method: lora, dora, qlora (4/8-bit base), prompt_tuning, prefix_tuning, "
+        "ia3, adalora, or full fine-tuning.",
+        choices=METHODS,
+    )
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale updates by alpha/sqrt(r).")
+    rank_pattern: dict[str, int] = _f({}, "Per-module LoRA rank overrides, e.g. {v_proj: 16}.")
+    alpha_pattern: dict[str, int] = _f({}, "Per-module LoRA alpha overrides, e.g. {v_proj: 64}.")
+    quantization_bits: int = _f(4, "qlora: base weights in 4-bit NF4 (double quantised) or 8-bit.")
+    num_virtual_tokens: int = _f(20, "prompt_tuning / prefix_tuning: learned virtual tokens.")
+    prompt_init_text: str | None = _f(
+        None, "prompt_tuning: initialise the virtual tokens from this text instead of randomly."
+    )
+    adalora_init_r: int = _f(12, "adalora: starting rank, pruned towards lora_r during training.")
+    train_embeddings: bool = _f(False, "Also train the input embeddings (needed for add_tokens).")
+    train_lm_head: bool = _f(False, "Also train the output layer (LM head).")
+    add_tokens: list[str] = _f([], "New tokens to add to the tokenizer (embeddings are resized).")
     trust_remote_code: bool = _f(
         False, "Run model code shipped with a hub model (off unless you trust its author)."
     )
@@ -126,6 +152,8 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(a) for a in inner) + " (or null)"
     if typing.get_origin(hint) is list:
         return "a list of strings"
+    if typing.get_origin(hint) is dict:
+        return f"a mapping of names to values that are each {_type_name(typing.get_args(hint)[1])}"
     return names.get(hint, str(hint))
 
 
@@ -165,6 +193,11 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
         if not isinstance(value, str):
             raise wrong
         return value
+    if origin is dict:
+        value_type = typing.get_args(hint)[1]
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise wrong
+        return {k: _coerce(f"{key}.{k}", v, value_type, source) for k, v in value.items()}
     return value
 
 
@@ -214,6 +247,18 @@ def validate(config: FineTuningConfig) -> None:
     _check(c.logging_steps >= 1, "logging_steps", c.logging_steps, "at least 1")
     _check(c.eval_steps is None or c.eval_steps >= 1, "eval_steps", c.eval_steps, "null or >= 1")
     _check(c.save_steps is None or c.save_steps >= 1, "save_steps", c.save_steps, "null or >= 1")
+    # method
+    _check(c.quantization_bits in (4, 8), "quantization_bits", c.quantization_bits, "4 or 8")
+    _check(c.num_virtual_tokens >= 1, "num_virtual_tokens", c.num_virtual_tokens, "at least 1")
+    if c.method == "adalora":
+        _check(c.adalora_init_r >= c.lora_r, "adalora_init_r", c.adalora_init_r, ">= lora_r")
+    for name, rank in c.rank_pattern.items():
+        _check(rank >= 1, f"rank_pattern.{name}", rank, "a rank of at least 1")
+    if c.add_tokens and not c.train_embeddings and c.method != "full":
+        raise TunelabError(
+            "config key 'add_tokens' adds tokens whose embeddings start untrained; set "
+            "train_embeddings: true (and usually train_lm_head: true) so they can learn."
+        )
     if (c.prompt_template is None) != (c.completion_template is None):
         raise TunelabError(
             "config keys 'prompt_template' and 'completion_template' go together: set both "

@@ -22,6 +22,12 @@ class Placement:
             self.precision
         ]
 
+    @property
+    def fp32_dtype(self):  # noqa: ANN201
+        import torch
+
+        return torch.float32
+
 
 def cpu_bf16_features() -> list[str]:
     """The CPU features that make bf16 matrix multiplies fast (AVX512-BF16, AMX)."""

@@ -1,40 +1,96 @@
-"""Attach a parameter-efficient method (LoRA through PEFT) to a base model."""
+"""Attach an adaptation method to a base model: the PEFT family, QLoRA, or full fine-tuning.
+
+PEFT does the work; this module only maps tunelab's flat config onto PEFT's configs, checks
+names against the model early, and adds what PEFT leaves to its caller (AdaLoRA's rank
+allocation after each optimizer step).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from typing import Any
 
 from tunelab.config import FineTuningConfig
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, did_you_mean
+
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")
+LORA_FAMILY = ("lora", "dora", "qlora", "adalora")
+REGEX_PREFIX = "re:"
 
 
-def linear_module_suffixes(names: list[str], model: Any = None) -> list[str]:
+def linear_module_suffixes(names: list[str]) -> list[str]:
     """The distinct last components of module names (what target_modules may name)."""
     return sorted({n.rsplit(".", 1)[-1] for n in names if n})
 
 
+def _targets(config: FineTuningConfig) -> str | list[str]:
+    """target_modules as PEFT takes them: a list of names, 'all-linear', or one regex."""
+    targets = config.target_modules
+    if targets == ["all-linear"]:
+        return "all-linear"
+    if len(targets) == 1 and targets[0].startswith(REGEX_PREFIX):
+        return targets[0][len(REGEX_PREFIX) :]
+    return list(targets)
+
+
 def check_target_modules(config: FineTuningConfig, module_names: list[str]) -> None:
     """Fail early when a target module does not exist in the model, listing the ones that do."""
-    if config.target_modules == ["all-linear"]:
+    if config.method in PROMPT_METHODS or config.method == "full":
+        return
+    targets = _targets(config)
+    if targets == "all-linear":
         return
     suffixes = set(linear_module_suffixes(module_names))
-    missing = [t for t in config.target_modules if t not in suffixes]
+    candidates = sorted(s for s in suffixes if s.endswith("proj") or "attn" in s or "fc" in s)
+    listing = ", ".join(candidates or sorted(suffixes)[:20])
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise TunelabError(
+                f"config key 'target_modules' holds the regex {targets!r}, which does not "
+                f"compile ({exc}). Fix the pattern after 're:'."
+            ) from None
+        if not any(pattern.fullmatch(name) for name in module_names):
+            raise TunelabError(
+                f"config key 'target_modules' regex {targets!r} matches no module of "
+                f"'{config.model_name}' (it must match whole names such as "
+                f"'model.layers.0.self_attn.q_proj'). Module names end in: {listing}."
+            )
+        return
+    if any(t.startswith(REGEX_PREFIX) for t in targets):
+        raise TunelabError(
+            "config key 'target_modules' may hold one 're:' regex alone, not mixed with names. "
+            "Use either [q_proj, v_proj] or ['re:.*\\.(q|v)_proj']."
+        )
+    missing = [t for t in targets if t not in suffixes]
     if missing:
-        from tunelab.errors import did_you_mean
-
-        hint = did_you_mean(missing[0], suffixes)
-        candidates = sorted(s for s in suffixes if s.endswith("proj") or "attn" in s or "fc" in s)
         raise TunelabError(
             f"config key 'target_modules' names {', '.join(map(repr, missing))}, which the model "
-            f"'{config.model_name}' does not have.{hint} Its module names include: "
-            f"{', '.join(candidates or sorted(suffixes)[:20])}; or use ['all-linear']."
+            f"'{config.model_name}' does not have.{did_you_mean(missing[0], suffixes)} Its "
+            f"module names include: {listing}; or use ['all-linear']."
         )
+    for key in ("rank_pattern", "alpha_pattern"):
+        for name in getattr(config, key):
+            if not any(name in module for module in module_names):
+                raise TunelabError(
+                    f"config key '{key}' names {name!r}, which matches no module of the model."
+                    f"{did_you_mean(name, suffixes)} Module names end in: {listing}."
+                )
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
+    trainable, total = 0, 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
     return trainable, total
 
 
@@ -44,19 +100,184 @@ def format_trainable(model: Any) -> str:
     return f"Trainable parameters: {trainable:,} ({trainable / total:.2%})"
 
 
-def apply_lora(model: Any, config: FineTuningConfig) -> Any:
-    """Wrap ``model`` with LoRA adapters; the base stays frozen in its dtype while the adapter
-    weights are kept in fp32 (PEFT's autocast_adapter_dtype), so bf16 bases train stably."""
-    from peft import LoraConfig, TaskType, get_peft_model
+def _modules_to_save(model: Any, config: FineTuningConfig) -> list[str] | None:
+    names = []
+    if config.train_embeddings:
+        embeddings = model.get_input_embeddings()
+        names += [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is embeddings]
+    if config.train_lm_head:
+        head = model.get_output_embeddings()
+        names += [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head]
+    return sorted(set(names)) or None
 
-    lora = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules
-        if config.target_modules != ["all-linear"]
-        else "all-linear",
-        bias="none",
+
+def peft_config_for(
+    model: Any, config: FineTuningConfig, tokenizer_path: str | None = None, total_steps: int = 0
+) -> Any:
+    """The PEFT config of ``config.method`` (None for full fine-tuning)."""
+    import peft
+
+    task = peft.TaskType.CAUSAL_LM
+    method = config.method
+    if method == "full":
+        return None
+    modules_to_save = _modules_to_save(model, config)
+    if method in ("lora", "dora", "qlora"):
+        return peft.LoraConfig(
+            task_type=task,
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=_targets(config),
+            bias="none",
+            use_rslora=config.use_rslora,
+            use_dora=method == "dora",
+            rank_pattern=dict(config.rank_pattern),
+            alpha_pattern=dict(config.alpha_pattern),
+            modules_to_save=modules_to_save,
+        )
+    if method == "adalora":
+        if total_steps < 2:
+            raise TunelabError(
+                "method adalora needs to know the number of training steps to schedule its "
+                "rank pruning; train with data (or set max_steps of at least 2)."
+            )
+        # prune between 10% and 70% of training, re-allocating ranks every 1% of it
+        return peft.AdaLoraConfig(
+            task_type=task,
+            init_r=config.adalora_init_r,
+            target_r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=_targets(config),
+            total_step=total_steps,
+            tinit=max(1, total_steps // 10),
+            tfinal=max(1, total_steps * 3 // 10),
+            deltaT=max(1, total_steps // 100),
+            modules_to_save=modules_to_save,
+        )
+    if method == "ia3":
+        targets = _targets(config)
+        feedforward = (
+            [t for t in targets if t in ("down_proj", "fc2", "c_proj", "dense_4h_to_h")]
+            if isinstance(targets, list)
+            else None
+        )
+        return peft.IA3Config(
+            task_type=task,
+            target_modules=targets,
+            feedforward_modules=feedforward or [],
+            modules_to_save=modules_to_save,
+        )
+    if method == "prompt_tuning":
+        init = {}
+        if config.prompt_init_text:
+            init = {
+                "prompt_tuning_init": peft.PromptTuningInit.TEXT,
+                "prompt_tuning_init_text": config.prompt_init_text,
+                "tokenizer_name_or_path": tokenizer_path,
+            }
+        return peft.PromptTuningConfig(
+            task_type=task, num_virtual_tokens=config.num_virtual_tokens, **init
+        )
+    if method == "prefix_tuning":
+        return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=config.num_virtual_tokens)
+    raise TunelabError(f"unknown method {method!r}")  # validate() makes this unreachable
+
+
+def quantization_config(config: FineTuningConfig, compute_dtype: Any) -> Any:
+    """The bitsandbytes config of a QLoRA base: NF4 with double quantisation, or 8-bit."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TunelabError(
+            "method qlora needs bitsandbytes, which is not installed. Install it with: "
+            "pip install 'tunelab[qlora]'  (or pip install bitsandbytes)"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization_bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
-    return get_peft_model(model, lora, autocast_adapter_dtype=True)
+
+
+def apply_method(
+    model: Any, config: FineTuningConfig, tokenizer_path: str | None = None, total_steps: int = 0
+) -> Any:
+    """Wrap ``model`` for training with ``config.method``.
+
+    PEFT methods keep the base frozen in its dtype and the adapter weights in fp32
+    (``autocast_adapter_dtype``), so a bf16 base trains stably. ``full`` trains every weight.
+    """
+    if config.method == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if config.method == "qlora":
+        # casts norms to fp32 and lets gradients flow into the quantised layers' inputs
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for module in model.modules():
+            # bitsandbytes repacks 4-bit CPU weights for inference on the first no-grad eval
+            # forward, and no gradient flows through the repacked layer afterwards; training
+            # evaluates mid-run, so keep the trainable format
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    peft_config = peft_config_for(model, config, tokenizer_path, total_steps)
+    return get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+
+
+def apply_lora(model: Any, config: FineTuningConfig) -> Any:
+    """LoRA with the config's settings (``apply_method`` for any method)."""
+    return apply_method(model, config)
+
+
+@contextlib.contextmanager
+def method_step_hooks(model: Any, config: FineTuningConfig) -> Iterator[None]:
+    """Work PEFT leaves to the training loop, run around each optimizer step.
+
+    AdaLoRA adds an orthogonality penalty on its singular vectors before the step and
+    re-allocates ranks by importance after it; other methods need nothing.
+    """
+    if config.method != "adalora":
+        yield
+        return
+    import torch
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    tuner = model.base_model
+    adapter = tuner.trainable_adapter_name
+    weight = tuner.peft_config[adapter].orth_reg_weight
+    step = {"n": 0}
+
+    def add_orthogonality_penalty(optimizer: Any, args: Any, kwargs: Any) -> None:
+        penalty, count = 0.0, 0
+        with torch.enable_grad():
+            for name, p in tuner.model.named_parameters():
+                if ("lora_A" in name or "lora_B" in name) and adapter in name:
+                    cov = p @ p.T if "lora_A" in name else p.T @ p
+                    eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
+                    penalty = penalty + torch.norm(cov - eye, p="fro")
+                    count += 1
+            if count:
+                (weight * penalty / count).backward()
+
+    def allocate_ranks(optimizer: Any, args: Any, kwargs: Any) -> None:
+        step["n"] += 1
+        tuner.update_and_allocate(step["n"])
+
+    pre = register_optimizer_step_pre_hook(add_orthogonality_penalty)
+    post = register_optimizer_step_post_hook(allocate_ranks)
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()

@@ -197,7 +197,11 @@ def ensure_pad_token(tokenizer: Any) -> None:
 
 
 def load_model(
-    location: str, dtype: Any, trust_remote_code: bool = False, device: str = "cpu"
+    location: str,
+    dtype: Any,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+    quantization_config: Any = None,
 ) -> Any:
     """The causal LM in ``dtype`` on ``device``, in eval mode (training switches it on)."""
     from transformers import AutoModelForCausalLM
@@ -206,10 +210,15 @@ def load_model(
     hf_logging.disable_progress_bar()  # tunelab prints its own progress
     if trust_remote_code:
         print(f"warning: trust_remote_code is on: running code shipped with '{location}'.")
+    extra: dict[str, Any] = {}
+    if quantization_config is not None:  # bitsandbytes places the quantised weights itself
+        extra = {"quantization_config": quantization_config, "device_map": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, trust_remote_code=trust_remote_code
+            location, dtype=dtype, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as exc:
         raise _hub_error(location, exc) from None
-    return model.to(device).eval()
+    if quantization_config is None:
+        model = model.to(device)
+    return model.eval()

@@ -13,6 +13,9 @@ from tunelab.data.tokenize import IGNORE_INDEX
 def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     """The transformer body and LM head of a (PEFT-wrapped) causal LM, or None when the model
     cannot be split (then the full forward is used)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        return None  # virtual tokens are added by PeftModel.forward, so it must run whole
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     prefix = getattr(base, "base_model_prefix", None)
     body = getattr(base, prefix, None) if prefix else None
@@ -54,7 +57,17 @@ def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torc
         ).last_hidden_state
         chosen = hidden[:, :-1][selected]
     else:
-        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        prompt_learning = getattr(
+            getattr(model, "active_peft_config", None), "is_prompt_learning", False
+        )
+        logits = model(
+            input_ids=input_ids,
+            # PEFT's prompt methods take no position_ids (rows then hold one example each)
+            position_ids=None if prompt_learning else position_ids,
+            use_cache=False,
+        ).logits
+        # prompt tuning returns logits for its virtual tokens too: keep the real positions
+        logits = logits[:, -input_ids.shape[1] :]
         chosen_logits = logits[:, :-1][selected].float()
         return F.cross_entropy(chosen_logits, targets[selected], reduction="sum"), count
     if count == 0:
