@@ -103,6 +103,92 @@ class FineTuningConfig:
     )
     system_prompt: str | None = _f(None, "System message for chat-rendered examples.")
 
+    # --- data preparation ---
+    data_format: str | None = _f(
+        None,
+        "Format of dataset_path/eval_path: jsonl, json, csv, tsv, parquet, txt, or arrow (a "
+        "datasets save_to_disk folder); null detects it from the extension and content.",
+    )
+    data_schema: str = _f(
+        "auto",
+        "Row layout: text, prompt_completion, instruction, messages, sharegpt, or auto (from "
+        "the columns); prompt_template/completion_template map any other columns.",
+        choices=("auto", "text", "prompt_completion", "instruction", "messages", "sharegpt"),
+    )
+    txt_split: str = _f(
+        "blank_line",
+        "What one document of a .txt file is: a blank-line separated block, a line, or the file.",
+        choices=("blank_line", "line", "file"),
+    )
+    unicode_normalization: str = _f(
+        "NFC",
+        "Unicode normal form applied to all text (NFKC also folds look-alike characters).",
+        choices=("NFC", "NFKC", "none"),
+    )
+    fold_whitespace: bool = _f(
+        True, "Collapse runs of spaces, trailing spaces and extra blank lines."
+    )
+    clean_rules: list[str] = _f(
+        [],
+        "Regex rewrites applied in order: 'pattern => replacement' (Python re, \\1 for groups) "
+        "or a preset name ('foldoc' removes FOLDOC's {links}, <tags>, dates and source notes).",
+    )
+    strip_html: bool = _f(True, "Remove HTML tags (keeping their text) and decode &entities;.")
+    pii_redact: bool = _f(
+        True,
+        "Replace e-mail addresses, phone numbers, IP addresses, card numbers and API keys with "
+        "placeholders such as [EMAIL] (they are always counted and reported).",
+    )
+    min_chars: int = _f(1, "Drop examples with fewer characters than this (after cleaning).")
+    max_chars: int | None = _f(
+        None, "Drop examples with more characters than this (null: no limit)."
+    )
+    min_tokens: int = _f(0, "Drop examples with fewer tokens than this (needs the tokenizer).")
+    max_tokens: int | None = _f(
+        None,
+        "Drop examples longer than this many tokens instead of truncating them at max_length.",
+    )
+    max_nonprintable_ratio: float | None = _f(
+        0.05, "Drop examples whose share of control/unprintable characters is higher (null: off)."
+    )
+    min_alpha_ratio: float | None = _f(
+        0.25, "Drop examples (of 20+ characters) whose share of letters is lower (null: off)."
+    )
+    max_repeated_ngram_ratio: float | None = _f(
+        0.5, "Drop examples (of 20+ words) whose share of repeated word 3-grams is higher."
+    )
+    dedup_exact: bool = _f(True, "Drop examples equal to an earlier one (ignoring case/spacing).")
+    dedup_near_threshold: float | None = _f(
+        0.8,
+        "Drop near duplicates: examples whose word 3-gram Jaccard similarity to an earlier one "
+        "is at least this (MinHash/LSH); null turns it off.",
+    )
+    eval_split: float = _f(
+        0.0,
+        "Without eval_path, hold out this fraction of the training data for evaluation "
+        "(e.g. 0.1), chosen by seed.",
+    )
+    drop_eval_leaks: bool = _f(
+        False,
+        "Drop training examples equal or near-equal to an eval example (always reported).",
+    )
+    bias_report: bool = _f(True, "Count demographic terms per group and flag one-sided examples.")
+    bias_wordlists: list[str] = _f(
+        [], "Extra word-list JSON files for the bias report (same shape as the shipped ones)."
+    )
+    bias_mitigation: str = _f(
+        "none",
+        "counterfactual adds copies with paired terms swapped (he/she, ...); rebalance "
+        "resamples examples of under-represented groups of bias_rebalance_dimension.",
+        choices=("none", "counterfactual", "rebalance"),
+    )
+    bias_rebalance_dimension: str = _f(
+        "gender", "The word-list dimension that rebalance evens out."
+    )
+    data_cache: bool = _f(
+        True, "Reuse prepared data from $TUNELAB_CACHE/data when inputs and settings are unchanged."
+    )
+
     # --- method ---
     method: str = _f(
         "lora",
@@ -265,6 +351,36 @@ def validate(config: FineTuningConfig) -> None:
             "(e.g. prompt_template: 'What does {term} mean?', completion_template: "
             "'{definition}') or neither."
         )
+
+    # data preparation
+    _check(c.min_chars >= 0, "min_chars", c.min_chars, "zero or positive")
+    _check(
+        c.max_chars is None or c.max_chars >= max(c.min_chars, 1),
+        "max_chars",
+        c.max_chars,
+        "null or at least min_chars",
+    )
+    _check(c.min_tokens >= 0, "min_tokens", c.min_tokens, "zero or positive")
+    _check(
+        c.max_tokens is None or c.max_tokens >= max(c.min_tokens, 1),
+        "max_tokens",
+        c.max_tokens,
+        "null or at least min_tokens",
+    )
+    for key in ("max_nonprintable_ratio", "min_alpha_ratio", "max_repeated_ngram_ratio"):
+        ratio = getattr(c, key)
+        _check(ratio is None or 0 <= ratio <= 1, key, ratio, "null (off) or in [0, 1]")
+    _check(
+        c.dedup_near_threshold is None or 0 < c.dedup_near_threshold <= 1,
+        "dedup_near_threshold",
+        c.dedup_near_threshold,
+        "null (off) or in (0, 1] (0.8 is typical)",
+    )
+    _check(0 <= c.eval_split < 1, "eval_split", c.eval_split, "in [0, 1) (0.1 holds out 10%)")
+    if c.clean_rules:
+        from tunelab.data.cleaning import parse_rules  # the rules' own checks name the bad one
+
+        parse_rules(c.clean_rules)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
