@@ -119,7 +119,8 @@ class FineTuner:
             quantization_config=quantization,
         )
         if c.add_tokens:
-            added = tokenizer.add_tokens([t for t in c.add_tokens if t not in tokenizer.get_vocab()])
+            vocabulary = tokenizer.get_vocab()
+            added = tokenizer.add_tokens([t for t in c.add_tokens if t not in vocabulary])
             if added:
                 model.resize_token_embeddings(len(tokenizer))
                 print(f"Added {added} new tokens to the tokenizer and the embeddings.")

@@ -88,6 +88,82 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tunelab.shipping.merge import merge_run
+
+    out = merge_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
+    print(f"Merged model written to {out} (loads with transformers alone).")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from tunelab.shipping.gguf_export import export_gguf
+    from tunelab.shipping.merge import merge_run
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out or run_dir / f"{run_dir.name}-{args.type}.gguf")
+    if (run_dir / "adapter_config.json").is_file():
+        with tempfile.TemporaryDirectory(prefix="tunelab-merge-") as merged:
+            merge_run(run_dir, Path(merged) / "model")
+            export_gguf(Path(merged) / "model", out, args.type)
+    else:
+        export_gguf(run_dir, out, args.type)
+    print(f"Wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type}).")
+    return 0
+
+
+def _name_value(text: str, what: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise TunelabError(f"{what} expects NAME=VALUE, got {text!r}.")
+    name, value = text.split("=", 1)
+    return name.strip(), value.strip()
+
+
+def cmd_adapters_list(args: argparse.Namespace) -> int:
+    from tunelab.shipping.adapters import describe, format_table
+
+    print(format_table([describe(path) for path in args.runs]))
+    return 0
+
+
+def cmd_adapters_generate(args: argparse.Namespace) -> int:
+    from tunelab.generation import generate
+    from tunelab.shipping.adapters import AdapterSet
+
+    adapters = dict(_name_value(a, "--adapter") for a in args.adapter)
+    adapter_set = AdapterSet(adapters)
+    if args.combine:
+        weights = {}
+        for part in args.combine.split(","):
+            name, value = _name_value(part, "--combine")
+            try:
+                weights[name] = float(value)
+            except ValueError:
+                raise TunelabError(
+                    f"--combine weight for {name!r} is {value!r}, not a number. "
+                    "Example: --combine a=0.7,b=0.3"
+                ) from None
+        names = [adapter_set.combine(weights)]
+    else:
+        names = [args.use] if args.use else adapter_set.names
+    for name in names:
+        adapter_set.use(name)
+        answers = generate(adapter_set.loaded(), args.prompt, max_new_tokens=args.max_new_tokens)
+        for prompt, answer in zip(args.prompt, answers, strict=True):
+            print(f"[{name}] {prompt}\n{answer}\n")
+    return 0
+
+
+def cmd_methods_compare(args: argparse.Namespace) -> int:
+    from tunelab.method_comparison import compare_methods
+
+    methods = args.methods.split(",") if args.methods else None
+    compare_methods(args.config, methods, args.set, args.tokens, args.out)
+    return 0
+
+
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "target",
@@ -172,6 +248,88 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="Chat interactively with a run or a model.")
     _add_inference_options(chat)
     chat.set_defaults(func=cmd_chat, max_new_tokens=256)
+
+    merge = sub.add_parser(
+        "merge",
+        help="Fold a run's adapter into its base and save a plain transformers model.",
+        description="LoRA, DoRA, IA3 and AdaLoRA adapters merge; QLoRA merges into the "
+        "full-precision base. The result loads with transformers alone.",
+    )
+    merge.add_argument("run_dir", help="A run folder (output_dir of 'tunelab train').")
+    merge.add_argument("out_dir", help="Where to write the merged model.")
+    merge.add_argument("--overwrite", action="store_true", help="Replace a non-empty out_dir.")
+    merge.set_defaults(func=cmd_merge)
+
+    export = sub.add_parser(
+        "export",
+        help="Export a run (merged) or a model folder to GGUF.",
+        description="Writes a GGUF file with the tokenizer and chat template, readable by "
+        "llama.cpp and by transformers' GGUF loader.",
+    )
+    export.add_argument("run_dir", help="A run folder or a transformers model folder.")
+    export.add_argument("--format", default="gguf", choices=["gguf"], help="Output format.")
+    export.add_argument(
+        "--type",
+        default="f16",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        help="Weight type of the 2-D tensors.",
+    )
+    export.add_argument("--out", default=None, help="Output file (default: in run_dir).")
+    export.set_defaults(func=cmd_export)
+
+    adapters = sub.add_parser("adapters", help="List, switch and combine adapters of runs.")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
+    listing = adapters_sub.add_parser("list", help="Describe run folders' adapters.")
+    listing.add_argument("runs", nargs="+", help="Run folders.")
+    listing.set_defaults(func=cmd_adapters_list)
+    side = adapters_sub.add_parser(
+        "generate",
+        help="Load several adapters on one base; answer with each, one, or a weighted sum.",
+    )
+    side.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="NAME=RUN_DIR",
+        help="An adapter to load (repeatable; all on the same base model).",
+    )
+    side.add_argument("--use", default=None, help="Answer with this adapter only.")
+    side.add_argument(
+        "--combine",
+        default=None,
+        metavar="A=W,B=W",
+        help="Answer with the weighted sum of these adapters' updates.",
+    )
+    side.add_argument("--prompt", action="append", required=True, help="A prompt (repeatable).")
+    side.add_argument("--max-new-tokens", type=int, default=128, help="Longest answer.")
+    side.set_defaults(func=cmd_adapters_generate)
+
+    methods = sub.add_parser("methods", help="Compare adaptation methods.")
+    methods_sub = methods.add_subparsers(dest="methods_command", required=True, metavar="ACTION")
+    compare = methods_sub.add_parser(
+        "compare",
+        help="Train each method on the same token budget; table of parameters, memory, speed "
+        "and eval loss.",
+    )
+    compare.add_argument("config", help="A run config with eval_path.")
+    compare.add_argument(
+        "--methods", default=None, help="Comma-separated methods (default: every method)."
+    )
+    compare.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="Token budget per method (default: max_steps of the config).",
+    )
+    compare.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override a config key for every method.",
+    )
+    compare.add_argument("--out", default=None, help="Folder for the runs and the table.")
+    compare.set_defaults(func=cmd_methods_compare)
 
     try:
         from tunelab.data.cli import add_data_commands

@@ -52,7 +52,16 @@ def load_for_inference(
                 "found. Edit base_model_name_or_path there to point at the base model folder."
             )
         tokenizer = load_tokenizer(str(folder))
-        model = load_model(base, placement.dtype, device=placement.device)
+        quantization = _run_quantization(folder, placement.dtype) if use_adapter else None
+        model = load_model(
+            base, placement.dtype, device=placement.device, quantization_config=quantization
+        )
+        if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))  # the run added tokens
+        if quantization is not None:
+            from tunelab.methods import keep_4bit_format
+
+            keep_4bit_format(model)
         if use_adapter:
             from peft import PeftModel
 
@@ -67,7 +76,26 @@ def load_for_inference(
     location = resolve_model(target)
     tokenizer = load_tokenizer(location)
     model = load_model(location, placement.dtype, device=placement.device)
-    return LoadedModel(model, tokenizer, uses_chat_template(tokenizer, "auto"), None, location)
+    # a full fine-tuning run or a merged model keeps the chat settings it was trained with
+    info_path = Path(location) / "run_info.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    chat = info.get("chat", uses_chat_template(tokenizer, "auto"))
+    return LoadedModel(model, tokenizer, bool(chat), info.get("system_prompt"), location)
+
+
+def _run_quantization(folder: Path, dtype: Any) -> Any:
+    """A QLoRA run is served on the same quantised base it trained on."""
+    from tunelab.config import load_config
+
+    config_path = folder / "tunelab_config.yaml"
+    if not config_path.is_file():
+        return None
+    config = load_config(config_path)
+    if config.method != "qlora":
+        return None
+    from tunelab.methods import quantization_config
+
+    return quantization_config(config, dtype)
 
 
 def generate(

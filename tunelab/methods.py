@@ -206,6 +206,18 @@ def quantization_config(config: FineTuningConfig, compute_dtype: Any) -> Any:
     )
 
 
+def keep_4bit_format(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit CPU weights into its inference layout.
+
+    It does so on the first no-grad forward in eval mode; no gradient flows through a repacked
+    layer afterwards (training evaluates mid-run), and the repacked layer computes in bf16, so
+    a reloaded run would not reproduce the trained model's outputs.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def apply_method(
     model: Any, config: FineTuningConfig, tokenizer_path: str | None = None, total_steps: int = 0
 ) -> Any:
@@ -222,12 +234,7 @@ def apply_method(
     if config.method == "qlora":
         # casts norms to fp32 and lets gradients flow into the quantised layers' inputs
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        for module in model.modules():
-            # bitsandbytes repacks 4-bit CPU weights for inference on the first no-grad eval
-            # forward, and no gradient flows through the repacked layer afterwards; training
-            # evaluates mid-run, so keep the trainable format
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        keep_4bit_format(model)
     peft_config = peft_config_for(model, config, tokenizer_path, total_steps)
     return get_peft_model(model, peft_config, autocast_adapter_dtype=True)
 

@@ -1,0 +1,68 @@
+"""Fold a trained adapter into its base model and save a plain transformers model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+MERGEABLE = ("LORA", "ADALORA", "IA3")
+
+
+def read_adapter_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "adapter_config.json"
+    if not path.is_file():
+        if (run_dir / "config.json").is_file():
+            raise TunelabError(
+                f"{run_dir} holds a full model already (a 'full' fine-tuning run or a merged "
+                "model): there is no adapter to merge. Use the folder as it is."
+            )
+        raise TunelabError(
+            f"{run_dir} has no adapter_config.json: pass the output_dir of 'tunelab train'."
+        )
+    return json.loads(path.read_text())
+
+
+def merge_run(
+    run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, max_shard_size: str = "2GB"
+) -> Path:
+    """Merge the run's adapter into an fp32 copy of its base and save it with the tokenizer,
+    chat template and generation config; returns ``out_dir``.
+
+    A QLoRA run merges into the dequantised (full-precision) base it was quantised from.
+    """
+    import torch
+    from peft import PeftModel
+
+    from tunelab.models import load_model
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    adapter_config = read_adapter_config(run_dir)
+    kind = adapter_config.get("peft_type", "")
+    if kind not in MERGEABLE:
+        raise TunelabError(
+            f"{run_dir} was trained with {kind.lower().replace('_', ' ')}, which adds virtual "
+            "tokens instead of changing weights, so it cannot be merged into the base. Load it "
+            "with peft.PeftModel (or tunelab generate) instead."
+        )
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise TunelabError(f"{out_dir} is not empty. Choose a new folder or pass --overwrite.")
+        shutil.rmtree(out_dir)
+    base = adapter_config["base_model_name_or_path"]
+    model = load_model(base, torch.float32)
+    from tunelab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(run_dir))
+    if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # the run added tokens
+    merged = PeftModel.from_pretrained(model, str(run_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out_dir)
+    for name in ("run_info.json", "tunelab_config.yaml"):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, out_dir / name)
+    return out_dir
