@@ -1,15 +1,69 @@
-"""The data stage as one call: load, map to examples, (clean,) split."""
+"""The data stage as one call: load, map to examples, clean, filter, deduplicate, split, check
+leakage, report bias (and mitigate), measure lengths, and cache the result.
+
+Every step is counted: an edit step counts the examples it changed, a filter step counts what
+it dropped by reason, and both keep a few (redacted) examples for the report. The manifest that
+``prepare_examples`` returns holds all of it, so nothing is dropped silently.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tunelab.config import FineTuningConfig
-from tunelab.data.loading import load_records
+from tunelab.data import bias, cleaning, dedup, privacy
+from tunelab.data.loading import data_files, load_records
 from tunelab.data.schema import Example, to_example
 from tunelab.errors import TunelabError
+
+DATA_VERSION = 1  # bump when a change to this stage changes what it produces
+SAMPLES_PER_STEP = 3
+SAMPLE_CHARS = 300
+# the config keys that decide what this stage produces (and so the cache key)
+DATA_KEYS = (
+    "dataset_path",
+    "eval_path",
+    "data_format",
+    "data_schema",
+    "txt_split",
+    "prompt_template",
+    "completion_template",
+    "unicode_normalization",
+    "fold_whitespace",
+    "clean_rules",
+    "strip_html",
+    "pii_redact",
+    "min_chars",
+    "max_chars",
+    "min_tokens",
+    "max_tokens",
+    "max_nonprintable_ratio",
+    "min_alpha_ratio",
+    "max_repeated_ngram_ratio",
+    "dedup_exact",
+    "dedup_near_threshold",
+    "eval_split",
+    "drop_eval_leaks",
+    "bias_report",
+    "bias_wordlists",
+    "bias_mitigation",
+    "bias_rebalance_dimension",
+    "seed",
+    "max_length",
+    "chat_format",
+    "system_prompt",
+)
 
 
 @dataclass
@@ -21,20 +75,700 @@ class PreparedData:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def load_examples(path: str | Path, config: FineTuningConfig) -> list[Example]:
+def load_examples(
+    path: str | Path, config: FineTuningConfig, eval_data: bool = False
+) -> list[Example]:
     """Every row of a data file or folder as a canonical example (errors name the row)."""
-    records = load_records(path)
-    return [to_example(r.row, r.origin, prompt_template=config.prompt_template,
-                       completion_template=config.completion_template) for r in records]
+    splits = ("validation", "test", "eval") if eval_data else ("train",)
+    records = load_records(path, config.data_format, config.txt_split, splits)
+    return [
+        to_example(
+            r.row,
+            r.origin,
+            schema=config.data_schema,
+            prompt_template=config.prompt_template,
+            completion_template=config.completion_template,
+        )
+        for r in records
+    ]
+
+
+def _shown(text: str) -> str:
+    """Text as a report may show it: PII always redacted, length capped."""
+    redacted = privacy.redact(text)[0]
+    return redacted if len(redacted) <= SAMPLE_CHARS else redacted[:SAMPLE_CHARS] + "..."
+
+
+def _joined(example: Example) -> str:
+    return "\n".join(example.texts())
+
+
+@dataclass
+class Tally:
+    """The counted steps of one split (train or eval), in order."""
+
+    split: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def edit(
+        self, name: str, examples: list[Example], fn: Callable[[Example], Example]
+    ) -> list[Example]:
+        start, out, changed, samples = time.perf_counter(), [], 0, []
+        for example in examples:
+            edited = fn(example)
+            if edited.texts() != example.texts():
+                changed += 1
+                if len(samples) < SAMPLES_PER_STEP:
+                    samples.append(
+                        {
+                            "origin": example.origin,
+                            "before": _shown(_joined(example)),
+                            "after": _shown(_joined(edited)),
+                        }
+                    )
+            out.append(edited)
+        self._log(name, "edit", start, changed=changed, examples=samples)
+        return out
+
+    def filter(
+        self, name: str, examples: list[Example], reason_of: Callable[[int, Example], str | None]
+    ) -> list[Example]:
+        start, kept, reasons, samples = time.perf_counter(), [], Counter(), []
+        for index, example in enumerate(examples):
+            reason = reason_of(index, example)
+            if reason is None:
+                kept.append(example)
+                continue
+            reasons[reason] += 1
+            if len(samples) < SAMPLES_PER_STEP:
+                samples.append(
+                    {"origin": example.origin, "reason": reason, "text": _shown(_joined(example))}
+                )
+        self._log(
+            name,
+            "filter",
+            start,
+            dropped=sum(reasons.values()),
+            reasons=dict(reasons),
+            examples=samples,
+        )
+        return kept
+
+    def _log(self, name: str, kind: str, start: float, **values: Any) -> None:
+        seconds = round(time.perf_counter() - start, 3)
+        self.steps.append(
+            {"split": self.split, "step": name, "kind": kind, **values, "seconds": seconds}
+        )
+
+    def dropped(self) -> dict[str, int]:
+        totals: Counter[str] = Counter()
+        for step in self.steps:
+            totals.update(step.get("reasons", {}))
+        return dict(totals)
+
+
+def _edit_fields(example: Example, fn: Callable[[str, bool], str]) -> Example:
+    """Apply ``fn(text, keep_edges)``; prompt/completion keep their joining spaces."""
+    if example.kind == "prompt_completion":
+        return Example(
+            example.origin,
+            prompt=fn(example.prompt or "", True),
+            completion=fn(example.completion or "", True),
+            meta=dict(example.meta),
+        )
+    return example.map_texts(lambda text: fn(text, False))
+
+
+def _trained_text(example: Example) -> str:
+    """What the loss covers: the text, the completion, or the assistant turns."""
+    if example.messages is not None:
+        return "".join(m["content"] for m in example.messages if m["role"] == "assistant")
+    return example.completion if example.completion is not None else example.text or ""
+
+
+def _clean(
+    examples: list[Example],
+    config: FineTuningConfig,
+    tally: Tally,
+    pii: Counter[str],
+    pii_samples: list[dict[str, Any]],
+) -> list[Example]:
+    c = config
+    if c.unicode_normalization != "none":
+        form = c.unicode_normalization
+        examples = tally.edit(
+            "unicode",
+            examples,
+            lambda e: e.map_texts(lambda t: cleaning.normalize_unicode(t, form)),
+        )
+    if c.clean_rules:
+        rules = cleaning.parse_rules(c.clean_rules)
+        examples = tally.edit(
+            "rules", examples, lambda e: e.map_texts(lambda t: cleaning.apply_rules(t, rules))
+        )
+    if c.strip_html:
+        examples = tally.edit("html", examples, lambda e: e.map_texts(cleaning.strip_html))
+    if c.fold_whitespace:
+        examples = tally.edit(
+            "whitespace", examples, lambda e: _edit_fields(e, cleaning.fold_whitespace)
+        )
+
+    def redact(example: Example) -> Example:
+        found: Counter[str] = Counter()
+
+        def one(text: str) -> str:
+            redacted, counts = privacy.redact(text)
+            found.update(counts)
+            return redacted
+
+        redacted = example.map_texts(one)
+        pii.update(found)
+        for kind in found:
+            if sum(1 for s in pii_samples if s["type"] == kind) < SAMPLES_PER_STEP:
+                shown = privacy.snippet(_joined(redacted), privacy.PLACEHOLDERS[kind])
+                pii_samples.append({"origin": example.origin, "type": kind, "snippet": shown})
+        return redacted if c.pii_redact else example
+
+    return tally.edit("pii", examples, redact)
+
+
+def _filter(examples: list[Example], config: FineTuningConfig, tally: Tally) -> list[Example]:
+    c = config
+
+    def quality(_: int, example: Example) -> str | None:
+        if not _trained_text(example).strip():
+            return "empty"
+        size = sum(len(t) for t in example.texts())
+        if size < c.min_chars:
+            return "shorter than min_chars"
+        if c.max_chars is not None and size > c.max_chars:
+            return "longer than max_chars"
+        reason = cleaning.garbage_reason(
+            _joined(example),
+            c.max_nonprintable_ratio,
+            c.min_alpha_ratio,
+            c.max_repeated_ngram_ratio,
+        )
+        return f"garbage: {reason}" if reason else None
+
+    return tally.filter("quality", examples, quality)
+
+
+def _deduplicate(
+    examples: list[Example], config: FineTuningConfig, tally: Tally, shown: list[dict[str, Any]]
+) -> list[Example]:
+    if config.dedup_exact:
+        exact = dedup.exact_duplicates([_joined(e) for e in examples])
+
+        def exact_reason(index: int, example: Example) -> str | None:
+            if index not in exact:
+                return None
+            if len(shown) < 2 * SAMPLES_PER_STEP:
+                shown.append(
+                    {
+                        "split": tally.split,
+                        "kind": "exact",
+                        "origin": example.origin,
+                        "duplicate_of": examples[exact[index]].origin,
+                        "similarity": 1.0,
+                        "text": _shown(_joined(example)),
+                    }
+                )
+            return "exact duplicate"
+
+        examples = tally.filter("exact dedup", examples, exact_reason)
+    if config.dedup_near_threshold is not None:
+        near = dedup.near_duplicates([_joined(e) for e in examples], config.dedup_near_threshold)
+
+        def near_reason(index: int, example: Example) -> str | None:
+            if index not in near:
+                return None
+            kept, similarity = near[index]
+            if sum(1 for s in shown if s["kind"] == "near") < 2 * SAMPLES_PER_STEP:
+                shown.append(
+                    {
+                        "split": tally.split,
+                        "kind": "near",
+                        "origin": example.origin,
+                        "duplicate_of": examples[kept].origin,
+                        "similarity": round(similarity, 3),
+                        "text": _shown(_joined(example)),
+                        "kept_text": _shown(_joined(examples[kept])),
+                    }
+                )
+            return "near duplicate"
+
+        examples = tally.filter("near dedup", examples, near_reason)
+    return examples
+
+
+# --- lengths ---------------------------------------------------------------------------------
+
+
+def _rendered(example: Example, tokenizer: Any, chat: bool, system_prompt: str | None) -> str:
+    """The whole text tokenize_example renders for ``example`` (for counting tokens fast)."""
+    from tunelab.data.tokenize import as_messages
+
+    eos = tokenizer.eos_token or ""
+    if example.kind == "text":
+        return (example.text or "") + eos
+    if example.kind == "messages" or chat:
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(
+                as_messages(example, system_prompt), tokenize=False
+            )
+    return (example.prompt or "") + (example.completion or "") + eos
+
+
+def token_lengths(examples: list[Example], tokenizer: Any, config: FineTuningConfig) -> list[int]:
+    """Tokens per example as training renders it (chat template, EOS), untruncated."""
+    from tunelab.data.tokenize import uses_chat_template
+
+    if not examples:
+        return []
+    chat = uses_chat_template(tokenizer, config.chat_format)
+    texts = [_rendered(e, tokenizer, chat, config.system_prompt) for e in examples]
+    lengths = []
+    for start in range(0, len(texts), 2048):
+        encoded = tokenizer(texts[start : start + 2048], add_special_tokens=False)["input_ids"]
+        lengths.extend(len(ids) for ids in encoded)
+    return lengths
+
+
+def length_stats(values: list[int], bins: int = 30) -> dict[str, Any] | None:
+    """Count, mean, percentiles and a histogram of a list of lengths."""
+    if not values:
+        return None
+    array = np.asarray(values)
+    counts, edges = np.histogram(array, bins=min(bins, max(1, len(set(values)))))
+    return {
+        "count": len(values),
+        "mean": round(float(array.mean()), 1),
+        "min": int(array.min()),
+        "p50": int(np.percentile(array, 50)),
+        "p95": int(np.percentile(array, 95)),
+        "max": int(array.max()),
+        "histogram": {"edges": [round(float(e), 1) for e in edges], "counts": counts.tolist()},
+    }
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def _hash_inputs(path: str) -> list[dict[str, Any]]:
+    files = []
+    for file in data_files(path):
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        files.append(
+            {"path": str(file), "sha256": digest.hexdigest(), "bytes": file.stat().st_size}
+        )
+    return files
+
+
+def _settings(config: FineTuningConfig) -> dict[str, Any]:
+    return {key: getattr(config, key) for key in DATA_KEYS}
+
+
+def _tokenizer_name(tokenizer: Any) -> str | None:
+    if tokenizer is None:
+        return None
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def content_hash(config: FineTuningConfig, tokenizer: Any, inputs: dict[str, Any]) -> str:
+    """The cache key: input file hashes, every data setting, the tokenizer, the stage version."""
+    settings = {
+        k: v for k, v in _settings(config).items() if k not in ("dataset_path", "eval_path")
+    }
+    key = {
+        "version": DATA_VERSION,
+        "inputs": {split: [f["sha256"] for f in files] for split, files in inputs.items()},
+        "settings": settings,
+        "tokenizer": _tokenizer_name(tokenizer),
+        "vocab": len(tokenizer) if tokenizer is not None else None,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _empty_error(path: str, what: str, loaded: int, tally: Tally) -> TunelabError:
+    dropped = ", ".join(f"'{reason}' removed {n}" for reason, n in tally.dropped().items())
+    return TunelabError(
+        f"{path}: no {what} examples left after filtering ({loaded} loaded; "
+        f"{dropped or 'none dropped'}). "
+        "Loosen those settings (e.g. min_chars, max_chars, min_tokens, max_tokens, the garbage "
+        "ratios, dedup_near_threshold, drop_eval_leaks) or check the data."
+    )
+
+
+def _split(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """A seeded hold-out of ``fraction`` of the examples (each side keeps the file order)."""
+    count = max(1, round(len(examples) * fraction)) if len(examples) > 1 else 0
+    held = set(random.Random(seed).sample(range(len(examples)), count))
+    train = [e for i, e in enumerate(examples) if i not in held]
+    return train, [e for i, e in enumerate(examples) if i in held]
 
 
 def prepare_examples(config: FineTuningConfig, tokenizer: Any = None) -> PreparedData:
-    """Load the training (and eval) data of a run."""
+    """Load, clean, filter, deduplicate and split the data of a run (cached by content hash).
+
+    ``tokenizer`` (optional) enables the token filters and token statistics. The manifest
+    records input hashes, settings, each step's counts with examples, PII, duplicates, leakage,
+    bias and lengths; ``manifest["content_hash"]`` keys any later cache of this data.
+    """
     if not config.dataset_path:
         raise TunelabError(
             "config key 'dataset_path' is empty. Set it to your training data, e.g. "
             "dataset_path: data/train.jsonl"
         )
-    train = load_examples(config.dataset_path, config)
-    held_out = load_examples(config.eval_path, config) if config.eval_path else None
-    return PreparedData(train, held_out, {"train_examples": len(train)})
+    for key in ("dataset_path", "eval_path"):
+        value = getattr(config, key)
+        if value and not Path(value).exists():
+            raise TunelabError(
+                f"{key} {value} does not exist. Check the path (relative paths in a config "
+                "file are read from the config's folder)."
+            )
+    inputs = {"train": _hash_inputs(config.dataset_path)}
+    if config.eval_path:
+        inputs["eval"] = _hash_inputs(config.eval_path)
+    key = content_hash(config, tokenizer, inputs)
+    from tunelab.models import cache_dir
+
+    folder = cache_dir() / "data" / key
+    if config.data_cache:
+        cached = _read_cache(folder)
+        if cached is not None:
+            return cached
+    prepared = _prepare(config, tokenizer, inputs, key)
+    prepared.manifest["cache_dir"] = str(folder) if config.data_cache else None
+    if config.data_cache:
+        _write_cache(folder, prepared)
+    return prepared
+
+
+def _prepare(
+    config: FineTuningConfig, tokenizer: Any, inputs: dict[str, Any], key: str
+) -> PreparedData:
+    started = time.perf_counter()
+    c = config
+    pii: dict[str, Counter[str]] = {"train": Counter(), "eval": Counter()}
+    pii_samples: list[dict[str, Any]] = []
+    duplicates: list[dict[str, Any]] = []
+    tallies = {"train": Tally("train"), "eval": Tally("eval")}
+    counts: dict[str, Any] = {}
+    lengths_by_id: dict[int, int] = {}
+
+    def stage(split: str, path: str) -> list[Example]:
+        tally = tallies[split]
+        start = time.perf_counter()
+        examples = load_examples(path, c, eval_data=split == "eval")
+        tally.steps.append(
+            {
+                "split": split,
+                "step": "load",
+                "kind": "load",
+                "loaded": len(examples),
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
+        counts[f"{split}_loaded"] = len(examples)
+        examples = _clean(examples, c, tally, pii[split], pii_samples)
+        examples = _filter(examples, c, tally)
+        examples = _deduplicate(examples, c, tally, duplicates)
+        if tokenizer is not None and examples:
+            for example, length in zip(
+                examples, token_lengths(examples, tokenizer, c), strict=True
+            ):
+                lengths_by_id[id(example)] = length
+            if c.min_tokens or c.max_tokens is not None:
+
+                def by_tokens(_: int, example: Example) -> str | None:
+                    length = lengths_by_id[id(example)]
+                    if length < c.min_tokens:
+                        return "fewer than min_tokens"
+                    if c.max_tokens is not None and length > c.max_tokens:
+                        return "more than max_tokens"
+                    return None
+
+                examples = tally.filter("tokens", examples, by_tokens)
+        if not examples:
+            raise _empty_error(path, split, counts[f"{split}_loaded"], tally)
+        return examples
+
+    train = stage("train", c.dataset_path)
+    held_out = stage("eval", c.eval_path) if c.eval_path else None
+    leakage: dict[str, Any] | None = None
+    if held_out is None and c.eval_split > 0:
+        train, held_out = _split(train, c.eval_split, c.seed)
+        counts["eval_from_split"] = len(held_out)
+        tallies["train"].steps.append(
+            {
+                "split": "train",
+                "step": "eval split",
+                "kind": "split",
+                "moved": len(held_out),
+                "seconds": 0.0,
+            }
+        )
+        if not train:
+            raise TunelabError(
+                f"{c.dataset_path}: eval_split {c.eval_split} leaves no training examples "
+                f"({len(held_out)} held out). Lower eval_split or add data."
+            )
+    elif held_out is not None:
+        leakage = _leakage(train, held_out, c, tallies["train"])
+        train = leakage.pop("kept")
+        if not train:
+            raise _empty_error(c.dataset_path, "train", counts["train_loaded"], tallies["train"])
+    bias_section = None
+    if c.bias_report or c.bias_mitigation != "none":
+        train, bias_section = _bias(train, c, tallies["train"])
+    counts["train"] = len(train)
+    counts["eval"] = len(held_out) if held_out is not None else 0
+    manifest: dict[str, Any] = {
+        "tunelab_data_version": DATA_VERSION,
+        "content_hash": key,
+        "cache_hit": False,
+        "inputs": inputs,
+        "settings": _settings(c),
+        "tokenizer": _tokenizer_name(tokenizer),
+        "counts": counts,
+        "dropped": {split: t.dropped() for split, t in tallies.items() if t.steps},
+        "steps": tallies["train"].steps + tallies["eval"].steps,
+        "pii": {
+            "redacted": c.pii_redact,
+            "train": dict(pii["train"]),
+            "eval": dict(pii["eval"]),
+            "examples": pii_samples,
+        },
+        "duplicates": {"examples": duplicates},
+        "leakage": leakage,
+        "bias": bias_section,
+        "lengths": _lengths(train, held_out, tokenizer, c, lengths_by_id),
+    }
+    manifest["seconds"] = round(time.perf_counter() - started, 3)
+    return PreparedData(train, held_out, manifest)
+
+
+def _leakage(
+    train: list[Example], held_out: list[Example], c: FineTuningConfig, tally: Tally
+) -> dict[str, Any]:
+    matches = dedup.cross_matches(
+        [_joined(e) for e in train], [_joined(e) for e in held_out], c.dedup_near_threshold
+    )
+    exact = sum(1 for _, similarity in matches.values() if similarity >= 1.0)
+    samples = [
+        {
+            "origin": train[i].origin,
+            "eval_origin": held_out[j].origin,
+            "similarity": round(s, 3),
+            "text": _shown(_joined(train[i])),
+        }
+        for i, (j, s) in list(matches.items())[: 2 * SAMPLES_PER_STEP]
+    ]
+    kept = train
+    if c.drop_eval_leaks:
+        kept = tally.filter(
+            "eval leakage", train, lambda i, _: "leaked into eval" if i in matches else None
+        )
+    return {
+        "exact": exact,
+        "near": len(matches) - exact,
+        "dropped": len(train) - len(kept),
+        "examples": samples,
+        "kept": kept,
+    }
+
+
+def _bias(
+    train: list[Example], c: FineTuningConfig, tally: Tally
+) -> tuple[list[Example], dict[str, Any]]:
+    lists = bias.load_wordlists(c.bias_wordlists)
+    start = time.perf_counter()
+    section: dict[str, Any] = {
+        "mitigation": c.bias_mitigation,
+        "before": bias.bias_report(train, lists),
+    }
+    if c.bias_mitigation == "none":
+        return train, section
+    if c.bias_mitigation == "counterfactual":
+        added = bias.counterfactual_augment(train, lists)
+        section["added"] = len(added)
+    else:
+        added, per_group = bias.rebalance(train, lists, c.bias_rebalance_dimension, c.seed)
+        section["added"] = len(added)
+        section["added_per_group"] = per_group
+    tally.steps.append(
+        {
+            "split": "train",
+            "step": f"bias {c.bias_mitigation}",
+            "kind": "add",
+            "added": len(added),
+            "examples": [
+                {"origin": e.origin, "after": _shown(_joined(e))} for e in added[:SAMPLES_PER_STEP]
+            ],
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+    )
+    train = train + added
+    section["after"] = bias.bias_report(train, lists)
+    return train, section
+
+
+def _lengths(
+    train: list[Example],
+    held_out: list[Example] | None,
+    tokenizer: Any,
+    c: FineTuningConfig,
+    known: dict[int, int],
+) -> dict[str, Any]:
+    result = {}
+    for split, examples in (("train", train), ("eval", held_out or [])):
+        if not examples:
+            continue
+        section: dict[str, Any] = {
+            "chars": length_stats([sum(len(t) for t in e.texts()) for e in examples])
+        }
+        if tokenizer is not None:
+            missing = [e for e in examples if id(e) not in known]
+            for example, length in zip(missing, token_lengths(missing, tokenizer, c), strict=True):
+                known[id(example)] = length
+            tokens = [known[id(e)] for e in examples]
+            truncated = sum(1 for n in tokens if n > c.max_length)
+            section.update(
+                tokens=length_stats(tokens),
+                max_length=c.max_length,
+                truncated=truncated,
+                truncation_rate=round(truncated / len(tokens), 4),
+            )
+        result[split] = section
+    return result
+
+
+# --- cache ----------------------------------------------------------------------------------
+
+
+def _example_row(example: Example) -> dict[str, Any]:
+    return {"origin": example.origin, **example.to_row(), "meta": example.meta}
+
+
+def _from_row(row: dict[str, Any]) -> Example:
+    return Example(
+        row["origin"],
+        text=row.get("text"),
+        prompt=row.get("prompt"),
+        completion=row.get("completion"),
+        messages=row.get("messages"),
+        meta=row.get("meta") or {},
+    )
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _write_cache(folder: Path, prepared: PreparedData) -> None:
+    # write beside, then rename: a crash mid-write never leaves a half cache that looks whole
+    partial = folder.with_name(folder.name + f".partial-{random.randrange(1 << 30)}")
+    partial.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(partial / "train.jsonl", [_example_row(e) for e in prepared.train])
+    if prepared.eval is not None:
+        _write_jsonl(partial / "eval.jsonl", [_example_row(e) for e in prepared.eval])
+    (partial / "manifest.json").write_text(json.dumps(prepared.manifest, indent=1, default=str))
+    try:
+        partial.rename(folder)
+    except OSError:  # another run cached the same content first
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _read_cache(folder: Path) -> PreparedData | None:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        train = [
+            _from_row(json.loads(line)) for line in (folder / "train.jsonl").open(encoding="utf-8")
+        ]
+        eval_file = folder / "eval.jsonl"
+        held_out = (
+            [_from_row(json.loads(line)) for line in eval_file.open(encoding="utf-8")]
+            if eval_file.exists()
+            else None
+        )
+    except (OSError, ValueError, KeyError):
+        return None  # no cache, or a damaged one: prepare again
+    manifest["cache_hit"] = True
+    return PreparedData(train, held_out, manifest)
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+def write_prepared(prepared: PreparedData, folder: str | Path) -> list[Path]:
+    """The processed dataset (train.jsonl, eval.jsonl) in a standard schema plus manifest.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [folder / "train.jsonl"]
+    _write_jsonl(written[0], [e.to_row() for e in prepared.train])
+    if prepared.eval is not None:
+        written.append(folder / "eval.jsonl")
+        _write_jsonl(written[-1], [e.to_row() for e in prepared.eval])
+    written.append(folder / "manifest.json")
+    written[-1].write_text(json.dumps(prepared.manifest, indent=1, default=str) + "\n")
+    return written
+
+
+def format_summary(manifest: dict[str, Any]) -> str:
+    """One or two lines for ``tunelab train``: counts, drops by reason, PII, leakage, cache."""
+    counts = manifest.get("counts", {})
+    parts = [
+        f"Data: {counts.get('train_loaded', '?')} rows loaded -> "
+        f"{counts.get('train', '?')} training examples"
+    ]
+    if counts.get("eval"):
+        source = "held out by eval_split" if counts.get("eval_from_split") else "eval"
+        parts[0] += f", {counts['eval']} {source}"
+    dropped = manifest.get("dropped", {})
+    for split in ("train", "eval"):
+        reasons = dropped.get(split) or {}
+        if reasons:
+            listed = ", ".join(
+                f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])
+            )
+            parts.append(f"dropped from {split}: {listed}")
+    pii = {
+        k: v
+        for split in ("train", "eval")
+        for k, v in (manifest.get("pii", {}).get(split) or {}).items()
+    }
+    if pii:
+        verb = "redacted" if manifest["pii"].get("redacted") else "found (not redacted)"
+        parts.append(f"PII {verb}: " + ", ".join(f"{n} {kind}" for kind, n in pii.items()))
+    leakage = manifest.get("leakage")
+    if leakage and (leakage["exact"] or leakage["near"]):
+        parts.append(
+            f"eval leakage: {leakage['exact']} exact, {leakage['near']} near"
+            + (
+                f" ({leakage['dropped']} dropped)"
+                if leakage["dropped"]
+                else " (kept; set drop_eval_leaks)"
+            )
+        )
+    bias_section = manifest.get("bias") or {}
+    if bias_section.get("added"):
+        parts.append(f"bias {bias_section['mitigation']}: +{bias_section['added']} examples")
+    train_lengths = (manifest.get("lengths") or {}).get("train") or {}
+    if train_lengths.get("truncated"):
+        parts.append(
+            f"{train_lengths['truncated']} truncated at max_length {train_lengths['max_length']}"
+        )
+    parts.append(
+        "from cache"
+        if manifest.get("cache_hit")
+        else f"prepared in {manifest.get('seconds', 0):.1f} s"
+    )
+    return "; ".join(parts) + "."

@@ -1,0 +1,161 @@
+"""``tunelab data inspect | prepare | preview``: the data stage on its own, from the shell.
+
+Handlers only parse and call the Python API; errors are ``TunelabError`` and the main CLI
+prints them without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import FineTuningConfig, config_from_dict, load_config
+from tunelab.data.prepare import PreparedData, format_summary, prepare_examples, write_prepared
+from tunelab.data.report import write_reports
+from tunelab.data.tokenize import IGNORE_INDEX, tokenize_example, uses_chat_template
+
+_CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def add_data_commands(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``data`` with ``inspect``, ``prepare`` and ``preview`` on an argparse
+    subparsers object; each sub-command's ``func`` default takes the parsed args."""
+    data = subparsers.add_parser("data", help="Inspect, clean and preview training data.")
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser(
+        "inspect", help="Summarise a dataset and write report.md and report.html."
+    )
+    inspect.add_argument("source", help="A data file or folder, or a run config (.yaml).")
+    inspect.add_argument(
+        "--out", default="data-report", help="Report folder (default: %(default)s)."
+    )
+    inspect.add_argument(
+        "--model", help="Tokenizer for token statistics when SOURCE is a data path (default: none)."
+    )
+    _add_set(inspect)
+    inspect.set_defaults(func=inspect_command)
+
+    prepare = commands.add_parser(
+        "prepare", help="Write the processed dataset (jsonl) and manifest.json."
+    )
+    prepare.add_argument("config", help="A run config (.yaml).")
+    prepare.add_argument("--out", help="Output folder (default: <output_dir>/data).")
+    _add_set(prepare)
+    prepare.set_defaults(func=prepare_command)
+
+    preview = commands.add_parser(
+        "preview", help="Show rendered examples with the tokens the loss covers highlighted."
+    )
+    preview.add_argument("config", help="A run config (.yaml).")
+    preview.add_argument("-n", "--count", type=int, default=3, help="Examples to show.")
+    preview.add_argument("--split", choices=("train", "eval"), default="train")
+    _add_set(preview)
+    preview.set_defaults(func=preview_command)
+    return data
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="Override a config key."
+    )
+
+
+def _config(source: str, overrides: list[str]) -> FineTuningConfig:
+    if source.lower().endswith(_CONFIG_SUFFIXES):
+        return load_config(source, overrides)
+    return config_from_dict({"dataset_path": source}, source="data inspect", overrides=overrides)
+
+
+def _tokenizer(config: FineTuningConfig) -> Any:
+    from tunelab.models import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(config.model_name), config.trust_remote_code)
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    config = _config(args.source, args.set)
+    if args.model:
+        config.model_name = args.model
+    is_config = args.source.lower().endswith(_CONFIG_SUFFIXES)
+    tokenizer = _tokenizer(config) if is_config or args.model else None
+    prepared = prepare_examples(config, tokenizer)
+    print(format_summary(prepared.manifest))
+    _print_details(prepared)
+    markdown, page = write_reports(prepared.manifest, args.out)
+    print(f"Report: {markdown} and {page}")
+    return 0
+
+
+def _print_details(prepared: PreparedData) -> None:
+    manifest = prepared.manifest
+    for split, section in (manifest.get("lengths") or {}).items():
+        for unit in ("chars", "tokens"):
+            stats = section.get(unit)
+            if stats:
+                print(
+                    f"  {split} {unit}: mean {stats['mean']}, median {stats['p50']}, "
+                    f"p95 {stats['p95']}, max {stats['max']}"
+                )
+        if "truncated" in section:
+            print(
+                f"  {split}: {section['truncated']} ({section['truncation_rate']:.1%}) longer "
+                f"than max_length {section['max_length']}"
+            )
+    bias_section = manifest.get("bias") or {}
+    for dimension, info in (bias_section.get("before") or {}).get("dimensions", {}).items():
+        ratio = info["imbalance_ratio"]
+        print(
+            f"  bias {dimension}: "
+            + ", ".join(f"{g} {n}" for g, n in info["mentions"].items())
+            + f" (imbalance {ratio if ratio is not None else 'inf'})"
+        )
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    prepared = prepare_examples(config, _tokenizer(config))
+    out = Path(args.out) if args.out else Path(config.output_dir) / "data"
+    written = write_prepared(prepared, out)
+    print(format_summary(prepared.manifest))
+    print("Wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def preview_command(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    tokenizer = _tokenizer(config)
+    prepared = prepare_examples(config, tokenizer)
+    examples = prepared.train if args.split == "train" else prepared.eval or []
+    chat = uses_chat_template(tokenizer, config.chat_format)
+    colour = sys.stdout.isatty()
+    legend = "green" if colour else "[[ ]]"
+    print(
+        f"Tokens the loss covers are shown in {legend}; chat template: {'yes' if chat else 'no'}."
+    )
+    for example in examples[: args.count]:
+        tokenized = tokenize_example(
+            example, tokenizer, config.max_length, chat, config.system_prompt
+        )
+        print(f"\n--- {example.origin} ({len(tokenized.input_ids)} tokens, "
+              f"{tokenized.num_loss_tokens} in the loss"
+              f"{', truncated' if tokenized.truncated else ''}) ---")  # fmt: skip
+        print(render_loss_spans(tokenizer, tokenized.input_ids, tokenized.labels, colour))
+    return 0
+
+
+def render_loss_spans(tokenizer: Any, input_ids: list[int], labels: list[int], colour: bool) -> str:
+    """The decoded tokens with the runs inside the loss marked (ANSI green or [[brackets]])."""
+    pieces, start = [], 0
+    for end in range(1, len(input_ids) + 1):
+        inside = labels[start] != IGNORE_INDEX
+        if end < len(input_ids) and (labels[end] != IGNORE_INDEX) == inside:
+            continue
+        text = tokenizer.decode(input_ids[start:end])
+        if inside:
+            text = f"\033[42;30m{text}\033[0m" if colour else f"[[{text}]]"
+        pieces.append(text)
+        start = end
+    return "".join(pieces)
