@@ -21,8 +21,8 @@ PRESETS: dict[str, list[str]] = {
         r"\{([^{}]*?)\s+\([^(){}]*\)\} => \1",  # {label (url)} -> label
         r"\{([^{}]*)\} => \1",  # {link text} -> link text
         # '<category, subcategory>' tags heading a paragraph (after an optional '1.' sense)
-        r"(?m)^(\d+\.\s*)?(?:<[a-z][a-z0-9 ,/&'-]*>\s*)+ => \1",
-        r"\s*\(\d{4}-\d{2}-\d{2}\)\s*$ => ",  # the trailing '(1998-06-30)' date paragraph
+        r"(?m)^(\d+\.\s*)?(?:<[A-Za-z][\w ,/&'-]*>\s*)+ => \1",
+        r"(?m)\s*^\(\d{4}-\d{2}-\d{2}\)[ \t]*$ => ",  # '(1998-06-30)' date paragraphs
     ],
 }
 RULE_SEPARATOR = " => "

@@ -71,7 +71,7 @@ def luhn_valid(digits: str) -> bool:
 def _is_card(match: re.Match[str]) -> bool:
     digits = re.sub(r"\D", "", match.group())
     # binary tables (0011 0100 ...) pass Luhn by chance; card numbers use more digits
-    return 13 <= len(digits) <= 19 and len(set(digits)) > 2 and luhn_valid(digits)
+    return 13 <= len(digits) <= 19 and not set(digits) <= {"0", "1"} and luhn_valid(digits)
 
 
 def _is_ipv6(match: re.Match[str]) -> bool:

@@ -14,9 +14,19 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.errors import TunelabError, did_you_mean
+from tunelab.errors import TunelabError, closest, did_you_mean
 
 SCHEMAS = ("auto", "text", "prompt_completion", "instruction", "messages", "sharegpt", "template")
+_KNOWN_COLUMNS = (
+    "text",
+    "prompt",
+    "completion",
+    "instruction",
+    "input",
+    "output",
+    "messages",
+    "conversations",
+)
 ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {
     "system": "system",
@@ -100,9 +110,10 @@ def _need_str(row: dict[str, Any], key: str, origin: str, what: str) -> str:
     value = row.get(key)
     if not isinstance(value, str):
         found = "missing" if key not in row else f"{type(value).__name__} {value!r:.60}"
+        hint = did_you_mean(key, [str(k) for k in row]) if key not in row else ""
         raise TunelabError(
-            f"{origin}: '{key}' should be a string ({what}), found {found}. Fix that row or "
-            "remove it."
+            f"{origin}: '{key}' should be a string ({what}), found {found}.{hint} Fix that row "
+            "or remove it."
         )
     return value
 
@@ -171,8 +182,15 @@ def to_example(
         schema = detect_schema(row) or ""
         if not schema:
             keys = ", ".join(map(repr, row)) or "none"
+            # a misspelt column is the usual cause: name the close match
+            hints = "".join(
+                f" Column {k!r} looks like a misspelt {closest(str(k), _KNOWN_COLUMNS)!r}."
+                for k in row
+                if k not in _KNOWN_COLUMNS and closest(str(k), _KNOWN_COLUMNS)
+            )[:300]
             raise TunelabError(
-                f"{origin}: cannot tell the schema from the columns ({keys}). Expected 'text'; "
+                f"{origin}: cannot tell the schema from the columns ({keys}).{hints} Expected "
+                "'text'; "
                 "'prompt' and 'completion'; 'instruction' and 'output'; 'messages'; or "
                 "'conversations'. Rename the columns, or map them with prompt_template and "
                 "completion_template (e.g. 'What does {term} mean?' and '{definition}')."
