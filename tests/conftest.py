@@ -133,6 +133,10 @@ def make_config(tmp_path, tiny_model_dir, qa_rows):
             precision="fp32",
             logging_steps=1,
             lora_dropout=0.0,
+            # the rows repeat on purpose (more steps per epoch); deduplication is tested in
+            # tests/data, not here
+            dedup_exact=False,
+            dedup_near_threshold=None,
         )
         values.update(overrides)
         return FineTuningConfig(**values)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle  # noqa: S403 (only for our own cache files, written and read by tunelab)
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +13,10 @@ from typing import Any
 from tunelab.config import FineTuningConfig
 from tunelab.data.prepare import PreparedData, prepare_examples
 from tunelab.data.schema import Example, to_example
-from tunelab.data.tokenize import tokenize_example, uses_chat_template
+from tunelab.data.tokenize import tokenize_examples, uses_chat_template
 from tunelab.device import Placement, choose_placement
 from tunelab.errors import TunelabError
+from tunelab.files import atomic_write_json, ensure_free_space, fsync_tree, tensor_bytes
 from tunelab.methods import (
     PROMPT_METHODS,
     apply_method,
@@ -39,6 +39,7 @@ from tunelab.training.batching import Row, pack_examples, single_rows
 RUN_CONFIG = "tunelab_config.yaml"
 RUN_INFO = "run_info.json"
 RESULTS = "results.json"
+TOKENIZED_FORMAT = 1  # bump when the tokenized cache's layout or rendering changes
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
@@ -77,6 +78,7 @@ class FineTuner:
         self.tokenizer: Any = None
         self.model: Any = None
         self.prepared: PreparedData | None = None
+        self.token_stats: dict[str, int] = {}
 
     # --- model ---
     def load_tokenizer(self) -> Any:
@@ -124,6 +126,9 @@ class FineTuner:
             if added:
                 model.resize_token_embeddings(len(tokenizer))
                 print(f"Added {added} new tokens to the tokenizer and the embeddings.")
+        import torch
+
+        torch.manual_seed(c.seed)  # adapter initialisation is part of a reproducible run
         self.model = apply_method(model, c, self.model_location, total_steps)
         print(format_trainable(self.model))
         return self.model
@@ -175,35 +180,26 @@ class FineTuner:
                     c.max_length,
                     self.chat,
                     c.system_prompt,
+                    TOKENIZED_FORMAT,
                 ]
             ).encode()
-            cache_file = cache_dir() / "tokenized" / f"{hashlib.sha256(key).hexdigest()[:24]}.pkl"
-            if cache_file.is_file():
-                tokenized = pickle.loads(cache_file.read_bytes())  # noqa: S301 (our own file)
-                return self._pack(tokenized)
-        tokenized = [
-            tokenize_example(e, tokenizer, c.max_length, self.chat, c.system_prompt)
-            for e in examples
-        ]
-        empty = [
-            e.origin for e, t in zip(examples, tokenized, strict=True) if t.num_loss_tokens == 0
-        ]
-        if len(empty) == len(examples):
-            raise TunelabError(
-                f"no example has any token to learn from (first: {empty[0]}). Check that the "
-                "completions/assistant turns are not empty and max_length leaves room for them."
-            )
+            cache_file = cache_dir() / "tokenized" / f"{hashlib.sha256(key).hexdigest()[:24]}.npz"
+        tokenized = tokenize_examples(
+            examples, tokenizer, c.max_length, self.chat, c.system_prompt, cache_file
+        )
         truncated = sum(t.truncated for t in tokenized)
+        self.token_stats = {
+            "examples": len(tokenized),
+            "truncated_examples": truncated,
+            "examples_without_loss_tokens": sum(t.num_loss_tokens == 0 for t in tokenized),
+            "tokens": sum(len(t.input_ids) for t in tokenized),
+            "loss_tokens": sum(t.num_loss_tokens for t in tokenized),
+        }
         if truncated:
             print(
                 f"Note: {truncated} of {len(tokenized)} examples were truncated at max_length "
                 f"{c.max_length} tokens."
             )
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_bytes(pickle.dumps(tokenized))
-            tmp.replace(cache_file)
         return self._pack(tokenized)
 
     def _pack(self, tokenized: list[Any]) -> list[Row]:
@@ -232,6 +228,7 @@ class FineTuner:
         check_output_dir(output_dir, overwrite, resume)
         if train_dataset is None:
             train_dataset = self.prepare_dataset()
+        data_stats = dict(self.token_stats)
         if eval_dataset is None:
             eval_dataset = self.eval_rows()
         if self.model is None:
@@ -259,10 +256,11 @@ class FineTuner:
             trainable_parameters=trainable,
             total_parameters=total,
             peak_memory_mb=round(peak_memory_mb(), 1),
+            data=data_stats,
         )
         self.results = results
         self.save_model()
-        (output_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_json(output_dir / RESULTS, results)
         return results
 
     def eval_rows(self) -> list[Row] | None:
@@ -283,7 +281,11 @@ class FineTuner:
             raise TunelabError("there is no model to save yet: call prepare_model() and train().")
         folder = Path(output_dir or self.config.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
+        ensure_free_space(
+            folder, tensor_bytes(self.model, self.config.method != "full"), "the trained weights"
+        )
         self.model.save_pretrained(folder)
+        fsync_tree(folder)
         self.tokenizer.save_pretrained(folder)
         self.config.save(folder / RUN_CONFIG)
         info = {
@@ -294,7 +296,7 @@ class FineTuner:
             "device": self.placement.device,
             **_versions(),
         }
-        (folder / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        atomic_write_json(folder / RUN_INFO, info)
         return folder
 
 

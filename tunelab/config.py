@@ -224,7 +224,9 @@ class FineTuningConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from tunelab.files import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(FineTuningConfig)}
