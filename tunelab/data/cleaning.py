@@ -137,12 +137,14 @@ def alpha_ratio(text: str) -> float:
 
 def repeated_ngram_ratio(text: str, n: int = 3) -> float:
     """Share of word n-grams that repeat an earlier one (spam and loops score high)."""
-    words = _WORD.findall(text.lower())
+    return _repeated_share(_WORD.findall(text.lower()), n)
+
+
+def _repeated_share(words: list[str], n: int = 3) -> float:
     total = len(words) - n + 1
     if total <= 1:
         return 0.0
-    grams = {tuple(words[i : i + n]) for i in range(total)}
-    return 1 - len(grams) / total
+    return 1 - len(set(zip(*(words[i:] for i in range(n)), strict=False))) / total
 
 
 # garbage measures only judge texts long enough for a ratio to mean something
@@ -165,10 +167,8 @@ def garbage_reason(
         and alpha_ratio(text) < min_alpha_ratio
     ):
         return "too few letters"
-    if (
-        max_repeated_ngram_ratio is not None
-        and len(_WORD.findall(text)) >= GARBAGE_MIN_WORDS
-        and repeated_ngram_ratio(text) > max_repeated_ngram_ratio
-    ):
-        return "repeated n-grams"
+    if max_repeated_ngram_ratio is not None:
+        words = _WORD.findall(text.lower())
+        if len(words) >= GARBAGE_MIN_WORDS and _repeated_share(words) > max_repeated_ngram_ratio:
+            return "repeated n-grams"
     return None

@@ -145,7 +145,7 @@ _KEY_PREFIXES = (
 )
 
 
-def _may_contain(kind: str, pattern: re.Pattern[str], text: str) -> bool:
+def _may_contain(kind: str, pattern: re.Pattern[str], text: str, numbers: bool) -> bool:
     """A cheap substring test that skips a regex pass which cannot match (most texts)."""
     if kind == "api_key":
         return any(prefix in text for prefix in _KEY_PREFIXES)
@@ -155,14 +155,20 @@ def _may_contain(kind: str, pattern: re.Pattern[str], text: str) -> bool:
         return "@" in text
     if pattern is _IPV6:
         return "::" in text or text.count(":") >= 7
-    return True
+    return numbers
+
+
+# every remaining detector needs a run of 7+ digits (with separators), a dotted quad, or a
+# 32-character token: one scan rules out most texts before four detector passes
+_NUMBER_OR_SECRET = re.compile(r"\d[\d ().+-]{5,}\d|\d\.\d{1,3}\.\d|[A-Za-z0-9+/_=-]{32}")
 
 
 def redact(text: str) -> tuple[str, Counter[str]]:
     """``text`` with every detected item replaced by its placeholder, and counts per type."""
     counts: Counter[str] = Counter()
+    numbers = _NUMBER_OR_SECRET.search(text) is not None
     for kind, pattern, check in _DETECTORS:
-        if not _may_contain(kind, pattern, text):
+        if not _may_contain(kind, pattern, text, numbers):
             continue
 
         def replace(match: re.Match[str], kind: str = kind, check=check) -> str:
