@@ -9,6 +9,7 @@ or the tuned model never learns to stop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tunelab.data.schema import Example
@@ -140,3 +141,65 @@ def _adds_bos(tokenizer: Any) -> bool:
         return False
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
+def save_tokenized(path: Path, tokenized: list[TokenizedExample]) -> None:
+    """Store tokenized examples as flat integer arrays (no pickle: loading runs no code)."""
+    import io
+
+    import numpy as np
+
+    from tunelab.files import atomic_write_bytes
+
+    lengths = np.array([len(t.input_ids) for t in tokenized], dtype=np.int64)
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        lengths=lengths,
+        input_ids=np.array([i for t in tokenized for i in t.input_ids], dtype=np.int64),
+        labels=np.array([i for t in tokenized for i in t.labels], dtype=np.int64),
+        truncated=np.array([t.truncated for t in tokenized], dtype=bool),
+    )
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_tokenized(path: Path) -> list[TokenizedExample]:
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        ids, labels = data["input_ids"].tolist(), data["labels"].tolist()
+        out, start = [], 0
+        for length, truncated in zip(
+            data["lengths"].tolist(), data["truncated"].tolist(), strict=True
+        ):
+            out.append(
+                TokenizedExample(
+                    ids[start : start + length], labels[start : start + length], truncated
+                )
+            )
+            start += length
+    return out
+
+
+def tokenize_examples(
+    examples: list[Example],
+    tokenizer: Any,
+    max_length: int,
+    chat: bool,
+    system_prompt: str | None = None,
+    cache_file: Path | None = None,
+) -> list[TokenizedExample]:
+    """Tokenize every example (or read them back from ``cache_file``); fails when no example
+    has a token to learn from."""
+    if cache_file is not None and cache_file.is_file():
+        return load_tokenized(cache_file)
+    tokenized = [tokenize_example(e, tokenizer, max_length, chat, system_prompt) for e in examples]
+    empty = [e.origin for e, t in zip(examples, tokenized, strict=True) if t.num_loss_tokens == 0]
+    if tokenized and len(empty) == len(tokenized):
+        raise TunelabError(
+            f"no example has any token to learn from (first: {empty[0]}). Check that the "
+            "completions/assistant turns are not empty and max_length leaves room for them."
+        )
+    if cache_file is not None:
+        save_tokenized(cache_file, tokenized)
+    return tokenized
