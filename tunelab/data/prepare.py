@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,7 +24,10 @@ from tunelab.config import FineTuningConfig
 from tunelab.data import bias, cleaning, dedup, privacy
 from tunelab.data.loading import data_files, load_records
 from tunelab.data.schema import Example, to_example
+from tunelab.data.store import format_summary, read_cache, write_cache, write_prepared
 from tunelab.errors import TunelabError
+
+__all__ = ["PreparedData", "format_summary", "load_examples", "prepare_examples", "write_prepared"]
 
 DATA_VERSION = 1  # bump when a change to this stage changes what it produces
 SAMPLES_PER_STEP = 3
@@ -440,13 +442,13 @@ def prepare_examples(config: FineTuningConfig, tokenizer: Any = None) -> Prepare
 
     folder = cache_dir() / "data" / key
     if config.data_cache:
-        cached = _read_cache(folder)
+        cached = read_cache(folder)
         if cached is not None:
             return cached
     prepared = _prepare(config, tokenizer, inputs, key)
     prepared.manifest["cache_dir"] = str(folder) if config.data_cache else None
     if config.data_cache:
-        _write_cache(folder, prepared)
+        write_cache(folder, prepared)
     return prepared
 
 
@@ -647,128 +649,3 @@ def _lengths(
             )
         result[split] = section
     return result
-
-
-# --- cache ----------------------------------------------------------------------------------
-
-
-def _example_row(example: Example) -> dict[str, Any]:
-    return {"origin": example.origin, **example.to_row(), "meta": example.meta}
-
-
-def _from_row(row: dict[str, Any]) -> Example:
-    return Example(
-        row["origin"],
-        text=row.get("text"),
-        prompt=row.get("prompt"),
-        completion=row.get("completion"),
-        messages=row.get("messages"),
-        meta=row.get("meta") or {},
-    )
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _write_cache(folder: Path, prepared: PreparedData) -> None:
-    # write beside, then rename: a crash mid-write never leaves a half cache that looks whole
-    partial = folder.with_name(folder.name + f".partial-{random.randrange(1 << 30)}")
-    partial.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(partial / "train.jsonl", [_example_row(e) for e in prepared.train])
-    if prepared.eval is not None:
-        _write_jsonl(partial / "eval.jsonl", [_example_row(e) for e in prepared.eval])
-    (partial / "manifest.json").write_text(json.dumps(prepared.manifest, indent=1, default=str))
-    try:
-        partial.rename(folder)
-    except OSError:  # another run cached the same content first
-        shutil.rmtree(partial, ignore_errors=True)
-
-
-def _read_cache(folder: Path) -> PreparedData | None:
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        train = [
-            _from_row(json.loads(line)) for line in (folder / "train.jsonl").open(encoding="utf-8")
-        ]
-        eval_file = folder / "eval.jsonl"
-        held_out = (
-            [_from_row(json.loads(line)) for line in eval_file.open(encoding="utf-8")]
-            if eval_file.exists()
-            else None
-        )
-    except (OSError, ValueError, KeyError):
-        return None  # no cache, or a damaged one: prepare again
-    manifest["cache_hit"] = True
-    return PreparedData(train, held_out, manifest)
-
-
-# --- outputs --------------------------------------------------------------------------------
-
-
-def write_prepared(prepared: PreparedData, folder: str | Path) -> list[Path]:
-    """The processed dataset (train.jsonl, eval.jsonl) in a standard schema plus manifest.json."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = [folder / "train.jsonl"]
-    _write_jsonl(written[0], [e.to_row() for e in prepared.train])
-    if prepared.eval is not None:
-        written.append(folder / "eval.jsonl")
-        _write_jsonl(written[-1], [e.to_row() for e in prepared.eval])
-    written.append(folder / "manifest.json")
-    written[-1].write_text(json.dumps(prepared.manifest, indent=1, default=str) + "\n")
-    return written
-
-
-def format_summary(manifest: dict[str, Any]) -> str:
-    """One or two lines for ``tunelab train``: counts, drops by reason, PII, leakage, cache."""
-    counts = manifest.get("counts", {})
-    parts = [
-        f"Data: {counts.get('train_loaded', '?')} rows loaded -> "
-        f"{counts.get('train', '?')} training examples"
-    ]
-    if counts.get("eval"):
-        source = "held out by eval_split" if counts.get("eval_from_split") else "eval"
-        parts[0] += f", {counts['eval']} {source}"
-    dropped = manifest.get("dropped", {})
-    for split in ("train", "eval"):
-        reasons = dropped.get(split) or {}
-        if reasons:
-            listed = ", ".join(
-                f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])
-            )
-            parts.append(f"dropped from {split}: {listed}")
-    pii = {
-        k: v
-        for split in ("train", "eval")
-        for k, v in (manifest.get("pii", {}).get(split) or {}).items()
-    }
-    if pii:
-        verb = "redacted" if manifest["pii"].get("redacted") else "found (not redacted)"
-        parts.append(f"PII {verb}: " + ", ".join(f"{n} {kind}" for kind, n in pii.items()))
-    leakage = manifest.get("leakage")
-    if leakage and (leakage["exact"] or leakage["near"]):
-        parts.append(
-            f"eval leakage: {leakage['exact']} exact, {leakage['near']} near"
-            + (
-                f" ({leakage['dropped']} dropped)"
-                if leakage["dropped"]
-                else " (kept; set drop_eval_leaks)"
-            )
-        )
-    bias_section = manifest.get("bias") or {}
-    if bias_section.get("added"):
-        parts.append(f"bias {bias_section['mitigation']}: +{bias_section['added']} examples")
-    train_lengths = (manifest.get("lengths") or {}).get("train") or {}
-    if train_lengths.get("truncated"):
-        parts.append(
-            f"{train_lengths['truncated']} truncated at max_length {train_lengths['max_length']}"
-        )
-    parts.append(
-        "from cache"
-        if manifest.get("cache_hit")
-        else f"prepared in {manifest.get('seconds', 0):.1f} s"
-    )
-    return "; ".join(parts) + "."
