@@ -260,7 +260,9 @@ def _deduplicate(
     examples: list[Example], config: FineTuningConfig, tally: Tally, shown: list[dict[str, Any]]
 ) -> list[Example]:
     if config.dedup_exact:
+        start = time.perf_counter()
         exact = dedup.exact_duplicates([_joined(e) for e in examples])
+        searching = time.perf_counter() - start
 
         def exact_reason(index: int, example: Example) -> str | None:
             if index not in exact:
@@ -279,8 +281,11 @@ def _deduplicate(
             return "exact duplicate"
 
         examples = tally.filter("exact dedup", examples, exact_reason)
+        tally.steps[-1]["seconds"] = round(tally.steps[-1]["seconds"] + searching, 3)
     if config.dedup_near_threshold is not None:
+        start = time.perf_counter()
         near = dedup.near_duplicates([_joined(e) for e in examples], config.dedup_near_threshold)
+        searching = time.perf_counter() - start
 
         def near_reason(index: int, example: Example) -> str | None:
             if index not in near:
@@ -301,6 +306,7 @@ def _deduplicate(
             return "near duplicate"
 
         examples = tally.filter("near dedup", examples, near_reason)
+        tally.steps[-1]["seconds"] = round(tally.steps[-1]["seconds"] + searching, 3)
     return examples
 
 
