@@ -310,7 +310,10 @@ def _load_json(path: Path, text: str) -> list[Record]:
             rows, where = data[lists[0]], f"{path}[{lists[0]}]"  # {"data": [...]}
         elif _is_columns(data):
             columns = list(data)
-            rows = [dict(zip(columns, values, strict=True)) for values in zip(*data.values())]
+            rows = [
+                dict(zip(columns, values, strict=True))
+                for values in zip(*data.values(), strict=True)
+            ]
             where = str(path)
         else:
             rows, where = [data], str(path)
