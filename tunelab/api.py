@@ -42,6 +42,41 @@ RESULTS = "results.json"
 TOKENIZED_FORMAT = 1  # bump when the tokenized cache's layout or rendering changes
 
 
+# keys a resumed run may change: how long it runs and what it reports, not what it learns
+RESUMABLE_CHANGES = {
+    "max_steps",
+    "num_epochs",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "eval_path",
+    "output_dir",
+}
+
+
+def check_resumable(output_dir: Path, config: FineTuningConfig) -> None:
+    """Refuse to resume a run with settings that would make it a different run."""
+    saved_path = output_dir / RUN_CONFIG
+    if not saved_path.is_file():
+        return
+    import yaml
+
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    current = config.to_dict()
+    changed = [
+        key
+        for key in current
+        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != current[key]
+    ]
+    if changed:
+        details = "; ".join(f"{k}: {saved[k]!r} in the run, {current[k]!r} now" for k in changed)
+        raise TunelabError(
+            f"cannot resume {output_dir}: its checkpoint was trained with other settings "
+            f"({details}). Resume with the run's own config ({saved_path}), or start a new run "
+            "with --overwrite or another output_dir."
+        )
+
+
 def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
     """Refuse to mix a new run into a folder that holds files, unless told to."""
     if not output_dir.exists() or not any(output_dir.iterdir()):
@@ -226,6 +261,8 @@ class FineTuner:
 
         output_dir = Path(self.config.output_dir)
         check_output_dir(output_dir, overwrite, resume)
+        if resume:
+            check_resumable(output_dir, self.config)
         if train_dataset is None:
             train_dataset = self.prepare_dataset()
         data_stats = dict(self.token_stats)
