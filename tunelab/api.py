@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import FineTuningConfig
-from tunelab.data.prepare import PreparedData, prepare_examples
+from tunelab.data.prepare import PreparedData, format_summary, prepare_examples
 from tunelab.data.schema import Example, to_example
 from tunelab.data.tokenize import tokenize_examples, uses_chat_template
 from tunelab.device import Placement, choose_placement
@@ -182,6 +182,7 @@ class FineTuner:
         """
         if dataset is None:
             self.prepared = prepare_examples(self.config, self.load_tokenizer())
+            print(format_summary(self.prepared.manifest))
             return self.rows(self.prepared.train, self.prepared.manifest.get("content_hash"))
         return self.rows(self.examples_from(dataset, text_column))
 
@@ -272,6 +273,8 @@ class FineTuner:
             self.prepare_model(total_steps(len(train_dataset), self.config))
         output_dir.mkdir(parents=True, exist_ok=True)
         self.config.save(output_dir / RUN_CONFIG)
+        if self.prepared is not None:  # what the data stage did, for doctor and for people
+            atomic_write_json(output_dir / "data_manifest.json", self.prepared.manifest)
         with method_step_hooks(self.model, self.config):
             results = fit(
                 self.model,
