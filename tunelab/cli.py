@@ -67,6 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
     )
     for prompt, answer in zip(args.prompt, answers, strict=True):
         if len(args.prompt) > 1:
@@ -176,6 +177,12 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.9, help="Nucleus sampling mass.")
     parser.add_argument("--top-k", type=int, default=None, help="Sample from the k best.")
     parser.add_argument("--seed", type=int, default=None, help="Seed for sampling.")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="Above 1 discourages repeating tokens (1 = off).",
+    )
     parser.add_argument(
         "--base",
         action="store_true",

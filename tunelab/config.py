@@ -456,7 +456,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> FineTun
     for key in ("dataset_path", "eval_path", "output_dir"):
         value = getattr(config, key)
         if value and not Path(value).is_absolute():
-            setattr(config, key, str(base / value))
+            setattr(config, key, str((base / value).resolve()))
     model = Path(config.model_name)
     if not model.is_absolute() and (base / model).exists():
         config.model_name = str(base / model)

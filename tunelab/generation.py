@@ -108,11 +108,21 @@ def generate(
     top_k: int | None = None,
     seed: int | None = None,
     batch_size: int = 8,
+    repetition_penalty: float = 1.0,
 ) -> list[str]:
     """Answers to ``prompts`` (greedy by default), batched with left padding and a KV cache."""
     texts = [render_prompt(loaded.tokenizer, p, loaded.chat, loaded.system_prompt) for p in prompts]
     return generate_from_text(
-        loaded, texts, max_new_tokens, do_sample, temperature, top_p, top_k, seed, batch_size
+        loaded,
+        texts,
+        max_new_tokens,
+        do_sample,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        batch_size,
+        repetition_penalty,
     )
 
 
@@ -126,8 +136,10 @@ def generate_from_text(
     top_k: int | None = None,
     seed: int | None = None,
     batch_size: int = 8,
+    repetition_penalty: float = 1.0,
 ) -> list[str]:
-    """Continuations of already-rendered prompt texts."""
+    """Continuations of already-rendered prompt texts (``repetition_penalty`` > 1 discourages
+    the loops small models fall into under greedy decoding)."""
     import torch
 
     tokenizer, model = loaded.tokenizer, loaded.model
@@ -139,6 +151,7 @@ def generate_from_text(
         "do_sample": do_sample,
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
+        "repetition_penalty": repetition_penalty,
     }
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)

@@ -8,7 +8,6 @@ tuned model and their answers to a few held-out terms side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import textwrap
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from tunelab import FineTuner
 from tunelab.config import load_config
+from tunelab.data.prepare import prepare_examples
 from tunelab.generation import generate, load_for_inference
 
 HERE = Path(__file__).resolve().parent
@@ -31,28 +31,23 @@ def main() -> int:
     config = load_config(HERE / "config.yaml", args.set)
     results = FineTuner(config).train(overwrite=True)
 
-    held_out = [
-        json.loads(line) for line in (HERE / "data" / "heldout.jsonl").read_text().splitlines()
-    ][: args.terms]
-    prompts = [f"What does {row['term']} mean?" for row in held_out]
-    base = generate(
-        load_for_inference(config.output_dir, use_adapter=False), prompts, max_new_tokens=60
-    )
-    tuned = generate(load_for_inference(config.output_dir), prompts, max_new_tokens=60)
+    # the held-out terms as the data stage cleaned them (markup removed), not the raw file
+    held_out = prepare_examples(config).eval[: args.terms]
+    prompts = [example.prompt for example in held_out]
+    options = {"max_new_tokens": 60, "repetition_penalty": 1.2}
+    base = generate(load_for_inference(config.output_dir, use_adapter=False), prompts, **options)
+    tuned = generate(load_for_inference(config.output_dir), prompts, **options)
 
     print("\n=== Held-out loss (200 terms never seen in training) ===")
     print(f"base model : {results['initial_eval_loss']:.4f}")
     print(f"fine-tuned : {results['eval_loss']:.4f}")
-    for row, prompt, before, after in zip(held_out, prompts, base, tuned, strict=True):
+    for example, prompt, before, after in zip(held_out, prompts, base, tuned, strict=True):
         print(f"\n--- {prompt}")
-        print("reference :", textwrap.shorten(row["definition"], 200))
+        print("reference :", textwrap.shorten(example.completion, 200))
         print("base      :", textwrap.shorten(before, 200))
         print("fine-tuned:", textwrap.shorten(after, 200))
     print(f"\nDemo finished in {time.time() - started:.0f} s. Run folder: {config.output_dir}")
-    print(
-        f"Try: tunelab generate {config.output_dir} --prompt 'What does {held_out[0]['term']} "
-        "mean?'"
-    )
+    print(f"Try: tunelab generate {config.output_dir} --prompt {prompts[0]!r}")
     return 0
 
 
