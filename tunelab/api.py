@@ -236,17 +236,17 @@ class FineTuner:
                 f"Note: {truncated} of {len(tokenized)} examples were truncated at max_length "
                 f"{c.max_length} tokens."
             )
-        return self._pack(tokenized)
+        return self._pack(tokenized, [e.origin for e in examples])
 
-    def _pack(self, tokenized: list[Any]) -> list[Row]:
+    def _pack(self, tokenized: list[Any], origins: list[str] | None = None) -> list[Row]:
         if self.config.packing and self.config.method in PROMPT_METHODS:
             # PEFT prepends virtual tokens per sequence and ignores position_ids, so packed
             # examples would see each other: one example per row instead
             print(f"Note: packing is off for {self.config.method} (one example per row).")
             self.config.packing = False
         if self.config.packing:
-            return pack_examples(tokenized, self.config.max_length)
-        return single_rows(tokenized)
+            return pack_examples(tokenized, self.config.max_length, origins)
+        return single_rows(tokenized, origins)
 
     # --- training ---
     def train(
@@ -286,7 +286,12 @@ class FineTuner:
                 self.placement.device,
                 resume=resume,
                 on_eval=on_eval,
+                precision=self.placement.precision,
             )
+        from tunelab.training.distributed import init_world
+
+        if not init_world(self.placement.device).is_main:
+            return results  # under torchrun, rank 0 alone writes the run folder
         trainable, total = count_parameters(self.model)
         results.update(
             method=self.config.method,

@@ -24,6 +24,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHAT_FORMATS = ("auto", "chat", "plain")
+REPORT_SINKS = ("tensorboard", "mlflow")
 METHODS = (
     "lora",
     "dora",
@@ -87,6 +88,41 @@ class FineTuningConfig:
     eval_path: str | None = _f(None, "Held-out data evaluated during and after training.")
     eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (and always at the end).")
     save_steps: int | None = _f(None, "Checkpoint every N optimizer steps (and at each epoch end).")
+    warmup_steps: int | None = _f(
+        None, "Warm-up length in optimizer steps; overrides warmup_ratio when set."
+    )
+    optimizer: str = _f(
+        "adamw",
+        "adamw (fused/foreach torch AdamW) or adamw_8bit (bitsandbytes 8-bit state, falls back "
+        "to adamw with a message where bitsandbytes cannot run it).",
+        choices=("adamw", "adamw_8bit"),
+    )
+    gradient_checkpointing: bool = _f(
+        False, "Recompute activations in the backward pass: less memory, about 30% more compute."
+    )
+    eval_each_epoch: bool = _f(True, "Evaluate at the end of every epoch (when there is eval data).")
+    save_each_epoch: bool = _f(True, "Checkpoint at the end of every epoch.")
+    save_total_limit: int = _f(
+        2, "Checkpoints kept: the newest this many, plus the one with the best eval loss."
+    )
+    early_stopping_patience: int | None = _f(
+        None, "Stop when the eval loss has not improved for this many evaluations (null: off)."
+    )
+    early_stopping_threshold: float = _f(
+        0.0, "An eval loss must beat the best by more than this to count as an improvement."
+    )
+    report_to: list[str] = _f(
+        [], "Extra metric sinks: tensorboard (event files in the run folder), mlflow."
+    )
+    mlflow_tracking_uri: str | None = _f(
+        None, "MLflow tracking URI; null uses a local file store in <output_dir>/mlruns."
+    )
+    plot: bool = _f(True, "Write training_curves.png (loss and learning rate) at the end.")
+    on_nan: str = _f(
+        "stop",
+        "A NaN/infinite loss or gradient: stop (keeping the last good checkpoint) or skip the step.",
+        choices=("stop", "skip"),
+    )
 
     # --- data rendering ---
     chat_format: str = _f(
@@ -383,6 +419,35 @@ def validate(config: FineTuningConfig) -> None:
         from tunelab.data.cleaning import parse_rules  # the rules' own checks name the bad one
 
         parse_rules(c.clean_rules)
+
+    # training strategy
+    _check(
+        c.warmup_steps is None or c.warmup_steps >= 0,
+        "warmup_steps",
+        c.warmup_steps,
+        "null (use warmup_ratio) or zero or more steps",
+    )
+    _check(c.save_total_limit >= 1, "save_total_limit", c.save_total_limit, "at least 1")
+    _check(
+        c.early_stopping_patience is None or c.early_stopping_patience >= 1,
+        "early_stopping_patience",
+        c.early_stopping_patience,
+        "null (off) or at least 1 evaluation",
+    )
+    _check(
+        c.early_stopping_threshold >= 0,
+        "early_stopping_threshold",
+        c.early_stopping_threshold,
+        "zero or positive",
+    )
+    for sink in c.report_to:
+        _check(
+            sink in REPORT_SINKS,
+            "report_to",
+            c.report_to,
+            f"a list drawn from {', '.join(REPORT_SINKS)} ('{sink}' is not one."
+            f"{did_you_mean(sink, REPORT_SINKS)})",
+        )
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -8,7 +8,7 @@ never a target, so no example is trained to predict the start of the next.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,33 +22,39 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
+    origins: list[str] = field(default_factory=list)  # where its examples came from
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
-def _row_of(example: TokenizedExample) -> Row:
+def _row_of(example: TokenizedExample, origin: str | None = None) -> Row:
     labels = list(example.labels)
     labels[0] = IGNORE_INDEX  # nothing before it to predict it from
-    return Row(list(example.input_ids), labels, list(range(len(example.input_ids))))
+    positions = list(range(len(example.input_ids)))
+    return Row(list(example.input_ids), labels, positions, [origin] if origin else [])
 
 
-def pack_examples(examples: list[TokenizedExample], max_length: int) -> list[Row]:
+def pack_examples(
+    examples: list[TokenizedExample], max_length: int, origins: list[str] | None = None
+) -> list[Row]:
     """Pack examples into rows of at most ``max_length`` tokens (first-fit decreasing).
 
-    Deterministic for a given input; the loop shuffles rows, not tokens.
+    Deterministic for a given input; the loop shuffles rows, not tokens. ``origins`` (one per
+    example, e.g. "train.jsonl:12") travel with the rows so a failing batch can be named.
     """
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     rows: list[Row] = []
     space: list[int] = []  # tokens left in each row
     for index in order:
-        piece = _row_of(examples[index])
+        piece = _row_of(examples[index], origins[index] if origins else None)
         for r, left in enumerate(space):
             if len(piece) <= left:
                 row = rows[r]
                 row.input_ids += piece.input_ids
                 row.labels += piece.labels
                 row.position_ids += piece.position_ids
+                row.origins += piece.origins
                 space[r] -= len(piece)
                 break
         else:
@@ -57,9 +63,11 @@ def pack_examples(examples: list[TokenizedExample], max_length: int) -> list[Row
     return rows
 
 
-def single_rows(examples: list[TokenizedExample]) -> list[Row]:
+def single_rows(
+    examples: list[TokenizedExample], origins: list[str] | None = None
+) -> list[Row]:
     """One example per row (packing off); rows of a batch are grouped by length instead."""
-    return [_row_of(e) for e in examples]
+    return [_row_of(e, origins[i] if origins else None) for i, e in enumerate(examples)]
 
 
 def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
-"""Checkpoints a run can resume from exactly: adapter, optimizer, schedule, RNG, data position.
+"""Checkpoints a run can resume from exactly: weights, optimizer, schedule, RNG, data position.
 
-Each checkpoint is written into a temporary folder and renamed into place, so a crash at any
-moment leaves the previous checkpoint whole. Only tensors and plain data are stored, and they
-load back with ``weights_only=True``.
+Each checkpoint is written into a temporary folder, flushed to disk and renamed into place, so
+a crash at any moment leaves the previous checkpoint whole; the free disk space is checked
+first. Only tensors and plain data are stored, and they load back with ``weights_only=True``.
+The data position is the step number: an epoch's batch order is a function of (seed, epoch).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from typing import Any
 
 import torch
 
+from tunelab.errors import TunelabError
+from tunelab.files import ensure_free_space, fsync_tree, tensor_bytes
+
 CHECKPOINTS = "checkpoints"
+STATE = "trainer_state.json"
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -30,6 +35,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint whose step had the lowest eval loss (None when none was evaluated)."""
+    scored = []
+    for path in checkpoint_dirs(run_dir):
+        loss = json.loads((path / STATE).read_text()).get("eval_loss_at_step")
+        if loss is not None:
+            scored.append((loss, path))
+    return min(scored)[1] if scored else None
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config")
+
+
 def save_checkpoint(
     run_dir: Path,
     model: Any,
@@ -37,41 +56,91 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep_last: int = 2,
+    scaler: Any = None,
 ) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically and drop all but the newest ``keep_last``."""
+    """Write ``checkpoints/step-NNNNNN`` atomically; keep the newest ``keep_last`` and the
+    best by eval loss (``state['eval_loss_at_step']`` marks a checkpoint's eval loss)."""
     parent = Path(run_dir) / CHECKPOINTS
     parent.mkdir(parents=True, exist_ok=True)
+    # weights + AdamW's two moments (fp32) per trainable value, plus a margin
+    trainable = tensor_bytes(model, trainable_only=_is_peft(model))
+    ensure_free_space(parent, trainable * 3 + 2**20, "a checkpoint")
     target = parent / f"step-{state['step']:06d}"
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
     try:
-        model.save_pretrained(staging)
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-            },
-            staging / "training_state.pt",
-        )
-        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        model.save_pretrained(staging)  # PEFT: the adapter; full fine-tuning: all weights
+        blob = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            blob["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if scaler is not None:
+            blob["scaler"] = scaler.state_dict()
+        torch.save(blob, staging / "training_state.pt")
+        (staging / STATE).write_text(json.dumps(state, indent=2))
+        fsync_tree(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for old in checkpoint_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    keep = set(checkpoint_dirs(run_dir)[-keep_last:])
+    best = best_checkpoint(run_dir)
+    if best is not None:
+        keep.add(best)
+    for old in checkpoint_dirs(run_dir):
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore everything ``save_checkpoint`` wrote; returns the trainer state (step, ...)."""
-    from peft import set_peft_model_state_dict
+def load_weights(path: Path, model: Any) -> None:
+    """Put a checkpoint's weights into ``model``: the adapter of a PEFT model, or every
+    weight of a fully fine-tuned one."""
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+    if _is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        adapter = path / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise TunelabError(
+                f"checkpoint {path} holds no adapter_model.safetensors, so it was not written "
+                "by a run with an adapter method. Resume with the run's own config."
+            )
+        set_peft_model_state_dict(model, load_file(str(adapter)))
+        return
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise TunelabError(
+            f"checkpoint {path} holds no model*.safetensors (full weights), so it was not "
+            "written by a full fine-tuning run. Resume with the run's own config."
+        )
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k or "embed" in k}  # tied weights are saved once
+    if unexpected or set(missing) - tied:
+        raise TunelabError(
+            f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}). Resume with the run's own config."
+        )
+
+
+def load_checkpoint(
+    path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any = None
+) -> dict[str, Any]:
+    """Restore everything ``save_checkpoint`` wrote; returns the trainer state (step, ...)."""
+    load_weights(path, model)
     blob = torch.load(path / "training_state.pt", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
-    return json.loads((path / "trainer_state.json").read_text())
+    if "cuda_rng" in blob and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    if scaler is not None and "scaler" in blob:
+        scaler.load_state_dict(blob["scaler"])
+    return json.loads((path / STATE).read_text())

@@ -2,25 +2,41 @@
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches. Each micro-batch's summed
 loss is divided by the loss tokens of the whole step, so k micro-batches give exactly the
-gradient of one batch k times larger, however the tokens fall between them.
+gradient of one batch k times larger, however the tokens fall between them (or between
+processes, when several train together).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from tunelab.config import FineTuningConfig
+from tunelab.errors import TunelabError
+from tunelab.training.attention import use_packed_attention
 from tunelab.training.batching import Row, collate, loss_tokens, plan_epoch
 from tunelab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tunelab.training.logging import MetricsLog, Progress
+from tunelab.training.distributed import (
+    World,
+    all_reduce_gradients,
+    all_reduce_sum,
+    barrier,
+    init_world,
+    shard,
+)
+from tunelab.training.guards import catch_interrupt, nan_diagnosis
+from tunelab.training.logging import MetricsLog, Progress, read_metrics
 from tunelab.training.loss import causal_lm_loss_sum
+from tunelab.training.optim import build_optimizer
+from tunelab.training.precision import grad_scaler, mixed_precision
+from tunelab.training.reporting import CURVES, Reporters, plot_curves
 from tunelab.training.schedule import lr_factor, warmup_steps_for
 
 
@@ -33,17 +49,26 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    model: Any, rows: list[Row], batch_size: int, pad_token_id: int, device: str = "cpu"
+    model: Any,
+    rows: list[Row],
+    batch_size: int,
+    pad_token_id: int,
+    device: str = "cpu",
+    precision: str = "fp32",
+    world: World | None = None,
 ) -> EvalResult:
-    """Token-weighted mean loss (and perplexity) over ``rows``."""
+    """Token-weighted mean loss (and perplexity) over ``rows`` (split over the processes)."""
+    world = world or World()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = _to(collate(rows[start : start + batch_size], pad_token_id), device)
-        loss_sum, n = causal_lm_loss_sum(model, batch)
+    batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    for batch_rows in shard(batches, world):
+        with mixed_precision(model, device, precision):
+            loss_sum, n = causal_lm_loss_sum(model, _to(collate(batch_rows, pad_token_id), device))
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
+    total, count = all_reduce_sum(total, world), int(all_reduce_sum(count, world))
     loss = total / max(count, 1)
     return EvalResult(loss, math.exp(min(loss, 50.0)), count)
 
@@ -53,19 +78,29 @@ def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
 
 
 def accumulate_gradients(
-    model: Any, micro_batches: list[list[Row]], pad_token_id: int, device: str = "cpu"
+    model: Any,
+    micro_batches: list[list[Row]],
+    pad_token_id: int,
+    device: str = "cpu",
+    precision: str = "fp32",
+    step_loss_tokens: int | None = None,
+    scaler: Any = None,
 ) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches; returns the step's mean
     loss and its number of loss tokens.
 
-    Each micro-batch's summed loss is divided by the loss tokens of the whole step, so the
-    accumulated gradient equals that of one batch holding all the micro-batches.
+    Each micro-batch's summed loss is divided by ``step_loss_tokens`` (by default those of
+    ``micro_batches``; across processes, those of the whole step), so the accumulated gradient
+    equals that of one batch holding all the micro-batches.
     """
-    step_loss_tokens = sum(loss_tokens(rows) for rows in micro_batches)
+    if step_loss_tokens is None:
+        step_loss_tokens = sum(loss_tokens(rows) for rows in micro_batches)
     step_loss = 0.0
     for rows in micro_batches:
-        loss_sum, _ = causal_lm_loss_sum(model, _to(collate(rows, pad_token_id), device))
-        (loss_sum / max(step_loss_tokens, 1)).backward()
+        with mixed_precision(model, device, precision):
+            loss_sum, _ = causal_lm_loss_sum(model, _to(collate(rows, pad_token_id), device))
+        loss = loss_sum / max(step_loss_tokens, 1)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += float(loss_sum.detach())
     return step_loss / max(step_loss_tokens, 1), step_loss_tokens
 
@@ -79,6 +114,24 @@ def total_steps(num_rows: int, config: FineTuningConfig) -> int:
     return config.max_steps or steps_per_epoch(num_rows, config) * config.num_epochs
 
 
+@contextmanager
+def training_mode(model: Any, config: FineTuningConfig) -> Iterator[None]:
+    """Packed attention (no dense mask) and gradient checkpointing for the run only: the
+    model goes back to its own attention afterwards, as generation needs it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    switched = config.packing and use_packed_attention(base)
+    if config.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        if switched:
+            base.set_attn_implementation(previous)
+        if config.gradient_checkpointing:
+            base.gradient_checkpointing_disable()
+
+
 def fit(
     model: Any,
     train_rows: list[Row],
@@ -89,24 +142,45 @@ def fit(
     device: str = "cpu",
     resume: bool = False,
     on_eval: Callable[[int, float], None] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Train ``model`` (its trainable parameters) on ``train_rows``; returns the run's results.
 
     ``on_eval(step, eval_loss)`` is called after each evaluation during training; an exception
-    it raises (a sweep pruning a trial) stops the run and propagates.
+    it raises (a sweep pruning a trial) stops the run and propagates. ``precision`` is the
+    compute precision (bf16/fp16 autocast over fp32 trainable weights, or fp32).
     """
-    run_dir = Path(run_dir)
+    with training_mode(model, config), catch_interrupt() as interrupt:
+        return _fit(
+            model, train_rows, eval_rows, config, Path(run_dir), pad_token_id, device, resume,
+            on_eval, precision, interrupt,
+        )  # fmt: skip
+
+
+def _fit(
+    model: Any,
+    train_rows: list[Row],
+    eval_rows: list[Row] | None,
+    config: FineTuningConfig,
+    run_dir: Path,
+    pad_token_id: int,
+    device: str,
+    resume: bool,
+    on_eval: Callable[[int, float], None] | None,
+    precision: str,
+    interrupt: Any,
+) -> dict[str, Any]:
+    world = init_world(device)
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
-    )
+    optimizer, optimizer_note = build_optimizer(model, config)
     per_epoch = steps_per_epoch(len(train_rows), config)
     steps = total_steps(len(train_rows), config)
-    warmup = warmup_steps_for(steps, config.warmup_ratio)
+    warmup = warmup_steps_for(steps, config.warmup_ratio, config.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, config.lr_scheduler)
     )
+    scaler = grad_scaler(device, precision)
 
     state: dict[str, Any] = {
         "step": 0,
@@ -114,58 +188,88 @@ def fit(
         "loss_tokens": 0,
         "train_seconds": 0.0,
         "best_eval_loss": None,
+        "evals_without_improvement": 0,
+        "skipped_steps": 0,
     }
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        print(f"Resuming from {checkpoint} (step {state['step']} of {steps})")
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state["step"] if checkpoint else None)
-    progress = Progress(steps, state["step"])
+        state.update(load_checkpoint(checkpoint, model, optimizer, scheduler, scaler))
+        say(world, f"Resuming from {checkpoint} (step {state['step']} of {steps})")
+    say(world, f"Optimizer: {optimizer_note}; {steps} steps, {warmup} of warm-up.")
+    main = world.is_main
+    log, reporters = None, None
+    if main:  # only the main process writes files
+        resume_step = state["step"] if checkpoint else None
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
+        reporters = Reporters(config, run_dir, state["step"])
+
+    def record(values: dict[str, Any]) -> None:
+        if log is not None and reporters is not None:
+            log.write(values)
+            reporters.write(values)
+
+    progress = Progress(steps, state["step"]) if main else None
     accumulate = config.gradient_accumulation_steps
     plan_cache: dict[int, list[list[int]]] = {}
     eval_result = None
     last_loss = float("nan")
+    stopped_early = False
 
     initial = None
     if eval_rows and state["step"] == 0:  # the untrained adapter is the identity: base model
-        initial = evaluate(model, eval_rows, config.batch_size, pad_token_id, device)
-        log.write(
-            {
-                "step": 0,
-                "eval_loss": round(initial.loss, 6),
-                "eval_perplexity": round(initial.perplexity, 4),
-            }
-        )
-        progress.write(
-            f"step 0: eval loss {initial.loss:.4f}, perplexity "
-            f"{initial.perplexity:.2f} (base model)"
-        )
+        initial = _evaluate(model, eval_rows, config, pad_token_id, device, precision, world)
+        record(_eval_record(0, initial))
+        say(world, f"step 0: eval loss {initial.loss:.4f}, perplexity {initial.perplexity:.2f} "
+            "(base model)", progress)  # fmt: skip
     model.train()
     while state["step"] < steps:
         step = state["step"]
         epoch, index = divmod(step, per_epoch)
         if epoch not in plan_cache:
-            plan_cache.clear()
-            plan_cache[epoch] = plan_epoch(
-                train_rows,
-                config.batch_size,
-                config.seed,
-                epoch,
-                group_by_length=not config.packing,
-            )
+            plan_cache = {epoch: plan_epoch(train_rows, config.batch_size, config.seed, epoch,
+                                            group_by_length=not config.packing)}  # fmt: skip
         micro_batches = [
             [train_rows[i] for i in indices]
             for indices in plan_cache[epoch][index * accumulate : (index + 1) * accumulate]
         ]
         started = time.perf_counter()
 
+        # --- the step: forward/backward, all-reduce, clip, update ---
         step_loss, step_loss_tokens = accumulate_gradients(
-            model, micro_batches, pad_token_id, device
-        )
+            model, shard(micro_batches, world), pad_token_id, device, precision,
+            step_loss_tokens=sum(loss_tokens(rows) for rows in micro_batches), scaler=scaler,
+        )  # fmt: skip
+        step_loss = all_reduce_sum(step_loss, world)
+        all_reduce_gradients(params, world)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         grad_norm = _clip(params, config.max_grad_norm)
-        optimizer.step()
+        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        if finite:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        else:
+            diagnosis = nan_diagnosis(
+                step + 1, lr, step_loss, grad_norm,
+                [o for rows in micro_batches for row in rows for o in row.origins],
+                precision, config.learning_rate,
+            )  # fmt: skip
+            if config.on_nan == "stop":
+                optimizer.zero_grad(set_to_none=True)
+                last = latest_checkpoint(run_dir)
+                kept = f" Last good checkpoint: {last}." if last else ""
+                raise TunelabError(f"training stopped: {diagnosis}{kept}")
+            say(world, f"Skipping the step: {diagnosis}", progress)
+            state["skipped_steps"] += 1
+            if scaler is not None:
+                scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        # --- bookkeeping ---
 
         seconds = time.perf_counter() - started
         step_tokens = sum(len(row) for rows in micro_batches for row in rows)
@@ -173,55 +277,111 @@ def fit(
         state["tokens"] += step_tokens
         state["loss_tokens"] += step_loss_tokens
         state["train_seconds"] += seconds
-        last_loss = step_loss
-        lr = scheduler.get_last_lr()[0]
-        step_record = {
-            "step": state["step"],
-            "epoch": round(state["step"] / per_epoch, 4),
-            "loss": round(last_loss, 6),
-            "lr": lr,
-            "grad_norm": round(grad_norm, 6),
-            "tokens": state["tokens"],
-            "tokens_per_second": round(step_tokens / seconds, 2),
-        }
+        last_loss = step_loss if finite else last_loss
         log_now = state["step"] % config.logging_steps == 0 or state["step"] == steps
         if log_now:
-            log.write(step_record)
-        progress.update(state["step"], last_loss, step_tokens / seconds, lr, log_now)
-
-        end_of_epoch = state["step"] % per_epoch == 0
-        if eval_rows and (
-            state["step"] == steps
-            or end_of_epoch
-            or (config.eval_steps and state["step"] % config.eval_steps == 0)
-        ):
-            eval_result = evaluate(model, eval_rows, config.batch_size, pad_token_id, device)
-            best = state["best_eval_loss"]
-            state["best_eval_loss"] = (
-                eval_result.loss if best is None else min(best, eval_result.loss)
-            )
-            log.write(
+            record(
                 {
                     "step": state["step"],
-                    "eval_loss": round(eval_result.loss, 6),
-                    "eval_perplexity": round(eval_result.perplexity, 4),
+                    "epoch": round(state["step"] / per_epoch, 4),
+                    "loss": round(step_loss, 6) if finite else None,
+                    "lr": lr,
+                    "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else None,
+                    "tokens": state["tokens"],
+                    "tokens_per_second": round(step_tokens / seconds, 2),
                 }
             )
-            progress.write(
-                f"step {state['step']}: eval loss {eval_result.loss:.4f}, "
-                f"perplexity {eval_result.perplexity:.2f}"
-            )
+        if progress is not None:
+            progress.update(state["step"], last_loss, step_tokens / seconds, lr, log_now)
+
+        end_of_epoch = state["step"] % per_epoch == 0
+        state["eval_loss_at_step"] = None
+        if eval_rows and (
+            state["step"] == steps
+            or (end_of_epoch and config.eval_each_epoch)
+            or (config.eval_steps and state["step"] % config.eval_steps == 0)
+        ):
+            eval_result = _evaluate(model, eval_rows, config, pad_token_id, device, precision, world)
+            stopped_early = _track_best(state, eval_result.loss, config)
+            record(_eval_record(state["step"], eval_result))
+            say(world, f"step {state['step']}: eval loss {eval_result.loss:.4f}, perplexity "
+                f"{eval_result.perplexity:.2f}", progress)  # fmt: skip
             if on_eval is not None:
                 on_eval(state["step"], eval_result.loss)
-        if state["step"] < steps and (
-            end_of_epoch or (config.save_steps and state["step"] % config.save_steps == 0)
-        ):
-            save_checkpoint(run_dir, model, optimizer, scheduler, state)
-    progress.close()
+        save_now = (end_of_epoch and config.save_each_epoch) or (
+            config.save_steps and state["step"] % config.save_steps == 0
+        )
+        if state["step"] < steps and (save_now or interrupt.requested or stopped_early):
+            if main:
+                saved = save_checkpoint(
+                    run_dir, model, optimizer, scheduler, state, config.save_total_limit, scaler
+                )
+            barrier(world)
+        if interrupt.requested and state["step"] < steps:
+            if progress is not None:
+                progress.close()
+            raise TunelabError(
+                f"training interrupted at step {state['step']} of {steps}; checkpoint saved in "
+                f"{saved if main else run_dir}. Run the same command with --resume to continue "
+                "(Python: FineTuner(config).train(resume=True))."
+            )
+        if stopped_early:
+            say(world, f"Early stopping at step {state['step']}: no eval-loss improvement in "
+                f"{config.early_stopping_patience} evaluations.", progress)  # fmt: skip
+            break
+    if progress is not None:
+        progress.close()
+    if reporters is not None:
+        reporters.close()
+    if main and config.plot:
+        plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / CURVES)
     model.eval()
+    return _results(state, per_epoch, last_loss, initial, eval_result, stopped_early)
 
+
+def _evaluate(
+    model: Any,
+    rows: list[Row],
+    config: FineTuningConfig,
+    pad_token_id: int,
+    device: str,
+    precision: str,
+    world: World,
+) -> EvalResult:
+    return evaluate(model, rows, config.batch_size, pad_token_id, device, precision, world)
+
+
+def _eval_record(step: int, result: EvalResult) -> dict[str, Any]:
+    return {
+        "step": step,
+        "eval_loss": round(result.loss, 6),
+        "eval_perplexity": round(result.perplexity, 4),
+    }
+
+
+def _track_best(state: dict[str, Any], loss: float, config: FineTuningConfig) -> bool:
+    """Record an evaluation; returns whether early stopping's patience has run out."""
+    best = state["best_eval_loss"]
+    state["eval_loss_at_step"] = loss
+    if best is None or loss < best - config.early_stopping_threshold:
+        state["evals_without_improvement"] = 0
+    else:
+        state["evals_without_improvement"] += 1
+    state["best_eval_loss"] = loss if best is None else min(best, loss)
+    patience = config.early_stopping_patience
+    return patience is not None and state["evals_without_improvement"] >= patience
+
+
+def _results(
+    state: dict[str, Any],
+    per_epoch: int,
+    last_loss: float,
+    initial: EvalResult | None,
+    eval_result: EvalResult | None,
+    stopped_early: bool,
+) -> dict[str, Any]:
     seconds = state["train_seconds"]
-    results = {
+    results: dict[str, Any] = {
         "steps": state["step"],
         "epochs": round(state["step"] / per_epoch, 4),
         "train_tokens": state["tokens"],
@@ -230,6 +390,10 @@ def fit(
         "tokens_per_second": round(state["tokens"] / seconds, 2) if seconds else None,
         "final_train_loss": round(last_loss, 6),
     }
+    if state["skipped_steps"]:
+        results["skipped_steps"] = state["skipped_steps"]
+    if stopped_early:
+        results["stopped_early_at_step"] = state["step"]
     if initial is not None:
         results["initial_eval_loss"] = round(initial.loss, 6)
     if eval_result is not None:
@@ -241,8 +405,18 @@ def fit(
     return results
 
 
+def say(world: World, text: str, progress: Progress | None = None) -> None:
+    """Print once (from the main process), through the progress bar when there is one."""
+    if not world.is_main:
+        return
+    if progress is not None:
+        progress.write(text)
+    else:
+        print(text, flush=True)
+
+
 def _clip(params: list[torch.Tensor], max_norm: float) -> float:
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 
 
-def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
+def warmup_steps_for(total_steps: int, warmup_ratio: float, warmup_steps: int | None = None) -> int:
+    """Warm-up length in steps: ``warmup_steps`` when given, else a share of the run."""
+    if warmup_steps is not None:
+        return min(warmup_steps, total_steps)
     return math.ceil(total_steps * warmup_ratio)
 
 

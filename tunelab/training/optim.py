@@ -1,0 +1,76 @@
+"""The optimizer: AdamW with weight decay only where it regularises, fused where torch has it.
+
+Decay shrinks weights towards zero; on biases and norm scales that only hurts (a norm's scale
+of 1 is its neutral value), so those go in a group without decay, as in most recipes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tunelab.config import FineTuningConfig
+
+
+def parameter_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups of the trainable parameters: matrices with ``weight_decay``, and
+    biases, norm weights and other 1-D tensors without."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lowered = name.lower()
+        if param.ndim < 2 or lowered.endswith(".bias") or "norm" in lowered:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: Any, config: FineTuningConfig) -> tuple[torch.optim.Optimizer, str]:
+    """The configured optimizer and a sentence saying which implementation runs."""
+    groups = parameter_groups(model, config.weight_decay)
+    device = next(p for g in groups for p in g["params"]).device
+    if config.optimizer == "adamw_8bit":
+        optimizer, note = _adamw_8bit(groups, config.learning_rate, device)
+        if optimizer is not None:
+            return optimizer, note
+    else:
+        note = ""
+    all_fp32 = all(p.dtype == torch.float32 for g in groups for p in g["params"])
+    # fused AdamW is one kernel per step over all tensors (CPU since torch 2.4, and CUDA)
+    if all_fp32 or device.type == "cuda":
+        try:
+            optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)
+            return optimizer, (note + "AdamW (fused)").strip()
+        except (RuntimeError, TypeError):
+            pass
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, foreach=True)
+    return optimizer, (note + "AdamW (foreach)").strip()
+
+
+def _adamw_8bit(groups: list[dict[str, Any]], lr: float, device: torch.device) -> tuple[Any, str]:
+    """bitsandbytes' 8-bit AdamW, or (None, why not) where it cannot run here."""
+    try:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(groups, lr=lr)
+        # a dry step on a copy proves the kernels exist for this device before training
+        probe = torch.zeros(4096, device=device, requires_grad=True)
+        probe_optimizer = bnb.optim.AdamW8bit([probe], lr=lr, min_8bit_size=1)
+        probe.grad = torch.ones_like(probe)
+        probe_optimizer.step()
+        return optimizer, "AdamW 8-bit (bitsandbytes)"
+    except Exception as exc:  # noqa: BLE001 (any failure means: use the 32-bit optimizer)
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        message = (
+            f"optimizer adamw_8bit is unavailable on {device.type} ({reason}); "
+            "using 32-bit AdamW instead. "
+        )
+        print(f"Note: {message}")
+        return None, message

@@ -1,0 +1,99 @@
+"""Metric sinks beyond metrics.jsonl: TensorBoard event files, MLflow, and a PNG of the curves.
+
+Each is optional and imported only when asked for, with a message naming the extra to install.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import FineTuningConfig
+from tunelab.errors import TunelabError
+
+CURVES = "training_curves.png"
+
+
+def _missing(package: str, sink: str) -> TunelabError:
+    return TunelabError(
+        f"report_to includes {sink}, but the '{package}' package is not installed. Install it "
+        f"with: pip install {package}   (or remove {sink} from report_to)."
+    )
+
+
+class Reporters:
+    """Forwards every metric record to the sinks named in ``config.report_to``."""
+
+    def __init__(self, config: FineTuningConfig, run_dir: Path, resume_step: int = 0) -> None:
+        self.tensorboard: Any = None
+        self.mlflow: Any = None
+        if "tensorboard" in config.report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise _missing("tensorboard", "tensorboard") from None
+            # purge_step drops events past the checkpoint, so a resumed run reads as one
+            self.tensorboard = SummaryWriter(
+                str(Path(run_dir) / "tensorboard"), purge_step=resume_step or None
+            )
+        if "mlflow" in config.report_to:
+            try:
+                import mlflow
+            except ImportError:
+                raise _missing("mlflow", "mlflow") from None
+            uri = config.mlflow_tracking_uri or (Path(run_dir).resolve() / "mlruns").as_uri()
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_experiment("tunelab")
+            mlflow.start_run(run_name=Path(run_dir).name)
+            mlflow.log_params({k: str(v)[:250] for k, v in config.to_dict().items()})
+            self.mlflow = mlflow
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        values = {k: float(v) for k, v in record.items() if k != "step" and v is not None}
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                group = "eval" if key.startswith("eval_") else "train"
+                self.tensorboard.add_scalar(f"{group}/{key.removeprefix('eval_')}", value, step)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(values, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training and eval loss (left) and learning rate (right) against the step, as a PNG;
+    None when there is nothing to draw."""
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; safe in a server or a test
+    import matplotlib.pyplot as plt
+
+    from tunelab.files import atomic_write_bytes
+
+    figure, (loss_axis, lr_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+        lr_axis.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
+    if evals:
+        loss_axis.plot(
+            [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval"
+        )
+    loss_axis.set(xlabel="optimizer step", ylabel="loss", title="Loss")
+    loss_axis.legend()
+    lr_axis.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate")
+    figure.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return atomic_write_bytes(path, buffer.getvalue())
