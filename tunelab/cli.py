@@ -344,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_data_commands(sub)
+    try:
+        from tunelab.diagnostics.cli import add_doctor_commands
+    except ImportError:
+        pass
+    else:
+        add_doctor_commands(sub)
+    try:
+        from tunelab.runs import add_runs_commands
+    except ImportError:
+        pass
+    else:
+        add_runs_commands(sub)
     return parser
 
 

@@ -1,0 +1,176 @@
+"""``tunelab doctor RUN_DIR``: read a run folder and list its problems with evidence and fixes.
+
+A tunelab run folder has metrics.jsonl, results.json, tunelab_config.yaml, run_info.json and the
+tokenizer. A folder trained by another tool is read too: transformers' ``trainer_state.json``
+stands in for metrics.jsonl, and the tokenizer checks run on its tokenizer files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tunelab.diagnostics.data_checks import (
+    DataView,
+    check_chat_template,
+    check_eos_label,
+    check_padding,
+    check_truncation,
+    load_data_view,
+    read_json,
+)
+from tunelab.diagnostics.findings import Finding
+from tunelab.diagnostics.metrics_checks import metrics_findings
+from tunelab.errors import TunelabError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def read_run_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Train and eval records from metrics.jsonl, or from a transformers trainer_state.json."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise TunelabError(
+                    f"{path}:{number} is not valid JSON ({line[:60]!r}). The file was cut off "
+                    "or edited; delete that line and run doctor again."
+                ) from None
+        train = [r for r in records if "loss" in r]
+        evals = [r for r in records if "eval_loss" in r]
+        return train, evals
+    state = read_json(run_dir / "trainer_state.json")
+    if state is None:
+        return [], []
+    history = state.get("log_history") or []
+    train = [
+        {"step": r["step"], "loss": r["loss"], "lr": r.get("learning_rate"), **_grad(r)}
+        for r in history
+        if "loss" in r and "step" in r
+    ]
+    evals = [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in history if "eval_loss" in r]
+    return train, evals
+
+
+def _grad(record: dict) -> dict:
+    return {"grad_norm": record["grad_norm"]} if "grad_norm" in record else {}
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "tunelab_config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise TunelabError(f"{path} is not valid YAML ({exc}). Restore it from your config.")
+    return values if isinstance(values, dict) else {}
+
+
+def typed_config(values: dict[str, Any]) -> Any:
+    """The run's FineTuningConfig; keys this tunelab does not know (older/newer runs) are
+    ignored rather than refused, since doctor only reads."""
+    from tunelab.config import FineTuningConfig
+
+    known = {f.name for f in dataclasses.fields(FineTuningConfig)}
+    return FineTuningConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def _base_tokenizer(run_dir: Path, info: dict[str, Any]) -> Any | None:
+    adapter = read_json(run_dir / "adapter_config.json") or {}
+    base = info.get("base_model") or adapter.get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError):
+        return None
+
+
+def diagnose_run(run_dir: str | Path) -> list[Finding]:
+    """Every finding for a run folder (see ``tunelab doctor --help`` for what is checked)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TunelabError(
+            f"{run_dir} is not a folder. Pass a run folder (the output_dir of 'tunelab train'); "
+            "'tunelab runs list' shows the runs under outputs/."
+        )
+    train, evals = read_run_metrics(run_dir)
+    has_tokenizer = any((run_dir / name).is_file() for name in TOKENIZER_FILES)
+    config_values = read_run_config(run_dir)
+    if not train and not evals and not has_tokenizer and not config_values:
+        raise TunelabError(
+            f"{run_dir} holds no metrics.jsonl, trainer_state.json, tunelab_config.yaml or "
+            "tokenizer, so it is not a training run. Pass the output_dir of 'tunelab train'."
+        )
+    results = read_json(run_dir / "results.json")
+    info = read_json(run_dir / "run_info.json") or {}
+    manifest = read_json(run_dir / "data_manifest.json") or {}
+    trained_by_tunelab = bool(config_values)
+
+    findings: list[Finding] = []
+    if trained_by_tunelab or train:
+        findings += metrics_findings(train, evals, results, config_values)
+    config = typed_config(config_values) if trained_by_tunelab else None
+
+    view: DataView | None = None
+    run_tokenizer = None
+    if has_tokenizer:
+        from transformers import AutoTokenizer
+
+        run_tokenizer = AutoTokenizer.from_pretrained(str(run_dir))  # as saved, pad unchanged
+    if config is not None and has_tokenizer:
+        view, problem = _data_view(run_dir, config)
+        if problem is not None:
+            findings.append(problem)
+    if config is not None:
+        findings += check_truncation(results or {}, manifest, view, config.max_length)
+        if view is not None and view.tokenized:
+            findings += check_padding(view, config)
+    if run_tokenizer is not None:
+        if info:
+            base = _base_tokenizer(run_dir, info)
+            findings += check_chat_template(run_tokenizer, info, base, view)
+        findings += check_eos_label(run_tokenizer, trained_by_tunelab, view, config)
+    return findings
+
+
+def _data_view(run_dir: Path, config: Any) -> tuple[DataView | None, Finding | None]:
+    import contextlib
+    import io
+
+    from tunelab.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(str(run_dir))
+        with contextlib.redirect_stdout(io.StringIO()):  # the data stage's own progress lines
+            return load_data_view(config, tokenizer), None
+    except (TunelabError, OSError) as exc:
+        return None, Finding(
+            "data_unavailable",
+            "info",
+            "The training data could not be re-read",
+            f"{exc}",
+            "truncation used the counts recorded in results.json; padding and the EOS probe "
+            "were skipped. Run doctor where dataset_path is reachable to check them.",
+        )
+
+
+def findings_json(run_dir: str, findings: list[Finding]) -> str:
+    def clean(value: Any) -> Any:
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    items = [{k: clean(v) for k, v in f.as_dict().items()} for f in findings]
+    return json.dumps({"run": run_dir, "findings": items}, indent=2)
