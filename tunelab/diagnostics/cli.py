@@ -46,5 +46,6 @@ def doctor_command(args: argparse.Namespace) -> int:
     from tunelab.diagnostics.run_report import diagnose_run, findings_json
 
     findings = diagnose_run(args.run_dir)
-    print(findings_json(args.run_dir, findings) if args.json else format_findings(args.run_dir, findings))
+    text = findings_json if args.json else format_findings
+    print(text(args.run_dir, findings))
     return 1 if any(is_problem(f) for f in findings) else 0

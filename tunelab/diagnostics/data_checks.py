@@ -133,7 +133,9 @@ def check_padding(view: DataView, config: Any) -> list[Finding]:
 
 
 def _first_difference(a: str, b: str) -> str:
-    for number, (line_a, line_b) in enumerate(zip(a.splitlines(), b.splitlines()), start=1):
+    for number, (line_a, line_b) in enumerate(
+        zip(a.splitlines(), b.splitlines(), strict=False), start=1
+    ):
         if line_a != line_b:
             return f"line {number}: run has {line_a[:60]!r}, base model has {line_b[:60]!r}"
     return f"the run's template is {len(a)} characters, the base model's {len(b)}"

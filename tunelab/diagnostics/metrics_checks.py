@@ -216,7 +216,10 @@ def check_overfitting(train: list[Record], evals: list[Record], config: Record) 
     if best_step == 0:
         fixes.append("training made held-out loss worse than the base model from the start")
     elif epochs and isinstance(epochs[0], int | float):
-        fixes.append(f"train fewer epochs (best at epoch {epochs[0]:g}: num_epochs {_ceil(epochs[0])})")
+        best_epoch = epochs[0]
+        fixes.append(
+            f"train fewer epochs (best at epoch {best_epoch:g}: num_epochs {_ceil(best_epoch)})"
+        )
     else:
         fixes.append(f"stop earlier (max_steps {best_step})")
     fixes.append(

@@ -73,7 +73,9 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise TunelabError(f"{path} is not valid YAML ({exc}). Restore it from your config.")
+        raise TunelabError(
+            f"{path} is not valid YAML ({exc}). Restore it from your config."
+        ) from None
     return values if isinstance(values, dict) else {}
 
 
