@@ -1,0 +1,2 @@
+"""Planning before spending: resource estimates (``tunelab estimate``) and hyperparameter
+search (``tunelab sweep``)."""
