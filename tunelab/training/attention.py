@@ -29,7 +29,9 @@ def segment_layout(position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch
     segments: list[tuple[int, int]] = []  # (flat start, length)
     for r in range(rows):
         begin = torch.nonzero(starts[r]).flatten().tolist() + [width]
-        segments += [(r * width + a, b - a) for a, b in zip(begin[:-1], begin[1:]) if b > a]
+        segments += [
+            (r * width + a, b - a) for a, b in zip(begin[:-1], begin[1:], strict=False) if b > a
+        ]
     buckets: dict[int, list[tuple[int, int]]] = {}
     for start, length in segments:
         buckets.setdefault(1 << (length - 1).bit_length(), []).append((start, length))
@@ -86,7 +88,9 @@ def packed_attention_forward(
     if position_ids.shape[0] != batch:
         position_ids = position_ids.expand(batch, -1)
     # (B, H, L, D) -> (B*L, H, D) so that one gather picks a whole example's tokens
-    flat_q, flat_k, flat_v = (t.transpose(1, 2).reshape(batch * length, heads, dim) for t in (query, key, value))
+    flat_q, flat_k, flat_v = (
+        t.transpose(1, 2).reshape(batch * length, heads, dim) for t in (query, key, value)
+    )
     output = flat_q.new_empty(batch * length, heads, dim)
     for index, real in _cached_layout(position_ids):
         q, k, v = (t[index].transpose(1, 2) for t in (flat_q, flat_k, flat_v))

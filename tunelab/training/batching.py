@@ -63,9 +63,7 @@ def pack_examples(
     return rows
 
 
-def single_rows(
-    examples: list[TokenizedExample], origins: list[str] | None = None
-) -> list[Row]:
+def single_rows(examples: list[TokenizedExample], origins: list[str] | None = None) -> list[Row]:
     """One example per row (packing off); rows of a batch are grouped by length instead."""
     return [_row_of(e, origins[i] if origins else None) for i, e in enumerate(examples)]
 

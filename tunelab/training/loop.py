@@ -301,7 +301,9 @@ def _fit(
             or (end_of_epoch and config.eval_each_epoch)
             or (config.eval_steps and state["step"] % config.eval_steps == 0)
         ):
-            eval_result = _evaluate(model, eval_rows, config, pad_token_id, device, precision, world)
+            eval_result = _evaluate(
+                model, eval_rows, config, pad_token_id, device, precision, world
+            )
             stopped_early = _track_best(state, eval_result.loss, config)
             record(_eval_record(state["step"], eval_result))
             say(world, f"step {state['step']}: eval loss {eval_result.loss:.4f}, perplexity "

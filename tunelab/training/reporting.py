@@ -5,6 +5,7 @@ Each is optional and imported only when asked for, with a message naming the ext
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ class Reporters:
             except ImportError:
                 raise _missing("mlflow", "mlflow") from None
             uri = config.mlflow_tracking_uri or (Path(run_dir).resolve() / "mlruns").as_uri()
+            if uri.startswith("file:"):
+                # MLflow 3 refuses its file store unless told: a local folder is what we want
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri(uri)
             mlflow.set_experiment("tunelab")
             mlflow.start_run(run_name=Path(run_dir).name)
