@@ -356,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_runs_commands(sub)
+    try:
+        from tunelab.evaluation.cli import add_eval_commands
+    except ImportError:
+        pass
+    else:
+        add_eval_commands(sub)
     return parser
 
 

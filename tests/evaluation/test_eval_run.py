@@ -1,0 +1,98 @@
+"""The eval command end to end on a tiny trained run: files, numbers, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import write_jsonl
+
+from tunelab.errors import TunelabError
+
+
+@pytest.fixture
+def tiny_run(make_config, tmp_path, qa_rows):
+    from tunelab.api import FineTuner
+
+    held_out = write_jsonl(
+        tmp_path / "heldout.jsonl",
+        [{"prompt": f"Define {r['term']}.", "completion": r["definition"]} for r in qa_rows],
+    )
+    config = make_config(eval_path=str(held_out), eval_steps=3)
+    FineTuner(config).train()
+    return config, held_out
+
+
+def test_evaluate_run_writes_reports_with_consistent_numbers(tiny_run, tmp_path):
+    from tunelab.evaluation import evaluate_run
+
+    config, held_out = tiny_run
+    lines: list[str] = []
+    results = evaluate_run(
+        config.output_dir, held_out, max_new_tokens=6, k=2, bootstrap_samples=200,
+        progress=lines.append,
+    )  # fmt: skip
+    assert list(results.systems) == ["base", "few-shot", "rag", "tuned", "tuned+rag"]
+    assert len(results.items) == 6
+    data = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    for name, result in results.systems.items():
+        row = data["systems"][name]
+        assert len(result.answers) == 6
+        # perplexity is exp of the token-weighted loss over every reference token
+        assert row["perplexity"] == pytest.approx(
+            math.exp(result.reference_nll / result.reference_tokens), rel=1e-3
+        )
+        assert (
+            0 <= row["token_f1"]["low"] <= row["token_f1"]["mean"] <= row["token_f1"]["high"] <= 1
+        )
+    # base and tuned share weights except the adapter: the trained adapter must move the loss
+    assert data["systems"]["tuned"]["loss"]["mean"] != data["systems"]["base"]["loss"]["mean"]
+    pairs = {(d["first"], d["second"]) for d in data["differences"]}
+    assert ("tuned", "rag") in pairs and ("tuned+rag", "tuned") in pairs
+    assert set(data["forgetting"]) == {"base", "tuned"}
+    assert data["forgetting"]["base"]["tokens"] > 1000
+    html = (tmp_path / "run" / "eval_report.html").read_text()
+    assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+    md = (tmp_path / "run" / "eval_report.md").read_text()
+    assert results.verdict[0] in md
+    assert any("tokens/s" in line for line in lines)
+
+
+def test_eval_cli_with_config_and_subset_of_systems(tiny_run, tmp_path, capsys):
+    import yaml
+
+    from tunelab.cli import main
+
+    config, held_out = tiny_run
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump({"model_name": config.model_name,
+        "dataset_path": config.dataset_path, "output_dir": config.output_dir}))  # fmt: skip
+    out = tmp_path / "report"
+    code = main(["eval", str(config_path), "--eval-path", str(held_out), "--systems",
+                 "tuned,base", "--limit", "3", "--max-new-tokens", "4", "--no-forgetting",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    data = json.loads((out / "eval_results.json").read_text())
+    assert list(data["systems"]) == ["base", "tuned"]
+    assert data["examples"] == 3 and data["forgetting"] is None
+    assert "Verdict:" in capsys.readouterr().out
+
+
+def test_eval_errors_name_the_problem(tiny_run, tmp_path, capsys):
+    from tunelab.cli import main
+    from tunelab.evaluation import evaluate_run
+
+    config, held_out = tiny_run
+    with pytest.raises(TunelabError, match=r"unknown system 'tunned'.*Did you mean 'tuned'"):
+        evaluate_run(config.output_dir, held_out, systems="base,tunned")
+    with pytest.raises(TunelabError, match="not a tunelab run folder"):
+        evaluate_run(tmp_path, held_out)
+    with pytest.raises(TunelabError, match="--eval-path .*missing.jsonl does not exist"):
+        evaluate_run(config.output_dir, tmp_path / "missing.jsonl")
+    with pytest.raises(TunelabError, match="--k must be at least 1"):
+        evaluate_run(config.output_dir, held_out, k=0)
+    prompts_only = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is a byte?"}] * 2)
+    code = main(["eval", config.output_dir, "--eval-path", str(prompts_only)])
+    err = capsys.readouterr().err
+    assert code != 0 and "prompts.jsonl" in err and "Traceback" not in err
