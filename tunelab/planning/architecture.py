@@ -154,8 +154,8 @@ class ParameterCount:
     trainable: int
     base: int  # the base model's own weights
     quantizable: int  # base weights in the decoder layers' linear layers (what QLoRA quantises)
-    # in_features of each adapted linear layer of one decoder layer (their inputs are saved)
-    adapted_inputs: list[int] = field(default_factory=list)
+    # (name, in_features) of each adapted linear layer of one decoder layer (inputs are saved)
+    adapted_inputs: list[tuple[str, int]] = field(default_factory=list)
 
 
 def count_parameters(
@@ -203,7 +203,7 @@ def count_parameters(
     trainable, total = wrapped.get_nb_trainable_parameters()
     first_layer = _first_layer_prefix(names)
     adapted = [
-        m.base_layer.in_features
+        (n.rsplit(".", 1)[-1], m.base_layer.in_features)
         for n, m in wrapped.named_modules()
         if hasattr(m, "lora_A") and first_layer in n and hasattr(m, "in_features")
     ]

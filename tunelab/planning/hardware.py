@@ -56,17 +56,31 @@ GPUS = (
 )
 
 
+def _key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
 def gpu_named(name: str) -> Device:
+    """A catalogued GPU by name, loosely: "A100 80GB", "a100-80gb", "rtx4090", "H100"."""
     from tunelab.errors import TunelabError, did_you_mean
 
-    by_name = {d.name.split()[0].lower(): d for d in GPUS} | {d.name.lower(): d for d in GPUS}
-    device = by_name.get(name.lower())
-    if device is None:
+    by_key: dict[str, list[Device]] = {}
+    for device in GPUS:
+        short = device.name.rsplit(" ", 1)[0]  # without the memory size
+        for key in {_key(device.name), _key(short), _key(short.split()[-1])}:
+            by_key.setdefault(key, []).append(device)
+    found = by_key.get(_key(name), [])
+    if len(found) == 1:
+        return found[0]
+    if found:
         raise TunelabError(
-            f"unknown GPU {name!r}.{did_you_mean(name.lower(), by_name)} Known GPUs: "
-            f"{', '.join(d.name for d in GPUS)}."
+            f"GPU {name!r} comes in several sizes: {', '.join(d.name for d in found)}. Name one, "
+            f"e.g. --gpu '{found[-1].name}'."
         )
-    return device
+    raise TunelabError(
+        f"unknown GPU {name!r}.{did_you_mean(_key(name), by_key)} Known GPUs: "
+        f"{', '.join(d.name for d in GPUS)}."
+    )
 
 
 def total_ram_bytes() -> int:

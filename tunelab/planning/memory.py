@@ -1,23 +1,26 @@
 """Peak training memory, modelled on what tunelab's loop keeps alive.
 
 The model follows ``tunelab.training``: a frozen base in the compute precision with LoRA
-weights, gradients and AdamW states in fp32 (PEFT's ``autocast_adapter_dtype``); full
-fine-tuning in fp32 throughout; QLoRA's base in 4-bit NF4 with double quantisation, its other
-weights cast to fp32 by ``peft.prepare_model_for_kbit_training``; the body run once and the LM
-head only on loss positions (``causal_lm_loss_sum``), whose fp32 log-softmax autograd keeps for
-every loss token, chunk by chunk.
+weights, gradients and AdamW states in fp32 (PEFT's ``autocast_adapter_dtype``), the forward
+under bf16 autocast with PEFT's fp32 input casting switched off (``training.precision``); full
+fine-tuning keeps fp32 weights and autocast caches a 16-bit copy of every linear weight for the
+forward and backward; QLoRA's base in 4-bit NF4 with double quantisation, its other weights cast
+to fp32 by ``peft.prepare_model_for_kbit_training``; attention over packed rows without a dense
+mask (``training.attention``); the body run once and the LM head only on loss positions
+(``causal_lm_loss_sum``), whose fp32 log-softmax autograd keeps for every loss token.
 
 Activations are what autograd saves per token and decoder layer. Counted tensor by tensor on a
 Llama layer (``tests/planning/test_memory.py`` checks the count against autograd's own saved
-tensors):
+tensors); a frozen linear layer saves nothing (its input gradient needs only its weight):
 
-- each RMSNorm keeps its input upcast to fp32 (4h bytes); full fine-tuning also keeps the
-  normalised value and the output, which the trainable projections need (3 x 4h);
-- attention keeps q, the expanded k and v, and the output (4 x attention width), plus
-  logsumexp; trainable projections also keep the output's reshaped copy;
-- a gated MLP keeps gate, up and silu(gate) (3i); with trainable weights also their product;
-- each adapted linear keeps its input cast to the adapter's fp32 and, with dropout, the
-  dropout mask (1 byte).
+- each RMSNorm keeps its input upcast to fp32 (4h bytes); with a trainable norm weight also the
+  normalised 16-bit value (which is then also the saved input of the q/k/v and gate/up layers);
+- attention keeps q, the expanded k and v, its output and the log-sum-exp (4 x width + 4 x
+  heads); a trainable output projection also keeps its input (one more width);
+- a gated MLP keeps gate, silu(gate) and up (3i); a trainable down projection also its input;
+- LoRA keeps the input of each adapted layer (shared by layers reading the same tensor when
+  there is no dropout; with dropout each adapter keeps its own dropped copy and a 1-byte mask)
+  and the r-wide output of lora_A.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # and one fp32 constant per 256 of those
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 INT8_BYTES_PER_WEIGHT = 1 + 4 / 4096  # one fp32 scale per row of a 4096-wide layer
-OPTIMIZER_BYTES = {"adamw": 8, "adamw-8bit": 2, "sgd": 0}  # per trainable parameter
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2}  # per trainable parameter
 LOSS_CHUNK_ROWS = 1024  # tunelab.training.loss.chunked_cross_entropy's chunk
 
 
@@ -54,21 +57,21 @@ class TrainingSetup:
     gradient_accumulation_steps: int = 1
     devices: int = 1
     sharding: str = "none"  # none: each device holds everything (DDP); fsdp: states are split
-    packing: bool = True
     loss_fraction: float = 1.0  # share of tokens that are loss targets (completions)
 
     def check(self) -> None:
-        problems = {
-            "precision": self.precision in BYTES,
-            "adapter_precision": self.adapter_precision in BYTES,
-            "optimizer": self.optimizer in OPTIMIZER_BYTES,
-            "sharding": self.sharding in ("none", "fsdp"),
-            "quantization_bits": self.quantization_bits in (4, 8),
+        allowed = {
+            "precision": tuple(BYTES),
+            "adapter_precision": tuple(BYTES),
+            "optimizer": tuple(OPTIMIZER_BYTES),
+            "sharding": ("none", "fsdp"),
+            "quantization_bits": (4, 8),
         }
-        for key, ok in problems.items():
-            if not ok:
+        for key, values in allowed.items():
+            if getattr(self, key) not in values:
                 raise TunelabError(
-                    f"estimate setting '{key}' is {getattr(self, key)!r}; see --help."
+                    f"estimate setting '{key}' is {getattr(self, key)!r}; expected one of "
+                    f"{', '.join(map(str, values))}."
                 )
         for key in ("batch_size", "max_length", "devices", "lora_r", "gradient_accumulation_steps"):
             if getattr(self, key) < 1:
@@ -145,21 +148,36 @@ def trainable_bytes(setup: TrainingSetup) -> int:
     return 4 if setup.method in ("full", "qlora") else BYTES[setup.adapter_precision]
 
 
+# adapted layers that read the same tensor (without dropout, they share one saved input)
+_SHARED_INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp"}
+_SHARED_INPUT["up_proj"] = "mlp"
+
+
 def layer_activation_bytes(arch: Architecture, params: ParameterCount, setup: TrainingSetup) -> int:
     """Bytes autograd keeps per token for one decoder layer (see the module docstring)."""
     h, i, width = arch.hidden_size, arch.intermediate_size, arch.attention_width
+    b = BYTES[setup.precision]
     full = setup.method == "full"
-    b = 4 if full else BYTES[setup.precision]
-    norms = 2 * (3 if full else 1) * 4 * h
-    attention = (5 if full else 4) * b * width + 4 * arch.num_heads
-    mlp = (4 if full else 3) * b * i if arch.gated_mlp else (3 if full else 2) * b * i
-    adapters = 0
-    if not full:
-        mask = 1 if setup.lora_dropout > 0 else 0
-        adapter_bytes = BYTES[setup.adapter_precision]
-        adapters = sum(d * (adapter_bytes + mask) + 4 * setup.lora_r for d in params.adapted_inputs)
+    norms = 2 * (4 * h + 4 + (b * h if full else 0))
+    attention = 4 * b * width + 4 * arch.num_heads + (b * width if full else 0)
+    if arch.gated_mlp:
+        mlp = 3 * b * i + (b * i if full else 0)
+    else:
+        mlp = 2 * b * i + (b * i if full else 0)
+    if full:
+        return norms + attention + mlp
+    adapters, seen = 0, set()
+    for name, inputs in params.adapted_inputs:
+        adapters += b * setup.lora_r  # lora_A's output, saved by lora_B
+        if setup.lora_dropout > 0:
+            adapters += inputs * (b + 1)  # each adapter's own dropped copy and its mask
+            continue
+        key = _SHARED_INPUT.get(name, name)
+        if key not in seen:
+            seen.add(key)
+            adapters += inputs * b
         if setup.method == "dora":  # DoRA also keeps the base output to rescale it
-            adapters += 2 * b * len(params.adapted_inputs) * h
+            adapters += b * h
     return norms + attention + mlp + adapters
 
 
@@ -171,14 +189,13 @@ def estimate_memory(
     notes: list[str] = []
     shards = setup.devices if setup.sharding == "fsdp" else 1
     weights = weight_bytes(arch, params, setup) // shards
-    per_trainable = trainable_bytes(setup)
-    gradients = params.trainable * per_trainable // shards
+    gradients = params.trainable * trainable_bytes(setup) // shards
     optimizer = params.trainable * OPTIMIZER_BYTES[setup.optimizer] // shards
 
     tokens = setup.tokens
-    loss_tokens = int(tokens * setup.loss_fraction)
+    loss_tokens = max(1, int(tokens * setup.loss_fraction))
     h, vocab = arch.hidden_size, arch.vocab_size
-    b = 4 if setup.method == "full" else BYTES[setup.precision]
+    b = BYTES[setup.precision]
     per_layer = layer_activation_bytes(arch, params, setup)
     if setup.gradient_checkpointing:
         # only each layer's input is kept; one layer's activations are rebuilt in backward
@@ -186,26 +203,29 @@ def estimate_memory(
         notes.append("gradient checkpointing: one layer's activations are recomputed at a time")
     else:
         layers = arch.num_layers * tokens * per_layer
-    # final norm (fp32 input), the hidden states of loss positions, their fp32 log-softmax
-    head = tokens * 4 * h + loss_tokens * (b * h + 4 * vocab)
+    # final norm (fp32 input), and for each loss position the fp32 log-softmax cross-entropy
+    # keeps (plus the hidden state itself when the LM head is trained)
+    head = tokens * 4 * h + loss_tokens * (4 * vocab + (b * h if setup.method == "full" else 0))
     inputs = tokens * 3 * 8  # input ids, labels, positions (int64)
-    mask = setup.batch_size * setup.max_length**2 * b if setup.packing else 0
-    activations = layers + head + inputs + mask
+    activations = layers + head + inputs
 
     chunk = min(LOSS_CHUNK_ROWS, loss_tokens)
     logits = chunk * vocab * (b + 4 + 4)  # head output, its fp32 copy, its gradient
     # backward through one MLP: the gradients of gate, up and their product, and the residual's
     backward = tokens * (3 * b * arch.intermediate_size + 2 * 4 * h)
-    mask_build = setup.batch_size * setup.max_length**2 if setup.packing else 0
-    forward_backward = max(logits, backward) + mask_build
-    # foreach AdamW allocates one parameter-sized buffer while taking the step
-    step = params.trainable * 4 // shards if setup.optimizer != "sgd" else 0
+    temporary = max(logits, backward)
+    if setup.method == "full" and b < 4:
+        # autocast's 16-bit copy of each linear weight lives through forward and backward
+        temporary += params.quantizable * b // shards
+    # foreach AdamW allocates parameter-sized buffers while it steps; fused AdamW (fp32
+    # parameters, what tunelab picks) works in place
+    step = 0
     return MemoryBreakdown(
         weights,
         gradients,
         optimizer,
         activations,
-        forward_backward,
+        temporary,
         step,
         gradients_during_backward=setup.gradient_accumulation_steps > 1,
         notes=notes,
