@@ -1,0 +1,317 @@
+"""Training throughput: the seed recipe vs TRL's SFTTrainer vs tunelab, on the same data and model.
+
+All three fine-tune the default model (SmolLM2-135M-Instruct) with LoRA r8 on q_proj/v_proj on
+FOLDOC entries (examples/computing-terms/data/train.jsonl) as plain text, for the same number of
+optimizer steps of batch x accumulation rows of --max-length tokens:
+
+  seed     transformers Trainer, every example padded to max_length, fp32 (the seed's recipe)
+  trl      TRL SFTTrainer, packing, bf16
+  tunelab  tunelab defaults (packing, automatic precision)
+
+Each system runs in its own child process (so peak RSS is its own), one after the other. Reported:
+real (non-padding) training tokens per second over the training loop, peak RSS, the held-out loss
+after training (one shared evaluator: fp32, one example per forward pass, mean over tokens), the
+real tokens each system had trained on by then, and tunelab's MFU against a bf16 matmul peak
+measured in the same run. Needs the bench extra: pip install 'tunelab[bench]' (trl, psutil).
+
+    python benchmarks/train_throughput.py                # 3 steps of 4x4x512, about 12 minutes
+    python benchmarks/train_throughput.py --steps 1 --accumulation 2 --systems trl,tunelab
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "computing-terms" / "data"
+SYSTEMS = ("seed", "trl", "tunelab")
+
+
+def entry_text(row: dict) -> str:
+    return f"{row['term']}: {row['definition']}"
+
+
+def load_texts(name: str, limit: int | None = None) -> list[str]:
+    rows = [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
+    return [entry_text(r) for r in rows[:limit]]
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def heldout_loss(model, tokenizer, texts: list[str], max_length: int) -> float:
+    """Mean next-token loss over the held-out texts, fp32, one example per forward pass."""
+    import torch
+
+    model = model.float().eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+            ids = torch.tensor([ids + [tokenizer.eos_token_id]])
+            out = model(input_ids=ids, labels=ids)
+            n = ids.shape[1] - 1
+            total += float(out.loss) * n
+            count += n
+    return total / count
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=8,
+        lora_alpha=32,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "v_proj"],
+        task_type="CAUSAL_LM",
+    )
+
+
+def run_seed(args: argparse.Namespace, out: Path) -> dict:
+    """The seed's recipe as written: Trainer, padding to max_length, fp32 (transformers 5 names)."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from tunelab.models import resolve_model
+
+    location = resolve_model(None)
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32), lora_config()
+    )
+    rows = args.steps * args.accumulation * args.batch
+    texts = load_texts("train.jsonl")[:rows]
+    data = Dataset.from_dict({"text": texts}).map(
+        lambda b: tokenizer(
+            b["text"], truncation=True, max_length=args.max_length, padding="max_length"
+        ),
+        batched=True,
+        remove_columns=["text"],
+    )
+    real = int(sum(sum(m) for m in data["attention_mask"]))
+    training = TrainingArguments(
+        output_dir=str(out / "seed"),
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.accumulation,
+        max_steps=args.steps,
+        learning_rate=3e-4,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=42,
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = Trainer(model=model, args=training, train_dataset=data, data_collator=collator)
+    seconds = trainer.train().metrics["train_runtime"]
+    return {"real_tokens": real, "seconds": seconds, "model": model, "tokenizer": tokenizer}
+
+
+def run_trl(args: argparse.Namespace, out: Path) -> dict:
+    """TRL SFTTrainer with packing and bf16."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from tunelab.models import resolve_model
+
+    location = resolve_model(None)
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+    texts = load_texts("train.jsonl")
+    training = SFTConfig(
+        output_dir=str(out / "trl"),
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.accumulation,
+        max_steps=args.steps,
+        learning_rate=3e-4,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=True,
+        packing=True,
+        max_length=args.max_length,
+        seed=42,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=training,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+    result = trainer.train()
+    seconds = result.metrics["train_runtime"]
+    # packed rows are full: every token of every row is real
+    real = args.steps * args.accumulation * args.batch * args.max_length
+    return {"real_tokens": real, "seconds": seconds, "model": trainer.model, "tokenizer": tokenizer}
+
+
+def run_tunelab(args: argparse.Namespace, out: Path) -> dict:
+    from tunelab.api import FineTuner
+    from tunelab.config import FineTuningConfig
+
+    data = out / "train_text.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in load_texts("train.jsonl")))
+    config = FineTuningConfig(
+        dataset_path=str(data),
+        output_dir=str(out / "tunelab"),
+        lora_r=8,
+        lora_alpha=32,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "v_proj"],
+        learning_rate=3e-4,
+        batch_size=args.batch,
+        gradient_accumulation_steps=args.accumulation,
+        max_length=args.max_length,
+        max_steps=args.steps,
+        warmup_ratio=0.0,
+        logging_steps=1,
+        plot=False,
+        save_each_epoch=False,
+        eval_each_epoch=False,
+        seed=42,
+    )
+    tuner = FineTuner(config)
+    results = tuner.train()
+    return {
+        "real_tokens": results["train_tokens"],
+        "seconds": results["train_runtime_seconds"],
+        "model": tuner.model,
+        "tokenizer": tuner.load_tokenizer(),
+    }
+
+
+def matmul_peak_gflops(seconds: float = 3.0) -> float:
+    """Best bf16 matmul rate on this machine (the ceiling for MFU), in GFLOP/s."""
+    import torch
+
+    best = 0.0
+    for size in (1024, 2048):
+        a, b = (
+            torch.randn(size, size, dtype=torch.bfloat16),
+            torch.randn(size, size, dtype=torch.bfloat16),
+        )
+        a @ b
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds / 2:
+            a @ b
+            count += 1
+        best = max(best, 2 * size**3 * count / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def child(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    run = {"seed": run_seed, "trl": run_trl, "tunelab": run_tunelab}[args.child]
+    result = run(args, out)
+    loss = heldout_loss(
+        result["model"], result["tokenizer"], load_texts("heldout.jsonl", args.heldout), 512
+    )
+    params = sum(p.numel() for p in result["model"].parameters())
+    report = {
+        "system": args.child,
+        "real_tokens": result["real_tokens"],
+        "seconds": result["seconds"],
+        "tokens_per_second": result["real_tokens"] / result["seconds"],
+        "peak_rss_mb": peak_rss_mb(),
+        "eval_loss": loss,
+        "params": params,
+    }
+    (out / f"{args.child}.json").write_text(json.dumps(report))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per system")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--accumulation", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument(
+        "--heldout", type=int, default=40, help="held-out entries for the eval loss"
+    )
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    systems = [s for s in args.systems.split(",") if s]
+    reports = {}
+    with tempfile.TemporaryDirectory() as out:
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        for system in systems:
+            command = [sys.executable, __file__, "--child", system, "--out", out]
+            command += ["--steps", str(args.steps), "--batch", str(args.batch)]
+            command += [
+                "--accumulation",
+                str(args.accumulation),
+                "--max-length",
+                str(args.max_length),
+            ]
+            command += ["--heldout", str(args.heldout)]
+            print(f"running {system} ...", flush=True)
+            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+            reports[system] = json.loads((Path(out) / f"{system}.json").read_text())
+    peak = matmul_peak_gflops()
+    print(
+        f"\n{args.steps} optimizer steps of {args.batch}x{args.accumulation}x{args.max_length}; "
+        f"bf16 matmul peak here {peak:.0f} GFLOP/s\n"
+    )
+    base = reports.get("tunelab")
+    print(
+        "| system | real tokens/s | vs tunelab | real tokens trained | peak RSS MiB "
+        "| held-out loss |"
+    )
+    print("|---|---|---|---|---|---|")
+    for system, r in reports.items():
+        ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.3f}x" if base else "-"
+        print(
+            f"| {system} | {r['tokens_per_second']:.1f} | {ratio} | {r['real_tokens']} | "
+            f"{r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} |"
+        )
+    if base:
+        # frozen base: forward 2N and input-gradient 2N FLOPs per token (no weight gradients)
+        achieved = 4 * base["params"] * base["tokens_per_second"] / 1e9
+        print(
+            f"\ntunelab: ~{achieved:.0f} GFLOP/s of model matmuls (4N per token), "
+            f"MFU {achieved / peak:.1%} of the measured bf16 matmul peak"
+        )
+        for system, r in reports.items():
+            if system != "tunelab":
+                print(
+                    f"tunelab is {base['tokens_per_second'] / r['tokens_per_second']:.1f}x {system}"
+                )
+
+
+if __name__ == "__main__":
+    main()
