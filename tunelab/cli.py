@@ -362,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_eval_commands(sub)
+    try:
+        from tunelab.planning.cli import add_planning_commands
+    except ImportError:
+        pass
+    else:
+        add_planning_commands(sub)
     return parser
 
 

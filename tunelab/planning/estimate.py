@@ -188,27 +188,30 @@ def advise(
     utilization: float,
     context: int | None = None,
 ) -> list[Advice]:
-    """What to change so the run fits ``device``: each single change, then their combination
-    until one fits."""
-    advice: list[Advice] = []
+    """What to change so the run fits ``device``: each single change; when none is enough,
+    the changes combined one by one until the combination fits."""
+
+    def evaluate(label: str, update: dict) -> Advice:
+        trial = dataclasses.replace(setup, **update)
+        params = count_parameters(arch, trial.method, trial.lora_r, trial.target_modules)
+        peak = estimate_memory(arch, params, trial).total
+        flops = training_flops_per_token(arch, params, trial, context)
+        speed = tokens_per_second(flops, device, trial, utilization)
+        return Advice(label, peak, peak <= device.usable_bytes, speed)
+
+    changes = _changes(setup)
+    advice = [evaluate(label, update) for label, update in changes]
+    if any(a.fits for a in advice):
+        return advice
     combined: dict = {}
-    names: list[str] = []
-    for change, values in _changes(setup):
-        for label, update in ((change, values), (" + ".join([*names, change]), None)):
-            if update is None:
-                if not names:
-                    continue
-                update = {**combined, **values}
-            trial = dataclasses.replace(setup, **update)
-            params = count_parameters(arch, trial.method, trial.lora_r, trial.target_modules)
-            peak = estimate_memory(arch, params, trial).total
-            flops = training_flops_per_token(arch, params, trial, context)
-            speed = tokens_per_second(flops, device, trial, utilization)
-            advice.append(Advice(label, peak, peak <= device.usable_bytes, speed))
-        if any(a.fits for a in advice):
+    for count, (_, update) in enumerate(changes, start=1):
+        combined.update(update)
+        if count < 2:
+            continue
+        label = " + ".join(label for label, _ in changes[:count])
+        advice.append(evaluate(label, dict(combined)))
+        if advice[-1].fits:
             break
-        combined.update(values)
-        names.append(change)
     return advice
 
 

@@ -100,15 +100,14 @@ class MemoryBreakdown:
     activations: int
     temporary: int  # short-lived in forward/backward: logits chunk, mask, backward buffers
     optimizer_step: int  # AdamW's buffer while it takes the step
-    # with gradient accumulation, earlier micro-batches' gradients live through each backward
-    gradients_during_backward: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
     def backward_peak(self) -> int:
-        """Memory at the start of a backward pass (all activations alive)."""
-        held = self.gradients if self.gradients_during_backward else 0
-        return self.weights + self.optimizer + self.activations + self.temporary + held
+        """Memory in a backward pass: activations alive, gradients being filled in (counted
+        whole: with accumulation they are, and without it the last layers' gradients exist
+        while the first layers' activations are still held)."""
+        return self.weights + self.optimizer + self.activations + self.temporary + self.gradients
 
     @property
     def step_peak(self) -> int:
@@ -227,6 +226,5 @@ def estimate_memory(
         activations,
         temporary,
         step,
-        gradients_during_backward=setup.gradient_accumulation_steps > 1,
         notes=notes,
     )
