@@ -93,7 +93,8 @@ def _pair_sentence(first: str, second: str, rows: list[dict[str, Any]]) -> str |
     if ties:
         target = "" if wins or losses else f" {NAMES[second]}"
         parts.append(f"was within noise of{target or ' it'} on {_join(ties)}")
-    sentence = f"{NAMES[first].capitalize()} " + "; ".join(parts) + "."
+    subject = NAMES[first][0].upper() + NAMES[first][1:]
+    sentence = f"{subject} " + "; ".join(parts) + "."
     return sentence
 
 

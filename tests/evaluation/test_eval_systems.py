@@ -1,0 +1,100 @@
+"""Held-out items from each schema, and the prompt each system sees."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from tunelab.data.schema import Example
+from tunelab.errors import TunelabError
+from tunelab.evaluation.retrieval import BM25
+from tunelab.evaluation.systems import EvalItem, PromptBuilder, document, to_item, to_items
+
+POOL = [
+    EvalItem("What does compiler mean?", "Translates source code.", "t:1"),
+    EvalItem("What does byte mean?", "Eight bits.", "t:2"),
+    EvalItem("What does kernel mean?", "Core of an operating system.", "t:3"),
+    EvalItem("What does compiler optimisation mean?", "Making compiled code faster.", "t:4"),
+]
+
+
+def builder(tokenizer, chat, **options) -> PromptBuilder:
+    index = BM25([document(p) for p in POOL])
+    return PromptBuilder(tokenizer, chat, "Be brief.", POOL, index, **options)
+
+
+def test_items_from_every_schema():
+    pair = to_item(Example("f:1", prompt="Q?", completion="A."))
+    assert (pair.question, pair.reference, pair.continuation) == ("Q?", "A.", False)
+    chat = Example(
+        "f:2",
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "define byte"},
+            {"role": "assistant", "content": "eight bits"},
+        ],
+    )
+    assert (to_item(chat).question, to_item(chat).reference) == ("define byte", "eight bits")
+    text = to_item(Example("f:3", text="one two three four five six"))
+    assert (text.question, text.reference, text.continuation) == (
+        "one two three", "four five six", True,
+    )  # fmt: skip
+    assert to_item(Example("f:4", text="single")) is None
+
+
+def test_items_error_names_the_file_and_what_is_expected():
+    with pytest.raises(TunelabError, match=r"held\.jsonl: no example has a reference.*f:9"):
+        to_items([Example("f:9", text="word")], "held.jsonl")
+
+
+def test_plain_few_shot_joins_the_most_similar_pairs_as_in_training():
+    plain = builder(SimpleNamespace(eos_token="</s>"), chat=False, k=2)
+    item = EvalItem("What does compiler mean?", "Turns code into code.", "h:1")
+    prompt, full = plain.render("few-shot", item, 0)
+    # the identical training question is left out (a leak), the next two by BM25 remain
+    assert prompt.startswith(
+        "What does compiler optimisation mean?Making compiled code faster.\n\n"
+    )
+    assert prompt.count("\n\n") == 2 and prompt.endswith("What does compiler mean?")
+    assert full == prompt + "Turns code into code.</s>"
+    base_prompt, _ = plain.render("base", item, 0)
+    assert base_prompt == "What does compiler mean?"
+
+
+def test_rag_prompt_puts_retrieved_documents_before_the_question():
+    plain = builder(SimpleNamespace(eos_token=""), chat=False, k=1, context_chars=30)
+    item = EvalItem("What is a kernel?", "The core.", "h:2")
+    prompt, _ = plain.render("rag", item, 0)
+    assert prompt.startswith("Reference documents:\n\n[1] What does kernel mean?...\n\n")
+    assert prompt.endswith("Use the documents where they help.\n\nWhat is a kernel?")
+    assert plain.render("tuned+rag", item, 0)[0] == prompt
+
+
+def test_random_few_shot_is_seeded_and_varies_by_question():
+    plain = builder(SimpleNamespace(eos_token=""), chat=False, k=2, few_shot_choice="random")
+    item = EvalItem("Q", "A", "h:3")
+    assert plain.examples_for(item, 0) == plain.examples_for(item, 0)
+    picks = {tuple(p.origin for p in plain.examples_for(item, i)) for i in range(10)}
+    assert len(picks) > 1
+
+
+def test_chat_few_shot_uses_turns_and_the_answer_is_closed_by_the_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat = builder(tokenizer, chat=True, k=1)
+    item = EvalItem("What is a byte?", "Eight bits.", "h:4")
+    prompt, full = chat.render("few-shot", item, 0)
+    assert prompt == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nWhat does byte mean?<|im_end|>\n"
+        "<|im_start|>assistant\nEight bits.<|im_end|>\n"
+        "<|im_start|>user\nWhat is a byte?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert full == prompt + "Eight bits.<|im_end|>\n"
+    continuation = EvalItem("one two", "three", "h:5", continuation=True)
+    assert chat.render("base", continuation, 0) == ("one two", "one two three<|im_end|>")
+    with pytest.raises(TunelabError, match="unknown system 'oracle'"):
+        chat.render("oracle", item, 0)
