@@ -1,0 +1,47 @@
+"""lm-eval arguments built from a run folder (no conversion), and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.errors import TunelabError
+from tunelab.evaluation.lm_eval_adapter import lm_eval_arguments, lm_eval_model_args
+
+
+def test_run_folder_becomes_hf_model_args_with_peft(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/m/base"}))
+    assert lm_eval_model_args(run) == (
+        f"pretrained=/m/base,peft={run.resolve()},tokenizer={run.resolve()},dtype=float32"
+    )
+    argv = lm_eval_arguments(run, "arc_easy, hellaswag", limit=10, include_path="/tasks")
+    assert argv[argv.index("--tasks") + 1] == "arc_easy,hellaswag"
+    assert argv[argv.index("--limit") + 1] == "10"
+    assert argv[argv.index("--output_path") + 1] == str(run / "lm_eval")
+    assert argv[argv.index("--include_path") + 1] == "/tasks"
+    assert argv[:2] == ["--model", "hf"]
+
+
+def test_merged_model_folder_is_passed_as_pretrained(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert lm_eval_model_args(tmp_path, "bfloat16") == (
+        f"pretrained={tmp_path.resolve()},dtype=bfloat16"
+    )
+
+
+def test_lm_eval_errors(tmp_path):
+    with pytest.raises(TunelabError, match="neither an adapter .* nor a model"):
+        lm_eval_model_args(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(TunelabError, match="no base_model_name_or_path"):
+        lm_eval_model_args(tmp_path)
+    odd = tmp_path / "a,b"
+    odd.mkdir()
+    (odd / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/m"}))
+    with pytest.raises(TunelabError, match="contains ',' or '='"):
+        lm_eval_model_args(odd)
+    with pytest.raises(TunelabError, match="--lm-eval needs task names"):
+        lm_eval_arguments(odd.parent, " , ")
