@@ -94,6 +94,16 @@ def test_flat_loss_blames_a_tiny_learning_rate(tmp_path):
     assert "learning_rate 1e-06 is too low" in finding.fix
 
 
+def test_flat_loss_with_a_huge_learning_rate_says_lower_it(tmp_path):
+    # measured on the tiny model: learning_rate 3.0, no clipping, loss 5.98 -> 6.01 in 10 steps
+    losses = [5.9834, 5.924, 5.9695, 5.9577, 5.9747, 5.9601, 5.9644, 5.969, 5.9922, 6.0061]
+    run = synthetic_run(tmp_path / "run", losses, config={"learning_rate": 3.0})
+    finding = codes(diagnose_run(run))["loss_flat"]
+    assert "a -0.8% change over 10 logged steps" in finding.evidence
+    assert "learning_rate 3.0 is far above the usual" in finding.fix
+    assert "raise learning_rate" not in finding.fix
+
+
 def test_flat_train_loss_with_improving_eval_is_not_flagged(tmp_path):
     losses = [2.0 + 0.001 * (i % 3) for i in range(12)]
     run = synthetic_run(

@@ -22,6 +22,7 @@ FLAT_MIN_STEPS = 8  # fewer logged steps than this cannot tell flat from noisy
 OVERFIT_RISE = 0.02  # eval loss 2% above its best while train loss still falls
 GRAD_SPIKE_FACTOR = 5.0  # a gradient norm 5x the run's median is a spike
 MIN_LOSS_TOKEN_SHARE = 0.02
+HIGH_LR = 1e-2  # an adapter's rate this high saturates it rather than training it
 
 
 def _window(values: list[float]) -> int:
@@ -124,6 +125,11 @@ def check_flat(train: list[Record], results: Record, config: Record) -> list[Fin
         causes.append("the learning rate was 0 at every logged step: check the schedule")
     elif isinstance(lr, int | float) and lr < 1e-5:
         causes.append(f"learning_rate {lr} is too low for adapters; LoRA usually needs 1e-4-1e-3")
+    elif isinstance(lr, int | float) and lr >= HIGH_LR:
+        causes.append(
+            f"learning_rate {lr} is far above the usual 1e-4-1e-3: steps that large saturate the "
+            "adapter and the loss stalls; lower it to 1e-3"
+        )
     trainable = results.get("trainable_parameters")
     if trainable == 0:
         causes.append("no parameter was trainable: target_modules matched nothing")
@@ -133,7 +139,8 @@ def check_flat(train: list[Record], results: Record, config: Record) -> list[Fin
     causes.append(
         f"target_modules {config.get('target_modules')} may be too few: try ['all-linear']"
     )
-    if not (lrs and max(lrs) == 0) and not (isinstance(lr, int | float) and lr < 1e-5):
+    usual = isinstance(lr, int | float) and 1e-5 <= lr < HIGH_LR
+    if usual and not (lrs and max(lrs) == 0):
         causes.append(f"or raise learning_rate (now {lr}) by 3x")
     return [
         Finding(
