@@ -385,3 +385,23 @@ def test_batch_size_suggestion_follows_memory():
     small, why = suggest_batch_size("fp32", "cpu", 2**30)
     assert small == 1
     assert "even batch 1 needs" in why
+
+
+def test_gpu_section_lists_each_device(monkeypatch):
+    import types
+
+    import torch
+
+    from tunelab.diagnostics.environment import gpus
+
+    props = types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (100 * 2**30, 140 * 2**30))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    title, rows = gpus()
+    assert rows == [
+        ("CUDA", "12.8, 1 device(s)"),
+        ("cuda:0", "NVIDIA H200, 140.0 GiB (100.0 GiB free), compute capability 9.0"),
+    ]
