@@ -57,3 +57,36 @@ def test_packed_loss_equals_separate_losses(tiny_model_dir):
         alone = [causal_lm_loss_sum(model, collate(single_rows([p]), 0)) for p in parts]
     assert n_together == sum(n for _, n in alone) == 7 + 11 + 5 - 3
     assert torch.allclose(together, sum(loss for loss, _ in alone), atol=1e-4)
+
+
+def test_packed_attention_matches_separate_examples(tiny_model_dir):
+    """Packed rows through tunelab's mask-free attention give each example exactly the logits
+    it gets alone: no attention crosses an example boundary, positions restart."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.training.attention import segment_layout, use_packed_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    lengths = [[7, 20, 3, 10], [25, 15]]  # two rows of 40, including a 3-token example
+    torch.manual_seed(0)
+    ids = torch.randint(5, 300, (2, 40))
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    with torch.no_grad():
+        alone = []
+        for r, row in enumerate(lengths):
+            start = 0
+            for n in row:
+                alone.append(model(input_ids=ids[r : r + 1, start : start + n]).logits[0])
+                start += n
+        assert use_packed_attention(model)
+        packed = model(input_ids=ids, position_ids=positions).logits
+    together = []
+    for r, row in enumerate(lengths):
+        starts = [sum(row[:i]) for i in range(len(row))]
+        together += [packed[r, s : s + n] for s, n in zip(starts, row, strict=True)]
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    # examples are bucketed by length (powers of two) and padded only within their bucket
+    layout = segment_layout(positions)
+    assert [tuple(index.shape) for index, _ in layout] == [(1, 3), (1, 7), (2, 15), (2, 25)]
+    assert sum(int(real.sum()) for _, real in layout) == 80
