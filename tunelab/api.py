@@ -51,6 +51,16 @@ RESUMABLE_CHANGES = {
     "save_steps",
     "eval_path",
     "output_dir",
+    # training strategy: when to evaluate, save, stop and report
+    "eval_each_epoch",
+    "save_each_epoch",
+    "save_total_limit",
+    "early_stopping_patience",
+    "early_stopping_threshold",
+    "report_to",
+    "mlflow_tracking_uri",
+    "plot",
+    "on_nan",
 }
 
 
