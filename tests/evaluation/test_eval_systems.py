@@ -98,3 +98,16 @@ def test_chat_few_shot_uses_turns_and_the_answer_is_closed_by_the_template(tiny_
     assert chat.render("base", continuation, 0) == ("one two", "one two three<|im_end|>")
     with pytest.raises(TunelabError, match="unknown system 'oracle'"):
         chat.render("oracle", item, 0)
+
+
+def test_key_terms_prefer_braced_cross_references_then_rare_words():
+    import math
+
+    from tunelab.evaluation.run import key_terms
+
+    raw = "A {compiler} that emits {machine code} and {Machine  code} again."
+    assert key_terms(raw, "cleaned", {}, 1.0) == ["compiler", "machine code"]
+    idf = {"kernel": math.log(100), "system": math.log(2), "operating": math.log(60)}
+    # "system" is common in the training documents, "heart" never appears there (rarest)
+    terms = key_terms(None, "The kernel: heart of the operating system", idf, math.log(50))
+    assert terms == ["kernel", "heart", "operating"]

@@ -26,6 +26,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         precision=args.precision,
         repetition_penalty=args.repetition_penalty,
+        context_chars=args.context_chars,
         forgetting=not args.no_forgetting,
         out_dir=args.out,
     )
@@ -59,6 +60,10 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--few-shot", choices=FEW_SHOT_CHOICES, default="similar",
         help="Few-shot examples: most similar by BM25 (default) or random.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--context-chars", type=int, default=400,
+        help="Characters kept of each RAG document and few-shot answer (prompt length is cost).",
     )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)

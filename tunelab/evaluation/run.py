@@ -245,13 +245,13 @@ def evaluate_run(
     batch_size: int = 8,
     precision: str = "auto",
     repetition_penalty: float = 1.0,
-    context_chars: int = 600,
+    context_chars: int = 400,
     bootstrap_samples: int = 1000,
     forgetting: bool = True,
     out_dir: str | Path | None = None,
     shown_answers: int = 8,
     seed: int = 0,
-    progress: Any = print,
+    progress: Any = None,
 ) -> EvalResults:
     """Evaluate ``systems`` of a run (its folder or config file) on ``eval_path`` (default: the
     run's own eval_path) and write eval_report.html, eval_report.md and eval_results.json to
@@ -264,6 +264,7 @@ def evaluate_run(
     from tunelab.generation import load_for_inference
 
     started = time.perf_counter()
+    progress = progress or (lambda line: print(line, flush=True))
     chosen = parse_systems(systems)
     if few_shot_choice not in FEW_SHOT_CHOICES:
         raise TunelabError(
@@ -306,8 +307,6 @@ def evaluate_run(
             generated = timed_generation(
                 loaded, prompts, max_new_tokens, batch_size, repetition_penalty
             )
-            if forgetting and name in ("base", "tuned") and name not in general:
-                general[name] = general_perplexity(loaded.model, loaded.tokenizer)
         scores = score_answers(generated.answers, items)
         scores["loss"] = [x.loss for x in losses]
         results[name] = SystemResult(
@@ -321,12 +320,9 @@ def evaluate_run(
             f"  {generated.tokens_per_second:.0f} tokens/s"
             f"  ({loss_seconds + generated.seconds:.0f} s)"
         )
-    if forgetting and "base" not in general:
-        with _adapter(loaded.model, False):
-            general["base"] = general_perplexity(loaded.model, loaded.tokenizer)
-    if forgetting and "tuned" not in general:
-        with _adapter(loaded.model, True):
-            general["tuned"] = general_perplexity(loaded.model, loaded.tokenizer)
+    for name in ("base", "tuned") if forgetting else ():
+        with _adapter(loaded.model, name == "tuned"):
+            general[name] = general_perplexity(loaded.model, loaded.tokenizer)
 
     summary = {
         name: {m: metrics.bootstrap_mean(r.scores[m], bootstrap_samples, seed) for m in METRICS}

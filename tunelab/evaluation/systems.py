@@ -83,7 +83,7 @@ class PromptBuilder:
     retriever: Any  # has top_k(query, k) -> list of pool indices
     k: int = 3
     few_shot_choice: str = "similar"
-    context_chars: int = 600
+    context_chars: int = 400  # per document or shot answer: prompt length is the eval's cost
     seed: int = 0
 
     def neighbours(self, item: EvalItem, k: int) -> list[EvalItem]:
@@ -126,7 +126,7 @@ class PromptBuilder:
             for shot in self.examples_for(item, position):
                 turns += [
                     {"role": "user", "content": shot.question},
-                    {"role": "assistant", "content": shot.reference},
+                    {"role": "assistant", "content": _shorten(shot.reference, self.context_chars)},
                 ]
         question = self.rag_question(item) if system.endswith("rag") else item.question
         return turns + [{"role": "user", "content": question}]
@@ -150,7 +150,10 @@ class PromptBuilder:
         joiner = " " if item.continuation else ""
         if system == "few-shot":
             shots = self.examples_for(item, position)
-            prefix = "".join(f"{s.question}{joiner}{s.reference}\n\n" for s in shots)
+            prefix = "".join(
+                f"{s.question}{joiner}{_shorten(s.reference, self.context_chars)}\n\n"
+                for s in shots
+            )
             prompt = prefix + item.question
         else:
             prompt = self.rag_question(item) if system.endswith("rag") else item.question
