@@ -1,0 +1,82 @@
+"""Training across processes: Ctrl-C then --resume, and two gloo processes matching one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+
+def write_config(make_config, tmp_path, name, **overrides):
+    config = make_config(output_dir=str(tmp_path / name), **overrides)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return path
+
+
+def train(*args, env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "tunelab.cli", "train", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_completes(make_config, tmp_path):
+    path = write_config(make_config, tmp_path, "run", max_steps=400, lora_dropout=0.1)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    process = train(path)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and sum(1 for _ in metrics.open()) >= 3:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.stdout.read()
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode != 0
+    assert "Ctrl-C: finishing this step, then saving a checkpoint" in output
+    assert "training interrupted at step" in output and "--resume to continue" in output
+    assert "Traceback" not in output
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1
+    stopped = int(checkpoints[0].name.removeprefix("step-"))
+    assert f"interrupted at step {stopped} of 400" in output
+    resumed = train(path, "--resume", "--set", "max_steps=" + str(stopped + 2))
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["steps"] == stopped + 2
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+def test_two_gloo_processes_match_one_process(make_config, tmp_path):
+    values = dict(max_steps=3, lora_dropout=0.0, batch_size=2, gradient_accumulation_steps=2)
+    single = train(write_config(make_config, tmp_path, "single", **values))
+    assert single.wait(timeout=300) == 0, single.stdout.read()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    pair = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+         "-m", "tunelab.cli", "train", str(write_config(make_config, tmp_path, "pair", **values))],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert pair.returncode == 0, pair.stdout + pair.stderr
+    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "pair" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    # only rank 0 wrote: one line per step, as in the single run
+    lines = (tmp_path / "pair" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    single_losses = [json.loads(x)["loss"] for x in (tmp_path / "single" / "metrics.jsonl").open()]
+    pair_losses = [json.loads(x)["loss"] for x in lines]
+    assert pair_losses == pytest.approx(single_losses, rel=1e-5)
