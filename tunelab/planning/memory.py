@@ -138,13 +138,14 @@ def weight_bytes(arch: Architecture, params: ParameterCount, setup: TrainingSetu
     if setup.method == "qlora":
         per_weight = NF4_BYTES_PER_WEIGHT if setup.quantization_bits == 4 else INT8_BYTES_PER_WEIGHT
         others = params.base - params.quantizable  # embeddings, norms, LM head: fp32
-        return int(params.quantizable * per_weight) + others * 4 + adapter * 4
+        adapter_bytes = BYTES[setup.adapter_precision]
+        return int(params.quantizable * per_weight) + others * 4 + adapter * adapter_bytes
     return params.base * BYTES[setup.precision] + adapter * BYTES[setup.adapter_precision]
 
 
 def trainable_bytes(setup: TrainingSetup) -> int:
     """Bytes per trainable weight (and per gradient)."""
-    return 4 if setup.method in ("full", "qlora") else BYTES[setup.adapter_precision]
+    return 4 if setup.method == "full" else BYTES[setup.adapter_precision]
 
 
 # adapted layers that read the same tensor (without dropout, they share one saved input)

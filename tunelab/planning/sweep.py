@@ -244,7 +244,7 @@ def open_study(spec: SweepSpec, base: FineTuningConfig, storage: str | None = No
             direction="minimize",
             load_if_exists=True,
         )
-    except (ImportError, ValueError) as exc:  # bad URL, or a driver that is not installed
+    except Exception as exc:  # noqa: BLE001 (bad URL, unknown dialect, driver not installed)
         raise TunelabError(
             f"cannot open Optuna storage {storage!r}: {exc}. Use an RDB URL such as "
             "sqlite:///sweep.db or postgresql://user:password@host/db."
