@@ -72,3 +72,18 @@ def test_paired_bootstrap_sees_a_constant_gap_as_real_and_equal_lists_as_noise()
 def test_paired_bootstrap_skips_missing_pairs():
     gap = metrics.paired_bootstrap([1.0, None, 0.5], [0.0, 1.0, None])
     assert gap.mean == 1.0
+
+
+def test_chrf_and_rouge_l_agree_with_the_reference_implementations():
+    sacrebleu = pytest.importorskip("sacrebleu", reason="sacrebleu is not installed")
+    rouge_score = pytest.importorskip("rouge_score.rouge_scorer", reason="no rouge-score")
+    import random
+
+    rng = random.Random(0)
+    words = "compiler kernel byte code machine source program memory data stack".split()
+    scorer = rouge_score.RougeScorer(["rougeL"])
+    for _ in range(50):
+        a = " ".join(rng.choices(words, k=rng.randint(3, 12)))
+        b = " ".join(rng.choices(words, k=rng.randint(3, 12)))
+        assert metrics.chrf(a, b) == pytest.approx(sacrebleu.sentence_chrf(a, [b]).score / 100)
+        assert metrics.rouge_l(a, b) == pytest.approx(scorer.score(b, a)["rougeL"].fmeasure)
