@@ -19,7 +19,7 @@ tensors); a frozen linear layer saves nothing (its input gradient needs only its
   heads); a trainable output projection also keeps its input (one more width);
 - a gated MLP keeps gate, silu(gate) and up (3i); a trainable down projection also its input;
 - LoRA keeps the input of each adapted layer (shared by layers reading the same tensor when
-  there is no dropout; with dropout each adapter keeps its own dropped copy and a 1-byte mask)
+  there is no dropout; with dropout each adapter keeps its own dropped copy and the mask)
   and the r-wide output of lora_A.
 """
 
@@ -170,7 +170,9 @@ def layer_activation_bytes(arch: Architecture, params: ParameterCount, setup: Tr
     for name, inputs in params.adapted_inputs:
         adapters += b * setup.lora_r  # lora_A's output, saved by lora_B
         if setup.lora_dropout > 0:
-            adapters += inputs * (b + 1)  # each adapter's own dropped copy and its mask
+            # each adapter's own dropped copy and its mask, which has the input's dtype
+            # (torch's CPU dropout multiplies by a noise tensor; CUDA's bool mask is smaller)
+            adapters += inputs * 2 * b
             continue
         key = _SHARED_INPUT.get(name, name)
         if key not in seen:

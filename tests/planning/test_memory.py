@@ -1,0 +1,85 @@
+"""The memory model against what really happens: autograd's saved tensors per decoder layer
+(exact, fast), and the peak of tunelab's real training loop on this machine (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tunelab.planning.architecture import count_parameters, describe
+from tunelab.planning.memory import TrainingSetup, layer_activation_bytes
+
+HERE = Path(__file__).parent
+SMOLLM_SHAPES = dict(
+    model_type="llama",
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=512,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+)
+
+
+def _saved_bytes(config_path: Path, setup: TrainingSetup, layers: int) -> int:
+    """Bytes of the tensors autograd saves in tunelab's forward (bf16 autocast, fp32 LoRA,
+    packed attention, loss on completions), parameters excluded."""
+    import peft
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab.training.attention import use_packed_attention
+    from tunelab.training.loss import causal_lm_loss_sum
+    from tunelab.training.precision import mixed_precision
+
+    values = json.loads(config_path.read_text()) | {"num_hidden_layers": layers}
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    lora = peft.LoraConfig(
+        r=setup.lora_r, target_modules=setup.target_modules, lora_dropout=setup.lora_dropout
+    )
+    model = peft.get_peft_model(model, lora, autocast_adapter_dtype=True)
+    use_packed_attention(model.base_model.model)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    rows, length = setup.batch_size, setup.max_length
+    ids = torch.randint(0, values["vocab_size"], (rows, length))
+    positions = torch.cat([torch.arange(length // 2)] * 2).repeat(rows, 1)
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    batch = {"input_ids": ids, "labels": ids, "position_ids": positions}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with mixed_precision(model, "cpu", "bf16"):
+            causal_lm_loss_sum(model, batch)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize(
+    ("targets", "dropout"),
+    [
+        (["q_proj", "v_proj"], 0.0),
+        (["q_proj", "v_proj"], 0.1),
+        (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 0.1),
+    ],
+)
+def test_layer_activations_match_autograd(tmp_path, targets, dropout):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SMOLLM_SHAPES | {"num_hidden_layers": 2}))
+    setup = TrainingSetup(
+        target_modules=targets, lora_dropout=dropout, batch_size=2, max_length=128
+    )
+    arch = describe(str(path))
+    params = count_parameters(arch, "lora", setup.lora_r, targets)
+    # one more layer adds one layer's activations (layer 0 differs: its input needs no grad)
+    measured = _saved_bytes(path, setup, 3) - _saved_bytes(path, setup, 2)
+    predicted = layer_activation_bytes(arch, params, setup) * setup.tokens
+    assert predicted == pytest.approx(measured, rel=0.05)
