@@ -95,4 +95,5 @@ def test_eval_errors_name_the_problem(tiny_run, tmp_path, capsys):
     prompts_only = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is a byte?"}] * 2)
     code = main(["eval", config.output_dir, "--eval-path", str(prompts_only)])
     err = capsys.readouterr().err
-    assert code != 0 and "prompts.jsonl" in err and "Traceback" not in err
+    assert code != 0 and "Traceback" not in err
+    assert "prompts.jsonl:1: cannot tell the schema" in err and "'completion'" in err
