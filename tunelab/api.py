@@ -268,10 +268,14 @@ class FineTuner:
         on_eval: Callable[[int, float], None] | None = None,
     ) -> dict[str, Any]:
         """Fine-tune and write the run folder; returns the results (also in results.json)."""
+        from tunelab.training.distributed import init_world
         from tunelab.training.loop import fit, total_steps
 
         output_dir = Path(self.config.output_dir)
-        check_output_dir(output_dir, overwrite, resume)
+        # under torchrun every process trains, but only rank 0 checks and writes the folder
+        main_process = init_world(self.placement.device).is_main
+        if main_process:
+            check_output_dir(output_dir, overwrite, resume)
         if resume:
             check_resumable(output_dir, self.config)
         if train_dataset is None:
@@ -282,8 +286,9 @@ class FineTuner:
         if self.model is None:
             self.prepare_model(total_steps(len(train_dataset), self.config))
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.config.save(output_dir / RUN_CONFIG)
-        if self.prepared is not None:  # what the data stage did, for doctor and for people
+        if main_process:
+            self.config.save(output_dir / RUN_CONFIG)
+        if self.prepared is not None and main_process:  # what the data stage did
             atomic_write_json(output_dir / "data_manifest.json", self.prepared.manifest)
         with method_step_hooks(self.model, self.config):
             results = fit(
@@ -298,9 +303,7 @@ class FineTuner:
                 on_eval=on_eval,
                 precision=self.placement.precision,
             )
-        from tunelab.training.distributed import init_world
-
-        if not init_world(self.placement.device).is_main:
+        if not main_process:
             return results  # under torchrun, rank 0 alone writes the run folder
         trainable, total = count_parameters(self.model)
         results.update(
