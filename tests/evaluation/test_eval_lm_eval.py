@@ -45,3 +45,17 @@ def test_lm_eval_errors(tmp_path):
         lm_eval_model_args(odd)
     with pytest.raises(TunelabError, match="--lm-eval needs task names"):
         lm_eval_arguments(odd.parent, " , ")
+
+
+def test_cli_lm_eval_without_the_harness_says_how_to_install(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from tunelab.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a)
+    )
+    code = main(["eval", str(tmp_path), "--lm-eval", "arc_easy"])
+    err = capsys.readouterr().err
+    assert code != 0 and "pip install lm-eval" in err and "Traceback" not in err
