@@ -64,9 +64,9 @@ def test_two_gloo_processes_match_one_process(make_config, tmp_path):
     assert single.wait(timeout=300) == 0, single.stdout.read()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     pair = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "tunelab.cli", "train", str(write_config(make_config, tmp_path, "pair", **values))],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=400,
     )  # fmt: skip
     assert pair.returncode == 0, pair.stdout + pair.stderr
     a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
