@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tunelab.planning.architecture import count_parameters, describe
-from tunelab.planning.memory import TrainingSetup, layer_activation_bytes
+from tunelab.planning.memory import TrainingSetup, estimate_memory, layer_activation_bytes
 
 HERE = Path(__file__).parent
 SMOLLM_SHAPES = dict(
@@ -83,3 +85,85 @@ def test_layer_activations_match_autograd(tmp_path, targets, dropout):
     measured = _saved_bytes(path, setup, 3) - _saved_bytes(path, setup, 2)
     predicted = layer_activation_bytes(arch, params, setup) * setup.tokens
     assert predicted == pytest.approx(measured, rel=0.05)
+
+
+def _measure(settings: dict) -> dict:
+    run = subprocess.run(
+        [sys.executable, "-W", "ignore", str(HERE / "peak_memory_run.py"), json.dumps(settings)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, run.stdout[-2000:] + run.stderr[-4000:]
+    return json.loads(lines[0][len("RESULT ") :])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(batch_size=2, max_length=256),
+        dict(batch_size=4, max_length=512),
+        dict(
+            batch_size=2,
+            max_length=512,
+            lora_r=16,
+            target_modules=[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        ),
+    ],
+)
+def test_predicted_peak_within_25_percent_of_measured(tmp_path, overrides):
+    """Two steps of tunelab's real loop on the default model (bf16 on this CPU); the peak
+    resident-set increase against the estimate for the same settings."""
+    import random
+
+    random.seed(0)
+    words = "alpha beta gamma delta kernel compiler byte network memory socket thread".split()
+    rows = [
+        {
+            "prompt": " ".join(random.choices(words, k=8)),
+            "completion": " ".join(random.choices(words, k=25)),
+        }
+        for _ in range(160)
+    ]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = (
+        dict(
+            model_name="smollm2-135m-instruct",
+            dataset_path=str(data),
+            output_dir=str(tmp_path / "run"),
+            max_steps=2,
+            gradient_accumulation_steps=1,
+            precision="bf16",
+            dedup_exact=False,
+            dedup_near_threshold=None,
+        )
+        | overrides
+    )
+    measured = _measure(dict(settings))
+    setup = TrainingSetup(
+        lora_r=overrides.get("lora_r", 8),
+        target_modules=overrides.get("target_modules", ["q_proj", "v_proj"]),
+        batch_size=overrides["batch_size"],
+        max_length=overrides["max_length"],
+        loss_fraction=measured["loss_fraction"],
+    )
+    arch = describe("smollm2-135m")
+    params = count_parameters(arch, "lora", setup.lora_r, setup.target_modules)
+    predicted = estimate_memory(arch, params, setup).total
+    ratio = predicted / measured["peak_bytes"]
+    print(
+        f"{overrides}: predicted {predicted / 2**20:.0f} MiB, measured "
+        f"{measured['peak_bytes'] / 2**20:.0f} MiB, ratio {ratio:.3f}"
+    )
+    assert ratio == pytest.approx(1.0, abs=0.25)

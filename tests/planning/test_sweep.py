@@ -19,6 +19,7 @@ optuna = pytest.importorskip("optuna")
 SPACE = {
     "trials": 4,
     "sampler": "random",
+    "pruner": "none",  # pruning has its own test; here every trial runs to the end
     "params": {
         "learning_rate": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
         "lora_r": {"choices": [2, 4]},

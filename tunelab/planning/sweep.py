@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,20 +236,26 @@ def open_study(spec: SweepSpec, base: FineTuningConfig, storage: str | None = No
     if storage.startswith("sqlite:///"):
         Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     name = spec.study_name or Path(base.output_dir).name
-    try:
-        return optuna.create_study(
-            study_name=name,
-            storage=storage,
-            sampler=_sampler(optuna, spec),
-            pruner=_pruner(optuna, spec, base.max_steps or 0),
-            direction="minimize",
-            load_if_exists=True,
-        )
-    except Exception as exc:  # noqa: BLE001 (bad URL, unknown dialect, driver not installed)
-        raise TunelabError(
-            f"cannot open Optuna storage {storage!r}: {exc}. Use an RDB URL such as "
-            "sqlite:///sweep.db or postgresql://user:password@host/db."
-        ) from None
+    error: Exception | None = None
+    for pause in (0.2, 0.5, 1.0, 2.0, None):
+        try:
+            return optuna.create_study(
+                study_name=name,
+                storage=storage,
+                sampler=_sampler(optuna, spec),
+                pruner=_pruner(optuna, spec, base.max_steps or 0),
+                direction="minimize",
+                load_if_exists=True,
+            )
+        except Exception as exc:  # noqa: BLE001 (bad URL, unknown dialect, missing driver)
+            # workers starting together race to create the tables: try again briefly
+            error = exc
+            if pause is not None:
+                time.sleep(pause)
+    raise TunelabError(
+        f"cannot open Optuna storage {storage!r}: {error}. Use an RDB URL such as "
+        "sqlite:///sweep.db or postgresql://user:password@host/db."
+    )
 
 
 def run_sweep(
