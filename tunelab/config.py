@@ -100,7 +100,7 @@ class FineTuningConfig:
     gradient_checkpointing: bool = _f(
         False, "Recompute activations in the backward pass: less memory, about 30% more compute."
     )
-    eval_each_epoch: bool = _f(True, "Evaluate at the end of every epoch (when there is eval data).")
+    eval_each_epoch: bool = _f(True, "Evaluate at the end of every epoch (with eval data).")
     save_each_epoch: bool = _f(True, "Checkpoint at the end of every epoch.")
     save_total_limit: int = _f(
         2, "Checkpoints kept: the newest this many, plus the one with the best eval loss."
@@ -120,7 +120,7 @@ class FineTuningConfig:
     plot: bool = _f(True, "Write training_curves.png (loss and learning rate) at the end.")
     on_nan: str = _f(
         "stop",
-        "A NaN/infinite loss or gradient: stop (keeping the last good checkpoint) or skip the step.",
+        "A NaN/infinite loss or gradient: stop (the last good checkpoint stays) or skip the step.",
         choices=("stop", "skip"),
     )
 
