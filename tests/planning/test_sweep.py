@@ -28,7 +28,7 @@ SPACE = {
 
 
 def _write(tmp_path, make_config, sweep=SPACE, **overrides):
-    config = make_config(eval_split=0.25, eval_steps=2, max_steps=4, **overrides)
+    config = make_config(**({"eval_split": 0.25, "eval_steps": 2, "max_steps": 4} | overrides))
     values = config.to_dict()
     values["output_dir"] = str(tmp_path / "sweep")
     values["sweep"] = sweep
@@ -81,8 +81,8 @@ def test_two_workers_share_one_sqlite_study_and_write_the_best_config(tmp_path, 
 
 
 def test_median_pruning_stops_a_bad_trial(tmp_path, make_config):
-    """Two good trials, then one whose learning rate is far too high: its eval loss at step 2
-    is above the median of the others at step 2, so it is pruned there."""
+    """Two good trials, then one whose learning rate is far too high (0.5): its eval loss at
+    step 2 is above the median of the others at step 2, so it is pruned there."""
     sweep = {
         "trials": 3,
         "sampler": "grid",
@@ -91,14 +91,14 @@ def test_median_pruning_stops_a_bad_trial(tmp_path, make_config):
     }
     path = _write(tmp_path, make_config, sweep=sweep, max_steps=6)
     base, spec = load_sweep(path)
-    spec.params = {"learning_rate": {"choices": [3.0e-3, 3.0e-3, 50.0]}}
+    spec.params = {"learning_rate": {"choices": [3.0e-3, 0.5]}}
     spec.sampler = "tpe"
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="sweep")
-    for lr in (3.0e-3, 3.0e-3, 50.0):
+    for lr in (3.0e-3, 3.0e-3, 0.5):
         study.enqueue_trial({"learning_rate": lr})
     result = run_sweep(base, spec, storage=f"sqlite:///{tmp_path / 's.db'}")
     states = {r["trial"]: (r["state"], r["learning_rate"]) for r in result.rows}
-    assert states[2] == ("pruned", 50.0)
+    assert states[2] == ("pruned", 0.5)
     assert states[0][0] == states[1][0] == "complete"
     assert result.rows[2]["last_step"] == 2
 
