@@ -141,3 +141,28 @@ def test_catalogue_is_sane():
     for gpu in GPUS:
         assert gpu.peak_flops_16bit >= gpu.peak_flops_fp32 > 0
         assert 16 * GB <= gpu.memory_bytes <= 192 * GB
+
+
+def test_more_input_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(TunelabError, match="cannot read model config .*bad.json.*Pass a config"):
+        describe(str(bad))
+    odd = tmp_path / "odd.json"
+    odd.write_text('{"model_type": "no-such-arch"}')
+    with pytest.raises(TunelabError, match="model_type 'no-such-arch' is not known"):
+        describe(str(odd))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TunelabError, match="has no config.json. Point at the folder"):
+        describe(str(tmp_path / "empty"))
+    with pytest.raises(TunelabError, match=r"'loss_fraction' is 0; it must be in \(0, 1\]"):
+        TrainingSetup(loss_fraction=0).check()
+
+
+def test_estimate_from_a_run_config_refuses_other_methods(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"dataset_path: {tmp_path / 'x.jsonl'}\nmethod: ia3\n")
+    assert main(["estimate", "smollm2-135m", "--config", str(config)]) != 0
+    assert "method 'ia3' has no estimate; estimates cover lora, dora, qlora, full" in (
+        capsys.readouterr().err
+    )

@@ -151,3 +151,28 @@ def test_bad_storage_url(tmp_path, make_config):
     base, spec = load_sweep(_write(tmp_path, make_config))
     with pytest.raises(TunelabError, match="cannot open Optuna storage 'nosuchdb://x'"):
         run_sweep(base, spec, storage="nosuchdb://x")
+
+
+def test_file_and_section_errors(tmp_path):
+    with pytest.raises(TunelabError, match="does not exist. Pass a YAML file"):
+        load_sweep(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("sweep: [unclosed\n")
+    with pytest.raises(TunelabError, match="broken.yaml line 2: not valid YAML"):
+        load_sweep(broken)
+    with pytest.raises(TunelabError, match="the sweep section must be a mapping"):
+        parse_spec(["learning_rate"], "s.yaml")
+    with pytest.raises(TunelabError, match="unknown field\\(s\\) lo; use low, high"):
+        parse_spec({"params": {"learning_rate": {"lo": 1, "low": 1, "high": 2}}}, "s.yaml")
+    with pytest.raises(TunelabError, match="trials is 0; it must be a whole number >= 1"):
+        parse_spec({"trials": 0, "params": {"lora_r": {"choices": [4]}}}, "s.yaml")
+
+
+def test_a_refused_combination_is_pruned_with_its_reason(tmp_path, make_config):
+    sweep = {"trials": 1, "params": {"lora_dropout": {"choices": [1.5]}}}
+    base, spec = load_sweep(_write(tmp_path, make_config, sweep=sweep))
+    result = run_sweep(base, spec)
+    assert [r["state"] for r in result.rows] == ["pruned"]
+    study = optuna.load_study(study_name="sweep", storage=result.storage)
+    assert "lora_dropout" in study.trials[0].user_attrs["error"]
+    assert result.best_config_path is None
