@@ -105,3 +105,20 @@ def test_pickled_files_load_only_as_weights():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, (source, line)
         assert "pickle.load" not in text, source
+
+
+def test_a_full_disk_is_refused_before_writing(make_config, monkeypatch, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    from tunelab.api import FineTuner
+    from tunelab.errors import TunelabError
+    from tunelab.files import ensure_free_space
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(TunelabError, match=r"not enough disk space for the weights in .* needs "
+                                           r"about 1 MiB, 0 MiB free. Free some space"):
+        ensure_free_space(tmp_path, 2**20, "the weights")
+    with pytest.raises(TunelabError, match="not enough disk space"):
+        FineTuner(make_config(max_steps=2)).train()
