@@ -16,6 +16,7 @@ from pathlib import Path
 from tunelab import FineTuner
 from tunelab.config import load_config
 from tunelab.data.prepare import prepare_examples
+from tunelab.evaluation.run import evaluate_run
 from tunelab.generation import generate, load_for_inference
 
 HERE = Path(__file__).resolve().parent
@@ -25,6 +26,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--terms", type=int, default=4, help="Held-out terms to show.")
+    parser.add_argument(
+        "--eval-limit",
+        type=int,
+        default=20,
+        help="Held-out questions for the base / few-shot / RAG / tuned report.",
+    )
     args = parser.parse_args()
     started = time.time()
 
@@ -46,6 +53,14 @@ def main() -> int:
         print("reference :", textwrap.shorten(example.completion, 200))
         print("base      :", textwrap.shorten(before, 200))
         print("fine-tuned:", textwrap.shorten(after, 200))
+    # the comparison the seed asks for: fine-tuning against prompting and retrieval
+    print(f"\n=== Evaluation on {args.eval_limit} held-out questions (tunelab eval) ===")
+    report = evaluate_run(
+        config.output_dir, limit=args.eval_limit, max_new_tokens=48, repetition_penalty=1.2
+    )
+    for line in report.verdict:
+        print("-", line)
+    print("Report:", report.files.get("html", config.output_dir))
     print(f"\nDemo finished in {time.time() - started:.0f} s. Run folder: {config.output_dir}")
     print(f"Try: tunelab generate {config.output_dir} --prompt {prompts[0]!r}")
     return 0
