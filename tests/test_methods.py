@@ -124,3 +124,9 @@ def test_config_rejects_bad_method_values():
         FineTuningConfig(quantization_bits=3)
     with pytest.raises(TunelabError, match=r"'rank_pattern.v_proj' is 'x'"):
         FineTuningConfig(rank_pattern={"v_proj": "x"})
+
+
+def test_full_fine_tuning_under_bf16_autocast(make_config):
+    # fp32 weights with bf16 compute: packed attention must keep SDPA's output dtype
+    results = FineTuner(make_config(method="full", precision="bf16", max_steps=3)).train()
+    assert results["precision"] == "bf16" and results["final_train_loss"] < 6.5

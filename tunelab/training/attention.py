@@ -91,13 +91,16 @@ def packed_attention_forward(
     flat_q, flat_k, flat_v = (
         t.transpose(1, 2).reshape(batch * length, heads, dim) for t in (query, key, value)
     )
-    output = flat_q.new_empty(batch * length, heads, dim)
+    output = None
     for index, real in _cached_layout(position_ids):
         q, k, v = (t[index].transpose(1, 2) for t in (flat_q, flat_k, flat_v))
         attended = F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, scale=scaling, is_causal=True
         ).transpose(1, 2)
+        if output is None:  # SDPA's dtype (bf16 under autocast even when q is fp32)
+            output = attended.new_empty(batch * length, heads, dim)
         output = output.index_put((index[real],), attended[real])
+    assert output is not None
     return output.view(batch, length, heads, dim), None
 
 
