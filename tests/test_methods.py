@@ -130,3 +130,10 @@ def test_full_fine_tuning_under_bf16_autocast(make_config):
     # fp32 weights with bf16 compute: packed attention must keep SDPA's output dtype
     results = FineTuner(make_config(method="full", precision="bf16", max_steps=3)).train()
     assert results["precision"] == "bf16" and results["final_train_loss"] < 6.5
+
+
+def test_gradient_checkpointing_under_bf16(make_config):
+    # checkpointed layers recompute in backward, where PEFT's input casting must stay off too
+    results = FineTuner(make_config(precision="bf16", gradient_checkpointing=True,
+                                    max_steps=2)).train()
+    assert results["steps"] == 2 and results["final_train_loss"] < 6.5

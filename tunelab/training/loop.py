@@ -35,7 +35,7 @@ from tunelab.training.guards import catch_interrupt, nan_diagnosis
 from tunelab.training.logging import MetricsLog, Progress, read_metrics
 from tunelab.training.loss import causal_lm_loss_sum
 from tunelab.training.optim import build_optimizer
-from tunelab.training.precision import grad_scaler, mixed_precision
+from tunelab.training.precision import backward_precision, grad_scaler, mixed_precision
 from tunelab.training.reporting import CURVES, Reporters, plot_curves
 from tunelab.training.schedule import lr_factor, warmup_steps_for
 
@@ -100,7 +100,8 @@ def accumulate_gradients(
         with mixed_precision(model, device, precision):
             loss_sum, _ = causal_lm_loss_sum(model, _to(collate(rows, pad_token_id), device))
         loss = loss_sum / max(step_loss_tokens, 1)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        with backward_precision(model, precision):
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += float(loss_sum.detach())
     return step_loss / max(step_loss_tokens, 1), step_loss_tokens
 

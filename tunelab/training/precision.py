@@ -33,6 +33,19 @@ def mixed_precision(model: Any, device: str, precision: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def backward_precision(model: Any, precision: str) -> Iterator[None]:
+    """Keep PEFT's input casting off during backward too: with gradient checkpointing, layers
+    re-run their forward there, and must recompute exactly what the forward saved."""
+    if autocast_dtype(precision) is None:
+        yield
+        return
+    from peft.helpers import disable_input_dtype_casting
+
+    with disable_input_dtype_casting(model):
+        yield
+
+
 def grad_scaler(device: str, precision: str) -> torch.amp.GradScaler | None:
     """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
     if precision == "fp16":
