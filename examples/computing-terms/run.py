@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument(
         "--eval-limit",
         type=int,
-        default=20,
+        default=10,
         help="Held-out questions for the base / few-shot / RAG / tuned report.",
     )
     args = parser.parse_args()
