@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="Fine-tune a model as a config describes.",
-        description="Fine-tune with LoRA; writes the adapter, tokenizer, "
+        description="Fine-tune with the configured method (LoRA by default); writes the "
+        "adapter, tokenizer, "
         "config, metrics.jsonl and results.json to output_dir.",
     )
     train.add_argument("config", help="YAML config (see 'tunelab init').")

@@ -62,6 +62,22 @@ def _md_cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _sample_rows(manifest: dict[str, Any]) -> list[list[Any]]:
+    """The example rows each step kept (split, step, origin, reason, before, after)."""
+    return [
+        [
+            s["split"],
+            s["step"],
+            e.get("origin", ""),
+            e.get("reason", ""),
+            e.get("before", e.get("text", "")),
+            e.get("after", ""),
+        ]
+        for s in _steps(manifest)
+        for e in s.get("examples", [])
+    ]
+
+
 def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
@@ -76,18 +92,7 @@ def render_markdown(manifest: dict[str, Any]) -> str:
         ["split", "step", "result", "seconds"],
         [[s["split"], s["step"], _step_count(s), s.get("seconds", "")] for s in _steps(manifest)],
     )
-    samples = [
-        [
-            s["split"],
-            s["step"],
-            e.get("origin", ""),
-            e.get("reason", ""),
-            e.get("before", e.get("text", "")),
-            e.get("after", ""),
-        ]
-        for s in _steps(manifest)
-        for e in s.get("examples", [])
-    ]
+    samples = _sample_rows(manifest)
     if samples:
         out += ["### Example rows per step", ""]
         out += _md_table(
@@ -238,18 +243,7 @@ def render_html(manifest: dict[str, Any]) -> str:
             ],
         )
     )
-    samples = [
-        [
-            s["split"],
-            s["step"],
-            e.get("origin", ""),
-            e.get("reason", ""),
-            e.get("before", e.get("text", "")),
-            e.get("after", ""),
-        ]
-        for s in _steps(manifest)
-        for e in s.get("examples", [])
-    ]
+    samples = _sample_rows(manifest)
     if samples:
         parts.append("<h3>Example rows per step</h3>")
         parts.append(
