@@ -191,6 +191,8 @@ def count_parameters(
     names = [n for n, _ in model.named_modules()]
     _check_targets(targets, names, arch.name)
     targets_arg: Any = "all-linear" if targets == ["all-linear"] else targets
+    # GPT-2-style models store weights transposed (Conv1D); telling PEFT spares its warning
+    transposed = any(type(m).__name__ == "Conv1D" for m in model.modules())
     lora = peft.LoraConfig(
         task_type=peft.TaskType.CAUSAL_LM,
         r=lora_r,
@@ -198,12 +200,13 @@ def count_parameters(
         target_modules=targets_arg,
         use_dora=method == "dora",
         bias="none",
+        fan_in_fan_out=transposed,
     )
     wrapped = peft.get_peft_model(model, lora)
     trainable, total = wrapped.get_nb_trainable_parameters()
     first_layer = _first_layer_prefix(names)
     adapted = [
-        (n.rsplit(".", 1)[-1], m.base_layer.in_features)
+        (n.rsplit(".", 1)[-1], m.in_features)  # PEFT's own: Conv1D has no in_features
         for n, m in wrapped.named_modules()
         if hasattr(m, "lora_A") and first_layer in n and hasattr(m, "in_features")
     ]
