@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
@@ -59,12 +60,17 @@ def test_packed_loss_equals_separate_losses(tiny_model_dir):
     assert torch.allclose(together, sum(loss for loss, _ in alone), atol=1e-4)
 
 
-def test_packed_attention_matches_separate_examples(tiny_model_dir):
+@pytest.mark.parametrize("matmul_max_length", [160, 0], ids=["matmuls", "sdpa"])
+def test_packed_attention_matches_separate_examples(tiny_model_dir, monkeypatch, matmul_max_length):
     """Packed rows through tunelab's mask-free attention give each example exactly the logits
-    it gets alone: no attention crosses an example boundary, positions restart."""
+    it gets alone: no attention crosses an example boundary, positions restart. Short
+    examples go through batched matmuls, long ones through SDPA: both paths are checked."""
     from transformers import AutoModelForCausalLM
 
+    from tunelab.training import attention
     from tunelab.training.attention import segment_layout, use_packed_attention
+
+    monkeypatch.setattr(attention, "MATMUL_MAX_LENGTH", matmul_max_length)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     lengths = [[7, 20, 3, 10], [25, 15]]  # two rows of 40, including a 3-token example
@@ -90,3 +96,42 @@ def test_packed_attention_matches_separate_examples(tiny_model_dir):
     layout = segment_layout(positions)
     assert [tuple(index.shape) for index, _ in layout] == [(1, 3), (1, 7), (2, 15), (2, 25)]
     assert sum(int(real.sum()) for _, real in layout) == 80
+
+
+@pytest.mark.parametrize("matmul_max_length", [160, 0], ids=["matmuls", "sdpa"])
+def test_packed_attention_gradients_match_separate_examples(monkeypatch, matmul_max_length):
+    """Gradients through the bucketed layout (gathers both ways, padding slots dropped) equal
+    those of attending to each example alone, grouped-query heads included."""
+    import torch.nn.functional as F
+
+    from tunelab.training import attention
+
+    monkeypatch.setattr(attention, "MATMUL_MAX_LENGTH", matmul_max_length)
+    lengths = [[7, 20, 3, 10], [25, 15]]
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 40, 8, requires_grad=True)
+    k = torch.randn(2, 2, 40, 8, requires_grad=True)
+    v = torch.randn(2, 2, 40, 8, requires_grad=True)
+    weights = torch.randn(2, 40, 4, 8)
+    out, _ = attention.packed_attention_forward(None, q, k, v, None, position_ids=positions)
+    (out * weights).sum().backward()
+    packed = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    loss = 0
+    for r, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            part = slice(start, start + n)
+            alone = F.scaled_dot_product_attention(
+                q[r : r + 1, :, part],
+                k[r : r + 1, :, part].repeat_interleave(2, dim=1),
+                v[r : r + 1, :, part].repeat_interleave(2, dim=1),
+                is_causal=True,
+            )
+            loss = loss + (alone.transpose(1, 2)[0] * weights[r, part]).sum()
+            start += n
+    loss.backward()
+    for got, want in zip(packed, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1,7 +1,6 @@
 """Runs survive crashes: killed at random moments and resumed, they end where an uninterrupted
 run ends, bit for bit (fp32 on CPU, fixed seed)."""
 
-import os
 import random
 import signal
 import subprocess

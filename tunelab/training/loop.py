@@ -31,6 +31,7 @@ from tunelab.training.distributed import (
     init_world,
     shard,
 )
+from tunelab.training.dropout import fast_adapter_dropout
 from tunelab.training.guards import catch_interrupt, nan_diagnosis
 from tunelab.training.logging import MetricsLog, Progress, read_metrics
 from tunelab.training.loss import causal_lm_loss_sum
@@ -117,15 +118,17 @@ def total_steps(num_rows: int, config: FineTuningConfig) -> int:
 
 @contextmanager
 def training_mode(model: Any, config: FineTuningConfig) -> Iterator[None]:
-    """Packed attention (no dense mask) and gradient checkpointing for the run only: the
-    model goes back to its own attention afterwards, as generation needs it."""
+    """Packed attention (no dense mask), cheaper adapter dropout and gradient checkpointing
+    for the run only: the model goes back to its own attention and modules afterwards, as
+    generation and saving expect them."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     previous = getattr(getattr(base, "config", None), "_attn_implementation", None)
     switched = config.packing and use_packed_attention(base)
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        yield
+        with fast_adapter_dropout(model):
+            yield
     finally:
         if switched:
             base.set_attn_implementation(previous)

@@ -39,6 +39,64 @@ def chunked_cross_entropy(
     return total
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` whose gradient is computed chunk by chunk
+    in the forward pass, for a frozen head: the logits (and their fp32 log-softmax) of a whole
+    micro-batch are never kept for the backward, and the backward is one multiplication."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = hidden[start : start + chunk]
+            wanted = targets[start : start + chunk]
+            logits = (rows @ weight.t()).float()  # bf16 matmul under autocast, fp32 softmax
+            target_logits = logits.gather(1, wanted[:, None]).squeeze(1)
+            # softmax in place (max, exp, sum, divide: one pass fewer than logsumexp + exp)
+            largest = logits.amax(dim=-1, keepdim=True)
+            exponentials = logits.sub_(largest).exp_()
+            sums = exponentials.sum(dim=-1, keepdim=True)
+            total += (largest + sums.log() - target_logits[:, None]).sum()
+            # d(sum of losses)/d(logits) = softmax - one_hot(target)
+            probabilities = exponentials.div_(sums)
+            probabilities[torch.arange(len(wanted), device=logits.device), wanted] -= 1.0
+            grad_hidden[start : start + chunk] = probabilities.to(rows.dtype) @ weight.to(
+                rows.dtype
+            )
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, head: Any, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)``: fused (gradient in the forward) when training
+    through a frozen, bias-free linear head, else chunked with autograd (a trained head or
+    embedding needs its own gradient, and evaluation needs none)."""
+    fused = (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and not head.weight.requires_grad
+        and hidden.requires_grad
+        and torch.is_grad_enabled()
+    )
+    if not fused:
+        return chunked_cross_entropy(hidden, head, targets, chunk_size)
+    weight = head.weight
+    if torch.is_autocast_enabled(hidden.device.type):
+        weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
+        hidden = hidden.to(weight.dtype)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+
+
 def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(summed loss, number of loss tokens) of one batch.
 
@@ -72,4 +130,4 @@ def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torc
         return F.cross_entropy(chosen_logits, targets[selected], reduction="sum"), count
     if count == 0:
         return chosen.sum() * 0.0, 0
-    return chunked_cross_entropy(chosen, head, targets[selected]), count
+    return linear_cross_entropy(chosen, head, targets[selected]), count

@@ -1,0 +1,58 @@
+"""The fused linear cross-entropy gives the loss and gradients of the plain computation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunelab.training.loss import chunked_cross_entropy, linear_cross_entropy
+
+
+def reference(hidden, head, targets):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_loss_and_gradient_match_autograd(precision):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 300, bias=False).requires_grad_(False)
+    hidden = torch.randn(70, 24, requires_grad=True)
+    targets = torch.randint(0, 300, (70,))
+    results = []
+    for function in (linear_cross_entropy, reference):
+        hidden.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = (
+                function(hidden, head, targets, 16)  # chunks of 16 rows: 5 chunks, 1 partial
+                if function is linear_cross_entropy
+                else function(hidden, head, targets)
+            )
+        (loss * 0.25).backward()  # a scale from outside reaches the fused gradient
+        results.append((loss.detach(), hidden.grad.clone()))
+    (fused, fused_grad), (plain, plain_grad) = results
+    tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(fused, plain, **tolerance)
+    torch.testing.assert_close(fused_grad, plain_grad, **tolerance)
+
+
+def test_trained_head_and_evaluation_use_the_autograd_path(monkeypatch):
+    """A head that trains (new tokens, full fine-tuning) needs its own gradient, and under
+    no_grad there is no gradient to compute: both take the chunked path."""
+    calls = []
+    real = chunked_cross_entropy
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("tunelab.training.loss.chunked_cross_entropy", spy)
+    head = torch.nn.Linear(8, 20, bias=False)  # trainable
+    hidden = torch.randn(5, 8, requires_grad=True)
+    targets = torch.randint(0, 20, (5,))
+    linear_cross_entropy(hidden, head, targets).backward()
+    assert calls == [1] and head.weight.grad is not None
+    head.requires_grad_(False)
+    with torch.no_grad():
+        linear_cross_entropy(hidden, head, targets)
+    assert calls == [1, 1]
+    linear_cross_entropy(hidden, head, targets)  # frozen head, training: fused
+    assert calls == [1, 1]
