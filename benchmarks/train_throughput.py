@@ -1,8 +1,10 @@
 """Training throughput: the seed recipe vs TRL's SFTTrainer vs tunelab, on the same data and model.
 
 All three fine-tune the default model (SmolLM2-135M-Instruct) with LoRA r8 on q_proj/v_proj on
-FOLDOC entries (examples/computing-terms/data/train.jsonl) as plain text, for the same number of
-optimizer steps of batch x accumulation rows of --max-length tokens:
+FOLDOC entries (examples/computing-terms/data/train.jsonl) as plain text, on the same budget of
+real (non-padding) training tokens: --steps optimizer steps of batch x accumulation packed rows
+of --max-length tokens for the packed systems, and as many whole steps of padded rows as it takes
+to see as many real tokens for the seed's recipe (about 5 times more steps):
 
   seed     transformers Trainer, every example padded to max_length, fp32 (the seed's recipe)
   trl      TRL SFTTrainer, packing, bf16
@@ -14,7 +16,7 @@ after training (one shared evaluator: fp32, one example per forward pass, mean o
 real tokens each system had trained on by then, and tunelab's MFU against a bf16 matmul peak
 measured in the same run. Needs the bench extra: pip install 'tunelab[bench]' (trl, psutil).
 
-    python benchmarks/train_throughput.py                # 3 steps of 4x4x512, about 12 minutes
+    python benchmarks/train_throughput.py                # 3 steps of 4x4x512, about 15 minutes
     python benchmarks/train_throughput.py --steps 1 --accumulation 2 --systems trl,tunelab
 """
 
@@ -78,6 +80,11 @@ def lora_config():
     )
 
 
+def token_budget(args: argparse.Namespace) -> int:
+    """Real training tokens each system gets: what the packed systems fit in --steps."""
+    return args.steps * args.accumulation * args.batch * args.max_length
+
+
 def run_seed(args: argparse.Namespace, out: Path) -> dict:
     """The seed's recipe as written: Trainer, padding to max_length, fp32 (transformers 5 names)."""
     import torch
@@ -99,8 +106,16 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict:
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32), lora_config()
     )
-    rows = args.steps * args.accumulation * args.batch
-    texts = load_texts("train.jsonl")[:rows]
+    # the same real-token budget as the packed systems: as many entries as it takes to reach
+    # steps x batch x accumulation x max_length real tokens, in whole optimizer steps
+    per_step = args.accumulation * args.batch
+    texts, real = [], 0
+    for text in load_texts("train.jsonl"):
+        if real >= token_budget(args) and len(texts) % per_step == 0:
+            break
+        texts.append(text)
+        real += len(tokenizer(text, truncation=True, max_length=args.max_length)["input_ids"])
+    steps = len(texts) // per_step
     data = Dataset.from_dict({"text": texts}).map(
         lambda b: tokenizer(
             b["text"], truncation=True, max_length=args.max_length, padding="max_length"
@@ -113,7 +128,7 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict:
         output_dir=str(out / "seed"),
         per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.accumulation,
-        max_steps=args.steps,
+        max_steps=steps,
         learning_rate=3e-4,
         warmup_steps=0,
         logging_steps=1,
@@ -169,8 +184,12 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict:
     result = trainer.train()
     seconds = result.metrics["train_runtime"]
     # packed rows are full: every token of every row is real
-    real = args.steps * args.accumulation * args.batch * args.max_length
-    return {"real_tokens": real, "seconds": seconds, "model": trainer.model, "tokenizer": tokenizer}
+    return {
+        "real_tokens": token_budget(args),
+        "seconds": seconds,
+        "model": trainer.model,
+        "tokenizer": tokenizer,
+    }
 
 
 def run_tunelab(args: argparse.Namespace, out: Path) -> dict:
@@ -284,7 +303,8 @@ def main() -> None:
             reports[system] = json.loads((Path(out) / f"{system}.json").read_text())
     peak = matmul_peak_gflops()
     print(
-        f"\n{args.steps} optimizer steps of {args.batch}x{args.accumulation}x{args.max_length}; "
+        f"\n{token_budget(args):,} real training tokens each ({args.steps} packed steps of "
+        f"{args.batch}x{args.accumulation}x{args.max_length}); "
         f"bf16 matmul peak here {peak:.0f} GFLOP/s\n"
     )
     base = reports.get("tunelab")
@@ -308,8 +328,11 @@ def main() -> None:
         )
         for system, r in reports.items():
             if system != "tunelab":
+                speed = base["tokens_per_second"] / r["tokens_per_second"]
                 print(
-                    f"tunelab is {base['tokens_per_second'] / r['tokens_per_second']:.1f}x {system}"
+                    f"tunelab vs {system}: {speed:.2f}x the real tokens/s, held-out loss "
+                    f"{(base['eval_loss'] / r['eval_loss'] - 1):+.2%}, peak RSS "
+                    f"{base['peak_rss_mb'] / r['peak_rss_mb']:.2f}x"
                 )
 
 

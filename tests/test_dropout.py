@@ -51,3 +51,18 @@ def test_adapter_dropouts_are_swapped_for_the_run_and_restored(tiny_model_dir):
         assert sum(isinstance(m, FastDropout) for m in model.modules()) == swapped
     assert not any(isinstance(m, FastDropout) for m in model.modules())
     assert [m for m in model.modules() if type(m) is nn.Dropout and m.p == 0.1] == originals
+
+
+def test_threaded_draws_depend_only_on_the_global_seed():
+    from tunelab.training.dropout import PARALLEL_MIN_ELEMENTS, random_int16
+
+    shape = torch.Size([4, PARALLEL_MIN_ELEMENTS])
+    torch.manual_seed(3)
+    a = random_int16(shape, torch.device("cpu"))
+    torch.manual_seed(3)
+    b = random_int16(shape, torch.device("cpu"))
+    assert torch.equal(a, b)
+    halves = a.view(-1).chunk(2)
+    assert not torch.equal(halves[0], halves[1])  # each part has its own stream
+    counts = torch.bincount((a.view(-1).long() + 32768) >> 12, minlength=16)
+    assert counts.min() > 0.9 * a.numel() / 16  # uniform over the 16-bit range
