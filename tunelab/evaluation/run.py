@@ -259,7 +259,7 @@ def evaluate_run(
     from tunelab.evaluation.forgetting import general_perplexity
     from tunelab.evaluation.report import write_reports
     from tunelab.evaluation.retrieval import build_retriever
-    from tunelab.evaluation.scoring import reference_losses, timed_generation
+    from tunelab.evaluation.shared_pass import score_and_generate
     from tunelab.evaluation.verdict import comparisons, verdict
     from tunelab.generation import load_for_inference
 
@@ -299,14 +299,10 @@ def evaluate_run(
         rendered = [builder.render(name, item, i) for i, item in enumerate(items)]
         prompts = [p for p, _ in rendered]
         with _adapter(loaded.model, name in TUNED_SYSTEMS):
-            t0 = time.perf_counter()
-            losses = reference_losses(
-                loaded.model, loaded.tokenizer, prompts, [f for _, f in rendered], batch_size
-            )
-            loss_seconds = time.perf_counter() - t0
-            generated = timed_generation(
-                loaded, prompts, max_new_tokens, batch_size, repetition_penalty
-            )
+            losses, generated, loss_seconds = score_and_generate(
+                loaded, prompts, [f for _, f in rendered], max_new_tokens, batch_size,
+                repetition_penalty,
+            )  # fmt: skip
         scores = score_answers(generated.answers, items)
         scores["loss"] = [x.loss for x in losses]
         results[name] = SystemResult(

@@ -23,16 +23,18 @@ class ReferenceLoss:
         return self.nll_sum / self.tokens if self.tokens else None
 
 
-def _encode(tokenizer: Any, prompt: str, full: str, max_tokens: int) -> tuple[list[int], int]:
-    """Token ids of ``full`` and the index of the first token after ``prompt``; long inputs
-    lose tokens from the left, so the reference is always scored whole."""
+def encode_scored(
+    tokenizer: Any, prompt: str, full: str, max_tokens: int
+) -> tuple[list[int], int, bool]:
+    """Token ids of ``full``, the index of the first token after ``prompt``, and whether the
+    text was cut; long inputs lose tokens from the left, so the reference is scored whole."""
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     first = next((i for i, (start, _) in enumerate(offsets) if start >= len(prompt)), len(ids))
-    if len(ids) > max_tokens:
-        cut = len(ids) - max_tokens
+    cut = max(len(ids) - max_tokens, 0)
+    if cut:
         ids, first = ids[cut:], max(first - cut, 1)
-    return ids, max(first, 1)  # the first token has nothing before it to be predicted from
+    return ids, max(first, 1), cut > 0  # the first token has nothing before it to predict it
 
 
 def reference_losses(
@@ -50,7 +52,8 @@ def reference_losses(
     from tunelab.training.loss import decoder_and_head
 
     encoded = [
-        _encode(tokenizer, p, f, max_tokens) for p, f in zip(prompts, full_texts, strict=True)
+        encode_scored(tokenizer, p, f, max_tokens)[:2]
+        for p, f in zip(prompts, full_texts, strict=True)
     ]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     results: list[ReferenceLoss] = [ReferenceLoss(0.0, 0)] * len(encoded)
