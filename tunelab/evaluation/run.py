@@ -310,9 +310,10 @@ def evaluate_run(
             sum(x.tokens for x in losses), sum(x.nll_sum for x in losses),
             generated.seconds, generated.new_tokens, loss_seconds,
         )  # fmt: skip
-        mean_loss = results[name].reference_nll / max(results[name].reference_tokens, 1)
+        # the mean over examples, as in the report's table and verdict (not token-weighted)
         progress(
-            f"  {name:<10} loss {mean_loss:.3f}  token F1 {100 * _mean(scores['token_f1']):.1f}"
+            f"  {name:<10} loss {_mean(scores['loss']):.3f}"
+            f"  token F1 {100 * _mean(scores['token_f1']):.1f}"
             f"  {generated.tokens_per_second:.0f} tokens/s"
             f"  ({loss_seconds + generated.seconds:.0f} s)"
         )
