@@ -26,11 +26,26 @@ def mixed_precision(model: Any, device: str, precision: str) -> Iterator[None]:
     if dtype is None:
         yield
         return
-    from peft.helpers import disable_input_dtype_casting
-
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
-    with disable_input_dtype_casting(model), torch.autocast(device_type, dtype=dtype):
+    with no_input_casting(model), torch.autocast(device_type, dtype=dtype):
         yield
+
+
+@contextlib.contextmanager
+def no_input_casting(model: Any) -> Iterator[None]:
+    """Switch off PEFT's cast of adapter inputs to the adapter's dtype, on the layers that have
+    it. (peft.helpers.disable_input_dtype_casting assumes every tuner layer has the switch;
+    IA3's layers do not, and it fails on them.)"""
+    saved = []
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            saved.append((module, module.cast_input_dtype_enabled))
+            module.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for module, value in saved:
+            module.cast_input_dtype_enabled = value
 
 
 @contextlib.contextmanager
@@ -40,9 +55,7 @@ def backward_precision(model: Any, precision: str) -> Iterator[None]:
     if autocast_dtype(precision) is None:
         yield
         return
-    from peft.helpers import disable_input_dtype_casting
-
-    with disable_input_dtype_casting(model):
+    with no_input_casting(model):
         yield
 
 
