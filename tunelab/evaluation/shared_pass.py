@@ -262,7 +262,9 @@ def _greedy(
     prompt and answer so far, padding after the stop token), from the prompt's cache and the
     logits of its last position. Finished rows leave the batch so they cost no more steps."""
     import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
 
+    penalise = RepetitionPenaltyLogitsProcessor(repetition_penalty)  # as generate applies it
     rows = ids.shape[0]
     out: list[list[int]] = [[] for _ in range(rows)]
     active = torch.arange(rows)  # original row of each row still decoding
@@ -271,7 +273,7 @@ def _greedy(
     argument = _cache_argument(body)
     for step in range(max_new_tokens):
         if repetition_penalty != 1.0:
-            logits = _penalise(logits, seen, repetition_penalty)
+            logits = penalise(seen, logits)
         chosen = logits.argmax(-1)
         for row, token in zip(active.tolist(), chosen.tolist(), strict=True):
             out[row].append(token)
@@ -292,11 +294,3 @@ def _greedy(
         ).last_hidden_state  # fmt: skip
         logits = head(hidden[:, -1]).float()
     return out
-
-
-def _penalise(logits: Any, seen: Any, penalty: float) -> Any:
-    # transformers' RepetitionPenaltyLogitsProcessor: shrink the logit of every token seen
-    import torch
-
-    score = logits.gather(1, seen)
-    return logits.scatter(1, seen, torch.where(score < 0, score * penalty, score / penalty))
