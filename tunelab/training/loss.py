@@ -63,9 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d(sum of losses)/d(logits) = softmax - one_hot(target)
             probabilities = exponentials.div_(sums)
             probabilities[torch.arange(len(wanted), device=logits.device), wanted] -= 1.0
-            grad_hidden[start : start + chunk] = probabilities.to(rows.dtype) @ weight.to(
-                rows.dtype
-            )
+            grad_hidden[start : start + chunk] = probabilities.to(rows.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -94,6 +92,8 @@ def linear_cross_entropy(
     if torch.is_autocast_enabled(hidden.device.type):
         weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
         hidden = hidden.to(weight.dtype)
+    # once per call, not per chunk: the chunks' gradient matmul needs hidden's dtype
+    weight = weight.to(hidden.dtype)
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
 
 
