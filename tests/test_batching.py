@@ -98,6 +98,20 @@ def test_packed_attention_matches_separate_examples(tiny_model_dir, monkeypatch,
     assert sum(int(real.sum()) for _, real in layout) == 80
 
 
+def test_buckets_are_powers_of_two_then_multiples_of_the_step():
+    from tunelab.training.attention import BUCKET_STEP, bucket_of, segment_layout
+
+    assert BUCKET_STEP == 32
+    assert [bucket_of(n) for n in (1, 2, 3, 5, 17, 32, 33, 64, 65, 100, 511)] == [
+        1, 2, 4, 8, 32, 32, 64, 64, 96, 128, 512,
+    ]  # fmt: skip
+    # 70- and 90-token examples share the (64, 96] bucket, padded to 90; 100 gets its own
+    lengths = [70, 90, 100, 40]
+    positions = torch.tensor([[p for n in lengths for p in range(n)]])
+    layout = segment_layout(positions)
+    assert [tuple(index.shape) for index, _ in layout] == [(1, 40), (2, 90), (1, 100)]
+
+
 @pytest.mark.parametrize("matmul_max_length", [160, 0], ids=["matmuls", "sdpa"])
 def test_packed_attention_gradients_match_separate_examples(monkeypatch, matmul_max_length):
     """Gradients through the bucketed layout (gathers both ways, padding slots dropped) equal

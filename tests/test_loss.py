@@ -12,7 +12,9 @@ def reference(hidden, head, targets):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fused_loss_and_gradient_match_autograd(precision):
+def test_fused_loss_and_gradient_match_autograd(precision, monkeypatch):
+    # softmax over 5 rows at a time inside blocks of 16: both kinds of boundary, partial ones too
+    monkeypatch.setattr("tunelab.training.loss.SOFTMAX_ROWS", 5)
     torch.manual_seed(0)
     head = torch.nn.Linear(24, 300, bias=False).requires_grad_(False)
     hidden = torch.randn(70, 24, requires_grad=True)
@@ -22,7 +24,7 @@ def test_fused_loss_and_gradient_match_autograd(precision):
         hidden.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = (
-                function(hidden, head, targets, 16)  # chunks of 16 rows: 5 chunks, 1 partial
+                function(hidden, head, targets, 16)  # blocks of 16 rows: 5 blocks, 1 partial
                 if function is linear_cross_entropy
                 else function(hidden, head, targets)
             )

@@ -144,6 +144,7 @@ def test_methods_train_under_bf16_autocast(make_config, method):
 
 def test_gradient_checkpointing_under_bf16(make_config):
     # checkpointed layers recompute in backward, where PEFT's input casting must stay off too
-    results = FineTuner(make_config(precision="bf16", gradient_checkpointing=True,
-                                    max_steps=2)).train()
+    results = FineTuner(
+        make_config(precision="bf16", gradient_checkpointing=True, max_steps=2)
+    ).train()
     assert results["steps"] == 2 and results["final_train_loss"] < 6.5

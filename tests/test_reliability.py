@@ -116,8 +116,11 @@ def test_a_full_disk_is_refused_before_writing(make_config, monkeypatch, tmp_pat
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(TunelabError, match=r"not enough disk space for the weights in .* needs "
-                                           r"about 1 MiB, 0 MiB free. Free some space"):
+    with pytest.raises(
+        TunelabError,
+        match=r"not enough disk space for the weights in .* needs "
+        r"about 1 MiB, 0 MiB free. Free some space",
+    ):
         ensure_free_space(tmp_path, 2**20, "the weights")
     with pytest.raises(TunelabError, match="not enough disk space"):
         FineTuner(make_config(max_steps=2)).train()

@@ -6,11 +6,14 @@ quarter of a training step). Here each packed example becomes its own sequence: 
 similar length are gathered into one padded batch and attended with ``is_causal=True``.
 Padding sits at the end of each sequence, so causal masking already hides it from real tokens.
 
-Short examples are attended with plain batched matmuls and an additive causal mask: CPU SDPA
-kernels pay a fixed cost per (sequence, head) that dominates below ~200 tokens (measured on
-this machine, forward and backward of 2,048 tokens: 32-token sequences 29 ms with SDPA, 6 ms
-with matmuls; 128 tokens 39 vs 23 ms; 512 tokens 64 vs 97 ms). Grouped-query heads share
-their key/value heads by a reshape instead of a copy.
+Examples up to MATMUL_MAX_LENGTH tokens are attended with plain batched matmuls, an additive
+causal mask and a hand-written backward that keeps only the bf16 attention weights: CPU SDPA
+kernels pay a fixed cost per (sequence, head) that dominates short sequences. Measured on this
+machine, forward and backward of 2,048 tokens (4 x 512 rows, SmolLM2's 9 query and 3 key/value
+heads): 160-token sequences 47 ms with SDPA, 17 ms with matmuls; 256 tokens 38 vs 22 ms;
+384 tokens 56 vs 40 ms; 512 tokens 63 vs 55 ms. Grouped-query heads share their key/value
+heads by a reshape instead of a copy. Longer examples go to SDPA, whose memory does not grow
+with the square of the length.
 """
 
 from __future__ import annotations
@@ -26,14 +29,26 @@ NAME = "tunelab_packed"
 _layout_cache: dict[str, Any] = {"key": None, "value": None}
 _bias_cache: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
 
-# longest bucket attended with matmuls; longer ones go to SDPA (crossover measured above)
-MATMUL_MAX_LENGTH = 160
+# longest bucket attended with matmuls; longer ones go to SDPA (measured above; the matmul
+# path keeps L x L bf16 weights per head for the backward, SDPA keeps none)
+MATMUL_MAX_LENGTH = 512
+BUCKET_STEP = 32
+
+
+def bucket_of(length: int) -> int:
+    """The padded length an example of ``length`` tokens is attended at: the next power of two
+    up to BUCKET_STEP, then the next multiple of it. (Powers of two all the way padded a
+    (64, 128] bucket to 113 tokens on average for FOLDOC entries; attention cost grows with
+    the square of the padded length, and a bucket more costs ~0.3 ms a layer.)"""
+    if length <= BUCKET_STEP:
+        return 1 << (length - 1).bit_length()
+    return -(-length // BUCKET_STEP) * BUCKET_STEP
 
 
 def segment_layout(position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Buckets of packed examples: for each, (gather index of shape (S, Lmax) into the
-    flattened (B*L) tokens, mask of the real entries). Examples are bucketed by the next power
-    of two of their length, so padding stays under half of any bucket."""
+    flattened (B*L) tokens, mask of the real entries). Examples are bucketed by
+    :func:`bucket_of` their length, so little of any bucket is padding."""
     rows, width = position_ids.shape
     starts = position_ids == 0
     starts[:, 0] = True
@@ -45,7 +60,7 @@ def segment_layout(position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch
         ]
     buckets: dict[int, list[tuple[int, int]]] = {}
     for start, length in segments:
-        buckets.setdefault(1 << (length - 1).bit_length(), []).append((start, length))
+        buckets.setdefault(bucket_of(length), []).append((start, length))
     layout = []
     for _, members in sorted(buckets.items()):
         longest = max(length for _, length in members)
@@ -168,8 +183,8 @@ def packed_attention_forward(
             t[first : first + sequences * longest].view(sequences, longest, t.shape[1], dim)
             for t in (q_slots, k_slots, v_slots)
         )
-        if longest <= MATMUL_MAX_LENGTH:
-            attended = _matmul_attention(q, k, v, scaling, dropout)
+        if longest <= MATMUL_MAX_LENGTH and not dropout:
+            attended = _MatmulAttention.apply(q, k, v, scaling)
         else:
             attended = F.scaled_dot_product_attention(
                 *(t.transpose(1, 2) for t in (q, k, v)),
@@ -194,28 +209,68 @@ def _causal_bias(length: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
     return _bias_cache[key]
 
 
-def _matmul_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, dropout: float
-) -> torch.Tensor:
+class _MatmulAttention(torch.autograd.Function):
     """Causal attention of (S, L, Hq, D) queries over (S, L, Hkv, D) keys/values with two
     batched matmuls; the query heads of one key/value head are stacked along the length, so
-    grouped-query attention needs no copy of the keys. Softmax runs in fp32."""
-    sequences, length, heads, dim = q.shape
-    kv_heads = k.shape[2]
+    grouped-query attention needs no copy of the keys. Softmax runs in fp32.
+
+    Its own backward keeps only the attention weights in the compute dtype (autograd kept them
+    twice, once as the fp32 softmax output: 6 bytes per score instead of 2) and runs the
+    softmax gradient on them directly."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        sequences, length, heads, dim = q.shape
+        kv_heads = k.shape[2]
+        groups = heads // kv_heads
+        q_b = _stack_groups(q, kv_heads)
+        k_b, v_b = (
+            t.permute(0, 2, 1, 3).reshape(sequences * kv_heads, length, dim) for t in (k, v)
+        )
+        bias = _causal_bias(length, groups, q.dtype).expand(sequences * kv_heads, -1, -1)
+        scores = torch.baddbmm(bias, q_b, k_b.transpose(1, 2), alpha=scaling)
+        # fp32 softmax then one rounding: as exact as it gets, and quicker on a CPU than the
+        # reduced-precision softmax kernel
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        ctx.save_for_backward(q_b, k_b, v_b, weights)
+        ctx.scaling, ctx.kv_heads = scaling, kv_heads
+        return _unstack_groups(torch.bmm(weights, v_b), sequences, length)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        q_b, k_b, v_b, weights = ctx.saved_tensors
+        sequences = grad.shape[0]
+        kv_heads, length, dim = ctx.kv_heads, k_b.shape[1], k_b.shape[2]
+        grad_b = _stack_groups(grad, kv_heads)
+        grad_v = torch.bmm(weights.transpose(1, 2), grad_b)
+        grad_weights = torch.bmm(grad_b, v_b.transpose(1, 2))
+        # masked scores have zero weight, hence zero gradient: causality needs no extra step
+        grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+        grad_scores.mul_(ctx.scaling)
+        grad_q = _unstack_groups(torch.bmm(grad_scores, k_b), sequences, length)
+        grad_k, grad_v = (
+            t.view(sequences, kv_heads, length, dim).permute(0, 2, 1, 3)
+            for t in (torch.bmm(grad_scores.transpose(1, 2), q_b), grad_v)
+        )
+        return grad_q, grad_k, grad_v, None
+
+
+def _stack_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(S, L, Hkv*g, D) -> (S*Hkv, g*L, D): query head h uses key head h // g."""
+    sequences, length, heads, dim = x.shape
     groups = heads // kv_heads
-    # (S, L, Hkv*g, D) -> (S*Hkv, g*L, D): query head h uses key head h // groups
-    q = q.view(sequences, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)
-    q = q.reshape(sequences * kv_heads, groups * length, dim)
-    k = k.permute(0, 2, 1, 3).reshape(sequences * kv_heads, length, dim)
-    v = v.permute(0, 2, 1, 3).reshape(sequences * kv_heads, length, dim)
-    bias = _causal_bias(length, groups, q.dtype).expand(sequences * kv_heads, -1, -1)
-    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    if dropout:
-        weights = F.dropout(weights, dropout)
-    out = torch.bmm(weights, v)  # (S*Hkv, g*L, D)
-    out = out.view(sequences, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4)
-    return out.reshape(sequences, length, heads, dim)
+    x = x.view(sequences, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)
+    return x.reshape(sequences * kv_heads, groups * length, dim)
+
+
+def _unstack_groups(x: torch.Tensor, sequences: int, length: int) -> torch.Tensor:
+    """(S*Hkv, g*L, D) -> (S, L, Hkv*g, D), the inverse of :func:`_stack_groups`."""
+    stacked, dim = x.shape[1], x.shape[2]
+    kv_heads, groups = x.shape[0] // sequences, stacked // length
+    x = x.view(sequences, kv_heads, groups, length, dim).permute(0, 3, 1, 2, 4)
+    return x.reshape(sequences, length, kv_heads * groups, dim)
 
 
 def register() -> None:

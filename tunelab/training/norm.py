@@ -1,0 +1,96 @@
+"""RMSNorm with a hand-written backward, for frozen norms during training.
+
+transformers' Llama-style RMSNorm upcasts the input to fp32, squares it, averages, scales and
+casts back, and autograd replays every one of those steps (each a pass over the activations,
+and fp32 copies kept for the backward): 61 norms in SmolLM2, about 3.7 ms each, forward and
+backward, for a 4 x 512 micro-batch here. Computing the same thing with the reduction in fp32
+straight from the bf16 input, and the gradient from a closed form, takes about 2.2 ms and keeps
+only the input and one number per token. The numbers are those of transformers' module: the
+normalised value is rounded to the input dtype before the weight multiplies it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+_same_forward: dict[type, bool] = {}
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``weight * (x * rsqrt(mean(x**2) + eps)).to(x.dtype)`` with the mean in fp32, for a
+    frozen ``weight`` of x's dtype."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, 2, -1, keepdim=True, dtype=torch.float32)
+        rstd = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
+        out = torch.empty_like(x)
+        torch.mul(x, rstd, out=out)  # computed in fp32, rounded once to x's dtype
+        out.mul_(weight)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors
+        # gradient at the rounded normalised value, as autograd forms it (in x's dtype), then
+        # through y = x * r(x) with r = (mean(x^2) + eps)^-1/2:
+        #   dx = r * g - (r^3 / n) * sum(g * x) * x
+        g = (grad * weight).float()
+        coefficient = (g * x).sum(-1, keepdim=True).mul_(rstd.pow(3)).div_(-x.shape[-1])
+        out = torch.empty_like(x)
+        torch.addcmul(g.mul_(rstd), x, coefficient, out=out)
+        return out, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def _is_llama_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module`` computes exactly transformers' LlamaRMSNorm (many families share its
+    code: Mistral, Qwen2/3, Phi-3...). Gemma's (1 + weight) and others are left alone."""
+    cls = type(module)
+    if cls not in _same_forward:
+        try:
+            from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+            reference = inspect.getsource(LlamaRMSNorm.forward)
+            _same_forward[cls] = inspect.getsource(cls.forward) == reference
+        except (ImportError, OSError, TypeError):
+            _same_forward[cls] = False
+    return _same_forward[cls] and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+@contextmanager
+def fast_rms_norm(model: Any) -> Iterator[int]:
+    """Route the forward of every frozen Llama-style RMSNorm through :class:`_RMSNorm` for the
+    run (norms being trained, or whose weight dtype differs from the input's, keep their own
+    forward); yields how many were switched, and restores them after."""
+    switched: list[nn.Module] = []
+    for module in model.modules():
+        if not _is_llama_rms_norm(module) or "forward" in module.__dict__:
+            continue
+        original = module.forward
+
+        def forward(hidden_states: torch.Tensor, _m: Any = module, _orig: Any = original) -> Any:
+            weight = _m.weight
+            if weight.requires_grad or weight.dtype != hidden_states.dtype:
+                return _orig(hidden_states)
+            return rms_norm(hidden_states, weight, _m.variance_epsilon)
+
+        module.forward = forward
+        switched.append(module)
+    try:
+        yield len(switched)
+    finally:
+        for module in switched:
+            del module.forward
