@@ -27,13 +27,14 @@ SMOLLM_SHAPES = dict(
 
 
 def _saved_bytes(config_path: Path, setup: TrainingSetup, layers: int) -> int:
-    """Bytes of the tensors autograd saves in tunelab's forward (bf16 autocast, fp32 LoRA,
-    packed attention, loss on completions), parameters excluded."""
+    """Bytes of the tensors autograd saves in tunelab's training forward (bf16 autocast, fp32
+    LoRA, the training step's own layers, loss on completions), parameters excluded."""
     import peft
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tunelab.training.attention import use_packed_attention
+    from tunelab.config import FineTuningConfig
+    from tunelab.training.loop import training_mode
     from tunelab.training.loss import causal_lm_loss_sum
     from tunelab.training.precision import mixed_precision
 
@@ -44,12 +45,11 @@ def _saved_bytes(config_path: Path, setup: TrainingSetup, layers: int) -> int:
     lora = peft.LoraConfig(
         r=setup.lora_r, target_modules=setup.target_modules, lora_dropout=setup.lora_dropout
     )
-    model = peft.get_peft_model(model, lora, autocast_adapter_dtype=True)
-    use_packed_attention(model.base_model.model)
+    model = peft.get_peft_model(model, lora, autocast_adapter_dtype=True).train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     rows, length = setup.batch_size, setup.max_length
     ids = torch.randint(0, values["vocab_size"], (rows, length))
-    positions = torch.cat([torch.arange(length // 2)] * 2).repeat(rows, 1)
+    positions = torch.arange(length).repeat(rows, 1)  # the worst case: examples of max_length
     saved: dict[int, int] = {}
 
     def pack(tensor):
@@ -59,9 +59,10 @@ def _saved_bytes(config_path: Path, setup: TrainingSetup, layers: int) -> int:
         return tensor
 
     batch = {"input_ids": ids, "labels": ids, "position_ids": positions}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with mixed_precision(model, "cpu", "bf16"):
-            causal_lm_loss_sum(model, batch)
+    with training_mode(model, FineTuningConfig(packing=True)):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with mixed_precision(model, "cpu", "bf16"):
+                causal_lm_loss_sum(model, batch)
     return sum(saved.values())
 
 

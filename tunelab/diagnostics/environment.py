@@ -169,6 +169,7 @@ def suggest_batch_size(precision: str, device: str, available_bytes: int) -> tup
             precision=precision,
             lora_r=defaults.lora_r,
             target_modules=list(defaults.target_modules),
+            device_kind="gpu" if device == "cuda" else "cpu",
         )
         peaks[size] = estimate_memory(arch, params, setup).total
         if peaks[size] > budget:

@@ -10,16 +10,20 @@ mask (``training.attention``); the body run once and the LM head only on loss po
 (``causal_lm_loss_sum``), whose fp32 log-softmax autograd keeps for every loss token.
 
 Activations are what autograd saves per token and decoder layer. Counted tensor by tensor on a
-Llama layer (``tests/planning/test_memory.py`` checks the count against autograd's own saved
-tensors); a frozen linear layer saves nothing (its input gradient needs only its weight):
+Llama layer in tunelab's training step (``tests/planning/test_memory.py`` checks the count
+against autograd's own saved tensors); a frozen linear layer saves nothing (its input gradient
+needs only its weight):
 
-- each RMSNorm keeps its input upcast to fp32 (4h bytes); with a trainable norm weight also the
-  normalised 16-bit value (which is then also the saved input of the q/k/v and gate/up layers);
-- attention keeps q, the expanded k and v, its output and the log-sum-exp (4 x width + 4 x
-  heads); a trainable output projection also keeps its input (one more width);
+- each frozen RMSNorm keeps its input and one fp32 number per token (``training.norm``); a
+  trainable one (full fine-tuning) its input upcast to fp32 and the normalised 16-bit value;
+- attention keeps q, k and v and, on a CPU, for examples up to 512 tokens
+  (``training.attention``), the 16-bit attention weights: heads x the example's length, taken
+  here as ``max_length`` (the worst case, every example that long); a trainable output
+  projection also keeps its input;
 - a gated MLP keeps gate, silu(gate) and up (3i); a trainable down projection also its input;
 - LoRA keeps the input of each adapted layer (shared by layers reading the same tensor when
-  there is no dropout; with dropout each adapter keeps its own dropped copy and the mask)
+  there is no dropout; with dropout each adapter keeps its own dropped copy and its mask: one
+  byte per element on the lean LoRA path, the input's dtype for the other adapter kinds)
   and the r-wide output of lora_A.
 """
 
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 
 from tunelab.errors import TunelabError
 from tunelab.planning.architecture import Architecture, ParameterCount
+from tunelab.training.loss import BLOCK_ROWS, CHUNK_ROWS, SOFTMAX_ROWS
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # NF4 stores two weights per byte; double quantisation adds one 8-bit absmax per 64 weights
@@ -36,7 +41,6 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 INT8_BYTES_PER_WEIGHT = 1 + 4 / 4096  # one fp32 scale per row of a 4096-wide layer
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2}  # per trainable parameter
-LOSS_CHUNK_ROWS = 1024  # tunelab.training.loss.chunked_cross_entropy's chunk
 
 
 @dataclass
@@ -58,6 +62,7 @@ class TrainingSetup:
     devices: int = 1
     sharding: str = "none"  # none: each device holds everything (DDP); fsdp: states are split
     loss_fraction: float = 1.0  # share of tokens that are loss targets (completions)
+    device_kind: str = "cpu"  # cpu or gpu: the attention kernels (and what they keep) differ
 
     def check(self) -> None:
         allowed = {
@@ -66,6 +71,7 @@ class TrainingSetup:
             "optimizer": tuple(OPTIMIZER_BYTES),
             "sharding": ("none", "fsdp"),
             "quantization_bits": (4, 8),
+            "device_kind": ("cpu", "gpu"),
         }
         for key, values in allowed.items():
             if getattr(self, key) not in values:
@@ -155,24 +161,32 @@ _SHARED_INPUT["up_proj"] = "mlp"
 
 def layer_activation_bytes(arch: Architecture, params: ParameterCount, setup: TrainingSetup) -> int:
     """Bytes autograd keeps per token for one decoder layer (see the module docstring)."""
+    from tunelab.training.attention import MATMUL_MAX_LENGTH
+
     h, i, width = arch.hidden_size, arch.intermediate_size, arch.attention_width
+    kv_width = arch.num_kv_heads * arch.head_dim
     b = BYTES[setup.precision]
     full = setup.method == "full"
-    norms = 2 * (4 * h + 4 + (b * h if full else 0))
-    attention = 4 * b * width + 4 * arch.num_heads + (b * width if full else 0)
+    norms = 2 * (4 * h + 4 + b * h) if full else 2 * (b * h + 4)
+    attention = b * (width + 2 * kv_width) + (b * width if full else 0)
+    if setup.device_kind == "cpu":  # the matmul path keeps the attention weights
+        attention += arch.num_heads * b * min(setup.max_length, MATMUL_MAX_LENGTH)
+    else:  # SDPA keeps its output and one fp32 log-sum-exp per head
+        attention += b * width + 4 * arch.num_heads
     if arch.gated_mlp:
         mlp = 3 * b * i + (b * i if full else 0)
     else:
         mlp = 2 * b * i + (b * i if full else 0)
     if full:
         return norms + attention + mlp
+    # the lean LoRA forward (plain LoRA) drops out with a bool mask; the others with a mask in
+    # the input's dtype (training.dropout.FastDropout)
+    mask = 1 if setup.method == "lora" else b
     adapters, seen = 0, set()
     for name, inputs in params.adapted_inputs:
         adapters += b * setup.lora_r  # lora_A's output, saved by lora_B
         if setup.lora_dropout > 0:
-            # each adapter's own dropped copy and its mask, which has the input's dtype
-            # (torch's CPU dropout multiplies by a noise tensor; CUDA's bool mask is smaller)
-            adapters += inputs * 2 * b
+            adapters += inputs * (b + mask)  # each adapter's own dropped copy and its mask
             continue
         key = _SHARED_INPUT.get(name, name)
         if key not in seen:
@@ -211,8 +225,12 @@ def estimate_memory(
     inputs = tokens * 3 * 8  # input ids, labels, positions (int64)
     activations = layers + head + inputs
 
-    chunk = min(LOSS_CHUNK_ROWS, loss_tokens)
-    logits = chunk * vocab * (b + 4 + 4)  # head output, its fp32 copy, its gradient
+    if setup.method == "full":  # a trained head: chunks through autograd (training.loss)
+        chunk = min(CHUNK_ROWS, loss_tokens)
+        logits = chunk * vocab * (b + 4 + 4)  # head output, its fp32 copy, its gradient
+    else:  # frozen head: fused, a block of 16-bit logits and a slice of it in fp32
+        logits = min(BLOCK_ROWS, loss_tokens) * vocab * b
+        logits += min(SOFTMAX_ROWS, loss_tokens) * vocab * 4
     # backward through one MLP: the gradients of gate, up and their product, and the residual's
     backward = tokens * (3 * b * arch.intermediate_size + 2 * 4 * h)
     temporary = max(logits, backward)

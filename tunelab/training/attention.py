@@ -183,7 +183,8 @@ def packed_attention_forward(
             t[first : first + sequences * longest].view(sequences, longest, t.shape[1], dim)
             for t in (q_slots, k_slots, v_slots)
         )
-        if longest <= MATMUL_MAX_LENGTH and not dropout:
+        # the fixed per-sequence cost is a CPU kernel's: on a GPU, SDPA's fused kernels win
+        if longest <= MATMUL_MAX_LENGTH and not dropout and q.device.type == "cpu":
             attended = _MatmulAttention.apply(q, k, v, scaling)
         else:
             attended = F.scaled_dot_product_attention(
