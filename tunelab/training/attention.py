@@ -226,6 +226,12 @@ class _MatmulAttention(torch.autograd.Function):
         sequences, length, heads, dim = q.shape
         kv_heads = k.shape[2]
         groups = heads // kv_heads
+        # one compute dtype: autocast's when on (rotary embeddings in fp32 make q and k fp32
+        # while v is bf16); the backward runs outside autocast and must see the same
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        device = q.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+        q, k, v = (t.to(dtype) for t in (q, k, v))
         q_b = _stack_groups(q, kv_heads)
         k_b, v_b = (
             t.permute(0, 2, 1, 3).reshape(sequences * kv_heads, length, dim) for t in (k, v)
@@ -242,6 +248,8 @@ class _MatmulAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         q_b, k_b, v_b, weights = ctx.saved_tensors
+        # the gradient can arrive in another dtype (fp32 weights under autocast)
+        grad = grad.to(weights.dtype)
         sequences = grad.shape[0]
         kv_heads, length, dim = ctx.kv_heads, k_b.shape[1], k_b.shape[2]
         grad_b = _stack_groups(grad, kv_heads)
@@ -255,7 +263,8 @@ class _MatmulAttention(torch.autograd.Function):
             t.view(sequences, kv_heads, length, dim).permute(0, 2, 1, 3)
             for t in (torch.bmm(grad_scores.transpose(1, 2), q_b), grad_v)
         )
-        return grad_q, grad_k, grad_v, None
+        q_dtype, k_dtype, v_dtype = ctx.dtypes
+        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None
 
 
 def _stack_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
