@@ -30,13 +30,13 @@ class _RMSNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(x, 2, -1, keepdim=True, dtype=torch.float32)
+        # one explicit fp32 copy, worked on in place: ops mixing bf16 and fp32 operands make a
+        # hidden fp32 copy each on a CPU (measured: 2.4 -> 1.4 ms, forward and backward)
+        upcast = x.to(torch.float32, copy=True)  # a copy even for fp32 input: it is scaled in place
+        norm = torch.linalg.vector_norm(upcast, 2, -1, keepdim=True)
         rstd = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
-        out = torch.empty_like(x)
-        torch.mul(x, rstd, out=out)  # computed in fp32, rounded once to x's dtype
-        out.mul_(weight)
         ctx.save_for_backward(x, weight, rstd)
-        return out
+        return upcast.mul_(rstd).to(x.dtype).mul_(weight)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -45,10 +45,9 @@ class _RMSNorm(torch.autograd.Function):
         # through y = x * r(x) with r = (mean(x^2) + eps)^-1/2:
         #   dx = r * g - (r^3 / n) * sum(g * x) * x
         g = (grad * weight).float()
-        coefficient = (g * x).sum(-1, keepdim=True).mul_(rstd.pow(3)).div_(-x.shape[-1])
-        out = torch.empty_like(x)
-        torch.addcmul(g.mul_(rstd), x, coefficient, out=out)
-        return out, None, None
+        upcast = x.float()
+        coefficient = (g * upcast).sum(-1, keepdim=True).mul_(rstd.pow(3)).div_(-x.shape[-1])
+        return g.mul_(rstd).addcmul_(upcast, coefficient).to(x.dtype), None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
