@@ -12,8 +12,7 @@ biases, merged or disabled adapters and mixed-adapter batches keep PEFT's forwar
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.training.dropout import FastDropout, random_int16
+from tunelab.training.patching import replaced_forwards
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -70,34 +70,28 @@ def lora_linear_forward(module: Any, x: torch.Tensor) -> torch.Tensor:
     return out.view(result.shape)
 
 
-@contextmanager
-def lean_lora_forward(model: Any) -> Iterator[int]:
+def lean_lora_forward(model: Any) -> AbstractContextManager[int]:
     """Give every eligible LoRA layer :func:`lora_linear_forward` for the run (falling back to
     PEFT's own forward whenever the layer is merged, disabled, switched to another adapter or
     called with extra arguments); yields how many were switched, and restores them after."""
-    switched: list[nn.Module] = []
-    for module in model.modules():
-        if "forward" in module.__dict__ or not _eligible(module):
-            continue
+
+    def make_forward(module: nn.Module) -> Any:
+        if not _eligible(module):
+            return None
         original = module.forward
 
-        def forward(x: torch.Tensor, *args: Any, _m: Any = module, _orig: Any = original,
-                    **kwargs: Any) -> Any:  # fmt: skip
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if (
                 args
                 or kwargs
-                or _m.disable_adapters
-                or _m.merged
-                or list(_m.active_adapters) != list(_m.lora_A.keys())
-                or not _same_dtypes(_m, x)
+                or module.disable_adapters
+                or module.merged
+                or list(module.active_adapters) != list(module.lora_A.keys())
+                or not _same_dtypes(module, x)
             ):
-                return _orig(x, *args, **kwargs)
-            return lora_linear_forward(_m, x)
+                return original(x, *args, **kwargs)
+            return lora_linear_forward(module, x)
 
-        module.forward = forward
-        switched.append(module)
-    try:
-        yield len(switched)
-    finally:
-        for module in switched:
-            del module.forward
+        return forward
+
+    return replaced_forwards(model, make_forward)

@@ -12,12 +12,13 @@ normalised value is rounded to the input dtype before the weight multiplies it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import nn
+
+from tunelab.training.patching import replaced_forwards
 
 _same_forward: dict[type, bool] = {}
 
@@ -69,27 +70,22 @@ def _is_llama_rms_norm(module: nn.Module) -> bool:
     return _same_forward[cls] and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
-@contextmanager
-def fast_rms_norm(model: Any) -> Iterator[int]:
+def fast_rms_norm(model: Any) -> AbstractContextManager[int]:
     """Route the forward of every frozen Llama-style RMSNorm through :class:`_RMSNorm` for the
     run (norms being trained, or whose weight dtype differs from the input's, keep their own
     forward); yields how many were switched, and restores them after."""
-    switched: list[nn.Module] = []
-    for module in model.modules():
-        if not _is_llama_rms_norm(module) or "forward" in module.__dict__:
-            continue
+
+    def make_forward(module: nn.Module) -> Any:
+        if not _is_llama_rms_norm(module):
+            return None
         original = module.forward
 
-        def forward(hidden_states: torch.Tensor, _m: Any = module, _orig: Any = original) -> Any:
-            weight = _m.weight
+        def forward(hidden_states: torch.Tensor) -> Any:
+            weight = module.weight
             if weight.requires_grad or weight.dtype != hidden_states.dtype:
-                return _orig(hidden_states)
-            return rms_norm(hidden_states, weight, _m.variance_epsilon)
+                return original(hidden_states)
+            return rms_norm(hidden_states, weight, module.variance_epsilon)
 
-        module.forward = forward
-        switched.append(module)
-    try:
-        yield len(switched)
-    finally:
-        for module in switched:
-            del module.forward
+        return forward
+
+    return replaced_forwards(model, make_forward)
