@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 from tunelab.errors import TunelabError
 from tunelab.planning.architecture import Architecture, ParameterCount
-from tunelab.training.loss import BLOCK_ROWS, CHUNK_ROWS, SOFTMAX_ROWS
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # NF4 stores two weights per byte; double quantisation adds one 8-bit absmax per 64 weights
@@ -224,6 +223,9 @@ def estimate_memory(
     head = tokens * 4 * h + loss_tokens * (4 * vocab + (b * h if setup.method == "full" else 0))
     inputs = tokens * 3 * 8  # input ids, labels, positions (int64)
     activations = layers + head + inputs
+
+    # imported here: training.loss loads torch, which `tunelab --help` should not wait for
+    from tunelab.training.loss import BLOCK_ROWS, CHUNK_ROWS, SOFTMAX_ROWS
 
     if setup.method == "full":  # a trained head: chunks through autograd (training.loss)
         chunk = min(CHUNK_ROWS, loss_tokens)
