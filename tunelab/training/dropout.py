@@ -46,6 +46,12 @@ def random_int16(shape: torch.Size, device: torch.device) -> torch.Tensor:
     return out
 
 
+def keep_threshold(p: float) -> int:
+    """Keep an element when its draw in [-32768, 32767] is at or above this: probability 1 - p,
+    exact to 1/65,536."""
+    return round(p * 65536) - 32768
+
+
 class FastDropout(nn.Module):
     """Inverted dropout with a mask drawn from 16-bit random integers (global torch RNG, so
     seeded runs and exact resume stay reproducible)."""
@@ -53,8 +59,7 @@ class FastDropout(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        # keep an element when its draw in [-32768, 32767] is at or above this threshold
-        self.threshold = round(p * 65536) - 32768
+        self.threshold = keep_threshold(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.training.dropout import FastDropout, random_int16
+from tunelab.training.dropout import FastDropout, keep_threshold, random_int16
 from tunelab.training.patching import replaced_forwards
 
 
@@ -56,9 +56,8 @@ def lora_linear_forward(module: Any, x: torch.Tensor) -> torch.Tensor:
     dropout = module.lora_dropout[name]
     p = getattr(dropout, "p", 0.0) if dropout.training else 0.0
     if p > 0:
-        # keep an element when its 16-bit draw is at or above the threshold (as FastDropout)
-        threshold = round(p * 65536) - 32768
-        x = x.masked_fill(random_int16(x.shape, x.device) < threshold, 0)
+        # the same mask FastDropout draws: drop where the 16-bit draw is below the threshold
+        x = x.masked_fill(random_int16(x.shape, x.device) < keep_threshold(p), 0)
     down = F.linear(x, module.lora_A[name].weight)
     flat = result.reshape(-1, result.shape[-1])
     out = torch.addmm(
