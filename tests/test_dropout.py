@@ -53,16 +53,22 @@ def test_adapter_dropouts_are_swapped_for_the_run_and_restored(tiny_model_dir):
     assert [m for m in model.modules() if type(m) is nn.Dropout and m.p == 0.1] == originals
 
 
-def test_threaded_draws_depend_only_on_the_global_seed():
-    from tunelab.training.dropout import PARALLEL_MIN_ELEMENTS, random_int16
+def test_cpu_masks_depend_only_on_the_global_seed_and_are_uniform():
+    from tunelab.training.dropout import keep_mask
 
-    shape = torch.Size([4, PARALLEL_MIN_ELEMENTS])
+    shape, cpu = torch.Size([3, 1001]), torch.device("cpu")  # not a multiple of 4 draws
     torch.manual_seed(3)
-    a = random_int16(shape, torch.device("cpu"))
+    a = keep_mask(shape, 0.25, torch.bfloat16, cpu)
     torch.manual_seed(3)
-    b = random_int16(shape, torch.device("cpu"))
-    assert torch.equal(a, b)
-    halves = a.view(-1).chunk(2)
-    assert not torch.equal(halves[0], halves[1])  # each part has its own stream
-    counts = torch.bincount((a.view(-1).long() + 32768) >> 12, minlength=16)
-    assert counts.min() > 0.9 * a.numel() / 16  # uniform over the 16-bit range
+    assert torch.equal(keep_mask(shape, 0.25, torch.bfloat16, cpu), a)
+    assert a.shape == shape and a.dtype == torch.bfloat16
+    assert set(a.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(keep_mask(shape, 0.25, torch.bfloat16, cpu), a)  # the RNG moved on
+    # every 16-bit draw position (four per 64-bit word) drops at the same rate
+    torch.manual_seed(0)
+    big = keep_mask(torch.Size([4 * 250_000]), 0.25, torch.float32, cpu).view(-1, 4)
+    assert torch.allclose(1 - big.mean(0), torch.full((4,), 0.25), atol=0.005)
+    # the threshold is exact to 1/65,536: p = 1/65,536 drops about 15 of 1,000,000
+    torch.manual_seed(1)
+    rare = keep_mask(torch.Size([1_000_000]), 1 / 65536, torch.float32, cpu)
+    assert 3 <= int((rare == 0).sum()) <= 35

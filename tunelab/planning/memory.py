@@ -22,9 +22,8 @@ needs only its weight):
   projection also keeps its input;
 - a gated MLP keeps gate, silu(gate) and up (3i); a trainable down projection also its input;
 - LoRA keeps the input of each adapted layer (shared by layers reading the same tensor when
-  there is no dropout; with dropout each adapter keeps its own dropped copy and its mask: one
-  byte per element on the lean LoRA path, the input's dtype for the other adapter kinds)
-  and the r-wide output of lora_A.
+  there is no dropout; with dropout each adapter keeps its own dropped copy and its 0/1 mask,
+  both in the input's dtype) and the r-wide output of lora_A.
 """
 
 from __future__ import annotations
@@ -178,14 +177,11 @@ def layer_activation_bytes(arch: Architecture, params: ParameterCount, setup: Tr
         mlp = 2 * b * i + (b * i if full else 0)
     if full:
         return norms + attention + mlp
-    # the lean LoRA forward (plain LoRA) drops out with a bool mask; the others with a mask in
-    # the input's dtype (training.dropout.FastDropout)
-    mask = 1 if setup.method == "lora" else b
     adapters, seen = 0, set()
     for name, inputs in params.adapted_inputs:
         adapters += b * setup.lora_r  # lora_A's output, saved by lora_B
         if setup.lora_dropout > 0:
-            adapters += inputs * (b + mask)  # each adapter's own dropped copy and its mask
+            adapters += inputs * 2 * b  # each adapter's own dropped copy and its 0/1 mask
             continue
         key = _SHARED_INPUT.get(name, name)
         if key not in seen:

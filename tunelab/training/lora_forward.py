@@ -5,7 +5,7 @@ two more passes over the layer's output, and inverted dropout two more over its 
 0/1 mask cast to the activation dtype, then the 1/(1-p) scale), each replayed in the backward.
 Here the sum and both scales go into the last matrix multiplication (``addmm`` with
 ``alpha = scaling / (1 - p)``, exact since the adapter is linear), and dropout is one
-``masked_fill`` with a mask drawn as :class:`tunelab.training.dropout.FastDropout` draws it.
+multiplication by :func:`tunelab.training.dropout.keep_mask`, as FastDropout's.
 Only vanilla LoRA with one active adapter on an ``nn.Linear`` takes this path; DoRA, LoRA
 biases, merged or disabled adapters and mixed-adapter batches keep PEFT's forward.
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.training.dropout import FastDropout, keep_threshold, random_int16
+from tunelab.training.dropout import FastDropout, keep_mask
 from tunelab.training.patching import replaced_forwards
 
 
@@ -56,8 +56,7 @@ def lora_linear_forward(module: Any, x: torch.Tensor) -> torch.Tensor:
     dropout = module.lora_dropout[name]
     p = getattr(dropout, "p", 0.0) if dropout.training else 0.0
     if p > 0:
-        # the same mask FastDropout draws: drop where the 16-bit draw is below the threshold
-        x = x.masked_fill(random_int16(x.shape, x.device) < keep_threshold(p), 0)
+        x = x * keep_mask(x.shape, p, x.dtype, x.device)  # the 1/(1-p) goes into addmm's alpha
     down = F.linear(x, module.lora_A[name].weight)
     flat = result.reshape(-1, result.shape[-1])
     out = torch.addmm(
