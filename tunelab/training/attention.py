@@ -134,7 +134,8 @@ class _Regroup(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         out = grad.index_select(0, ctx.backward_index)
         if ctx.keep is not None:
-            out = out.masked_fill(~ctx.keep.view(-1, *([1] * (out.dim() - 1))), 0)
+            # a multiply: a bool mask's masked_fill is an unvectorised loop on a CPU (5x slower)
+            out.mul_(ctx.keep.view(-1, *([1] * (out.dim() - 1))).to(out.dtype))
         return out, None, None, None
 
 
@@ -257,11 +258,12 @@ class _MatmulAttention(torch.autograd.Function):
         grad_weights = torch.bmm(grad_b, v_b.transpose(1, 2))
         # masked scores have zero weight, hence zero gradient: causality needs no extra step
         grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
-        grad_scores.mul_(ctx.scaling)
-        grad_q = _unstack_groups(torch.bmm(grad_scores, k_b), sequences, length)
+        # the scores' scaling applied to the (length x dim) products, not the (length x length)
+        # gradient: fewer elements
+        grad_q = _unstack_groups(torch.bmm(grad_scores, k_b).mul_(ctx.scaling), sequences, length)
         grad_k, grad_v = (
             t.view(sequences, kv_heads, length, dim).permute(0, 2, 1, 3)
-            for t in (torch.bmm(grad_scores.transpose(1, 2), q_b), grad_v)
+            for t in (torch.bmm(grad_scores.transpose(1, 2), q_b).mul_(ctx.scaling), grad_v)
         )
         q_dtype, k_dtype, v_dtype = ctx.dtypes
         return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None
