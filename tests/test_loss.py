@@ -58,3 +58,24 @@ def test_trained_head_and_evaluation_use_the_autograd_path(monkeypatch):
     assert calls == [1, 1]
     linear_cross_entropy(hidden, head, targets)  # frozen head, training: fused
     assert calls == [1, 1]
+
+
+def test_fused_loss_of_a_target_whose_probability_underflows():
+    """A target 400 below the top logit has probability 0 in fp32: its loss comes from the
+    log-sum-exp instead (no inf), alongside ordinary rows in the same slice."""
+    head = torch.nn.Linear(4, 10, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[3] = -100.0  # logit -400 for target 3 on an all-ones hidden state
+        head.weight[5] = 0.5
+    hidden = torch.ones(3, 4, requires_grad=True)
+    targets = torch.tensor([3, 5, 0])
+    loss = linear_cross_entropy(hidden, head, targets)
+    loss.backward()
+    fused_grad = hidden.grad.clone()
+    hidden.grad = None
+    expected = reference(hidden, head, targets)
+    expected.backward()
+    assert torch.isfinite(loss) and loss.item() > 400
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(fused_grad, hidden.grad)

@@ -63,33 +63,40 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        # one logits block and one fp32 slice buffer, reused: a fresh 50 MB block or 12 MB
+        # one logits block and two fp32 slice buffers, reused: a fresh 50 MB block or 12 MB
         # slice is fresh pages from the OS each time, whose faults and zeroing cost more than
         # the softmax's own passes (807 -> 699 ms for 2,048 tokens' loss and gradient)
-        buffer = torch.empty(
-            (min(SOFTMAX_ROWS, hidden.shape[0]), weight.shape[0]),
-            dtype=torch.float32,
-            device=hidden.device,
-        )
+        rows_kept = min(SOFTMAX_ROWS, hidden.shape[0])
         blocks = torch.empty(
             (min(block, hidden.shape[0]), weight.shape[0]), dtype=hidden.dtype, device=hidden.device
         )
+        upcast, softmax = (
+            torch.empty((rows_kept, weight.shape[0]), dtype=torch.float32, device=hidden.device)
+            for _ in range(2)
+        )
+        positions = torch.arange(rows_kept, device=hidden.device)
         for start in range(0, hidden.shape[0], block):
             chunk = hidden[start : start + block]
             logits = torch.mm(chunk, weight.t(), out=blocks[: chunk.shape[0]])  # compute dtype
             for first in range(0, logits.shape[0], SOFTMAX_ROWS):
                 part = logits[first : first + SOFTMAX_ROWS]
-                wanted = targets[start + first : start + first + part.shape[0]]
-                rows = buffer[: part.shape[0]].copy_(part)
-                target_logits = rows.gather(1, wanted[:, None])
-                # softmax in place (max, exp, sum, divide: one pass fewer than logsumexp + exp)
-                largest = rows.amax(dim=-1, keepdim=True)
-                exponentials = rows.sub_(largest).exp_()
-                sums = exponentials.sum(dim=-1, keepdim=True)
-                total += (largest + sums.log() - target_logits).sum()
+                count = part.shape[0]
+                wanted = targets[start + first : start + first + count]
+                rows = upcast[:count].copy_(part)
+                # torch's softmax works a row at a time (a 49k-vocabulary row stays in cache
+                # over its passes): 2.5 -> 1.5 ms a slice against max/sub/exp/sum/div over it
+                probabilities = torch.softmax(rows, -1, out=softmax[:count])
+                picked = probabilities[positions[:count], wanted]
+                losses = -picked.log()
+                # a target far below the top logit underflows to probability 0: take its loss
+                # from the logits (log-sum-exp minus the target's logit)
+                underflow = picked < 1e-30
+                if bool(underflow.any()):
+                    lost = underflow.nonzero().flatten()
+                    losses[lost] = torch.logsumexp(rows[lost], -1) - rows[lost, wanted[lost]]
+                total += losses.sum()
                 # d(sum of losses)/d(logits) = softmax - one_hot(target)
-                probabilities = exponentials.div_(sums)
-                probabilities[torch.arange(len(wanted), device=rows.device), wanted] -= 1.0
+                probabilities[positions[:count], wanted] -= 1.0
                 part.copy_(probabilities)
             torch.mm(logits, weight, out=grad_hidden[start : start + block])
         ctx.save_for_backward(grad_hidden)
