@@ -10,13 +10,16 @@ to see as many real tokens for the seed's recipe (about 5 times more steps):
   trl      TRL SFTTrainer, packing, bf16
   tunelab  tunelab defaults (packing, automatic precision)
 
-Each system runs in its own child process (so peak RSS is its own), one after the other. Reported:
+Each system runs in its own child process (so peak RSS is its own), one after the other, each
+after --cooldown seconds of idle: this machine's CPUs slow down under sustained load (tunelab
+measured 551 real tokens/s after 4 minutes of matmuls and 60 s idle, 513 straight after them),
+so without the pause whichever system runs later is measured slowed. Reported:
 real (non-padding) training tokens per second over the training loop, peak RSS, the held-out loss
 after training (one shared evaluator: fp32, one example per forward pass, mean over tokens), the
 real tokens each system had trained on by then, and tunelab's MFU against a bf16 matmul peak
 measured in the same run. Needs the bench extra: pip install 'tunelab[bench]' (trl, psutil).
 
-    python benchmarks/train_throughput.py                # 3 steps of 4x4x512, about 15 minutes
+    python benchmarks/train_throughput.py                # 3 steps of 4x4x512, about 19 minutes
     python benchmarks/train_throughput.py --steps 1 --accumulation 2 --systems trl,tunelab
 """
 
@@ -278,6 +281,12 @@ def main() -> None:
         "--heldout", type=int, default=40, help="held-out entries for the eval loss"
     )
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument(
+        "--cooldown",
+        type=float,
+        default=60.0,
+        help="idle seconds before each system and the matmul peak (0: none)",
+    )
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -298,9 +307,11 @@ def main() -> None:
                 str(args.max_length),
             ]
             command += ["--heldout", str(args.heldout)]
+            time.sleep(args.cooldown)
             print(f"running {system} ...", flush=True)
             subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
             reports[system] = json.loads((Path(out) / f"{system}.json").read_text())
+    time.sleep(args.cooldown)
     peak = matmul_peak_gflops()
     print(
         f"\n{token_budget(args):,} real training tokens each ({args.steps} packed steps of "
