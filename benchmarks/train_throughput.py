@@ -297,8 +297,10 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    chosen = [s for s in args.systems.split(",") if s]
-    systems = sorted(chosen, key=lambda s: RUN_ORDER.index(s) if s in RUN_ORDER else len(RUN_ORDER))
+    chosen = {s for s in args.systems.split(",") if s}
+    if chosen - set(SYSTEMS):
+        parser.error(f"--systems: unknown {sorted(chosen - set(SYSTEMS))}; choose from {SYSTEMS}")
+    systems = [s for s in RUN_ORDER if s in chosen]
     reports = {}
     with tempfile.TemporaryDirectory() as out:
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
