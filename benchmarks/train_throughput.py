@@ -2,13 +2,19 @@
 
 All three fine-tune the default model (SmolLM2-135M-Instruct) with LoRA r8 on q_proj/v_proj on
 FOLDOC entries (examples/computing-terms/data/train.jsonl) as plain text, on the same budget of
-real (non-padding) training tokens: --steps optimizer steps of batch x accumulation packed rows
-of --max-length tokens for the packed systems, and as many whole steps of padded rows as it takes
-to see as many real tokens for the seed's recipe (about 5 times more steps):
+real (non-padding) training tokens: --steps optimizer steps of --batch x --accumulation packed
+rows of --max-length tokens for the packed systems (tunelab's defaults: 12 steps of 4 x 1 x 512),
+and as many whole steps of the seed's own batch (4 padded entries x 4 accumulated, as written)
+as it takes to see as many real tokens for the seed's recipe (16 steps):
 
   seed     transformers Trainer, every example padded to max_length, fp32 (the seed's recipe)
-  trl      TRL SFTTrainer, packing, bf16
+  trl      TRL SFTTrainer, packing, bf16, tunelab's batch geometry
   tunelab  tunelab defaults (packing, automatic precision)
+
+A packed row carries several entries, so a packed step of 4 x 512 tokens holds about the real
+tokens of the seed's 16 padded entries (2,048 vs ~1,600): all three take a similar number of
+optimizer updates on the same tokens, and the held-out losses compare the engines, not the
+update counts.
 
 Each system runs in its own child process (so peak RSS is its own), one after the other (TRL,
 tunelab, then the long seed recipe), each after --cooldown seconds of idle: this machine's CPUs
@@ -17,11 +23,12 @@ and 60 s idle, 513 straight after them), so without the pause whichever system r
 measured slowed. Reported:
 real (non-padding) training tokens per second over the training loop, peak RSS, the held-out loss
 after training (one shared evaluator: fp32, one example per forward pass, mean over tokens), the
-real tokens each system had trained on by then, and tunelab's MFU against a bf16 matmul peak
-measured in the same run. Needs the bench extra: pip install 'tunelab[bench]' (trl, psutil).
+real tokens each system had trained on by then and its optimizer steps, and tunelab's MFU against
+a bf16 matmul peak measured in the same run. Needs the bench extra:
+pip install 'tunelab[bench]' (trl, psutil).
 
-    python benchmarks/train_throughput.py                # 3 steps of 4x4x512, about 19 minutes
-    python benchmarks/train_throughput.py --steps 1 --accumulation 2 --systems trl,tunelab
+    python benchmarks/train_throughput.py                # about 19 minutes
+    python benchmarks/train_throughput.py --steps 2 --systems trl,tunelab
 """
 
 from __future__ import annotations
@@ -35,12 +42,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from tunelab.config import FineTuningConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "computing-terms" / "data"
 SYSTEMS = ("seed", "trl", "tunelab")
 # the seed recipe runs last: its 10 minutes of load slowed the next system even after 60 s idle
 # (tunelab 504 real tokens/s after it, 533 after TRL's 3.5 minutes)
 RUN_ORDER = ("trl", "tunelab", "seed")
+# the seed's TrainingArguments: batch_size 4 (its config) and gradient_accumulation_steps=4
+SEED_ACCUMULATION = 4
 
 
 def entry_text(row: dict) -> str:
@@ -114,8 +125,9 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict:
         AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32), lora_config()
     )
     # the same real-token budget as the packed systems: as many entries as it takes to reach
-    # steps x batch x accumulation x max_length real tokens, in whole optimizer steps
-    per_step = args.accumulation * args.batch
+    # steps x batch x accumulation x max_length real tokens, in whole optimizer steps of the
+    # seed's own batch (batch x 4 padded entries)
+    per_step = SEED_ACCUMULATION * args.batch
     texts, real = [], 0
     for text in load_texts("train.jsonl"):
         if real >= token_budget(args) and len(texts) % per_step == 0:
@@ -134,7 +146,7 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict:
     training = TrainingArguments(
         output_dir=str(out / "seed"),
         per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=args.accumulation,
+        gradient_accumulation_steps=SEED_ACCUMULATION,
         max_steps=steps,
         learning_rate=3e-4,
         warmup_steps=0,
@@ -148,7 +160,13 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict:
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     trainer = Trainer(model=model, args=training, train_dataset=data, data_collator=collator)
     seconds = trainer.train().metrics["train_runtime"]
-    return {"real_tokens": real, "seconds": seconds, "model": model, "tokenizer": tokenizer}
+    return {
+        "real_tokens": real,
+        "seconds": seconds,
+        "steps": steps,
+        "model": model,
+        "tokenizer": tokenizer,
+    }
 
 
 def run_trl(args: argparse.Namespace, out: Path) -> dict:
@@ -194,6 +212,7 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict:
     return {
         "real_tokens": token_budget(args),
         "seconds": seconds,
+        "steps": args.steps,
         "model": trainer.model,
         "tokenizer": tokenizer,
     }
@@ -201,7 +220,6 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict:
 
 def run_tunelab(args: argparse.Namespace, out: Path) -> dict:
     from tunelab.api import FineTuner
-    from tunelab.config import FineTuningConfig
 
     data = out / "train_text.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in load_texts("train.jsonl")))
@@ -229,6 +247,7 @@ def run_tunelab(args: argparse.Namespace, out: Path) -> dict:
     return {
         "real_tokens": results["train_tokens"],
         "seconds": results["train_runtime_seconds"],
+        "steps": results["steps"],
         "model": tuner.model,
         "tokenizer": tuner.load_tokenizer(),
     }
@@ -265,6 +284,7 @@ def child(args: argparse.Namespace) -> None:
         "system": args.child,
         "real_tokens": result["real_tokens"],
         "seconds": result["seconds"],
+        "steps": result["steps"],
         "tokens_per_second": result["real_tokens"] / result["seconds"],
         "peak_rss_mb": peak_rss_mb(),
         "eval_loss": loss,
@@ -277,10 +297,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per system")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--accumulation", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument(
+        "--steps", type=int, default=12, help="optimizer steps of the packed systems"
+    )
+    parser.add_argument("--batch", type=int, default=FineTuningConfig.batch_size)
+    parser.add_argument(
+        "--accumulation",
+        type=int,
+        default=FineTuningConfig.gradient_accumulation_steps,
+        help="micro-batches per step of the packed systems (the seed recipe keeps its 4)",
+    )
+    parser.add_argument("--max-length", type=int, default=FineTuningConfig.max_length)
     parser.add_argument(
         "--heldout", type=int, default=40, help="held-out entries for the eval loss"
     )
@@ -327,16 +354,16 @@ def main() -> None:
     )
     base = reports.get("tunelab")
     print(
-        "| system | real tokens/s | vs tunelab | real tokens trained | peak RSS MiB "
-        "| held-out loss |"
+        "| system | real tokens/s | vs tunelab | real tokens trained | optimizer steps "
+        "| peak RSS MiB | held-out loss |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     reports = {system: reports[system] for system in SYSTEMS if system in reports}
     for system, r in reports.items():
         ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.3f}x" if base else "-"
         print(
-            f"| {system} | {r['tokens_per_second']:.1f} | {ratio} | {r['real_tokens']} | "
-            f"{r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} |"
+            f"| {system} | {r['tokens_per_second']:.1f} | {ratio} | {r['real_tokens']:,} | "
+            f"{r['steps']} | {r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} |"
         )
     if base:
         # frozen base: forward 2N and input-gradient 2N FLOPs per token (no weight gradients)

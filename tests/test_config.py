@@ -15,7 +15,7 @@ def test_defaults_are_the_seeds():
     assert (c.lora_r, c.lora_alpha, c.lora_dropout) == (8, 32, 0.1)
     assert c.target_modules == ["q_proj", "v_proj"]
     assert (c.learning_rate, c.num_epochs, c.batch_size, c.max_length) == (3e-4, 3, 4, 512)
-    assert (c.gradient_accumulation_steps, c.warmup_ratio) == (4, 0.1)
+    assert (c.gradient_accumulation_steps, c.warmup_ratio) == (1, 0.1)  # see config.py
     assert c.model_name == "smollm2-135m-instruct"
     assert c.max_steps is None and c.precision == "auto"
 

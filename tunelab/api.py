@@ -268,12 +268,16 @@ class FineTuner:
         on_eval: Callable[[int, float], None] | None = None,
     ) -> dict[str, Any]:
         """Fine-tune and write the run folder; returns the results (also in results.json)."""
-        from tunelab.training.distributed import init_world
+        from tunelab.training.distributed import check_world_batch, init_world
         from tunelab.training.loop import fit, total_steps
 
         output_dir = Path(self.config.output_dir)
         # under torchrun every process trains, but only rank 0 checks and writes the folder
-        main_process = init_world(self.placement.device).is_main
+        world = init_world(self.placement.device)
+        main_process = world.is_main
+        note = check_world_batch(self.config.gradient_accumulation_steps, world)
+        if note and main_process:
+            print(note)
         if main_process:
             check_output_dir(output_dir, overwrite, resume)
         if resume:

@@ -69,7 +69,12 @@ class FineTuningConfig:
     max_length: int = _f(512, "Longest sequence in tokens; longer examples are truncated.")
 
     # --- training strategy ---
-    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step.")
+    # 1, not the seed's 4: a packed row carries several examples, so 4 rows of 512 tokens are
+    # about the real tokens of the seed's 4 x 4 padded examples (~2,000 vs ~1,600 on FOLDOC);
+    # with 4 the packed default made 5x fewer updates per epoch and ended 2.7% higher in loss
+    gradient_accumulation_steps: int = _f(
+        1, "Micro-batches per optimizer step (raise it when packing is off or rows are short)."
+    )
     warmup_ratio: float = _f(0.1, "Share of the optimizer steps spent warming the rate up.")
     lr_scheduler: str = _f("linear", "Learning-rate schedule after warm-up.", choices=SCHEDULERS)
     max_steps: int | None = _f(None, "Optimizer steps to run; overrides num_epochs when set.")

@@ -9,12 +9,15 @@ gradient DistributedDataParallel would give, without its wrapper around the PEFT
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from tunelab.errors import TunelabError
 
 
 @dataclass
@@ -40,7 +43,46 @@ def init_world(device: str) -> World:
     if not dist.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
         dist.init_process_group(backend)
+        atexit.register(leave_world)
     return World(dist.get_rank(), dist.get_world_size())
+
+
+def leave_world() -> None:
+    """Destroy the process group while the interpreter is still whole (run at exit).
+
+    Left to interpreter shutdown, Gloo's worker threads can outlive the objects they hold and
+    the process aborts ("terminate called without an active exception", SIGABRT) after a
+    finished run: it failed CI once, in the two-process test, on the rank that exited first
+    (pytorch/pytorch#190489). Local: no collective, so a rank that leaves early cannot hang.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_world_batch(accumulation: int, world: World) -> str | None:
+    """Every process needs a micro-batch of each step: the global batch is batch_size x
+    gradient_accumulation_steps rows whatever the process count, and the processes split it.
+
+    Fewer micro-batches than processes is an error (some processes would idle every step);
+    an uneven split is allowed and returns a note to print.
+    """
+    if not world.active or accumulation % world.size == 0:
+        return None
+    fix = (
+        f"Set gradient_accumulation_steps to a multiple of {world.size} (e.g. --set "
+        f"gradient_accumulation_steps={world.size}); the global batch is batch_size x "
+        "gradient_accumulation_steps rows, split across the processes."
+    )
+    if accumulation < world.size:
+        raise TunelabError(
+            f"gradient_accumulation_steps is {accumulation} but {world.size} processes are "
+            f"training: each optimizer step has only {accumulation} micro-batch(es), so "
+            f"{world.size - accumulation} process(es) would idle. {fix}"
+        )
+    return (
+        f"Note: gradient_accumulation_steps {accumulation} does not split evenly over "
+        f"{world.size} processes; some take one micro-batch more each step. {fix}"
+    )
 
 
 def local_device(device: str) -> str:
