@@ -103,7 +103,10 @@ def test_starter_config_documents_every_key_and_loads_back(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "path", sorted(REPO.glob("examples/*/*.yaml")), ids=lambda p: p.parent.name
+    "path",
+    # examples/accelerate holds accelerate's launch configs, not tunelab's
+    sorted(p for p in REPO.glob("examples/*/*.yaml") if p.parent.name != "accelerate"),
+    ids=lambda p: p.parent.name,
 )
 def test_every_shipped_example_config_loads(path):
     config = load_config(path)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from safetensors.torch import load_file
 
 from tunelab.errors import TunelabError
 from tunelab.training.distributed import World, check_world_batch
+from tunelab.training.sharding import check_shardable, wants_fsdp
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_config(make_config, tmp_path, name, **overrides):
@@ -139,3 +143,95 @@ def test_the_process_group_is_destroyed_at_exit(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("initialized after exit hooks: False") == 2, run.stdout
+
+
+def torchrun(path, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "tunelab.cli", "train", str(path), *extra],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=400,
+    )  # fmt: skip
+
+
+def resume_copy(tmp_path, run, step, name):
+    """A fresh run folder holding only ``run``'s checkpoint at ``step`` (and its config)."""
+    folder = tmp_path / name
+    (folder / "checkpoints").mkdir(parents=True)
+    checkpoint = tmp_path / run / "checkpoints" / f"step-{step:06d}"
+    subprocess.run(["cp", "-r", str(checkpoint), str(folder / "checkpoints")], check=True)
+    subprocess.run(["cp", str(tmp_path / run / "tunelab_config.yaml"), str(folder)], check=True)
+    return folder
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+def test_fsdp_over_two_gloo_processes_matches_one_process_and_resumes(make_config, tmp_path):
+    values = dict(
+        max_steps=4, lora_dropout=0.0, batch_size=2, gradient_accumulation_steps=2, save_steps=2
+    )
+    single_path = write_config(make_config, tmp_path, "single", **values)
+    single = train(single_path)
+    assert single.wait(timeout=300) == 0, single.stdout.read()
+    path = write_config(make_config, tmp_path, "fsdp", sharding="fsdp", **values)
+    pair = torchrun(path)
+    assert pair.returncode == 0, pair.stdout + pair.stderr
+    assert "FSDP: 2 decoder layers sharded over 2 processes." in pair.stdout
+    assert pair.stdout.count("Run folder:") == 1  # the main process reports
+    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 8  # q and v, A and B, 2 layers: whole tensors
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    single_losses = [json.loads(x)["loss"] for x in (tmp_path / "single" / "metrics.jsonl").open()]
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "fsdp" / "metrics.jsonl").open()]
+    assert losses == pytest.approx(single_losses, rel=1e-5)
+    # the sharded checkpoint at step 2 holds the whole adapter and moments, by name
+    blob = torch.load(
+        tmp_path / "fsdp" / "checkpoints" / "step-000002" / "training_state.pt", weights_only=True
+    )
+    assert len(blob["optimizer_by_name"]["state"]) == 8
+    # resumed sharded, a sharded checkpoint ends where the uninterrupted run did; so do a
+    # one-process checkpoint resumed sharded and a sharded one resumed by one process
+    resumes = {
+        "fsdp_from_fsdp": lambda f: torchrun(path, "--resume", "--set", f"output_dir={f}"),
+        "fsdp_from_single": lambda f: torchrun(path, "--resume", "--set", f"output_dir={f}"),
+        "single_from_fsdp": lambda f: subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tunelab.cli",
+                "train",
+                str(single_path),
+                "--resume",
+                "--set",
+                f"output_dir={f}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ),  # fmt: skip
+    }
+    for name, run in resumes.items():
+        folder = resume_copy(tmp_path, name.split("_from_")[1], 2, name)
+        resumed = run(folder)
+        assert resumed.returncode == 0, name + resumed.stdout + resumed.stderr
+        assert "Resuming from" in resumed.stdout and "(step 2 of 4)" in resumed.stdout, name
+        c = load_file(str(folder / "adapter_model.safetensors"))
+        for key in a:
+            torch.testing.assert_close(c[key], b[key], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fsdp_needs_an_even_split_and_no_qlora():
+    with pytest.raises(TunelabError, match="with sharding: fsdp every process must run the same"):
+        check_world_batch(3, World(0, 2), sharded=True)
+    assert check_world_batch(4, World(0, 2), sharded=True) is None
+    with pytest.raises(TunelabError, match="cannot split QLoRA's 4-bit base weights"):
+        check_shardable("qlora")
+
+
+def test_accelerates_fsdp_plugin_turns_sharding_on(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert wants_fsdp("fsdp") and not wants_fsdp("none")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch's FSDP sets
+    assert wants_fsdp("none")
+    config = yaml.safe_load((REPO / "examples" / "accelerate" / "fsdp.yaml").read_text())
+    assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_version"] == 2

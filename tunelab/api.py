@@ -61,6 +61,8 @@ RESUMABLE_CHANGES = {
     "mlflow_tracking_uri",
     "plot",
     "on_nan",
+    # how the processes hold the model, not what they compute: checkpoints are whole either way
+    "sharding",
 }
 
 
@@ -270,14 +272,18 @@ class FineTuner:
         """Fine-tune and write the run folder; returns the results (also in results.json)."""
         from tunelab.training.distributed import check_world_batch, init_world
         from tunelab.training.loop import fit, total_steps
+        from tunelab.training.sharding import check_shardable, full_state_for_saving, wants_fsdp
 
         output_dir = Path(self.config.output_dir)
         # under torchrun every process trains, but only rank 0 checks and writes the folder
         world = init_world(self.placement.device)
         main_process = world.is_main
-        note = check_world_batch(self.config.gradient_accumulation_steps, world)
+        sharded = world.active and wants_fsdp(self.config.sharding)
+        note = check_world_batch(self.config.gradient_accumulation_steps, world, sharded)
         if note and main_process:
             print(note)
+        if sharded:
+            check_shardable(self.config.method)
         if main_process:
             check_output_dir(output_dir, overwrite, resume)
         if resume:
@@ -307,6 +313,7 @@ class FineTuner:
                 on_eval=on_eval,
                 precision=self.placement.precision,
             )
+        whole = full_state_for_saving(self.model)  # sharded: every process helps gather
         if not main_process:
             return results  # under torchrun, rank 0 alone writes the run folder
         trainable, total = count_parameters(self.model)
@@ -321,7 +328,7 @@ class FineTuner:
             data=data_stats,
         )
         self.results = results
-        self.save_model()
+        self.save_model(state_dict=whole)
         atomic_write_json(output_dir / RESULTS, results)
         return results
 
@@ -337,8 +344,13 @@ class FineTuner:
     def _count_examples(self) -> int | None:
         return len(self.prepared.train) if self.prepared is not None else None
 
-    def save_model(self, output_dir: str | Path | None = None) -> Path:
-        """Write the adapter (standard PEFT files), tokenizer, config and run info."""
+    def save_model(
+        self, output_dir: str | Path | None = None, state_dict: dict[str, Any] | None = None
+    ) -> Path:
+        """Write the adapter (standard PEFT files), tokenizer, config and run info.
+
+        ``state_dict``: the weights to write instead of the model's own (a sharded run's,
+        gathered whole)."""
         if self.model is None:
             raise TunelabError("there is no model to save yet: call prepare_model() and train().")
         folder = Path(output_dir or self.config.output_dir)
@@ -346,7 +358,7 @@ class FineTuner:
         ensure_free_space(
             folder, tensor_bytes(self.model, self.config.method != "full"), "the trained weights"
         )
-        self.model.save_pretrained(folder)
+        self.model.save_pretrained(folder, state_dict=state_dict)
         fsync_tree(folder)
         self.tokenizer.save_pretrained(folder)
         self.config.save(folder / RUN_CONFIG)

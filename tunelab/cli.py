@@ -32,6 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     tuner = FineTuner(config)
     results = tuner.train(resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun the main process reports, once
     print(
         f"Trained {results['steps']} steps on {results['train_tokens']:,} tokens in "
         f"{results['train_runtime_seconds']:.1f} s ({results['tokens_per_second']:.0f} tokens/s)"

@@ -105,6 +105,12 @@ class FineTuningConfig:
     gradient_checkpointing: bool = _f(
         False, "Recompute activations in the backward pass: less memory, about 30% more compute."
     )
+    sharding: str = _f(
+        "none",
+        "Several processes (torchrun / accelerate launch): none (each holds the whole model) or "
+        "fsdp (decoder layers split across them with FSDP2; accelerate's FSDP plugin sets it).",
+        choices=("none", "fsdp"),
+    )
     eval_each_epoch: bool = _f(True, "Evaluate at the end of every epoch (with eval data).")
     save_each_epoch: bool = _f(True, "Checkpoint at the end of every epoch.")
     save_total_limit: int = _f(

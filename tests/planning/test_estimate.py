@@ -129,6 +129,39 @@ def test_fits_and_advice_for_a_24gb_gpu():
     assert not changes["method"].fits
 
 
+def test_fsdp_splits_the_layers_and_keeps_embeddings_and_head_whole():
+    """As training.sharding does: decoder layers split over the devices (one gathered whole,
+    and the next), embeddings and LM head whole on each device."""
+    arch = describe("llama-2-7b")  # untied: embeddings and head, 2 x 32,000 x 4,096
+    for method in ("lora", "full"):
+        params = count_parameters(arch, method)
+        one = estimate_memory(arch, params, TrainingSetup(method=method))
+        four = estimate_memory(
+            arch, params, TrainingSetup(method=method, devices=4, sharding="fsdp")
+        )
+        b = 4 if method == "full" else 2
+        outside = 2 * 32_000 * 4_096 * b
+        layers = one.weights - outside
+        assert four.weights == outside + layers // 4 + 2 * layers // 32
+        trained_outside = 2 * 32_000 * 4_096 if method == "full" else 0
+        per_trained = (params.trainable - trained_outside) // 4 + trained_outside
+        assert four.gradients == per_trained * 4  # fp32: full weights and LoRA adapters
+        assert four.optimizer == per_trained * 8
+        assert four.activations == one.activations  # each device runs its own micro-batch
+        assert any("FSDP over 4 devices" in note for note in four.notes)
+    # LoRA on 7B: the 16-bit base drops from 12.6 GiB to 4.3 (0.49 outside + 12.1 / 4 + 2
+    # layers of 0.38 each)
+    assert (
+        4.1 * 2**30
+        < estimate_memory(
+            arch, count_parameters(arch, "lora"), TrainingSetup(devices=4, sharding="fsdp")
+        ).weights
+        < 4.4 * 2**30
+    )
+    advice = run_estimate("llama-2-7b", TrainingSetup(method="qlora"), measure_cpu=False).advice
+    assert not any("FSDP" in a.change for a in advice)  # 4-bit weights are not sharded
+
+
 def test_cli_estimate_json(capsys):
     assert main(["estimate", "llama-2-7b", "--gpu", "A100 80GB", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -171,6 +204,10 @@ def test_config_json_path_and_hub_id(tmp_path):
         (lambda: count_parameters(describe("smollm2-135m"), "ia3"), "not 'ia3'"),
         (lambda: TrainingSetup(optimizer="sgd").check(), "expected one of adamw, adamw_8bit"),
         (lambda: TrainingSetup(batch_size=0).check(), "'batch_size' is 0, but it must be at"),
+        (
+            lambda: TrainingSetup(method="qlora", devices=2, sharding="fsdp").check(),
+            "sharding fsdp with method qlora is not something tunelab trains",
+        ),
     ],
 )
 def test_errors_say_what_to_do(call, message):

@@ -173,7 +173,7 @@ def _changes(setup: TrainingSetup) -> list[tuple[str, dict]]:
     if setup.method in ("lora", "dora", "full"):
         out.append(("method: qlora (4-bit base)", {"method": "qlora"}))
     for devices in (2, 4, 8):
-        if devices > setup.devices:
+        if devices > setup.devices and setup.method != "qlora":  # 4-bit weights: no FSDP
             out.append(
                 (
                     f"{devices} devices with sharded weights and states (FSDP)",

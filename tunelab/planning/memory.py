@@ -82,6 +82,11 @@ class TrainingSetup:
                 raise TunelabError(
                     f"estimate setting '{key}' is {getattr(self, key)}, but it must be at least 1."
                 )
+        if self.sharding == "fsdp" and self.method == "qlora":
+            raise TunelabError(
+                "estimate: sharding fsdp with method qlora is not something tunelab trains "
+                "(4-bit base weights are not sharded); estimate qlora with sharding none."
+            )
         if not 0 < self.loss_fraction <= 1:
             raise TunelabError(
                 f"estimate setting 'loss_fraction' is {self.loss_fraction}; it must be in (0, 1] "
@@ -199,9 +204,27 @@ def estimate_memory(
     setup.check()
     notes: list[str] = []
     shards = setup.devices if setup.sharding == "fsdp" else 1
-    weights = weight_bytes(arch, params, setup) // shards
-    gradients = params.trainable * trainable_bytes(setup) // shards
-    optimizer = params.trainable * OPTIMIZER_BYTES[setup.optimizer] // shards
+    weights = weight_bytes(arch, params, setup)
+    gradients = params.trainable * trainable_bytes(setup)
+    optimizer = params.trainable * OPTIMIZER_BYTES[setup.optimizer]
+    if shards > 1:
+        # training.sharding: each decoder layer is split over the devices, and gathered whole
+        # for its forward and backward (count two: the one running and the next); the
+        # embeddings and the LM head stay whole on every device, with their gradients and
+        # AdamW states when they are trained (full fine-tuning)
+        whole = arch.vocab_size * arch.hidden_size * (1 if arch.tied_embeddings else 2)
+        per_weight = 4 if setup.method == "full" else BYTES[setup.precision]
+        outside = whole * per_weight
+        layers_bytes = max(0, weights - outside)
+        weights = outside + layers_bytes // shards + 2 * layers_bytes // arch.num_layers
+        outside_trained = whole if setup.method == "full" else 0
+        sharded_trained = params.trainable - outside_trained
+        gradients = (outside_trained + sharded_trained // shards) * trainable_bytes(setup)
+        optimizer = (outside_trained + sharded_trained // shards) * OPTIMIZER_BYTES[setup.optimizer]
+        notes.append(
+            f"FSDP over {shards} devices: decoder layers split (one gathered at a time, and the "
+            "next), embeddings and LM head whole on each"
+        )
 
     tokens = setup.tokens
     loss_tokens = max(1, int(tokens * setup.loss_fraction))

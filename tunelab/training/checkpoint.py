@@ -57,9 +57,14 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int = 2,
     scaler: Any = None,
+    whole: tuple[dict[str, Any] | None, dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically; keep the newest ``keep_last`` and the
-    best by eval loss (``state['eval_loss_at_step']`` marks a checkpoint's eval loss)."""
+    best by eval loss (``state['eval_loss_at_step']`` marks a checkpoint's eval loss).
+
+    ``whole`` is (model state, name-keyed optimizer state) gathered from sharded processes
+    (sharding.py): the checkpoint then holds the same whole adapter and moments as one process's.
+    """
     parent = Path(run_dir) / CHECKPOINTS
     parent.mkdir(parents=True, exist_ok=True)
     # weights + AdamW's two moments (fp32) per trainable value, plus a margin
@@ -68,9 +73,12 @@ def save_checkpoint(
     target = parent / f"step-{state['step']:06d}"
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
     try:
-        model.save_pretrained(staging)  # PEFT: the adapter; full fine-tuning: all weights
+        model_state, optimizer_by_name = whole if whole is not None else (None, None)
+        # PEFT: the adapter; full fine-tuning: all weights
+        model.save_pretrained(staging, state_dict=model_state)
         blob = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if whole is None else None,
+            "optimizer_by_name": optimizer_by_name,
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
@@ -131,12 +139,30 @@ def load_weights(path: Path, model: Any) -> None:
 
 
 def load_checkpoint(
-    path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any = None
+    path: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any = None,
+    weights: bool = True,
 ) -> dict[str, Any]:
-    """Restore everything ``save_checkpoint`` wrote; returns the trainer state (step, ...)."""
-    load_weights(path, model)
+    """Restore everything ``save_checkpoint`` wrote; returns the trainer state (step, ...).
+
+    ``weights=False`` when the weights are already in (a sharded run loads them before the
+    model is split). A checkpoint from a sharded run resumes unsharded and the other way round.
+    """
+    from tunelab.training.sharding import is_sharded, load_full_optimizer_state
+
+    if weights:
+        load_weights(path, model)
     blob = torch.load(path / "training_state.pt", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    by_name = blob.get("optimizer_by_name")
+    if by_name is None and is_sharded(model):
+        by_name = _by_name(blob["optimizer"], model, optimizer)
+    if by_name is not None:
+        load_full_optimizer_state(model, optimizer, by_name)
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     if "cuda_rng" in blob and torch.cuda.is_available():
@@ -144,3 +170,13 @@ def load_checkpoint(
     if scaler is not None and "scaler" in blob:
         scaler.load_state_dict(blob["scaler"])
     return json.loads((path / STATE).read_text())
+
+
+def _by_name(state: dict[str, Any], model: Any, optimizer: Any) -> dict[str, Any]:
+    """An index-keyed optimizer state (optimizer.state_dict()) keyed by parameter name instead,
+    as torch.distributed.checkpoint's full state: the optimizer lists the parameters in the
+    same order whether or not the model is sharded."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {order[i]: v for i, v in state["state"].items()}, "param_groups": groups}

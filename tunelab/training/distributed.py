@@ -59,12 +59,13 @@ def leave_world() -> None:
         dist.destroy_process_group()
 
 
-def check_world_batch(accumulation: int, world: World) -> str | None:
+def check_world_batch(accumulation: int, world: World, sharded: bool = False) -> str | None:
     """Every process needs a micro-batch of each step: the global batch is batch_size x
     gradient_accumulation_steps rows whatever the process count, and the processes split it.
 
     Fewer micro-batches than processes is an error (some processes would idle every step);
-    an uneven split is allowed and returns a note to print.
+    an uneven split is allowed and returns a note to print, except when sharded (every forward
+    of a sharded layer is a collective, so every process must run as many).
     """
     if not world.active or accumulation % world.size == 0:
         return None
@@ -73,6 +74,12 @@ def check_world_batch(accumulation: int, world: World) -> str | None:
         f"gradient_accumulation_steps={world.size}); the global batch is batch_size x "
         "gradient_accumulation_steps rows, split across the processes."
     )
+    if sharded and accumulation > world.size:
+        raise TunelabError(
+            f"gradient_accumulation_steps {accumulation} does not split evenly over "
+            f"{world.size} processes, and with sharding: fsdp every process must run the same "
+            f"forwards. {fix}"
+        )
     if accumulation < world.size:
         raise TunelabError(
             f"gradient_accumulation_steps is {accumulation} but {world.size} processes are "
@@ -103,6 +110,10 @@ def all_reduce_sum(value: float | int, world: World, device: str = "cpu") -> flo
 def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:
     """Sum each trainable parameter's gradient over the processes (one flat buffer)."""
     if not world.active:
+        return
+    # sharded (FSDP) parameters had their gradients reduce-scattered in the backward
+    params = [p for p in params if type(p).__name__ != "DTensor"]
+    if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads])

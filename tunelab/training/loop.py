@@ -22,7 +22,12 @@ from tunelab.config import FineTuningConfig
 from tunelab.errors import TunelabError
 from tunelab.training.attention import use_packed_attention
 from tunelab.training.batching import Row, collate, loss_tokens, plan_epoch
-from tunelab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from tunelab.training.distributed import (
     World,
     all_reduce_gradients,
@@ -41,6 +46,15 @@ from tunelab.training.optim import build_optimizer
 from tunelab.training.precision import backward_precision, grad_scaler, mixed_precision
 from tunelab.training.reporting import CURVES, Reporters, plot_curves
 from tunelab.training.schedule import lr_factor, warmup_steps_for
+from tunelab.training.sharding import (
+    check_shardable,
+    clip_gradients,
+    full_optimizer_state,
+    full_state_for_saving,
+    is_sharded,
+    shard_model,
+    wants_fsdp,
+)
 
 
 @dataclass
@@ -66,10 +80,16 @@ def evaluate(
     model.eval()
     total, count = 0.0, 0
     batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
-    for batch_rows in shard(batches, world):
+    mine = shard(batches, world)
+    # sharded layers gather their weights in every forward, a collective: every process runs
+    # as many forwards, the shorter shares repeating a batch whose loss is not counted
+    rounds = -(-len(batches) // world.size) if world.active and is_sharded(model) else len(mine)
+    for index in range(rounds):
+        batch_rows = mine[index] if index < len(mine) else batches[0]
         with mixed_precision(model, device, precision):
             loss_sum, n = causal_lm_loss_sum(model, _to(collate(batch_rows, pad_token_id), device))
-        total, count = total + float(loss_sum), count + n
+        if index < len(mine):
+            total, count = total + float(loss_sum), count + n
     model.train(was_training)
     total, count = all_reduce_sum(total, world), int(all_reduce_sum(count, world))
     loss = total / max(count, 1)
@@ -177,6 +197,14 @@ def _fit(
     interrupt: Any,
 ) -> dict[str, Any]:
     world = init_world(device)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    sharded = world.active and wants_fsdp(config.sharding)
+    if sharded:
+        check_shardable(config.method)
+        if checkpoint is not None:  # whole weights into the whole model, before it is split
+            load_weights(checkpoint, model)
+        layers = shard_model(model)
+        say(world, f"FSDP: {layers} decoder layers sharded over {world.size} processes.")
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, optimizer_note = build_optimizer(model, config)
@@ -197,9 +225,10 @@ def _fit(
         "evals_without_improvement": 0,
         "skipped_steps": 0,
     }
-    checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        state.update(load_checkpoint(checkpoint, model, optimizer, scheduler, scaler))
+        state.update(
+            load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, weights=not sharded)
+        )
         say(world, f"Resuming from {checkpoint} (step {state['step']} of {steps})")
     say(world, f"Optimizer: {optimizer_note}; {steps} steps, {warmup} of warm-up.")
     main = world.is_main
@@ -249,7 +278,11 @@ def _fit(
         all_reduce_gradients(params, world)
         if scaler is not None:
             scaler.unscale_(optimizer)
-        grad_norm = _clip(params, config.max_grad_norm)
+        grad_norm = (
+            clip_gradients(params, config.max_grad_norm)
+            if sharded
+            else _clip(params, config.max_grad_norm)
+        )
         finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
         lr = scheduler.get_last_lr()[0]
         if finite:
@@ -320,10 +353,14 @@ def _fit(
             config.save_steps and state["step"] % config.save_steps == 0
         )
         if state["step"] < steps and (save_now or interrupt.requested or stopped_early):
+            whole = None  # sharded: every process helps gather the whole adapter and moments
+            if sharded:
+                whole = (full_state_for_saving(model), full_optimizer_state(model, optimizer))
             if main:
                 saved = save_checkpoint(
-                    run_dir, model, optimizer, scheduler, state, config.save_total_limit, scaler
-                )
+                    run_dir, model, optimizer, scheduler, state, config.save_total_limit, scaler,
+                    whole=whole,
+                )  # fmt: skip
             barrier(world)
         if interrupt.requested and state["step"] < steps:
             if progress is not None:

@@ -1,0 +1,149 @@
+"""FSDP for several processes (`sharding: fsdp`): each decoder layer's weights split across them.
+
+With `sharding: none` every process holds the whole model (data parallel, distributed.py).
+With `fsdp`, torch's FSDP2 (`fully_shard`) shards every decoder layer (the model's
+`_no_split_modules`, as accelerate's auto-wrap does): a layer's weights are gathered for its
+forward and backward and dropped after, and its trainable parameters, their gradients and
+AdamW's moments stay sharded, so each process holds about 1/N of the layers. The embeddings,
+the final norm and the LM head stay whole on every process (the fused cross-entropy reads the
+head's weight outside any layer's forward).
+
+What stays the same as one process: the update (gradients are summed, not averaged, because
+each micro-batch's loss is already divided by the whole step's loss tokens), the checkpoints
+(a full adapter and a full optimizer state, gathered to rank 0, so a sharded run resumes sharded
+or not) and the saved adapter. Every process must run the same forwards (a layer's forward is a
+collective), so the accumulation must split evenly and evaluation pads the shorter shares.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tunelab.errors import TunelabError
+
+SHARDING = ("none", "fsdp")
+
+
+def wants_fsdp(sharding: str) -> bool:
+    """`sharding: fsdp`, or `accelerate launch` with its FSDP plugin (ACCELERATE_USE_FSDP)."""
+    from_accelerate = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    return sharding == "fsdp" or from_accelerate
+
+
+def check_shardable(method: str) -> None:
+    if method == "qlora":
+        raise TunelabError(
+            "sharding: fsdp cannot split QLoRA's 4-bit base weights (bitsandbytes' packed "
+            "tensors are not shardable here). Use sharding: none (every process holds the "
+            "4-bit model, which is what QLoRA is for) or method: lora."
+        )
+
+
+def layer_classes(model: nn.Module) -> set[str]:
+    """The decoder-layer class names the model declares (transformers' _no_split_modules)."""
+    for module in model.modules():
+        names = getattr(module, "_no_split_modules", None)
+        if names:
+            return set(names)
+    return set()
+
+
+def shard_model(model: nn.Module) -> int:
+    """fully_shard every decoder layer of ``model`` over the default process group; returns how
+    many. Gradients are summed over the processes (sum-only collectives: gloo has no PREMUL_SUM).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    classes = layer_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise TunelabError(
+            f"sharding: fsdp found no decoder layers to shard in {type(model).__name__} (it "
+            "declares no _no_split_modules). Use sharding: none."
+        )
+    for layer in layers:
+        fully_shard(layer)
+        layer.set_gradient_divide_factor(1.0)
+        layer.set_force_sum_reduction_for_comms(True)
+    return len(layers)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _is_dtensor(tensor: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the gradients, sharded or whole: each process's shards are
+    disjoint, so their squared sums add up in one all-reduce; whole gradients (already
+    all-reduced, the same everywhere) count once."""
+    local = torch.zeros((), dtype=torch.float64)
+    whole = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None:
+            continue
+        if _is_dtensor(p.grad):
+            local += p.grad.to_local().double().pow(2).sum().cpu()
+        else:
+            whole += p.grad.double().pow(2).sum().cpu()
+    dist.all_reduce(local)
+    return (local + whole).sqrt()
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
+    """Like clip_grad_norm_ (same 1e-6 guard), for a mix of sharded and whole gradients."""
+    norm = float(grad_norm(params))
+    if max_norm > 0:
+        scale = min(1.0, max_norm / (norm + 1e-6))
+        if scale < 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+    return norm
+
+
+def full_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The state dict PEFT / transformers save from, with every trainable sharded tensor
+    gathered whole (a collective: every process calls it, in the same order) and frozen sharded
+    base weights left out (an adapter does not store them). None when nothing is sharded."""
+    if not is_sharded(model):
+        return None
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = {}
+    for name, value in model.state_dict().items():
+        if _is_dtensor(value):
+            if name not in trainable:
+                continue
+            value = value.full_tensor()
+        state[name] = value.detach().cpu()
+    return state
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The whole optimizer state keyed by parameter name (a collective; rank 0 gets it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Put a name-keyed whole optimizer state back, sharding it where the parameters are."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
