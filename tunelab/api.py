@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -164,7 +165,9 @@ class FineTuner:
             self.model_location,
             dtype,
             c.trust_remote_code,
-            self.placement.device,
+            # sharded over several GPUs: load into CPU memory, and each GPU gets only its
+            # shards of the layers when they are split (training.sharding)
+            "cpu" if self._sharded() else self.placement.device,
             quantization_config=quantization,
         )
         if c.add_tokens:
@@ -179,6 +182,11 @@ class FineTuner:
         self.model = apply_method(model, c, self.model_location, total_steps)
         print(format_trainable(self.model))
         return self.model
+
+    def _sharded(self) -> bool:
+        from tunelab.training.sharding import wants_fsdp
+
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and wants_fsdp(self.config.sharding)
 
     # --- data ---
     @property

@@ -32,8 +32,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     tuner = FineTuner(config)
     results = tuner.train(resume=args.resume, overwrite=args.overwrite)
-    if os.environ.get("RANK", "0") != "0":
-        return 0  # under torchrun the main process reports, once
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker: report once, then end
+        from tunelab.training.distributed import exit_worker
+
+        if os.environ.get("RANK", "0") == "0":
+            _report(results, config.output_dir)
+        exit_worker(0)
+    _report(results, config.output_dir)
+    return 0
+
+
+def _report(results: dict, output_dir: str) -> None:
     print(
         f"Trained {results['steps']} steps on {results['train_tokens']:,} tokens in "
         f"{results['train_runtime_seconds']:.1f} s ({results['tokens_per_second']:.0f} tokens/s)"
@@ -46,8 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"Eval loss {results['eval_loss']:.4f}, perplexity "
             f"{results['eval_perplexity']:.2f}{change}"
         )
-    print(f"Run folder: {config.output_dir}")
-    return 0
+    print(f"Run folder: {output_dir}")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202

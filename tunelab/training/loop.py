@@ -203,7 +203,7 @@ def _fit(
         check_shardable(config.method)
         if checkpoint is not None:  # whole weights into the whole model, before it is split
             load_weights(checkpoint, model)
-        layers = shard_model(model)
+        layers = shard_model(model, device)
         say(world, f"FSDP: {layers} decoder layers sharded over {world.size} processes.")
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]

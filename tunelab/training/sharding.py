@@ -53,11 +53,18 @@ def layer_classes(model: nn.Module) -> set[str]:
     return set()
 
 
-def shard_model(model: nn.Module) -> int:
-    """fully_shard every decoder layer of ``model`` over the default process group; returns how
-    many. Gradients are summed over the processes (sum-only collectives: gloo has no PREMUL_SUM).
+def shard_model(model: nn.Module, device: str = "cpu") -> int:
+    """fully_shard every decoder layer of ``model`` over the default process group, the shards
+    on ``device``, and move the rest of the model there; returns how many layers. Gradients are
+    summed over the processes (sum-only collectives: gloo has no PREMUL_SUM).
+
+    On GPUs the model comes loaded in CPU memory (api.prepare_model), so a GPU never holds more
+    than its shards, the whole embeddings and head, and the layers being gathered.
     """
     from torch.distributed.fsdp import fully_shard
+
+    if str(device).startswith("cuda"):
+        torch.cuda.set_device(device)  # FSDP's default mesh puts the shards on this GPU
 
     classes = layer_classes(model)
     layers = [m for m in model.modules() if type(m).__name__ in classes]
@@ -70,6 +77,7 @@ def shard_model(model: nn.Module) -> int:
         fully_shard(layer)
         layer.set_gradient_divide_factor(1.0)
         layer.set_force_sum_reduction_for_comms(True)
+    model.to(device)  # the sharded layers are there already; embeddings, head, buffers follow
     return len(layers)
 
 
