@@ -238,3 +238,53 @@ def test_accelerates_fsdp_plugin_turns_sharding_on(monkeypatch):
     assert wants_fsdp("none")
     config = yaml.safe_load((REPO / "examples" / "accelerate" / "fsdp.yaml").read_text())
     assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_version"] == 2
+
+
+SHARD_SCRIPT = """
+import os, torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from tunelab.training.distributed import init_world
+from tunelab.training.sharding import clip_gradients, shard_model
+
+def build():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(LlamaForCausalLM(config), lora)
+
+ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+whole = build()
+whole(input_ids=ids, labels=ids).loss.backward()
+params = [p for p in whole.parameters() if p.requires_grad]
+expected = float(torch.nn.utils.clip_grad_norm_(params, 0.01)) * 2  # two processes' sums
+expected_grads = [p.grad.clone() * 2 for p in params]  # clipped at 0.01 over the whole sum
+
+world = init_world("cpu")
+model = build()
+assert shard_model(model) == 2 and shard_model(model) == 2  # a second call changes nothing
+model(input_ids=ids, labels=ids).loss.backward()  # the same batch on both: gradients sum
+sharded = [p for p in model.parameters() if p.requires_grad]
+norm = clip_gradients(sharded, 0.01 * 2)
+grads = [p.grad.full_tensor() for p in sharded]
+ok = abs(norm - expected) < 1e-5 * expected and all(
+    torch.allclose(g, e, rtol=1e-4, atol=1e-7) for g, e in zip(grads, expected_grads))
+with open(os.path.join(os.path.dirname(__file__), f"rank{world.rank}.txt"), "w") as out:
+    out.write(f"{norm:.6g} {expected:.6g} {ok}")
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+def test_sharded_gradients_are_summed_and_clipped_like_whole_ones(tmp_path):
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_SCRIPT)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script)],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    for rank in (0, 1):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert text.endswith("True"), text

@@ -61,11 +61,12 @@ def shard_model(model: nn.Module, device: str = "cpu") -> int:
     On GPUs the model comes loaded in CPU memory (api.prepare_model), so a GPU never holds more
     than its shards, the whole embeddings and head, and the layers being gathered.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if str(device).startswith("cuda"):
         torch.cuda.set_device(device)  # FSDP's default mesh puts the shards on this GPU
-
+    if is_sharded(model):  # trained before in this process (FineTuner.train called again)
+        return sum(1 for m in model.modules() if isinstance(m, FSDPModule))
     classes = layer_classes(model)
     layers = [m for m in model.modules() if type(m).__name__ in classes]
     if not layers:
@@ -97,15 +98,17 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """The global L2 norm of the gradients, sharded or whole: each process's shards are
     disjoint, so their squared sums add up in one all-reduce; whole gradients (already
     all-reduced, the same everywhere) count once."""
-    local = torch.zeros((), dtype=torch.float64)
-    whole = torch.zeros((), dtype=torch.float64)
+    # on the gradients' device: NCCL reduces only GPU tensors
+    device = next((p.grad.device for p in params if p.grad is not None), torch.device("cpu"))
+    local = torch.zeros((), dtype=torch.float64, device=device)
+    whole = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
         if p.grad is None:
             continue
         if _is_dtensor(p.grad):
-            local += p.grad.to_local().double().pow(2).sum().cpu()
+            local += p.grad.to_local().double().pow(2).sum()
         else:
-            whole += p.grad.double().pow(2).sum().cpu()
+            whole += p.grad.double().pow(2).sum()
     dist.all_reduce(local)
     return (local + whole).sqrt()
 
