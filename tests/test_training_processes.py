@@ -132,19 +132,24 @@ with open(os.path.join(os.path.dirname(__file__), f"rank{world.rank}.txt"), "w")
 """
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
-def test_the_process_group_is_destroyed_at_exit(tmp_path):
-    # left to interpreter shutdown, gloo's threads aborted a finished rank once (SIGABRT)
-    script = tmp_path / "leave.py"
-    script.write_text(LEAVE_SCRIPT)
+def run_two_ranks(tmp_path, name, text):
+    """Run a script in two gloo processes; returns what each rank wrote to rank<N>.txt (a file
+    each: two processes' prints on one pipe can interleave)."""
+    script = tmp_path / name
+    script.write_text(text)
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(script)],
         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    for rank in (0, 1):  # a file each: two processes' prints on one pipe can interleave
-        text = (tmp_path / f"rank{rank}.txt").read_text()
+    return [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+def test_the_process_group_is_destroyed_at_exit(tmp_path):
+    # left to interpreter shutdown, gloo's threads aborted a finished rank once (SIGABRT)
+    for text in run_two_ranks(tmp_path, "leave.py", LEAVE_SCRIPT):
         assert text == "initialized after exit hooks: False", text
 
 
@@ -277,14 +282,5 @@ with open(os.path.join(os.path.dirname(__file__), f"rank{world.rank}.txt"), "w")
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_sharded_gradients_are_summed_and_clipped_like_whole_ones(tmp_path):
-    script = tmp_path / "shard.py"
-    script.write_text(SHARD_SCRIPT)
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script)],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
-    for rank in (0, 1):
-        text = (tmp_path / f"rank{rank}.txt").read_text()
+    for text in run_two_ranks(tmp_path, "shard.py", SHARD_SCRIPT):
         assert text.endswith("True"), text
