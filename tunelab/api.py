@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -167,7 +166,7 @@ class FineTuner:
             c.trust_remote_code,
             # sharded over several GPUs: load into CPU memory, and each GPU gets only its
             # shards of the layers when they are split (training.sharding)
-            "cpu" if self._sharded() else self.placement.device,
+            "cpu" if self.sharded() else self.placement.device,
             quantization_config=quantization,
         )
         if c.add_tokens:
@@ -183,10 +182,13 @@ class FineTuner:
         print(format_trainable(self.model))
         return self.model
 
-    def _sharded(self) -> bool:
+    def sharded(self) -> bool:
+        """Whether this run splits the model over the processes (several processes under
+        torchrun / accelerate launch, and sharding: fsdp or accelerate's FSDP plugin)."""
+        from tunelab.training.distributed import init_world
         from tunelab.training.sharding import wants_fsdp
 
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and wants_fsdp(self.config.sharding)
+        return init_world(self.placement.device).active and wants_fsdp(self.config.sharding)
 
     # --- data ---
     @property
@@ -280,13 +282,13 @@ class FineTuner:
         """Fine-tune and write the run folder; returns the results (also in results.json)."""
         from tunelab.training.distributed import check_world_batch, init_world
         from tunelab.training.loop import fit, total_steps
-        from tunelab.training.sharding import check_shardable, full_state_for_saving, wants_fsdp
+        from tunelab.training.sharding import check_shardable, full_state_for_saving
 
         output_dir = Path(self.config.output_dir)
         # under torchrun every process trains, but only rank 0 checks and writes the folder
         world = init_world(self.placement.device)
         main_process = world.is_main
-        sharded = world.active and wants_fsdp(self.config.sharding)
+        sharded = self.sharded()
         note = check_world_batch(self.config.gradient_accumulation_steps, world, sharded)
         if note and main_process:
             print(note)
@@ -320,6 +322,7 @@ class FineTuner:
                 resume=resume,
                 on_eval=on_eval,
                 precision=self.placement.precision,
+                sharded=sharded,
             )
         whole = full_state_for_saving(self.model)  # sharded: every process helps gather
         if not main_process:

@@ -32,10 +32,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     tuner = FineTuner(config)
     results = tuner.train(resume=args.resume, overwrite=args.overwrite)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker: report once, then end
-        from tunelab.training.distributed import exit_worker
+    from tunelab.training.distributed import current_world, exit_worker
 
-        if os.environ.get("RANK", "0") == "0":
+    world = current_world()
+    if world.active:  # a torchrun worker: report once, then end
+        if world.is_main:
             _report(results, config.output_dir)
         exit_worker(0)
     _report(results, config.output_dir)

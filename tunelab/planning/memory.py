@@ -218,9 +218,9 @@ def estimate_memory(
         layers_bytes = max(0, weights - outside)
         weights = outside + layers_bytes // shards + 2 * layers_bytes // arch.num_layers
         outside_trained = whole if setup.method == "full" else 0
-        sharded_trained = params.trainable - outside_trained
-        gradients = (outside_trained + sharded_trained // shards) * trainable_bytes(setup)
-        optimizer = (outside_trained + sharded_trained // shards) * OPTIMIZER_BYTES[setup.optimizer]
+        trained_here = outside_trained + (params.trainable - outside_trained) // shards
+        gradients = trained_here * trainable_bytes(setup)
+        optimizer = trained_here * OPTIMIZER_BYTES[setup.optimizer]
         notes.append(
             f"FSDP over {shards} devices: decoder layers split (one gathered at a time, and the "
             "next), embeddings and LM head whole on each"

@@ -49,6 +49,13 @@ def init_world(device: str) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
+def current_world() -> World:
+    """The process group joined by init_world, or a single process when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
 def leave_world() -> None:
     """Destroy the process group while the interpreter is still whole (run at exit).
 
@@ -126,8 +133,10 @@ def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:
     """Sum each trainable parameter's gradient over the processes (one flat buffer)."""
     if not world.active:
         return
+    from tunelab.training.sharding import is_dtensor
+
     # sharded (FSDP) parameters had their gradients reduce-scattered in the backward
-    params = [p for p in params if type(p).__name__ != "DTensor"]
+    params = [p for p in params if not is_dtensor(p)]
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

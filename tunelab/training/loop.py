@@ -47,13 +47,11 @@ from tunelab.training.precision import backward_precision, grad_scaler, mixed_pr
 from tunelab.training.reporting import CURVES, Reporters, plot_curves
 from tunelab.training.schedule import lr_factor, warmup_steps_for
 from tunelab.training.sharding import (
-    check_shardable,
     clip_gradients,
     full_optimizer_state,
     full_state_for_saving,
     is_sharded,
     shard_model,
-    wants_fsdp,
 )
 
 
@@ -169,17 +167,19 @@ def fit(
     resume: bool = False,
     on_eval: Callable[[int, float], None] | None = None,
     precision: str = "fp32",
+    sharded: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` (its trainable parameters) on ``train_rows``; returns the run's results.
 
     ``on_eval(step, eval_loss)`` is called after each evaluation during training; an exception
     it raises (a sweep pruning a trial) stops the run and propagates. ``precision`` is the
-    compute precision (bf16/fp16 autocast over fp32 trainable weights, or fp32).
+    compute precision (bf16/fp16 autocast over fp32 trainable weights, or fp32). ``sharded``:
+    split the decoder layers over the processes with FSDP (training.sharding).
     """
     with training_mode(model, config), catch_interrupt() as interrupt:
         return _fit(
             model, train_rows, eval_rows, config, Path(run_dir), pad_token_id, device, resume,
-            on_eval, precision, interrupt,
+            on_eval, precision, interrupt, sharded,
         )  # fmt: skip
 
 
@@ -195,12 +195,11 @@ def _fit(
     on_eval: Callable[[int, float], None] | None,
     precision: str,
     interrupt: Any,
+    sharded: bool,
 ) -> dict[str, Any]:
     world = init_world(device)
     checkpoint = latest_checkpoint(run_dir) if resume else None
-    sharded = world.active and wants_fsdp(config.sharding)
     if sharded:
-        check_shardable(config.method)
         if checkpoint is not None:  # whole weights into the whole model, before it is split
             load_weights(checkpoint, model)
         layers = shard_model(model, device)

@@ -88,7 +88,7 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def _is_dtensor(tensor: Any) -> bool:
+def is_dtensor(tensor: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
@@ -105,7 +105,7 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     for p in params:
         if p.grad is None:
             continue
-        if _is_dtensor(p.grad):
+        if is_dtensor(p.grad):
             local += p.grad.to_local().double().pow(2).sum()
         else:
             whole += p.grad.double().pow(2).sum()
@@ -134,7 +134,7 @@ def full_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor] | None:
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     state = {}
     for name, value in model.state_dict().items():
-        if _is_dtensor(value):
+        if is_dtensor(value):
             if name not in trainable:
                 continue
             value = value.full_tensor()
