@@ -60,11 +60,12 @@ def test_packed_loss_equals_separate_losses(tiny_model_dir):
     assert torch.allclose(together, sum(loss for loss, _ in alone), atol=1e-4)
 
 
-@pytest.mark.parametrize("matmul_max_length", [160, 0], ids=["matmuls", "sdpa"])
+@pytest.mark.parametrize("matmul_max_length", [160, 16, 0], ids=["matmuls", "mixed", "sdpa"])
 def test_packed_attention_matches_separate_examples(tiny_model_dir, monkeypatch, matmul_max_length):
     """Packed rows through tunelab's mask-free attention give each example exactly the logits
     it gets alone: no attention crosses an example boundary, positions restart. Short
-    examples go through batched matmuls, long ones through SDPA: both paths are checked."""
+    examples go through batched matmuls (every bucket at once, or bucket by bucket when the
+    batch also holds buckets for SDPA), long ones through SDPA: all three are checked."""
     from transformers import AutoModelForCausalLM
 
     from tunelab.training import attention
@@ -112,7 +113,7 @@ def test_buckets_are_powers_of_two_then_multiples_of_the_step():
     assert [tuple(index.shape) for index, _ in layout] == [(1, 40), (2, 90), (1, 100)]
 
 
-@pytest.mark.parametrize("matmul_max_length", [160, 0], ids=["matmuls", "sdpa"])
+@pytest.mark.parametrize("matmul_max_length", [160, 16, 0], ids=["matmuls", "mixed", "sdpa"])
 def test_packed_attention_gradients_match_separate_examples(monkeypatch, matmul_max_length):
     """Gradients through the bucketed layout (gathers both ways, padding slots dropped) equal
     those of attending to each example alone, grouped-query heads included."""
@@ -149,3 +150,43 @@ def test_packed_attention_gradients_match_separate_examples(monkeypatch, matmul_
     loss.backward()
     for got, want in zip(packed, (q.grad, k.grad, v.grad), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_all_buckets_at_once_equal_bucket_by_bucket_to_the_bit(monkeypatch):
+    """The short examples' outputs and gradients are the same whether every bucket goes
+    through one stacked function (all short) or bucket by bucket (a long example sends the
+    batch that way): bf16, grouped-query heads."""
+    from tunelab.training import attention
+
+    monkeypatch.setattr(attention, "MATMUL_MAX_LENGTH", 32)
+    short = [7, 20, 3, 10]
+    torch.manual_seed(0)
+    q, k, v, weights = (
+        torch.randn(1, heads, 80, 16, dtype=torch.bfloat16) for heads in (6, 2, 2, 6)
+    )
+    results = []
+    for lengths in (short, short + [40]):  # 40 > 32: the second batch goes bucket by bucket
+        n = sum(lengths)
+        positions = torch.tensor([[p for length in lengths for p in range(length)]])
+        inputs = [t[:, :, :n].clone().requires_grad_() for t in (q, k, v)]
+        out, _ = attention.packed_attention_forward(None, *inputs, None, position_ids=positions)
+        (out[0, :40].float() * weights[0, :, :40].transpose(0, 1).float()).sum().backward()
+        results.append([out[0, :40]] + [t.grad[:, :, :40] for t in inputs])
+    for together, apart in zip(*results, strict=True):
+        assert torch.equal(together, apart)
+
+
+def test_layouts_are_never_reused_for_another_batch():
+    """A layout is computed once per forward (every layer gets the same position_ids): a new
+    batch's position_ids, even at a freed batch's address, gets its own."""
+    from tunelab.training import attention
+
+    for seed in range(200):
+        torch.manual_seed(seed)
+        cut = int(torch.randint(1, 63, ()))
+        positions = torch.cat([torch.arange(cut), torch.arange(64 - cut)])[None].repeat(2, 1)
+        cached = attention._cached_stacked_layout(positions, 4, 2)
+        assert torch.equal(cached.query_take, attention.stacked_layout(positions, 4, 2).query_take)
+        cached = attention._cached_layout(positions)
+        assert torch.equal(cached.take, attention.packed_layout(positions).take)
+        del positions, cached
