@@ -79,3 +79,27 @@ def test_fused_loss_of_a_target_whose_probability_underflows():
     assert torch.isfinite(loss) and loss.item() > 400
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(fused_grad, hidden.grad)
+
+
+def test_fused_loss_buffers_are_reused_between_batches_and_released_after_a_run():
+    """The logits block and softmax slices survive from one micro-batch to the next (a fresh
+    50 MB block each time was page faults); a batch of another size or dtype gets its own,
+    the same numbers come out of reused buffers, and a run frees them at its end."""
+    from tunelab.config import FineTuningConfig
+    from tunelab.training import loss
+    from tunelab.training.loop import training_mode
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 300, bias=False).requires_grad_(False)
+    hidden = torch.randn(70, 24, requires_grad=True)
+    targets = torch.randint(0, 300, (70,))
+    first = linear_cross_entropy(hidden, head, targets, 16)
+    buffers = [t.data_ptr() for t in loss._scratch_buffers["value"]]
+    again = linear_cross_entropy(hidden, head, targets, 16)
+    assert [t.data_ptr() for t in loss._scratch_buffers["value"]] == buffers
+    assert torch.equal(first, again)
+    linear_cross_entropy(hidden, head, targets, 32)  # another block size: new buffers
+    assert loss._scratch_buffers["value"][0].shape == (32, 300)
+    with training_mode(torch.nn.Linear(2, 2), FineTuningConfig(packing=False)):
+        assert loss._scratch_buffers
+    assert not loss._scratch_buffers

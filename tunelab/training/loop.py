@@ -40,7 +40,7 @@ from tunelab.training.dropout import fast_adapter_dropout
 from tunelab.training.guards import catch_interrupt, nan_diagnosis
 from tunelab.training.logging import MetricsLog, Progress, read_metrics
 from tunelab.training.lora_forward import lean_lora_forward
-from tunelab.training.loss import causal_lm_loss_sum
+from tunelab.training.loss import causal_lm_loss_sum, release_scratch
 from tunelab.training.norm import fast_rms_norm
 from tunelab.training.optim import build_optimizer
 from tunelab.training.precision import backward_precision, grad_scaler, mixed_precision
@@ -150,6 +150,7 @@ def training_mode(model: Any, config: FineTuningConfig) -> Iterator[None]:
         with fast_adapter_dropout(model), lean_lora_forward(model), fast_rms_norm(model):
             yield
     finally:
+        release_scratch()
         if switched:
             base.set_attn_implementation(previous)
         if config.gradient_checkpointing:

@@ -48,6 +48,27 @@ def chunked_cross_entropy(
     return total
 
 
+# the fused loss's scratch buffers, kept from one micro-batch to the next: a 50 MB logits
+# block is above glibc's largest mmap threshold, so a fresh one each micro-batch was 12,000
+# page faults (48 MiB zeroed again) every time
+_scratch_buffers: dict[str, Any] = {}
+
+
+def _scratch(*specs: tuple[tuple[int, int], torch.dtype], device: torch.device) -> list[Any]:
+    """Empty tensors of the given (shape, dtype), reused while the same ones are asked for."""
+    key = (specs, device)
+    if _scratch_buffers.get("key") != key:
+        _scratch_buffers.clear()  # the old ones go before the new ones come
+        buffers = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
+        _scratch_buffers.update(key=key, value=buffers)
+    return _scratch_buffers["value"]
+
+
+def release_scratch() -> None:
+    """Free the fused loss's buffers (at the end of a run)."""
+    _scratch_buffers.clear()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T`` whose gradient is computed in the forward
     pass, for a frozen head: the logits (and their fp32 log-softmax) of a whole micro-batch are
@@ -67,12 +88,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # slice is fresh pages from the OS each time, whose faults and zeroing cost more than
         # the softmax's own passes (807 -> 699 ms for 2,048 tokens' loss and gradient)
         rows_kept = min(SOFTMAX_ROWS, hidden.shape[0])
-        blocks = torch.empty(
-            (min(block, hidden.shape[0]), weight.shape[0]), dtype=hidden.dtype, device=hidden.device
-        )
-        upcast, softmax = (
-            torch.empty((rows_kept, weight.shape[0]), dtype=torch.float32, device=hidden.device)
-            for _ in range(2)
+        vocab = weight.shape[0]
+        blocks, upcast, softmax = _scratch(
+            ((block, vocab), hidden.dtype),
+            ((SOFTMAX_ROWS, vocab), torch.float32),
+            ((SOFTMAX_ROWS, vocab), torch.float32),
+            device=hidden.device,
         )
         positions = torch.arange(rows_kept, device=hidden.device)
         for start in range(0, hidden.shape[0], block):
