@@ -45,6 +45,7 @@ from tunelab.training.norm import fast_rms_norm
 from tunelab.training.optim import build_optimizer
 from tunelab.training.precision import backward_precision, grad_scaler, mixed_precision
 from tunelab.training.reporting import CURVES, Reporters, plot_curves
+from tunelab.training.rotary import fast_rotary
 from tunelab.training.schedule import lr_factor, warmup_steps_for
 from tunelab.training.sharding import (
     clip_gradients,
@@ -138,16 +139,22 @@ def total_steps(num_rows: int, config: FineTuningConfig) -> int:
 
 @contextmanager
 def training_mode(model: Any, config: FineTuningConfig) -> Iterator[None]:
-    """Packed attention (no dense mask), cheaper adapter dropout, a leaner LoRA forward, a
-    hand-written RMSNorm backward and gradient checkpointing for the run only: the model goes
-    back to its own attention and modules afterwards, as generation and saving expect them."""
+    """Packed attention (no dense mask), cheaper adapter dropout, a leaner LoRA forward,
+    hand-written RMSNorm and rotary backwards and gradient checkpointing for the run only: the
+    model goes back to its own attention and modules afterwards, as generation and saving
+    expect them."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     previous = getattr(getattr(base, "config", None), "_attn_implementation", None)
     switched = config.packing and use_packed_attention(base)
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        with fast_adapter_dropout(model), lean_lora_forward(model), fast_rms_norm(model):
+        with (
+            fast_adapter_dropout(model),
+            lean_lora_forward(model),
+            fast_rms_norm(model),
+            fast_rotary(model),
+        ):
             yield
     finally:
         release_scratch()
