@@ -91,7 +91,15 @@ def main(settings: dict) -> dict:
     with PeakSampler() as sampler:
         tuner.train(train_dataset=rows, eval_dataset=None)
     row_tokens = [len(r) for r in rows]
+    examples = [  # packed examples' lengths, from where positions restart
+        len(chunk)
+        for r in rows
+        for chunk in "".join("|" if p == 0 else "." for p in r.position_ids).split("|")[1:]
+    ]
+    lengths = [n + 1 for n in examples]
     return {
+        # the length a token attends over, on average (each token its own example's)
+        "context": round(sum(n * n for n in lengths) / sum(lengths)),
         "peak_bytes": sampler.peak - before,
         "loss_fraction": stats["loss_tokens"] / stats["tokens"],
         "mean_row_tokens": sum(row_tokens) / len(row_tokens),

@@ -251,3 +251,17 @@ def test_estimate_from_a_run_config_refuses_other_methods(tmp_path, capsys):
     assert "method 'ia3' has no estimate; estimates cover lora, dora, qlora, full" in (
         capsys.readouterr().err
     )
+
+
+def test_context_sets_the_attention_weights_kept_on_a_cpu():
+    """On a CPU each token keeps heads x its example's (bucketed) length of attention weights:
+    given the mean example length, the estimate keeps that many instead of max_length's."""
+    arch = describe("smollm2-135m")
+    params = count_parameters(arch, "lora", 8, ["q_proj", "v_proj"])
+    worst, typical, bucketed = (
+        estimate_memory(arch, params, TrainingSetup(context=context)).activations
+        for context in (None, 64, 50)
+    )
+    per_length = arch.num_layers * arch.num_heads * 2 * 4 * 512  # layers x heads x bf16 x tokens
+    assert worst - typical == per_length * (512 - 64)
+    assert bucketed == typical  # 50 tokens are attended in the (32, 64] bucket

@@ -122,7 +122,7 @@ def _measure(settings: dict) -> dict:
         ),
     ],
 )
-def test_predicted_peak_within_25_percent_of_measured(tmp_path, overrides):
+def test_predicted_peak_within_15_percent_of_measured(tmp_path, overrides):
     """Two steps of tunelab's real loop on the default model (bf16 on this CPU); the peak
     resident-set increase against the estimate for the same settings."""
     import random
@@ -158,13 +158,15 @@ def test_predicted_peak_within_25_percent_of_measured(tmp_path, overrides):
         batch_size=overrides["batch_size"],
         max_length=overrides["max_length"],
         loss_fraction=measured["loss_fraction"],
+        context=measured["context"],
     )
     arch = describe("smollm2-135m")
     params = count_parameters(arch, "lora", setup.lora_r, setup.target_modules)
     predicted = estimate_memory(arch, params, setup).total
     ratio = predicted / measured["peak_bytes"]
     print(
-        f"{overrides}: predicted {predicted / 2**20:.0f} MiB, measured "
+        f"{overrides} (context {measured['context']}): predicted {predicted / 2**20:.0f} MiB, "
+        f"measured "
         f"{measured['peak_bytes'] / 2**20:.0f} MiB, ratio {ratio:.3f}"
     )
-    assert ratio == pytest.approx(1.0, abs=0.25)
+    assert ratio == pytest.approx(1.0, abs=0.15)

@@ -134,7 +134,12 @@ def add_planning_commands(subparsers: argparse._SubParsersAction) -> None:
     est.add_argument("--gpu", help="Estimate speed and advice for this GPU (default: this CPU).")
     est.add_argument("--utilization", type=float, help="Share of peak FLOP/s achieved.")
     est.add_argument("--epoch-tokens", type=int, default=1_000_000)
-    est.add_argument("--context", type=int, help="Mean example length (default max_length).")
+    est.add_argument(
+        "--context",
+        type=int,
+        help="Mean example length, token-weighted (default max_length, the worst case): the "
+        "attention's compute and, on a CPU, the attention weights it keeps.",
+    )
     est.add_argument("--json", action="store_true", help="Print the estimate as JSON.")
     est.set_defaults(func=cmd_estimate)
 

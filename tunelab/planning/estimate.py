@@ -134,7 +134,7 @@ def run_estimate(
     device = gpu_named(target) if target else cpu
     share = utilization if utilization is not None else UTILIZATION[device.kind]
     # what the attention keeps depends on the kind of device it runs on
-    setup = dataclasses.replace(setup, device_kind=device.kind)
+    setup = dataclasses.replace(setup, device_kind=device.kind, context=context or setup.context)
     memory = estimate_memory(arch, params, setup)
     flops = training_flops_per_token(arch, params, setup, context)
     estimate = Estimate(arch, params, setup, memory, flops, device, share, epoch_tokens)

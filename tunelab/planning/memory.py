@@ -17,9 +17,10 @@ needs only its weight):
 - each frozen RMSNorm keeps its input and one fp32 number per token (``training.norm``); a
   trainable one (full fine-tuning) its input upcast to fp32 and the normalised 16-bit value;
 - attention keeps q, k and v and, on a CPU, for examples up to 512 tokens
-  (``training.attention``), the 16-bit attention weights: heads x the example's length, taken
-  here as ``max_length`` (the worst case, every example that long); a trainable output
-  projection also keeps its input;
+  (``training.attention``), the 16-bit attention weights: heads x the example's length padded
+  to its bucket, taken here as ``context`` (the mean example length, when given) or
+  ``max_length`` (the worst case, every example that long); a trainable output projection also
+  keeps its input;
 - a gated MLP keeps gate, silu(gate) and up (3i); a trainable down projection also its input;
 - LoRA keeps the input of each adapted layer (shared by layers reading the same tensor when
   there is no dropout; with dropout each adapter keeps its own dropped copy and its 0/1 mask,
@@ -60,6 +61,9 @@ class TrainingSetup:
     devices: int = 1
     sharding: str = "none"  # none: each device holds everything (DDP); fsdp: states are split
     loss_fraction: float = 1.0  # share of tokens that are loss targets (completions)
+    # mean attended length (tokens' own example, token-weighted); None: max_length, the worst
+    # case of every example that long
+    context: int | None = None
     device_kind: str = "cpu"  # cpu or gpu: the attention kernels (and what they keep) differ
 
     def check(self) -> None:
@@ -164,7 +168,7 @@ _SHARED_INPUT["up_proj"] = "mlp"
 
 def layer_activation_bytes(arch: Architecture, params: ParameterCount, setup: TrainingSetup) -> int:
     """Bytes autograd keeps per token for one decoder layer (see the module docstring)."""
-    from tunelab.training.attention import MATMUL_MAX_LENGTH
+    from tunelab.training.attention import MATMUL_MAX_LENGTH, bucket_of
 
     h, i, width = arch.hidden_size, arch.intermediate_size, arch.attention_width
     kv_width = arch.num_kv_heads * arch.head_dim
@@ -173,7 +177,8 @@ def layer_activation_bytes(arch: Architecture, params: ParameterCount, setup: Tr
     norms = 2 * (4 * h + 4 + b * h) if full else 2 * (b * h + 4)
     attention = b * (width + 2 * kv_width) + (b * width if full else 0)
     if setup.device_kind == "cpu":  # the matmul path keeps the attention weights
-        attention += arch.num_heads * b * min(setup.max_length, MATMUL_MAX_LENGTH)
+        length = min(bucket_of(setup.context or setup.max_length), setup.max_length)
+        attention += arch.num_heads * b * min(length, MATMUL_MAX_LENGTH)
     else:  # SDPA keeps its output and one fp32 log-sum-exp per head
         attention += b * width + 4 * arch.num_heads
     if arch.gated_mlp:
