@@ -91,12 +91,12 @@ def main(settings: dict) -> dict:
     with PeakSampler() as sampler:
         tuner.train(train_dataset=rows, eval_dataset=None)
     row_tokens = [len(r) for r in rows]
-    examples = [  # packed examples' lengths, from where positions restart
-        len(chunk)
+    lengths = [  # packed examples' lengths: an example ends where positions restart
+        position + 1
         for r in rows
-        for chunk in "".join("|" if p == 0 else "." for p in r.position_ids).split("|")[1:]
+        for position, following in zip(r.position_ids, [*r.position_ids[1:], 0], strict=True)
+        if following == 0
     ]
-    lengths = [n + 1 for n in examples]
     return {
         # the length a token attends over, on average (each token its own example's)
         "context": round(sum(n * n for n in lengths) / sum(lengths)),

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunelab.training.patching import once_per_forward
+
 NAME = "tunelab_packed"
 
 _layout_cache: dict[str, Any] = {}
@@ -107,19 +109,10 @@ def packed_layout(position_ids: torch.Tensor) -> PackedLayout:
     return PackedLayout(take, back, real, buckets)
 
 
-def _per_forward(cache: dict[str, Any], position_ids: torch.Tensor, build: Any, *extra: Any) -> Any:
-    """``build()``, once per forward: every layer gets the same position_ids tensor. The cache
-    holds that tensor itself, so no later one can take its id or memory and be mistaken
-    for it (a key of id and data pointer alone handed a previous batch's layout to 17 of 200
-    fresh tensors in a loop)."""
-    key = (position_ids._version, *extra)
-    if cache.get("tensor") is not position_ids or cache.get("key") != key:
-        cache.update(tensor=position_ids, key=key, value=build())
-    return cache["value"]
-
-
 def _cached_layout(position_ids: torch.Tensor) -> PackedLayout:
-    return _per_forward(_layout_cache, position_ids, lambda: packed_layout(position_ids.cpu()))
+    return once_per_forward(
+        _layout_cache, (position_ids,), lambda: packed_layout(position_ids.cpu())
+    )
 
 
 @dataclass
@@ -182,7 +175,7 @@ def _cached_stacked_layout(position_ids: torch.Tensor, heads: int, kv_heads: int
     def build() -> StackedLayout:
         return stacked_layout(position_ids.cpu(), heads, kv_heads)
 
-    return _per_forward(_stacked_cache, position_ids, build, heads, kv_heads)
+    return once_per_forward(_stacked_cache, (position_ids,), build, heads, kv_heads)
 
 
 class _Regroup(torch.autograd.Function):

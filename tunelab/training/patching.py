@@ -1,4 +1,5 @@
-"""Give modules another forward for the length of a run, and their own back after."""
+"""Give modules another forward for the length of a run, and their own back after; and
+compute what the replaced forwards of every layer share once per forward."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -30,3 +32,19 @@ def replaced_forwards(
     finally:
         for module in replaced:
             del module.forward
+
+
+def once_per_forward(
+    cache: dict[str, Any], tensors: tuple[torch.Tensor, ...], build: Callable[[], Any], *extra: Any
+) -> Any:
+    """``build()`` for these ``tensors`` (position ids, rotary angles: every layer of a forward
+    gets the same objects), reused until others come. The cache holds the tensors themselves,
+    so no later tensor can take one's id or memory and be mistaken for it (a key of id and
+    data pointer alone handed a previous batch's layout to 17 of 200 fresh tensors in a loop);
+    an in-place change (a new version) counts as new."""
+    key = (tuple(t._version for t in tensors), *extra)
+    held = cache.get("tensors", ())
+    same = len(held) == len(tensors) and all(a is b for a, b in zip(held, tensors, strict=True))
+    if not same or cache.get("key") != key:
+        cache.update(tensors=tensors, key=key, value=build())
+    return cache["value"]

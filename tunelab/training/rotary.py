@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from tunelab.training.patching import once_per_forward
+
 _halves_cache: dict[str, Any] = {}
 
 
@@ -54,13 +56,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) ->
 
 
 def _equal_halves(cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether both tensors repeat their first half (once per forward: the layers share
-    them; the cache holds the tensor, so no later one is mistaken for it)."""
-    if _halves_cache.get("cos") is not cos or _halves_cache.get("sin") is not sin:
+    """Whether both tensors repeat their first half (checked once per forward: the layers
+    share them)."""
+
+    def check() -> bool:
         half = cos.shape[-1] // 2
-        equal = all(torch.equal(t[..., :half], t[..., half:]) for t in (cos, sin))
-        _halves_cache.update(cos=cos, sin=sin, equal=equal and cos.shape[-1] % 2 == 0)
-    return bool(_halves_cache["equal"])
+        even = cos.shape[-1] % 2 == 0
+        return even and all(torch.equal(t[..., :half], t[..., half:]) for t in (cos, sin))
+
+    return bool(once_per_forward(_halves_cache, (cos, sin), check))
 
 
 def _make_fast(original: Callable[..., Any]) -> Callable[..., Any]:
