@@ -235,6 +235,12 @@ class FineTuningConfig:
     data_cache: bool = _f(
         True, "Reuse prepared data from $TUNELAB_CACHE/data when inputs and settings are unchanged."
     )
+    probe_templates: list[str] = _f(
+        [],
+        "tunelab eval's knowledge probes: questions that reword a training item, using "
+        "{subject} (what it asks about, e.g. 'Explain what {subject} is.') or {question}; "
+        "empty: the default set in tunelab/evaluation/probes.py.",
+    )
 
     # --- method ---
     method: str = _f(

