@@ -56,10 +56,24 @@ def test_evaluate_run_writes_reports_with_consistent_numbers(tiny_run, tmp_path)
     assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     md = (tmp_path / "run" / "eval_report.md").read_text()
     assert results.verdict[0] in md
+    # knowledge probes (reworded training items, the default) are scored and reported apart
+    reworded = data["probes"]["reworded"]
+    assert reworded["training_items"] == 6 and reworded["probes"] == 12
+    assert set(reworded["systems"]) == set(results.systems)
+    for item in reworded["items"]:
+        assert item["question"] not in {f"What does {r} mean?" for r in ("byte", "kernel")}
+        assert set(item["answers"]) == set(results.systems)
+    assert 'data-probe="reworded" data-system="tuned" data-metric="semantic"' in html
+    assert "## Knowledge probes: training items asked in other words" in md
+    assert any(s.startswith("What fine-tuning stored: On 6 training items asked in other words")
+               for s in results.verdict)  # fmt: skip
+    assert any(s.startswith("What this means for your choice:") for s in results.verdict)
+    assert data["settings"]["semantic_model"].startswith("all-MiniLM-L6-v2")
+    assert all(v is not None for v in results.systems["tuned"].scores["semantic"])
     assert any("tokens/s" in line for line in lines)
 
 
-def test_eval_cli_with_config_and_subset_of_systems(tiny_run, tmp_path, capsys):
+def test_eval_cli_with_config_and_subset_of_systems(tiny_run, tmp_path, capsys, qa_rows):
     import yaml
 
     from tunelab.cli import main
@@ -71,10 +85,22 @@ def test_eval_cli_with_config_and_subset_of_systems(tiny_run, tmp_path, capsys):
     out = tmp_path / "report"
     code = main(["eval", str(config_path), "--eval-path", str(held_out), "--systems",
                  "tuned,base", "--limit", "3", "--max-new-tokens", "4", "--no-forgetting",
-                 "--out", str(out)])  # fmt: skip
+                 "--out", str(out), "--probes", "verbatim", "--probe-items", "4",
+                 "--no-semantic"])  # fmt: skip
     assert code == 0
     data = json.loads((out / "eval_results.json").read_text())
     assert list(data["systems"]) == ["base", "tuned"]
+    assert list(data["probes"]) == ["verbatim"]
+    verbatim = data["probes"]["verbatim"]
+    assert verbatim["probes"] == verbatim["training_items"] == 4
+    trained = {f"What does {r['term']} mean?" for r in qa_rows}
+    assert all(item["question"] in trained for item in verbatim["items"])
+    # asked exactly as trained, the tuned model's reference loss must be the lower
+    systems = verbatim["systems"]
+    assert systems["tuned"]["loss"]["mean"] < systems["base"]["loss"]["mean"]
+    assert (
+        systems["tuned"]["semantic"]["mean"] is None and data["settings"]["semantic_model"] is None
+    )
     assert data["examples"] == 3 and data["forgetting"] is None
     assert "Verdict:" in capsys.readouterr().out
 
