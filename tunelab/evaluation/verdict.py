@@ -17,6 +17,7 @@ LABELS = {
     "chrf": "chrF",
     "term_score": "term usage",
     "semantic": "semantic similarity",
+    "judge": "LLM judge",
     "loss": "reference loss",
 }
 NAMES = {
