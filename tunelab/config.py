@@ -235,6 +235,16 @@ class FineTuningConfig:
     data_cache: bool = _f(
         True, "Reuse prepared data from $TUNELAB_CACHE/data when inputs and settings are unchanged."
     )
+    dataset_mix: dict[str, float] = _f(
+        {},
+        "Extra training sources and their share of the training set, e.g. "
+        "{data/forum.jsonl: 0.2}; dataset_path keeps the rest (see docs/data.md, mixing).",
+    )
+    replay_general_share: float = _f(
+        0.0,
+        "Share of the training set that is general prose replayed against forgetting (e.g. "
+        "0.1); tunelab eval's forgetting check then reads only prose that was not replayed.",
+    )
     probe_templates: list[str] = _f(
         [],
         "tunelab eval's knowledge probes: questions that reword a training item, using "
@@ -539,6 +549,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> FineTun
         value = getattr(config, key)
         if value and not Path(value).is_absolute():
             setattr(config, key, str((base / value).resolve()))
+    config.dataset_mix = {
+        str(path if Path(path).is_absolute() else (base / path).resolve()): weight
+        for path, weight in config.dataset_mix.items()
+    }
     model = Path(config.model_name)
     if not model.is_absolute() and (base / model).exists():
         config.model_name = str(base / model)

@@ -126,6 +126,10 @@ def format_summary(manifest: dict[str, Any]) -> str:
                 else " (kept; set drop_eval_leaks)"
             )
         )
+    if manifest.get("mix"):
+        from tunelab.data.mixing import describe_mix
+
+        parts.append(describe_mix(manifest["mix"]))
     bias_section = manifest.get("bias") or {}
     if bias_section.get("added"):
         parts.append(f"bias {bias_section['mitigation']}: +{bias_section['added']} examples")

@@ -346,7 +346,7 @@ def evaluate_run(
     ``semantic`` scores answers by MiniLM similarity (None: when its package is installed;
     True: required). ``judge_url`` (an OpenAI-compatible base URL) and ``judge_model`` add
     the LLM judge (judge.py; off by default)."""
-    from tunelab.evaluation.forgetting import general_perplexity
+    from tunelab.evaluation.forgetting import general_passages, general_perplexity
     from tunelab.evaluation.report import write_reports
     from tunelab.evaluation.retrieval import build_retriever
     from tunelab.evaluation.shared_pass import score_and_generate
@@ -435,9 +435,12 @@ def evaluate_run(
             f"  {generated.tokens_per_second:.0f} tokens/s"
             f"  ({loss_seconds + generated.seconds:.0f} s)"
         )
+    # a run that replayed general prose trained on every other passage: score the rest only
+    replayed = bool(getattr(config, "replay_general_share", 0))
+    passages = general_passages()[1::2] if replayed else None
     for name in ("base", "tuned") if forgetting else ():
         with _adapter(loaded.model, name == "tuned"):
-            general[name] = general_perplexity(loaded.model, loaded.tokenizer)
+            general[name] = general_perplexity(loaded.model, loaded.tokenizer, passages)
 
     summary = {
         name: {m: metrics.bootstrap_mean(r.scores[m], bootstrap_samples, seed) for m in METRICS}
@@ -473,6 +476,7 @@ def evaluate_run(
         "model_dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
         "probes": list(kinds), "probe_items": probe_items, "rewordings": rewordings,
         "semantic_model": _semantic_model() if semantic else None,
+        "forgetting_text": "passages not replayed in training" if replayed else "all passages",
         "judge": _judge_settings(judge_url, judge_model),
     }  # fmt: skip
     evaluation = EvalResults(
