@@ -320,7 +320,7 @@ def evaluate_run(
     retriever: str = "bm25",
     few_shot_choice: str = "similar",
     max_new_tokens: int = 64,
-    batch_size: int = 8,
+    batch_size: int = 32,
     precision: str = "auto",
     repetition_penalty: float = 1.0,
     context_chars: int = 400,
@@ -410,31 +410,43 @@ def evaluate_run(
     probe_scores: dict[str, dict[str, list[float | None]]] = {}
     general: dict[str, Any] = {}
     n = len(items)
-    for name in chosen:
-        rendered = [builder.render(name, item, i) for i, item in enumerate(asked)]
-        prompts = [p for p, _ in rendered]
-        with _adapter(loaded.model, name in TUNED_SYSTEMS):
-            losses, generated, loss_seconds = score_and_generate(
-                loaded, prompts, [f for _, f in rendered], max_new_tokens, batch_size,
+    # systems on the same weights (base, few-shot, rag: adapter off; tuned, tuned+rag: on) go
+    # through one pass together, so batches are fuller and each weight read serves more rows
+    for group in _model_groups(chosen):
+        rendered = {name: [builder.render(name, item, i) for i, item in enumerate(asked)]
+                    for name in group}  # fmt: skip
+        with _adapter(loaded.model, group[0] in TUNED_SYSTEMS):
+            losses_all, generated_all, loss_seconds_all = score_and_generate(
+                loaded, [p for name in group for p, _ in rendered[name]],
+                [f for name in group for _, f in rendered[name]], max_new_tokens, batch_size,
                 repetition_penalty,
             )  # fmt: skip
-        all_scores = score_answers(generated.answers, asked, semantic, judge)
-        all_scores["loss"] = [x.loss for x in losses]
-        scores = {m: values[:n] for m, values in all_scores.items()}
-        probe_answers[name] = generated.answers[n:]
-        probe_scores[name] = {m: values[n:] for m, values in all_scores.items()}
-        results[name] = SystemResult(
-            name, prompts[:n], generated.answers[:n], scores,
-            sum(x.tokens for x in losses[:n]), sum(x.nll_sum for x in losses[:n]),
-            generated.seconds, generated.new_tokens, loss_seconds, len(asked),
-        )  # fmt: skip
-        # the mean over examples, as in the report's table and verdict (not token-weighted)
-        progress(
-            f"  {name:<10} loss {_mean(scores['loss']):.3f}"
-            f"  token F1 {100 * _mean(scores['token_f1']):.1f}"
-            f"  {generated.tokens_per_second:.0f} tokens/s"
-            f"  ({loss_seconds + generated.seconds:.0f} s)"
-        )
+        for position, name in enumerate(group):
+            span = slice(position * len(asked), (position + 1) * len(asked))
+            answers, losses = generated_all.answers[span], losses_all[span]
+            # the group's time, shared by answers (each system asked as many questions)
+            generation_seconds = generated_all.seconds / len(group)
+            loss_seconds = loss_seconds_all / len(group)
+            new_tokens = sum(
+                len(loaded.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers
+            )
+            all_scores = score_answers(answers, asked, semantic, judge)
+            all_scores["loss"] = [x.loss for x in losses]
+            scores = {m: values[:n] for m, values in all_scores.items()}
+            probe_answers[name] = answers[n:]
+            probe_scores[name] = {m: values[n:] for m, values in all_scores.items()}
+            results[name] = SystemResult(
+                name, [p for p, _ in rendered[name]][:n], answers[:n], scores,
+                sum(x.tokens for x in losses[:n]), sum(x.nll_sum for x in losses[:n]),
+                generation_seconds, new_tokens, loss_seconds, len(asked),
+            )  # fmt: skip
+            # the mean over examples, as in the report's table and verdict (not token-weighted)
+            progress(
+                f"  {name:<10} loss {_mean(scores['loss']):.3f}"
+                f"  token F1 {100 * _mean(scores['token_f1']):.1f}"
+                f"  {results[name].tokens_per_second:.0f} tokens/s"
+                f"  ({loss_seconds + generation_seconds:.0f} s, shared with {', '.join(group)})"
+            )
     # a run that replayed general prose trained on every other passage: score the rest only
     replayed = bool(getattr(config, "replay_general_share", 0))
     passages = general_passages()[1::2] if replayed else None
@@ -524,6 +536,15 @@ def _probe_result(
          for name, s in per_item.items()},
         comparisons(per_item, HEADLINE_METRICS, samples, seed),
     )  # fmt: skip
+
+
+def _model_groups(chosen: list[str]) -> list[list[str]]:
+    """The chosen systems grouped by the weights they run on (adapter off, adapter on)."""
+    groups = [
+        [s for s in chosen if s not in TUNED_SYSTEMS],
+        [s for s in chosen if s in TUNED_SYSTEMS],
+    ]
+    return [group for group in groups if group]
 
 
 def _answer_words(results: dict[str, SystemResult]) -> dict[str, float]:
