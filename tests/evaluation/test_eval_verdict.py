@@ -77,7 +77,7 @@ def test_knowledge_verdict_says_what_was_stored_found_and_changed():
         "-36.0 to -20.0), a real loss.",
         "What fine-tuning changed on unseen items: answers of 23 words on average (base model "
         "61); semantic similarity +6.0 points (95% CI +1.0 to +11.0), a real gain; the "
-        "reference loss -0.5 nats (95% CI -0.7 to -0.3), a real gain (style and format: no "
+        "reference loss -0.50 nats (95% CI -0.70 to -0.30), a real gain (style and format: no "
         "system can know an unseen item's facts).",
         "What this means for your choice: For the facts in your data, retrieval is the surer "
         "route: it found them where fine-tuning did not measurably store them. Keep fine-tuning "

@@ -159,15 +159,15 @@ def _gap(differences: list[dict[str, Any]], first: str, second: str, metric: str
 
 def _gap_words(interval: Interval, metric: str) -> str:
     """'+12.3 points (95% CI +4.1 to +20.0), a real gain' and the like."""
-    scale, unit = (1.0, " nats") if metric == "loss" else (100.0, " points")
+    scale, unit, digits = (1.0, " nats", 2) if metric == "loss" else (100.0, " points", 1)
     better = -interval.mean if metric == "loss" else interval.mean
     if not interval.excludes_zero:
         judgement = "within noise"
     else:
         judgement = "a real gain" if better > 0 else "a real loss"
     return (
-        f"{interval.mean * scale:+.1f}{unit} (95% CI {interval.low * scale:+.1f} to "
-        f"{interval.high * scale:+.1f}), {judgement}"
+        f"{interval.mean * scale:+.{digits}f}{unit} (95% CI {interval.low * scale:+.{digits}f} "
+        f"to {interval.high * scale:+.{digits}f}), {judgement}"
     )
 
 
