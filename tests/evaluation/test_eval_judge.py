@@ -15,8 +15,9 @@ from tunelab.evaluation.judge import RUBRIC, RUBRIC_ID, judge_scores
 @pytest.fixture
 def fake_openai():
     """A chat-completions server on 127.0.0.1 that records requests and replies with the
-    grades queued in ``state['replies']`` (a status code instead of text sends that error)."""
-    state: dict = {"requests": [], "replies": []}
+    grades queued in ``state['replies']`` (a status code instead of text sends that error),
+    then with ``state['default']``."""
+    state: dict = {"requests": [], "replies": [], "default": "3"}
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 (http.server's name)
@@ -24,7 +25,7 @@ def fake_openai():
             state["requests"].append(
                 {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
             )
-            reply = state["replies"].pop(0)
+            reply = state["replies"].pop(0) if state["replies"] else state["default"]
             if isinstance(reply, int):
                 self.send_response(reply)
                 self.end_headers()

@@ -7,6 +7,7 @@ import math
 
 import pytest
 from conftest import write_jsonl
+from test_eval_judge import fake_openai  # noqa: F401  (the fixture, shared)
 
 from tunelab.errors import TunelabError
 
@@ -73,7 +74,13 @@ def test_evaluate_run_writes_reports_with_consistent_numbers(tiny_run, tmp_path)
     assert any("tokens/s" in line for line in lines)
 
 
-def test_eval_cli_with_config_and_subset_of_systems(tiny_run, tmp_path, capsys, qa_rows):
+def test_eval_cli_with_config_and_subset_of_systems(
+    tiny_run,
+    tmp_path,
+    capsys,
+    qa_rows,
+    fake_openai,  # noqa: F811 (the imported fixture)
+):
     import yaml
 
     from tunelab.cli import main
@@ -86,7 +93,8 @@ def test_eval_cli_with_config_and_subset_of_systems(tiny_run, tmp_path, capsys, 
     code = main(["eval", str(config_path), "--eval-path", str(held_out), "--systems",
                  "tuned,base", "--limit", "3", "--max-new-tokens", "4", "--no-forgetting",
                  "--out", str(out), "--probes", "verbatim", "--probe-items", "4",
-                 "--no-semantic"])  # fmt: skip
+                 "--no-semantic", "--judge-url", fake_openai["url"],
+                 "--judge-model", "fake"])  # fmt: skip
     assert code == 0
     data = json.loads((out / "eval_results.json").read_text())
     assert list(data["systems"]) == ["base", "tuned"]
@@ -103,6 +111,15 @@ def test_eval_cli_with_config_and_subset_of_systems(tiny_run, tmp_path, capsys, 
     )
     assert data["examples"] == 3 and data["forgetting"] is None
     assert "Verdict:" in capsys.readouterr().out
+    # the judge (grade 3 for every answer it is sent; an empty answer is not sent and scores 0)
+    assert data["settings"]["judge"] == {"url": fake_openai["url"], "model": "fake",
+                                         "rubric": "tunelab-reference-grade-v1"}  # fmt: skip
+    sent = [r["body"]["messages"][1]["content"] for r in fake_openai["requests"]]
+    assert len(set(sent)) == len(sent)  # each distinct answer graded once
+    for name in ("base", "tuned"):
+        judged = data["systems"][name]["judge"]["mean"]
+        assert judged is not None and 0 <= judged <= 0.5
+    assert "LLM judge" in (out / "eval_report.md").read_text()
 
 
 def test_eval_errors_name_the_problem(tiny_run, tmp_path, capsys):

@@ -16,6 +16,7 @@ from typing import Any
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json)
+_seen: dict[str, Any] = {}  # text -> its embedding, for this process
 
 
 def available() -> bool:
@@ -65,7 +66,13 @@ def similarities(answers: list[str], references: list[str]) -> list[float]:
         raise ValueError("similarities needs one reference per answer")
     if not answers:
         return []
-    vectors = embed(list(answers) + list(references))
-    first, second = vectors[: len(answers)], vectors[len(answers) :]
+    import torch
+
+    # each system's answers meet the same references: embed every distinct text once
+    missing = list(dict.fromkeys(t for t in (*answers, *references) if t not in _seen))
+    if missing:
+        _seen.update(zip(missing, embed(missing), strict=True))
+    first = torch.stack([_seen[t] for t in answers])
+    second = torch.stack([_seen[t] for t in references])
     cosine = (first * second).sum(-1).tolist()
     return [0.0 if not a.strip() else float(c) for a, c in zip(answers, cosine, strict=True)]
