@@ -112,3 +112,27 @@ def test_every_shipped_example_config_loads(path):
     config = load_config(path)
     assert Path(config.dataset_path).is_file()
     assert yaml.safe_load(path.read_text())
+
+
+def test_numbers_in_exponent_form_are_numbers_in_a_file_as_with_set(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads 1e-4 as a string; YAML 1.2 and the user read a number
+    path = write(tmp_path, "learning_rate: 1e-4\nweight_decay: 1E-2\nlora_dropout: 5e-2\n")
+    c = load_config(path)
+    assert (c.learning_rate, c.weight_decay, c.lora_dropout) == (0.0001, 0.01, 0.05)
+    assert load_config(path, ["learning_rate=3e-4"]).learning_rate == 0.0003
+    assert parse_override("rank_pattern={v_proj: 16}") == ("rank_pattern", {"v_proj": 16})
+    assert parse_override("max_grad_norm=2e0") == ("max_grad_norm", 2.0)
+    # a quoted value stays a string, and what looks like a word stays one
+    assert parse_override("system_prompt='1e-4'") == ("system_prompt", "1e-4")
+    assert parse_override("system_prompt=1e") == ("system_prompt", "1e")
+
+
+def test_a_saved_config_with_exponent_numbers_resumes_and_is_read_by_doctor(tmp_path):
+    from tunelab.api import check_resumable
+    from tunelab.diagnostics.run_report import read_run_config
+    from tunelab.runs import load_run
+
+    (tmp_path / "tunelab_config.yaml").write_text("learning_rate: 1e-4\nmax_steps: 2\n")
+    check_resumable(tmp_path, FineTuningConfig(learning_rate=1e-4, max_steps=2))  # no refusal
+    assert read_run_config(tmp_path)["learning_rate"] == 0.0001
+    assert load_run(tmp_path).config["learning_rate"] == 0.0001

@@ -71,9 +71,9 @@ def check_resumable(output_dir: Path, config: FineTuningConfig) -> None:
     saved_path = output_dir / RUN_CONFIG
     if not saved_path.is_file():
         return
-    import yaml
+    from tunelab.yaml_numbers import load_yaml
 
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    saved = load_yaml(saved_path.read_text()) or {}
     current = config.to_dict()
     changed = [
         key

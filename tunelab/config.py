@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from tunelab.errors import TunelabError, did_you_mean
+from tunelab.yaml_numbers import load_yaml
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -470,14 +471,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and _HINTS.get(key) is float:
-        try:  # YAML reads '3e-4' (no dot) as a string; a float field still wants it
-            value = float(value)
-        except ValueError:
-            pass
     return key, value
 
 
@@ -513,7 +509,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> FineTun
             f"config file {path} does not exist. Create one with 'tunelab init {path}'."
         )
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
