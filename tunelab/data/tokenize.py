@@ -58,9 +58,14 @@ def as_messages(example: Example, system_prompt: str | None = None) -> list[dict
 
 
 def render_prompt(tokenizer: Any, prompt: str, chat: bool, system_prompt: str | None = None) -> str:
-    """The text a model sees before its answer, exactly as in training."""
+    """The text a model sees before its answer, exactly as in training.
+
+    A plain prompt loses its trailing spaces and tabs: in training the space at the end of
+    "Answer: " is part of the answer's first token (" Oslo"), so the model learned to answer
+    after "Answer:"; a prompt ending in a lone space token is a state it never saw.
+    """
     if not chat:
-        return prompt
+        return prompt.rstrip(" \t")
     messages = [{"role": "user", "content": prompt}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
@@ -104,7 +109,10 @@ def _tokenize_with_spans(
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     labels = []
     for token, (start, end) in zip(ids, offsets, strict=True):
-        inside = any(s <= start < e or (start == end and s < end <= e) for s, e in spans)
+        # a token holding any character of an answer is trained: a prompt ending in a space
+        # ("Answer: ") merges that space with the answer's first word (" Oslo"), and a token
+        # counted from where it starts would leave the first word out of the loss
+        inside = any(start < e and end > s or (start == end and s < end <= e) for s, e in spans)
         labels.append(token if inside else IGNORE_INDEX)
     truncated = len(ids) > max_length
     return TokenizedExample(ids[:max_length], labels[:max_length], truncated)

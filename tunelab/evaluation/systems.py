@@ -157,7 +157,8 @@ class PromptBuilder:
             prompt = prefix + item.question
         else:
             prompt = self.rag_question(item) if system.endswith("rag") else item.question
-        return prompt, prompt + joiner + item.reference + eos
+        # a trailing space belongs to the answer's first token in training (see render_prompt)
+        return prompt.rstrip(" \t"), prompt + joiner + item.reference + eos
 
 
 def _shorten(text: str, limit: int) -> str:
