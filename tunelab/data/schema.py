@@ -4,9 +4,9 @@ Schemas (TRL's conventions plus the usual others):
 - plain text: ``{"text"}``
 - prompt/completion: ``{"prompt", "completion"}`` (strings, or lists of chat messages)
 - instruction: ``{"instruction", "input"?, "output"}`` (Alpaca)
-- chat: ``{"messages": [{"role", "content"}]}``; ShareGPT ``{"conversations": [{"from", "value"}]}``;
-  an assistant message may carry OpenAI-style ``tool_calls`` (content ``""`` or null), a ``tool``
-  message answers one, and the row's ``tools`` column lists the functions (TRL's convention)
+- chat: ``{"messages": [{"role", "content"}]}``; ShareGPT ``{"conversations": [{"from", "value"}]}``
+  (an assistant message may carry OpenAI-style ``tool_calls`` (content ``""`` or null), a ``tool``
+  message answers one, and the row's ``tools`` column lists the functions, as in TRL)
 - a user template that builds prompt and completion from any columns.
 """
 
