@@ -31,7 +31,7 @@ from tunelab.models import (
     load_model,
     load_model_config,
     load_tokenizer,
-    module_names,
+    model_modules,
     resolve_model,
 )
 from tunelab.training.batching import Row, pack_examples, single_rows
@@ -39,7 +39,7 @@ from tunelab.training.batching import Row, pack_examples, single_rows
 RUN_CONFIG = "tunelab_config.yaml"
 RUN_INFO = "run_info.json"
 RESULTS = "results.json"
-TOKENIZED_FORMAT = 1  # bump when the tokenized cache's layout or rendering changes
+TOKENIZED_FORMAT = 2  # bump when the tokenized cache's layout or rendering changes
 
 
 # keys a resumed run may change: how long it runs and what it reports, not what it learns
@@ -134,7 +134,7 @@ class FineTuner:
         if self.tokenizer is None:
             location = resolve_model(self.config.model_name)
             model_config = load_model_config(location, self.config.trust_remote_code)
-            check_target_modules(self.config, module_names(model_config))
+            check_target_modules(self.config, model_modules(model_config))
             self.model_location = location
             self.tokenizer = load_tokenizer(location, self.config.trust_remote_code)
         return self.tokenizer
