@@ -66,20 +66,48 @@ RESUMABLE_CHANGES = {
 }
 
 
-def check_resumable(output_dir: Path, config: FineTuningConfig) -> None:
-    """Refuse to resume a run with settings that would make it a different run."""
+def check_resumable(output_dir: Path, config: FineTuningConfig, processes: int = 1) -> None:
+    """Refuse to resume a run with settings that would make it a different run.
+
+    batch_size is per process, so the step a checkpoint was trained with is
+    gradient_accumulation_steps x processes micro-batches: a run may resume over another
+    process count when that product is the same (``processes`` now; the checkpoint's own count
+    is in its trainer_state.json).
+    """
     saved_path = output_dir / RUN_CONFIG
     if not saved_path.is_file():
         return
+    from tunelab.training.checkpoint import STATE, latest_checkpoint
     from tunelab.yaml_numbers import load_yaml
 
     saved = load_yaml(saved_path.read_text()) or {}
     current = config.to_dict()
+    accumulation = "gradient_accumulation_steps"
     changed = [
         key
         for key in current
-        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != current[key]
+        if key not in RESUMABLE_CHANGES
+        and key != accumulation
+        and key in saved
+        and saved[key] != current[key]
     ]
+    checkpoint = latest_checkpoint(output_dir)
+    state = json.loads((checkpoint / STATE).read_text()) if checkpoint else {}
+    saved_processes = state.get("processes", 1)
+    per_step = saved.get(accumulation, config.gradient_accumulation_steps) * saved_processes
+    if per_step != config.gradient_accumulation_steps * processes:
+        fits = per_step // processes if per_step % processes == 0 else None
+        raise TunelabError(
+            f"cannot resume {output_dir}: its checkpoint took {per_step} micro-batches of "
+            f"batch_size rows per step ({accumulation} {saved.get(accumulation)} x "
+            f"{saved_processes} process(es)); now {config.gradient_accumulation_steps} x "
+            f"{processes}. "
+            + (
+                f"Resume with --set {accumulation}={fits}."
+                if fits
+                else f"Resume over a process count that divides {per_step}."
+            )
+        )
     if changed:
         details = "; ".join(f"{k}: {saved[k]!r} in the run, {current[k]!r} now" for k in changed)
         raise TunelabError(
@@ -280,7 +308,7 @@ class FineTuner:
         on_eval: Callable[[int, float], None] | None = None,
     ) -> dict[str, Any]:
         """Fine-tune and write the run folder; returns the results (also in results.json)."""
-        from tunelab.training.distributed import check_world_batch, init_world
+        from tunelab.training.distributed import global_batch_note, init_world
         from tunelab.training.loop import fit, total_steps
         from tunelab.training.sharding import check_shardable, full_state_for_saving
 
@@ -289,7 +317,8 @@ class FineTuner:
         world = init_world(self.placement.device)
         main_process = world.is_main
         sharded = self.sharded()
-        note = check_world_batch(self.config.gradient_accumulation_steps, world, sharded)
+        c = self.config
+        note = global_batch_note(c.batch_size, c.gradient_accumulation_steps, world)
         if note and main_process:
             print(note)
         if sharded:
@@ -297,14 +326,14 @@ class FineTuner:
         if main_process:
             check_output_dir(output_dir, overwrite, resume)
         if resume:
-            check_resumable(output_dir, self.config)
+            check_resumable(output_dir, self.config, world.size)
         if train_dataset is None:
             train_dataset = self.prepare_dataset()
         data_stats = dict(self.token_stats)
         if eval_dataset is None:
             eval_dataset = self.eval_rows()
         if self.model is None:
-            self.prepare_model(total_steps(len(train_dataset), self.config))
+            self.prepare_model(total_steps(len(train_dataset), self.config, world.size))
         output_dir.mkdir(parents=True, exist_ok=True)
         if main_process:
             self.config.save(output_dir / RUN_CONFIG)
