@@ -66,7 +66,11 @@ class FineTuningConfig:
     )
     learning_rate: float = _f(3e-4, "Peak learning rate of AdamW.")
     num_epochs: int = _f(3, "Passes over the training data (ignored when max_steps is set).")
-    batch_size: int = _f(4, "Sequences per micro-batch (rows of max_length tokens when packing).")
+    batch_size: int = _f(
+        4,
+        "Sequences per micro-batch, per process (rows of max_length tokens when packing); the "
+        "global batch is batch_size x gradient_accumulation_steps x processes.",
+    )
     max_length: int = _f(512, "Longest sequence in tokens; longer examples are truncated.")
 
     # --- training strategy ---
