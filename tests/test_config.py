@@ -136,3 +136,64 @@ def test_a_saved_config_with_exponent_numbers_resumes_and_is_read_by_doctor(tmp_
     check_resumable(tmp_path, FineTuningConfig(learning_rate=1e-4, max_steps=2))  # no refusal
     assert read_run_config(tmp_path)["learning_rate"] == 0.0001
     assert load_run(tmp_path).config["learning_rate"] == 0.0001
+
+
+@pytest.mark.parametrize(
+    ("settings", "warning"),
+    [
+        (
+            {"method": "full", "lora_r": 16},
+            "config key(s) lora_r (16) have no effect with method full",
+        ),
+        (
+            {"method": "prompt_tuning", "target_modules": ["q_proj", "k_proj"]},
+            "target_modules (['q_proj', 'k_proj']) have no effect with method prompt_tuning",
+        ),
+        ({"method": "ia3", "lora_dropout": 0.2}, "lora_dropout (0.2) have no effect with method"),
+        ({"quantization_bits": 8}, "quantization_bits (8) have no effect with method lora"),
+        (
+            {"eval_steps": 5, "early_stopping_patience": 2},
+            "eval_steps, early_stopping_patience need eval data, and there is none",
+        ),
+        ({"eval_path": "e.jsonl", "eval_split": 0.1}, "'eval_split' (0.1) is ignored because"),
+        ({"max_steps": 3, "save_steps": 10}, "'save_steps' (10) is beyond max_steps (3)"),
+        ({"max_steps": 3, "warmup_steps": 3}, "never reaches the peak learning rate"),
+        ({"mlflow_tracking_uri": "file:/x"}, "without 'mlflow' in report_to"),
+        ({"system_prompt": "Be brief.", "chat_format": "plain"}, "'system_prompt' has no effect"),
+        ({"drop_eval_leaks": True}, "'drop_eval_leaks' only acts on a separate eval_path"),
+        (
+            {"early_stopping_threshold": 0.01, "eval_split": 0.1},
+            "'early_stopping_threshold' has no effect without",
+        ),
+    ],
+)
+def test_settings_that_cannot_take_effect_are_named(settings, warning):
+    from tunelab.config import ineffective_settings
+
+    found = ineffective_settings(FineTuningConfig(**settings))
+    assert len(found) == 1 and warning in found[0], found
+
+
+def test_defaults_and_used_settings_raise_no_warning():
+    from tunelab.config import ineffective_settings
+
+    assert ineffective_settings(FineTuningConfig()) == []
+    used = FineTuningConfig(
+        method="qlora", quantization_bits=8, lora_r=16, eval_split=0.1, eval_steps=5, max_steps=9
+    )
+    assert ineffective_settings(used) == []
+    assert ineffective_settings(FineTuningConfig(method="full", learning_rate=2e-5)) == []
+
+
+def test_training_warns_before_the_model_loads(make_config, capsys, monkeypatch):
+    from tunelab import api
+    from tunelab.api import FineTuner
+
+    tuner = FineTuner(make_config(method="full", lora_r=16, sharding="fsdp", max_steps=1))
+    monkeypatch.setattr(api, "check_output_dir", lambda *a: pytest.fail("model stage reached"))
+    with pytest.raises(pytest.fail.Exception):
+        tuner.train()
+    out = capsys.readouterr().out
+    assert "Warning: config key(s) lora_r (16), lora_dropout (0.0) have no effect with method" in out
+    assert "Warning: config key 'sharding' is fsdp, but this is one process" in out
+    assert tuner.model is None

@@ -210,6 +210,26 @@ class FineTuner:
         print(format_trainable(self.model))
         return self.model
 
+    def ineffective_settings(self, several_processes: bool = False) -> list[str]:
+        """The config's settings that cannot take effect in this run (config.ineffective_settings)
+        and those this machine or process count makes void."""
+        from tunelab.config import ineffective_settings
+        from tunelab.device import cpu_bf16_features
+
+        c, placement = self.config, self.placement
+        out = ineffective_settings(c)
+        if c.precision == "bf16" and placement.device == "cpu" and not cpu_bf16_features():
+            out.append(
+                "precision bf16 on a CPU without AVX512-BF16/AMX is emulated: several times "
+                "slower than fp32, with bf16's rounding. Use precision: auto (fp32 here)."
+            )
+        if c.sharding == "fsdp" and not several_processes:
+            out.append(
+                "config key 'sharding' is fsdp, but this is one process: nothing is sharded. "
+                "Launch with torchrun --nproc_per_node N (or accelerate launch)."
+            )
+        return out
+
     def sharded(self) -> bool:
         """Whether this run splits the model over the processes (several processes under
         torchrun / accelerate launch, and sharding: fsdp or accelerate's FSDP plugin)."""
@@ -321,6 +341,9 @@ class FineTuner:
         note = global_batch_note(c.batch_size, c.gradient_accumulation_steps, world)
         if note and main_process:
             print(note)
+        if main_process:  # before the model loads: what this run will not do
+            for warning in self.ineffective_settings(world.active):
+                print(f"Warning: {warning}")
         if sharded:
             check_shardable(self.config.method)
         if main_process:
