@@ -75,6 +75,8 @@ def _block_error(
             f"{start}{short} is a {block} layer, which a {config.method} adapter cannot wrap "
             f"(it takes {takes} layers). Remove it, or use ['all-linear']."
         )
+    # the usual pair where the block holds it, else its first two layers
+    example = ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= set(inner) else inner[:2]
     what = f"a block ({block})"
     if "MLP" in block:
         what = f"a feed-forward block ({block})"
@@ -82,7 +84,7 @@ def _block_error(
         what = f"an attention block ({block})"
     return (
         f"{start}{short} is {what}, not a layer an adapter can wrap; its layers are "
-        f"{', '.join(inner)}. Name those (e.g. target_modules: [{', '.join(inner[:2])}]) or use "
+        f"{', '.join(inner)}. Name those (e.g. target_modules: [{', '.join(example)}]) or use "
         "['all-linear']."
     )
 

@@ -135,3 +135,10 @@ def test_tools_survive_the_data_cache(tmp_path, tool_tokenizer, monkeypatch):
     second = prepare_examples(config)
     assert second.manifest["cache_hit"] and second.train[0].tools == first.tools == TOOLS
     assert second.train[0].messages[1]["tool_calls"] == first.messages[1]["tool_calls"]
+
+
+def test_data_inspect_refuses_tool_calls_the_template_drops(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": tool_chat()}])
+    config = FineTuningConfig(dataset_path=str(path), data_cache=False)
+    with pytest.raises(TunelabError, match=r"d.jsonl:1: assistant message 1 has tool_calls"):
+        prepare_examples(config, tokenizer)  # what data inspect runs with a tokenizer

@@ -339,14 +339,18 @@ def _deduplicate(
 
 def _rendered(example: Example, tokenizer: Any, chat: bool, system_prompt: str | None) -> str:
     """The whole text tokenize_example renders for ``example`` (for counting tokens fast)."""
-    from tunelab.data.tokenize import as_messages, render_chat
+    from tunelab.data.tokenize import as_messages, chat_spans, render_chat
 
     eos = tokenizer.eos_token or ""
     if example.kind == "text":
         return (example.text or "") + eos
     if example.kind == "messages" or chat:
         if getattr(tokenizer, "chat_template", None):
-            return render_chat(tokenizer, as_messages(example, system_prompt), example.tools)
+            messages = as_messages(example, system_prompt)
+            if any(m.get("tool_calls") for m in messages):
+                # the same check as training's, so inspect and prepare refuse such rows too
+                return chat_spans(tokenizer, messages, example.tools, example.origin)[0]
+            return render_chat(tokenizer, messages, example.tools)
     return (example.prompt or "") + (example.completion or "") + eos
 
 

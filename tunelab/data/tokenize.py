@@ -85,7 +85,7 @@ def render_chat(
     )
 
 
-def _chat_spans(
+def chat_spans(
     tokenizer: Any,
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
@@ -160,7 +160,7 @@ def tokenize_example(
                     "none. Use a chat model or convert the data to prompt/completion."
                 )
         messages = as_messages(example, system_prompt)
-        text, spans = _chat_spans(tokenizer, messages, example.tools, example.origin)
+        text, spans = chat_spans(tokenizer, messages, example.tools, example.origin)
         return _tokenize_with_spans(tokenizer, text, spans, max_length)
     # plain prompt/completion: the strings are joined as they are, the answer ends with EOS
     prompt = example.prompt or ""
