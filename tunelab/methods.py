@@ -57,7 +57,7 @@ def _matches(name: str, target: str) -> bool:
 
 
 def _block_error(
-    config: FineTuningConfig, target: str, modules: dict[str, Any], blocked: str
+    config: FineTuningConfig, target: str, modules: dict[str, Any], blocked: str, key: str
 ) -> str:
     """Why ``target`` cannot take an adapter, naming the layers inside the block it names."""
     kinds = adaptable_types(config.method)
@@ -68,7 +68,7 @@ def _block_error(
     )
     block = type(modules[blocked]).__name__
     short = blocked.rsplit(".", 1)[-1]
-    start = f"config key 'target_modules' holds {target!r}: "
+    start = f"{key} holds {target!r}: "
     if not inner:
         takes = ", ".join(k.__name__ for k in kinds)
         return (
@@ -89,10 +89,12 @@ def _block_error(
     )
 
 
-def check_target_modules(config: FineTuningConfig, modules: dict[str, Any]) -> None:
+def check_target_modules(
+    config: FineTuningConfig, modules: dict[str, Any], key: str = "config key 'target_modules'"
+) -> None:
     """Fail early when a target module is missing from the model or is not a layer the method's
     adapter can wrap (``modules``: name -> module, e.g. from ``models.model_modules`` on the
-    meta device); errors list the names that can be used."""
+    meta device); errors name ``key`` and list the names that can be used."""
     if config.method in PROMPT_METHODS or config.method == "full":
         return
     targets = _targets(config)
@@ -108,36 +110,36 @@ def check_target_modules(config: FineTuningConfig, modules: dict[str, Any]) -> N
             pattern = re.compile(targets)
         except re.error as exc:
             raise TunelabError(
-                f"config key 'target_modules' holds the regex {targets!r}, which does not "
+                f"{key} holds the regex {targets!r}, which does not "
                 f"compile ({exc}). Fix the pattern after 're:'."
             ) from None
         matched = [name for name in modules if name and pattern.fullmatch(name)]
         if not matched:
             raise TunelabError(
-                f"config key 'target_modules' regex {targets!r} matches no module of "
+                f"{key} regex {targets!r} matches no module of "
                 f"'{config.model_name}' (it must match whole names such as "
                 f"'model.layers.0.self_attn.q_proj'). Module names end in: {listing}."
             )
         blocked = next((n for n in matched if n not in adaptable), None)
         if blocked is not None:
-            raise TunelabError(_block_error(config, REGEX_PREFIX + targets, modules, blocked))
+            raise TunelabError(_block_error(config, REGEX_PREFIX + targets, modules, blocked, key))
         return
     if any(t.startswith(REGEX_PREFIX) for t in targets):
         raise TunelabError(
-            "config key 'target_modules' may hold one 're:' regex alone, not mixed with names. "
+            f"{key} may hold one 're:' regex alone, not mixed with names. "
             "Use either [q_proj, v_proj] or ['re:.*\\.(q|v)_proj']."
         )
     missing = [t for t in targets if not any(_matches(n, t) for n in modules)]
     if missing:
         raise TunelabError(
-            f"config key 'target_modules' names {', '.join(map(repr, missing))}, which the model "
+            f"{key} names {', '.join(map(repr, missing))}, which the model "
             f"'{config.model_name}' does not have.{did_you_mean(missing[0], suffixes)} Its "
             f"adaptable layers are named: {listing}; or use ['all-linear']."
         )
     for target in targets:
         blocked = next((n for n in modules if _matches(n, target) and n not in adaptable), None)
         if blocked is not None:
-            raise TunelabError(_block_error(config, target, modules, blocked))
+            raise TunelabError(_block_error(config, target, modules, blocked, key))
     for key in ("rank_pattern", "alpha_pattern"):
         for name in getattr(config, key):
             if not any(name in module for module in adaptable):
