@@ -118,8 +118,10 @@ def test_rendered_report_shows_the_measured_numbers(tmp_path):
     ).stdout  # fmt: skip
     page = Cells()
     page.feed(dom)
+    # the headline metrics are shown; exact match (0 on free text) and an unused judge are not
+    assert ("base", "exact_match") not in page.values and ("base", "judge") not in page.values
     for name in ("base", "tuned"):
-        for metric in METRICS:
+        for metric in (m for m in METRICS if m not in ("exact_match", "judge")):
             mean = results.summary[name][metric].mean
             shown = f"{mean:.3f}" if metric == "loss" else f"{mean * 100:.1f}"
             assert page.values[(name, metric)] == shown
@@ -130,5 +132,6 @@ def test_rendered_report_shows_the_measured_numbers(tmp_path):
     assert page.values[("tuned", "forgetting")] == "21.50"
     assert page.verdict == results.verdict
     assert any("Fine-tuning beat the base model on" in v for v in page.verdict)
-    # the SVG charts rendered: one per metric, each with a bar label per system
-    assert len(re.findall(r"<svg", dom)) == len(METRICS) + 1
+    # the SVG charts rendered: one per shown metric (not exact match, not the unused judge),
+    # each with a bar label per system, and the loss curves
+    assert len(re.findall(r"<svg", dom)) == len(METRICS) - 2 + 1
