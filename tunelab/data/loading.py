@@ -51,6 +51,7 @@ _COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 # files that sit beside data in a folder but are not data
 _NOT_DATA = ("readme", "license", "licence", "copying", "copyright", "changelog", ".")
 _CHUNK = 1 << 20
+LINES_PER_ROW = 4  # physical lines allowed per row of max_rows (blank lines, multi-line CSV)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class _Budget:
     """Bytes and rows read so far from one data path (a folder shares one budget)."""
 
     def __init__(self, limits: ReadLimits, path: Path) -> None:
-        self.limits, self.path, self.bytes, self.rows = limits, path, 0, 0
+        self.limits, self.path = limits, path
+        self.bytes = self.rows = self.lines = 0
 
     def spend(self, size: int, where: str) -> None:
         self.bytes += size
@@ -77,6 +79,17 @@ class _Budget:
                 f"({self.limits.max_data_bytes:,} bytes after decompression). If that much is "
                 "meant, raise it (e.g. --set max_data_bytes=4000000000); otherwise check the "
                 "path (a device, a pipe that never ends, or a decompression bomb)."
+            )
+
+    def line(self, where: str) -> None:
+        # blank lines are not rows but cost a step each: a file of nothing but newlines
+        # stops here, not after a gigabyte of empty steps
+        self.lines += 1
+        if self.lines > LINES_PER_ROW * self.limits.max_rows:
+            raise TunelabError(
+                f"{where}: the data at {self.path} holds more than {LINES_PER_ROW} x max_rows "
+                f"({self.limits.max_rows:,}) lines. If that many are meant, raise max_rows; "
+                "otherwise check the path (a device, a pipe or a decompression bomb)."
             )
 
     def row(self, where: str) -> None:
@@ -395,6 +408,7 @@ def _lines(path: Path, budget: _Budget) -> Iterator[tuple[int, str]]:
             if len(line) > limit and not line.endswith(b"\n"):
                 raise _row_too_long(where, len(line), budget.limits)
             budget.spend(len(line), where)
+            budget.line(where)
             yield number, _decode_line(path, number, offset, line)
             offset += len(line)
 
