@@ -443,11 +443,25 @@ def _read_all(path: Path, budget: _Budget) -> bytes:
 
 
 def _first_line(path: Path, limits: ReadLimits) -> str | None:
-    """The first non-blank line (for telling formats apart), or None for an empty file."""
-    for _, line in _lines(path, _Budget(limits, path)):
-        if line.strip():
-            return line
-    return None
+    """The start of the first non-blank line (at most max_row_bytes, for telling formats
+    apart; a one-line JSON file may be longer), or None for an empty file."""
+    budget = _Budget(limits, path)
+    with _open_stream(path) as (stream, kind):
+        while True:
+            try:
+                line = stream.readline(limits.max_row_bytes + 1)
+            except _read_errors() as exc:
+                if kind is None:
+                    raise
+                raise _bad_compression(path, kind, exc) from None
+            if not line:
+                return None
+            budget.spend(len(line), str(path))
+            budget.line(str(path))
+            if line.strip():
+                if line.startswith((b"\xff\xfe", b"\xfe\xff")):
+                    _decode_line(path, 1, 0, line)  # raises: UTF-16
+                return line.decode("utf-8-sig", errors="replace")
 
 
 def _sniff(first: str) -> str:
@@ -547,7 +561,10 @@ def _load_json(path: Path, budget: _Budget) -> list[Record]:
         parsed = json.loads(text)
     except json.JSONDecodeError as exc:
         if _looks_like_json_lines(text):
-            lines = enumerate(text.split("\n"), start=1)
+            lines = list(enumerate(text.split("\n"), start=1))
+            for number, line in lines:
+                if len(line) > budget.limits.max_row_bytes:
+                    raise _row_too_long(f"{path}:{number}", len(line), budget.limits) from None
             return _load_jsonl(path, lines, budget)
         raise TunelabError(
             f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); expected a "
