@@ -212,24 +212,36 @@ def serve(path: Path, content: bytes) -> threading.Thread:
     return thread
 
 
+def within(seconds: float, call):
+    """``call()``'s result, failing (not hanging) when it blocks: a second read of a FIFO
+    waits forever for a writer that already left."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"still blocked after {seconds} s (the pipe was read twice?)"
+    return result[0]
+
+
 def rows(*texts: str) -> bytes:
     return "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
 
 
-def test_a_fifo_is_read_once_and_never_answered_from_the_cache(tmp_path):
+def test_a_fifo_is_read_once_and_never_answered_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     fifo = tmp_path / "data.jsonl"
     os.mkfifo(fifo)
     config = FineTuningConfig(dataset_path=str(fifo), data_cache=True, dedup_near_threshold=None)
     serve(fifo, rows("first content, one", "first content, two"))
-    first = prepare_examples(config)
+    first = within(60, lambda: prepare_examples(config))
     assert [e.text for e in first.train] == ["first content, one", "first content, two"]
     assert first.manifest["inputs"]["train"][0]["path"] == str(fifo)
     serve(fifo, rows("second content"))
-    second = prepare_examples(config)
+    second = within(60, lambda: prepare_examples(config))
     assert [e.text for e in second.train] == ["second content"]
     assert not second.manifest["cache_hit"]
     serve(fifo, rows("first content, one", "first content, two"))
-    assert prepare_examples(config).manifest["cache_hit"]  # the same bytes: a true hit
+    assert within(60, lambda: prepare_examples(config)).manifest["cache_hit"]  # same bytes
 
 
 def test_a_process_substitution_path_is_read_once(tmp_path):
@@ -256,6 +268,6 @@ def test_the_eval_loader_reads_a_fifo_eval_path_once(tmp_path):
     os.mkfifo(fifo)
     serve(fifo, b'{"prompt": "What is a byte?", "completion": "Eight bits."}\n')
     config = FineTuningConfig(dataset_path=str(train), data_cache=False)
-    held_out, pool = load_items(config, str(fifo), None)
+    held_out, pool = within(60, lambda: load_items(config, str(fifo), None))
     assert [item.reference for item in held_out] == ["Eight bits."] and len(pool) == 4
     assert held_out[0].terms  # the raw reference was read too, from the same copy
