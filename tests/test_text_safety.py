@@ -142,3 +142,30 @@ def test_doctor_findings_show_escapes(tmp_path, capsys, monkeypatch):
     main(["doctor", str(tmp_path)])
     out = capsys.readouterr().out
     assert "\x1b" not in out and "evidence \\x1b]0;pwned" in out
+
+
+def test_generate_and_chat_show_escapes_a_model_emits(tmp_path, capsys, monkeypatch):
+    import tunelab.generation as generation
+
+    monkeypatch.setattr(generation, "load_for_inference", lambda *a, **k: None)
+    monkeypatch.setattr(
+        generation, "generate", lambda loaded, prompts, **k: [ESCAPES] * len(prompts)
+    )
+    assert main(["generate", str(tmp_path), "--prompt", "hi", "--prompt", "there"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and out.count("\\x1b]0;pwned\\x07") == 2
+
+    class Loaded:
+        source, chat, system_prompt, tokenizer = "m", False, None, None
+
+    monkeypatch.setattr(generation, "generate_from_text", lambda *a, **k: [ESCAPES])
+    shown: list[str] = []
+    lines = ["hello"]
+
+    def read(_: str) -> str:
+        if not lines:
+            raise EOFError  # the user pressed Ctrl-D
+        return lines.pop()
+
+    generation.chat_loop(Loaded(), input_fn=read, output_fn=shown.append)
+    assert "\x1b" not in shown[-1] and "\\x1b[2J" in shown[-1]

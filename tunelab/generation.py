@@ -14,6 +14,7 @@ from typing import Any
 from tunelab.data.tokenize import render_prompt, uses_chat_template
 from tunelab.errors import TunelabError
 from tunelab.template_sandbox import render_chat
+from tunelab.text_safety import visible
 
 
 @dataclass
@@ -210,4 +211,4 @@ def chat_loop(
             0
         ]
         history.append({"role": "assistant", "content": answer})
-        output_fn(f"model> {answer}")
+        output_fn(f"model> {visible(answer)}")  # escapes the model learned are shown, not run
