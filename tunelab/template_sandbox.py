@@ -250,10 +250,20 @@ def _install() -> None:
 
     if getattr(ctu._compile_jinja_template, "tunelab_limited", False):
         return
+    # transformers' uncached builder: named since 5.x, else the function under its lru_cache
+    build = getattr(ctu, "_cached_compile_jinja_template", None) or getattr(
+        ctu._compile_jinja_template, "__wrapped__", None
+    )
+    if build is None or not hasattr(ctu, "ImmutableSandboxedEnvironment"):
+        # a transformers whose template code moved: say so rather than pretend to limit it
+        raise TunelabError(
+            "this transformers version renders chat templates in a way tunelab cannot limit "
+            f"(transformers {getattr(__import__('transformers'), '__version__', '?')}); install "
+            "the version in tunelab's requirements (pip install 'transformers>=5,<6')."
+        )
     with _install_lock:
         if getattr(ctu._compile_jinja_template, "tunelab_limited", False):
             return
-        build = ctu._cached_compile_jinja_template
 
         @functools.lru_cache(maxsize=64)
         def compile_limited(source: str) -> Any:
@@ -265,6 +275,11 @@ def _install() -> None:
                     template = build(source)
                 finally:
                     ctu.ImmutableSandboxedEnvironment = original
+            if not isinstance(getattr(template, "environment", None), LimitedSandbox):
+                raise TunelabError(
+                    "this transformers version builds its chat-template sandbox in a way "
+                    "tunelab cannot limit; install transformers>=5,<6 as tunelab requires."
+                )
             return _TimedTemplate(template)
 
         compile_limited.tunelab_limited = True  # type: ignore[attr-defined]

@@ -84,7 +84,7 @@ def prepare_code(path: Path, **settings) -> str:
 
 def test_dev_zero_stops_at_max_row_bytes(tmp_path):
     result = run_capped(prepare_code(Path("/dev/zero")), tmp_path)
-    assert_named_error(result, "/dev/zero", "max_row_bytes")
+    assert_named_error(result, "/dev/zero:1", "max_row_bytes")
 
 
 @pytest.mark.parametrize("kind", ["gz", "zst", "bz2", "xz"])

@@ -176,7 +176,7 @@ def snapshot_pipes(paths: Iterable[str | Path | None], limits: ReadLimits) -> It
 def _copy_once(path: Path, target: Path, limits: ReadLimits) -> None:
     """Copy a pipe or device under max_data_bytes; uncompressed text also under max_row_bytes
     (so ``/dev/zero`` stops after one row's worth instead of a gigabyte)."""
-    budget, run, text = _Budget(limits, path), 0, None
+    budget, run, text, lines = _Budget(limits, path), 0, None, 0
     with open(path, "rb") as source, open(target, "wb") as sink:
         while block := source.read(_CHUNK):
             if text is None:
@@ -185,8 +185,9 @@ def _copy_once(path: Path, target: Path, limits: ReadLimits) -> None:
             if text:
                 last = block.rfind(b"\n")
                 run = run + len(block) if last < 0 else len(block) - last - 1
+                lines += block.count(b"\n")
                 if run > limits.max_row_bytes:
-                    raise _row_too_long(f"{path}:?", run, limits)
+                    raise _row_too_long(f"{path}:{lines + 1}", run, limits)
             sink.write(block)
 
 
