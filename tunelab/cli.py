@@ -126,6 +126,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tunelab.serving.app import serve
+
+    serve(args.targets, args.host, args.port, args.precision, args.max_batch_size)
+    return 0
+
+
 def _name_value(text: str, what: str) -> tuple[str, str]:
     if "=" not in text:
         raise TunelabError(f"{what} expects NAME=VALUE, got {text!r}.")
@@ -295,6 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--out", default=None, help="Output file (default: in run_dir).")
     export.set_defaults(func=cmd_export)
+
+    serve = sub.add_parser(
+        "serve",
+        help="Serve runs and their base model with the OpenAI API.",
+        description="An OpenAI-compatible server (/v1/models, /v1/chat/completions, "
+        "/v1/completions, streaming). Each run folder is served under its folder name on one "
+        "shared base model, which is served too; concurrent requests are batched.",
+    )
+    serve.add_argument(
+        "targets", nargs="+", metavar="RUN_OR_MODEL", help="Run folders (one base) or one model."
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    serve.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    serve.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="Inference precision (fp32 answers match 'tunelab generate').",
+    )
+    serve.add_argument(
+        "--max-batch-size", type=int, default=8, help="Most requests generated together."
+    )
+    serve.set_defaults(func=cmd_serve)
 
     adapters = sub.add_parser("adapters", help="List, switch and combine adapters of runs.")
     adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
