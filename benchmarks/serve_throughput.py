@@ -83,7 +83,9 @@ def main() -> None:
         p50 = statistics.median(latencies)
         p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]
         batch = statistics.mean(worker.batches)
-        print(f"{clients:>7} {total:>8} {total / elapsed:>7.2f} {p50:>7.2f} {p95:>7.2f} {batch:>6.1f}")
+        print(
+            f"{clients:>7} {total:>8} {total / elapsed:>7.2f} {p50:>7.2f} {p95:>7.2f} {batch:>6.1f}"
+        )
     server.should_exit = True
     worker.stop()
 

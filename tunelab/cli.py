@@ -123,6 +123,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         export_gguf(run_dir, out, args.type)
     print(f"Wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type}).")
+    if args.no_check:
+        return 0
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("Not checked in llama.cpp: install llama-cpp-python (pip install 'tunelab[gguf]').")
+        return 0
+    from tunelab.shipping.llama_cpp_check import check_in_llama_cpp
+
+    print(check_in_llama_cpp(out, run_dir).summary())
     return 0
 
 
@@ -297,8 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--type",
         default="f16",
-        choices=["f32", "f16", "bf16", "q8_0"],
-        help="Weight type of the 2-D tensors.",
+        choices=["f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"],
+        help="Weight type of the 2-D tensors (k-quants use llama.cpp's quantizer).",
+    )
+    export.add_argument(
+        "--no-check",
+        action="store_true",
+        help="Skip running the file in llama.cpp against tunelab generate after writing.",
     )
     export.add_argument("--out", default=None, help="Output file (default: in run_dir).")
     export.set_defaults(func=cmd_export)

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_jsonl
 
 
@@ -200,7 +199,9 @@ def test_completions_continue_raw_text(client, live_server, two_runs):
 
     loaded = load_for_inference(str(two_runs[0]))
     want = generate_from_text(loaded, ["A byte is"], max_new_tokens=6)[0]
-    reply = client.completions.create(model="alpha", prompt="A byte is", max_tokens=6, temperature=0)
+    reply = client.completions.create(
+        model="alpha", prompt="A byte is", max_tokens=6, temperature=0
+    )
     assert reply.choices[0].text.strip() == want
     streamed = client.completions.create(
         model="alpha", prompt="A byte is", max_tokens=6, temperature=0, stream=True

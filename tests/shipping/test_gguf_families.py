@@ -1,6 +1,6 @@
-"""GGUF export of every family llama.cpp runs that users train (Llama, Mistral, Qwen2, Qwen3,
-Gemma 2, Gemma 3, Phi-3; Llama and Mistral in test_gguf_export): read back by transformers' GGUF loader with the same logits, and the
-end-of-turn and padding tokens written where llama.cpp reads them."""
+"""GGUF export of the families llama.cpp runs that users train (Qwen2, Qwen3, Gemma 2, Gemma 3,
+Phi-3 here; Llama and Mistral in test_gguf_export): read back by transformers' GGUF loader with
+the same logits, and the end-of-turn and padding tokens written where llama.cpp reads them."""
 
 import shutil
 
@@ -106,7 +106,9 @@ def test_end_of_turn_and_padding_tokens_are_written(tiny_model_dir, tmp_path):
     def field(key):
         return reader.fields[key].contents()
 
-    im_end, endoftext = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
+    im_end, endoftext = (
+        tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
+    )
     assert field("tokenizer.ggml.eos_token_id") == endoftext
     assert field("tokenizer.ggml.eot_token_id") == im_end
     # no pad token in the tokenizer: tunelab pads with EOS, and says so in the file

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError
 from tunelab.data.tokenize import uses_chat_template
+from tunelab.errors import TunelabError
 from tunelab.generation import LoadedModel, is_run_dir, load_for_inference
 from tunelab.models import load_tokenizer, resolve_model
 
