@@ -116,6 +116,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     out = Path(args.out or run_dir / f"{run_dir.name}-{args.type}.gguf")
+    if args.format == "ollama":  # refuse an untranslatable template before the slow part
+        from tunelab.shipping.ollama import chat_settings, translate_chat_template
+
+        tokenizer, system_prompt = chat_settings(run_dir)
+        translate_chat_template(tokenizer, system_prompt)
     if (run_dir / "adapter_config.json").is_file():
         with tempfile.TemporaryDirectory(prefix="tunelab-merge-") as merged:
             merge_run(run_dir, Path(merged) / "model")
@@ -123,6 +128,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         export_gguf(run_dir, out, args.type)
     print(f"Wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type}).")
+    if args.format == "ollama":
+        from tunelab.shipping.ollama import write_modelfile
+
+        modelfile = write_modelfile(out, tokenizer, system_prompt, out.parent / "Modelfile")
+        print(f"Wrote {modelfile}: ollama create NAME -f {modelfile}")
     if args.no_check:
         return 0
     try:
@@ -303,7 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
         "llama.cpp and by transformers' GGUF loader.",
     )
     export.add_argument("run_dir", help="A run folder or a transformers model folder.")
-    export.add_argument("--format", default="gguf", choices=["gguf"], help="Output format.")
+    export.add_argument(
+        "--format",
+        default="gguf",
+        choices=["gguf", "ollama"],
+        help="gguf, or ollama: the GGUF file plus a Modelfile with the trained chat template.",
+    )
     export.add_argument(
         "--type",
         default="f16",
