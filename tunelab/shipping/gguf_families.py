@@ -96,7 +96,8 @@ def _gemma3(writer: Any, config: Any, folder: str) -> None:
 
 def _phi3(writer: Any, config: Any, folder: str) -> None:
     factor = getattr(config, "partial_rotary_factor", 1.0) or 1.0
-    writer.add_rope_dimension_count(int(_head_dim(config) * factor))
+    if factor != 1.0:  # else written with the common hyperparameters
+        writer.add_rope_dimension_count(int(_head_dim(config) * factor))
     if getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
 

@@ -24,6 +24,8 @@ class LlamaCppCheck:
     expected: str | None  # tunelab generate's, when the source model was given
     stopped_at_end_of_turn: bool
     perplexity: float
+    prompt_ids: list[int]
+    answer_ids: list[int]  # llama.cpp's new tokens, without the end-of-turn token
 
     @property
     def matches(self) -> bool | None:
@@ -113,4 +115,6 @@ def check_in_llama_cpp(
     answer = llm.detokenize(answer_ids).decode("utf-8", errors="replace").strip()
     if source is not None:
         answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-    return LlamaCppCheck(answer, expected, stopped, perplexity(llm, held_ids))
+    return LlamaCppCheck(
+        answer, expected, stopped, perplexity(llm, held_ids), list(prompt_ids), answer_ids
+    )
