@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ _LLAMA3_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # llama.cpp: "qwen2"
-# llama.cpp's token types: 1 normal, 3 control (special), 4 user-defined (added), 5 unused
-_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
+# llama.cpp's token types: 1 normal, 2 unknown, 3 control (special), 4 user-defined (added),
+# 5 unused, 6 byte (<0x41>)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f16") -> Path:
@@ -229,6 +231,8 @@ def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict[str, Any]:
         )
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return _sentencepiece_metadata(path, data, vocab_size)
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(data.get("pre_tokenizer")):
         kind = "sentencepiece-style " if "Metaspace" in json.dumps(data) else ""
         raise TunelabError(
@@ -263,6 +267,64 @@ def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict[str, Any]:
     }
 
 
+def _sentencepiece_metadata(path: Path, data: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """A sentencepiece-style BPE (byte fallback, spaces as ``▁``: Llama 2, Mistral, Gemma,
+    Phi-3) as llama.cpp's ``llama`` tokenizer: tokens, scores and types. llama.cpp merges the
+    pair whose merged token scores highest, so a token made by merge number r scores -r, which
+    replays the merges in the order tokenizer.json lists them."""
+    model = data["model"]
+    normalizer, pre = data.get("normalizer"), data.get("pre_tokenizer")
+    steps = json.dumps([normalizer, pre])
+    if "Metaspace" in steps:
+        scheme = (pre or {}).get("prepend_scheme", "always")
+        if scheme == "first":
+            # llama.cpp puts a space before the text after every special token, which
+            # tokenizers' "first" scheme does not: chat prompts would tokenize differently
+            raise TunelabError(
+                f"{path}: the Metaspace pre-tokenizer prepends '▁' only at the start "
+                "(prepend_scheme 'first'), which llama.cpp cannot reproduce after special "
+                "tokens. Use llama.cpp's convert_hf_to_gguf.py on the merged folder."
+            )
+        prefix = scheme == "always"
+    elif '"Replace"' in steps and "\u2581" in json.dumps(normalizer, ensure_ascii=False):
+        prefix = '"Prepend"' in steps
+    else:
+        raise TunelabError(
+            f"{path}: a byte-fallback BPE tokenizer that does not mark spaces with '▁' "
+            "(no Metaspace pre-tokenizer or Replace normalizer); llama.cpp would split it "
+            "differently. Use llama.cpp's convert_hf_to_gguf.py on the merged folder."
+        )
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in data.get("added_tokens", [])}
+    for content, token in added.items():
+        vocab[content] = token["id"]
+    if max(vocab.values()) >= vocab_size:
+        raise TunelabError(
+            f"{path}: token id {max(vocab.values())} is outside the model's vocab_size "
+            f"{vocab_size} (config.json); resize the embeddings to the tokenizer before export."
+        )
+    rank = {}
+    for index, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, index)
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-1e9] * vocab_size
+    types = [_UNUSED] * vocab_size
+    unknown = model.get("unk_token")
+    for token, index in vocab.items():
+        tokens[index] = token
+        scores[index] = -float(rank.get(token, 0))
+        if token == unknown:
+            types[index] = _UNKNOWN
+        elif re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types[index] = _BYTE  # byte fallback, whether listed as added tokens or not
+        elif token in added:
+            types[index] = _CONTROL if added[token].get("special") else _USER_DEFINED
+        else:
+            types[index] = _NORMAL
+    return {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "prefix": prefix}
+
+
 def _pre_tokenizer_name(path: Path, pre: dict[str, Any], normalizer: Any) -> str:
     """llama.cpp's name for how text is split before BPE; an unknown split would tokenize
     differently in llama.cpp, so it is refused rather than guessed."""
@@ -287,11 +349,19 @@ def _pre_tokenizer_name(path: Path, pre: dict[str, Any], normalizer: Any) -> str
 
 
 def _write_tokenizer(writer: Any, tokenizer: Any, meta: dict[str, Any]) -> None:
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(meta["pre"])
-    writer.add_token_list(meta["tokens"])
-    writer.add_token_types(meta["types"])
-    writer.add_token_merges(meta["merges"])
+    if meta.get("model") == "llama":  # sentencepiece-style
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(meta["tokens"])
+        writer.add_token_scores(meta["scores"])
+        writer.add_token_types(meta["types"])
+        writer.add_add_space_prefix(meta["prefix"])
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(meta["pre"])
+        writer.add_token_list(meta["tokens"])
+        writer.add_token_types(meta["types"])
+        writer.add_token_merges(meta["merges"])
     for setter, token_id in (
         ("add_bos_token_id", tokenizer.bos_token_id),
         ("add_eos_token_id", tokenizer.eos_token_id),
