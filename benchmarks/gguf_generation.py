@@ -6,7 +6,8 @@
 Exports the run or model (default: the default model) to each type, then times greedy
 generation of the same rendered chat prompt: tunelab generate (transformers, fp32) and
 llama.cpp (llama-cpp-python) on each file, printing new tokens per second, the median of
-``--repeats`` runs, and whether each answer equals tunelab's. The machine may be shared:
+``--repeats`` runs (tunelab's new tokens counted by re-tokenizing its answer), and whether
+each answer equals tunelab's. The machine may be shared:
 compare the rows, measured back to back.
 """
 

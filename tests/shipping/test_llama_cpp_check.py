@@ -3,7 +3,7 @@ generate's, k-quants come from llama.cpp's quantizer, perplexity is printed besi
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.cli import main
 from tunelab.shipping.gguf_export import export_gguf
@@ -12,7 +12,7 @@ pytest.importorskip("llama_cpp")
 
 from test_gguf_families import build_family_model  # noqa: E402
 
-from tunelab.shipping.llama_cpp_check import check_in_llama_cpp  # noqa: E402
+from tunelab.shipping.llama_cpp_check import HELD_OUT, check_in_llama_cpp  # noqa: E402
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
@@ -35,7 +35,12 @@ def test_greedy_answer_in_llama_cpp_equals_tunelab_generate(family, tiny_model_d
             torch.tensor([result.prompt_ids]), max_new_tokens=tokens, do_sample=False
         )[0, len(result.prompt_ids) :].tolist()
     assert ids[: len(result.answer_ids)] == result.answer_ids
-    assert len(set(result.answer_ids)) > 1  # not one token over and over
+    # random models' answers can be one token over and over, so the whole distribution is
+    # compared too: llama.cpp's perplexity on the held-out text is transformers' (f16 weights)
+    held = AutoTokenizer.from_pretrained(source)(HELD_OUT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(held, labels=held).loss
+    assert result.perplexity == pytest.approx(float(torch.exp(loss)), rel=0.01)
 
 
 def test_tiny_model_stops_at_the_end_of_turn_in_llama_cpp(tiny_model_dir, tmp_path):
