@@ -121,29 +121,44 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         tokenizer, system_prompt = chat_settings(run_dir)
         translate_chat_template(tokenizer, system_prompt)
-    if (run_dir / "adapter_config.json").is_file():
-        with tempfile.TemporaryDirectory(prefix="tunelab-merge-") as merged:
-            merge_run(run_dir, Path(merged) / "model")
-            export_gguf(Path(merged) / "model", out, args.type)
-    else:
-        export_gguf(run_dir, out, args.type)
-    print(f"Wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type}).")
-    if args.format == "ollama":
-        from tunelab.shipping.ollama import write_modelfile
+    with tempfile.TemporaryDirectory(prefix="tunelab-export-") as scratch:
+        source = run_dir
+        if (run_dir / "adapter_config.json").is_file():
+            source = merge_run(run_dir, Path(scratch) / "model")
+        export_gguf(source, out, args.type)
+        print(f"Wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type}).")
+        if args.format == "ollama":
+            from tunelab.shipping.ollama import write_modelfile
 
-        modelfile = write_modelfile(out, tokenizer, system_prompt, out.parent / "Modelfile")
-        print(f"Wrote {modelfile}: ollama create NAME -f {modelfile}")
-    if args.no_check:
-        return 0
+            modelfile = write_modelfile(out, tokenizer, system_prompt, out.parent / "Modelfile")
+            print(f"Wrote {modelfile}: ollama create NAME -f {modelfile}")
+        if not args.no_check:
+            _check_export(out, run_dir, source, args.type, Path(scratch))
+    return 0
+
+
+def _check_export(out: Path, run_dir: Path, source: Path, out_type: str, scratch: Path) -> None:
+    """Run the file in llama.cpp and say what it found; a quantized file's perplexity is set
+    beside an f16 export's."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         print("Not checked in llama.cpp: install llama-cpp-python (pip install 'tunelab[gguf]').")
-        return 0
-    from tunelab.shipping.llama_cpp_check import check_in_llama_cpp
+        return
+    from tunelab.shipping.gguf_export import export_gguf
+    from tunelab.shipping.llama_cpp_check import check_in_llama_cpp, held_out_perplexity
 
-    print(check_in_llama_cpp(out, run_dir).summary())
-    return 0
+    result = check_in_llama_cpp(out, run_dir)
+    print(result.summary())
+    if out_type not in ("f32", "f16", "bf16"):
+        reference = export_gguf(source, scratch / "reference-f16.gguf", "f16")
+        f16 = held_out_perplexity(reference, run_dir)
+        print(
+            f"Held-out perplexity: {out_type} {result.perplexity:.3f}, f16 {f16:.3f} "
+            f"({(result.perplexity / f16 - 1) * 100:+.1f}%)."
+        )
+        if not result.matches:
+            print(f"({out_type} rounds the weights, so a near-tie can change a greedy token.)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

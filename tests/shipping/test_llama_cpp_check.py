@@ -1,6 +1,8 @@
 """Exported files run in llama.cpp itself (llama-cpp-python): greedy answers equal tunelab
 generate's, k-quants come from llama.cpp's quantizer, perplexity is printed beside f16's."""
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,6 +61,8 @@ def test_export_quantizes_with_llama_cpp_and_reports_the_check(tiny_model_dir, t
     assert main(["export", str(tiny_model_dir), "--type", "q4_k_m", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "llama.cpp:" in printed and "perplexity" in printed
+    beside = re.search(r"Held-out perplexity: q4_k_m ([\d.]+), f16 ([\d.]+)", printed)
+    assert beside and beside.group(1) != beside.group(2), printed
     kinds = {t.tensor_type for t in gguf.GGUFReader(out).tensors}
     # rows of 64 are too short for q4_K blocks (256): llama.cpp falls back to its own q5_0/q8_0
     assert kinds & {gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.Q4_K}

@@ -86,6 +86,17 @@ def perplexity(llm: Any, ids: list[int]) -> float:
     return float(math.exp(-log_probs[np.arange(len(targets)), targets].mean()))
 
 
+def held_out_perplexity(
+    gguf_file: str | Path, source: str | Path, held_out: str = HELD_OUT
+) -> float:
+    """llama.cpp's perplexity of ``gguf_file`` on ``held_out``, tokenized by ``source``'s
+    tokenizer (as ``check_in_llama_cpp`` does), to set beside another type's."""
+    from tunelab.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(str(source)))
+    return perplexity(load_llama_cpp(gguf_file), tokenizer(held_out).input_ids)
+
+
 def check_in_llama_cpp(
     gguf_file: str | Path,
     source: str | Path | None = None,
