@@ -17,6 +17,7 @@ from tunelab.errors import TunelabError
 from tunelab.serving.batching import BatchWorker, Job
 from tunelab.serving.models import ModelPool, ServedModel, load_pool
 from tunelab.serving.protocol import ChatRequest, CompletionRequest, error_body
+from tunelab.template_sandbox import render_chat
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -248,10 +249,8 @@ def _render_chat(served: ServedModel, body: ChatRequest) -> str:
     if served.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": served.system_prompt})
     try:
-        return served.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-    except Exception as exc:  # noqa: BLE001 - the template's own complaint (e.g. role order)
+        return render_chat(served.tokenizer, messages, add_generation_prompt=True)
+    except TunelabError as exc:  # the template's own complaint (e.g. role order) or a limit
         raise RequestError(
             400, f"messages: the model's chat template refused them: {exc}", "messages"
         ) from None

@@ -20,6 +20,7 @@ import numpy as np
 
 from tunelab.errors import TunelabError
 from tunelab.shipping.gguf_families import FAMILIES, Family, global_rope_theta, rope_type
+from tunelab.template_sandbox import render_chat
 
 WRITTEN_TYPES = ("f32", "f16", "bf16", "q8_0")
 # llama.cpp's quantizer makes these from an f32 file (its LLAMA_FTYPE_MOSTLY_* names)
@@ -390,9 +391,8 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
         return None
     marker = "tunelab-answer-marker"
     try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
-            tokenize=False,
+        text = render_chat(
+            tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
         )
     except Exception:  # noqa: BLE001 - a template that cannot render a turn has no answer end
         return None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.template_sandbox import render_chat
 
 _HEADER = "# written by tunelab"
 # Ollama passes the system prompt as the first message of .Messages.
@@ -175,7 +176,7 @@ def translate_chat_template(tokenizer: Any, system_prompt: str | None) -> tuple[
     def jinja(messages: list[dict[str, str]]) -> str:
         if system_prompt:
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render_chat(tokenizer, messages, add_generation_prompt=True)
         bos = tokenizer.bos_token
         if (
             bos
@@ -212,15 +213,13 @@ def default_system_prompt(tokenizer: Any) -> str | None:
     "You are a helpful AI assistant named SmolLM..."), found by comparing renderings."""
     chat = [{"role": "user", "content": "x"}]
     try:
-        bare = tokenizer.apply_chat_template(chat, tokenize=False)
+        bare = render_chat(tokenizer, chat)
     except Exception:  # noqa: BLE001
         return None
     for candidate in re.findall(
         r"system\n(.+?)(?:<\|im_end\|>|<\|eot_id\|>|<\|end\|>)", bare, re.S
     ):
-        with_it = tokenizer.apply_chat_template(
-            [{"role": "system", "content": candidate}, *chat], tokenize=False
-        )
+        with_it = render_chat(tokenizer, [{"role": "system", "content": candidate}, *chat])
         if with_it == bare:
             return candidate
     return None
