@@ -26,7 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # run inside each tree's process: evaluate, then print the seconds it took
-NEW_KEYS = {"probe_templates": [], "dataset_mix": {}, "replay_general_share": 0.0}
 CHILD = """
 import json, sys, time
 from tunelab.evaluation.run import evaluate_run
@@ -51,20 +50,37 @@ def run_tree(tree: Path, options: dict, log: Path) -> float:
     return float(done.stdout.split("SECONDS")[-1])
 
 
-def baseline_copy(run_dir: Path, folder: Path) -> Path:
-    """The run folder as the baseline can read it: config keys added since (at their
-    defaults, so they change nothing) are left out of its tunelab_config.yaml."""
+def baseline_copy(run_dir: Path, folder: Path, baseline: Path) -> Path:
+    """The run folder as the baseline can read it: config keys added since are left out of its
+    tunelab_config.yaml (a note is printed for any not at its default, since the baseline then
+    runs without that setting)."""
+    import dataclasses
     import shutil
 
     import yaml
 
+    from tunelab.config import FIELDS
+
+    known = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", "import json; from tunelab.config import FIELDS; "
+             "print(json.dumps(list(FIELDS)))"],
+            cwd=baseline, env={**os.environ, "PYTHONPATH": str(baseline)},
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
     shutil.copytree(run_dir, folder)
     config_path = folder / "tunelab_config.yaml"
     values = yaml.safe_load(config_path.read_text())
-    for key, default in NEW_KEYS.items():
-        if key in values and values[key] != default:
-            sys.exit(f"{run_dir}: {key} is set; the baseline cannot run this config.")
-        values.pop(key, None)
+    for key in [k for k in values if k not in known]:
+        spec = FIELDS.get(key)
+        default = (
+            spec.default_factory() if spec and spec.default_factory is not dataclasses.MISSING
+            else getattr(spec, "default", None)
+        )  # fmt: skip
+        if values[key] != default:
+            print(f"note: {key}={values[key]!r} is unknown to the baseline and left out there")
+        values.pop(key)
     config_path.write_text(yaml.safe_dump(values, sort_keys=False))
     return folder
 
@@ -106,7 +122,7 @@ def main() -> None:
                 "max_new_tokens": args.max_new_tokens, "precision": args.precision,
             }  # fmt: skip
             figures = {}
-            old_run = str(baseline_copy(run_dir, Path(scratch) / "baseline-run"))
+            old_run = str(baseline_copy(run_dir, Path(scratch) / "baseline-run", baseline))
             for name, tree, extra in (
                 ("baseline", baseline, {"run_dir": old_run}),
                 ("current", ROOT, {"probes": "none", "semantic": False}),
