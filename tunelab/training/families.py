@@ -19,7 +19,8 @@ Quirks, where they are handled:
 - attention/residual/embedding multipliers (Granite), embedding scaling (Gemma), q/k norms
   (Qwen3, OLMo 2, Gemma 3), biases (Qwen2): inside the body or the projections, which run
   unchanged; attention's scale comes with each call;
-- RMSNorm: only Llama's own code (mean of squares, then weight); Gemma's (1 + weight) and
+- RMSNorm: Llama's own code (mean of squares, rounded, then weight) and Gemma's (1 + weight,
+  in fp32), each checked against transformers' source at run time; OLMo 2's and the
   LayerNorms (Cohere, StableLM, GPT-2, GPT-NeoX) run stock;
 - rotary: only Llama's ``apply_rotary_pos_emb`` (also checked against the source at run
   time); Cohere's interleaved rotary runs stock.
@@ -93,9 +94,10 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family(rotary=False),  # partial rotary: its own apply_rotary_pos_emb
     "olmo2": Family(rotary=False, norm=False),  # q/k norms before rotary; its own RMSNorm
     "granite": Family(logits=_granite_logits),
-    "gemma": Family(norm=False),
-    "gemma2": Family(norm=False, logits=_final_softcap, attention_refused=_attention_softcap),
-    "gemma3_text": Family(norm=False, logits=_final_softcap, attention_refused=_attention_softcap),
+    # Gemma's (1 + weight) RMSNorm: its own backward in training.norm
+    "gemma": Family(),
+    "gemma2": Family(logits=_final_softcap, attention_refused=_attention_softcap),
+    "gemma3_text": Family(logits=_final_softcap, attention_refused=_attention_softcap),
     "cohere": Family(rotary=False, norm=False, logits=_cohere_logits),
     "stablelm": Family(rotary=False, norm=False),  # partial rotary, LayerNorm
     "gpt_neox": Family(rotary=False, norm=False),  # partial rotary, LayerNorm
