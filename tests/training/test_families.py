@@ -56,6 +56,15 @@ CASES = [
         "qwen3_moe",
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
     ),
+    Case(
+        "qwen2_moe",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 32,
+        },
+    ),
     Case("gemma", {"head_dim": 16}),
     Case(
         "gemma2",
