@@ -308,12 +308,12 @@ def test_bf16_run_trains_then_generates_and_merges_like_peft(built, tmp_path):
 )
 def test_default_target_modules_become_the_family_attention_projections(case, tokenizer):
     from tunelab.methods import check_target_modules, resolve_target_modules
-    from tunelab.models import module_names
+    from tunelab.models import model_modules
 
-    names = module_names(_config(case, tokenizer))
+    modules = model_modules(_config(case, tokenizer))
     config = FineTuningConfig(model_name="family")
     assert config.target_modules == ["q_proj", "v_proj"]
-    note = resolve_target_modules(config, case.model_type, names)
+    note = resolve_target_modules(config, case.model_type, modules)
     assert config.target_modules == list(case.targets)
     assert f"{case.model_type} has no q_proj/v_proj" in note
-    check_target_modules(config, names)  # the chosen ones exist
+    check_target_modules(config, modules)  # the chosen ones exist and take an adapter
