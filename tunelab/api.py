@@ -25,6 +25,7 @@ from tunelab.methods import (
     format_trainable,
     method_step_hooks,
     quantization_config,
+    resolve_target_modules,
 )
 from tunelab.models import (
     cache_dir,
@@ -162,7 +163,11 @@ class FineTuner:
         if self.tokenizer is None:
             location = resolve_model(self.config.model_name)
             model_config = load_model_config(location, self.config.trust_remote_code)
-            check_target_modules(self.config, model_modules(model_config))
+            modules = model_modules(model_config)
+            note = resolve_target_modules(self.config, model_config.model_type, modules)
+            if note:
+                print(note, flush=True)
+            check_target_modules(self.config, modules)
             self.model_location = location
             self.tokenizer = load_tokenizer(location, self.config.trust_remote_code)
         return self.tokenizer

@@ -26,6 +26,8 @@ SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHAT_FORMATS = ("auto", "chat", "plain")
 REPORT_SINKS = ("tensorboard", "mlflow")
+# tunelab.training.families.PIECES (kept here so the config needs no torch import)
+FAST_PATH_PIECES = ("attention", "loss", "rotary", "norm", "lora_forward", "dropout")
 METHODS = (
     "lora",
     "dora",
@@ -109,6 +111,16 @@ class FineTuningConfig:
     )
     gradient_checkpointing: bool = _f(
         False, "Recompute activations in the backward pass: less memory, about 30% more compute."
+    )
+    fast_path: bool = _f(
+        True,
+        "Use tunelab's faster training pieces where they are proven equal for the model's "
+        "family (false: transformers' and PEFT's own code throughout, for debugging).",
+    )
+    fast_path_disable: list[str] = _f(
+        [],
+        "Pieces of the fast path to run stock: attention, loss, rotary, norm, lora_forward, "
+        "dropout (see docs/training.md; `tunelab train` prints which run fast).",
     )
     sharding: str = _f(
         "none",
@@ -417,6 +429,13 @@ def validate(config: FineTuningConfig) -> None:
     _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "zero or positive")
     _check(c.max_grad_norm >= 0, "max_grad_norm", c.max_grad_norm, "zero (off) or positive")
     _check(c.logging_steps >= 1, "logging_steps", c.logging_steps, "at least 1")
+    for piece in c.fast_path_disable:
+        if piece not in FAST_PATH_PIECES:
+            raise TunelabError(
+                f"config key 'fast_path_disable' names {piece!r}, which is not a piece of the "
+                f"fast path; allowed: {', '.join(FAST_PATH_PIECES)}."
+                f"{did_you_mean(piece, FAST_PATH_PIECES)}"
+            )
     _check(c.eval_steps is None or c.eval_steps >= 1, "eval_steps", c.eval_steps, "null or >= 1")
     _check(c.save_steps is None or c.save_steps >= 1, "save_steps", c.save_steps, "null or >= 1")
     # method
