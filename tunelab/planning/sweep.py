@@ -349,6 +349,8 @@ def write_plots(study: Any, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tunelab.files import save_figure
+
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     written: list[Path] = []
     if not complete:
@@ -363,10 +365,8 @@ def write_plots(study: Any, out: Path) -> list[Path]:
     ax.set(xlabel="trial", ylabel="eval loss", title="Optimisation history")
     ax.legend()
     fig.tight_layout()
-    path = out / "optimization_history.png"
-    fig.savefig(path, dpi=100)
+    written.append(save_figure(fig, out / "optimization_history.png"))
     plt.close(fig)
-    written.append(path)
     importances = parameter_importance(study)
     if importances:
         fig, ax = plt.subplots(figsize=(6, 0.6 * len(importances) + 1.5))
@@ -374,10 +374,8 @@ def write_plots(study: Any, out: Path) -> list[Path]:
         ax.barh(names, [importances[n] for n in names])
         ax.set(xlabel="importance (fANOVA)", title="Parameter importance")
         fig.tight_layout()
-        path = out / "param_importance.png"
-        fig.savefig(path, dpi=100)
+        written.append(save_figure(fig, out / "param_importance.png"))
         plt.close(fig)
-        written.append(path)
     return written
 
 

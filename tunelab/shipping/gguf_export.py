@@ -49,7 +49,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f1
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.files import ensure_free_space
+    from tunelab.files import disk_full_errors, ensure_free_space
 
     folder, out_file = Path(model_dir), Path(out_file)
     if out_type not in OUT_TYPES:
@@ -61,6 +61,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f1
             f"{folder} is not a transformers model folder (no config.json). Export a merged "
             "model folder (tunelab merge RUN_DIR OUT_DIR) or a run folder via tunelab export."
         )
+    from tunelab.runs import check_run_files
+
+    check_run_files(folder)  # a cut-off tokenizer.json or weights file is named, not parsed
     config = AutoConfig.from_pretrained(folder)
     _check_architecture(folder, config)
     tokenizer_meta = _tokenizer_metadata(folder, config.vocab_size)
@@ -74,26 +77,32 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f1
     # Written under a temporary name and renamed, so an interrupted export leaves no file that
     # looks complete.
     partial = out_file.with_name(f".{out_file.name}.partial")
-    writer = gguf.GGUFWriter(str(partial), "llama")
-    _write_hyperparameters(writer, config, folder.resolve().name, out_type)
-    _write_tokenizer(writer, tokenizer, tokenizer_meta)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    for name, tensor in state.items():
-        if name == "lm_head.weight" and tied:
-            continue  # llama.cpp and transformers reuse token_embd when output.weight is absent
-        data = tensor.detach().to(torch.float32).numpy()
-        target = gguf_name(name)
-        if ".attn_q." in target:
-            data = permute_rotary(data, heads)
-        elif ".attn_k." in target:
-            data = permute_rotary(data, kv_heads)
-        _add_tensor(writer, target, data, out_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(partial, out_file)
+    try:
+        with disk_full_errors(out_file.parent, "the GGUF file", int(needed)):
+            writer = gguf.GGUFWriter(str(partial), "llama")
+            _write_hyperparameters(writer, config, folder.resolve().name, out_type)
+            _write_tokenizer(writer, tokenizer, tokenizer_meta)
+            tied = bool(getattr(config, "tie_word_embeddings", False))
+            heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+            for name, tensor in state.items():
+                if name == "lm_head.weight" and tied:
+                    continue  # llama.cpp and transformers reuse token_embd without output.weight
+                data = tensor.detach().to(torch.float32).numpy()
+                target = gguf_name(name)
+                if ".attn_q." in target:
+                    data = permute_rotary(data, heads)
+                elif ".attn_k." in target:
+                    data = permute_rotary(data, kv_heads)
+                _add_tensor(writer, target, data, out_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            with partial.open("rb") as written:
+                os.fsync(written.fileno())
+            os.replace(partial, out_file)
+    finally:
+        partial.unlink(missing_ok=True)  # a half-written export is never left behind
     return out_file
 
 
