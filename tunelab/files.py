@@ -62,8 +62,7 @@ def _space_error(folder: Path, needed_bytes: int | None, what: str) -> DiskFullE
 
 
 def _mib(size: int | float | None) -> str:
-    size = (size or 0) / 2**20
-    return f"{size:,.0f}" if size >= 10 else f"{size:,.1f}"
+    return f"{(size or 0) / 2**20:,.0f}"
 
 
 @contextmanager
