@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelab.diagnostics.divergence import divergence_evidence, usual_range
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,6 +27,8 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_evidence_from_one_line_each_kind():
+    from tunelab.diagnostics.divergence import divergence_evidence
+
     vocab = 49152  # SmolLM2: ln 49152 = 10.80
     assert divergence_evidence([(6, 19.0)], [], vocab) == (
         "loss 19 at step 6 is above 10.8, the loss of guessing uniformly over the "
@@ -45,6 +45,8 @@ def test_evidence_from_one_line_each_kind():
 
 
 def test_usual_ranges_name_the_method():
+    from tunelab.diagnostics.divergence import usual_range
+
     assert usual_range("lora") == "LoRA usually trains at 1e-4 to 5e-4"
     assert usual_range("full") == "Full fine-tuning usually trains at 1e-5 to 5e-5"
     assert usual_range("prompt_tuning") == "Prompt tuning usually trains at 3e-3 to 3e-2"
