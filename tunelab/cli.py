@@ -219,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     parser.add_argument(
-        "--debug", action="store_true", help="Show full tracebacks instead of short error messages."
+        "--debug",
+        action="store_true",
+        help="Show full tracebacks instead of short error messages, and the libraries' "
+        "warnings, logging and progress bars.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
