@@ -147,4 +147,4 @@ def test_issue_case_lora_at_learning_rate_half_on_the_default_model(tmp_path):
     assert "Warning: training is diverging" in done.stdout, done.stdout
     assert "learning_rate 0.5 is too high: LoRA usually trains at 1e-4 to 5e-4" in done.stdout
     doctor = cli("doctor", "run", cwd=tmp_path)
-    assert "Training diverged (loss_diverging)" in doctor.stdout, doctor.stdout
+    assert "Training is diverging (loss_diverging)" in doctor.stdout, doctor.stdout

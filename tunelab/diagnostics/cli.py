@@ -12,8 +12,9 @@ devices, RAM, disk, the model cache) and the precision and batch size tunelab wo
 
 With RUN_DIR: read the run's metrics.jsonl, results.json, tunelab_config.yaml, run_info.json,
 data and tokenizer, and report each problem with its evidence and a fix: files cut off while
-saved, NaN or diverging loss (even from one metrics line), flat loss, an empty loss mask, overfitting, truncated examples, padding, chat template mismatch,
-pad = EOS masking the end of answers, gradient norm spikes.
+saved, NaN or diverging loss (even from one metrics line), flat loss, an empty loss mask,
+overfitting, truncated examples, padding, chat template mismatch, pad = EOS masking the end of
+answers, gradient norm spikes.
 
 Exit status: 0 when nothing (or only notes) was found, 1 when a problem (warning or error) was
 found, 2 when RUN_DIR cannot be read."""

@@ -52,10 +52,12 @@ def divergence_evidence(
     losses: list[tuple[int, float]],
     grad_norms: list[tuple[int, float]],
     vocab_size: int | None,
+    rise: bool = True,
 ) -> str | None:
     """What shows divergence in the (step, loss) and (step, pre-clipping gradient norm) pairs
     logged so far, as one clause; None when nothing does. One pair is enough for the
-    uniform-guess and gradient checks; the rise check compares with the first logged losses.
+    uniform-guess and gradient checks; the rise check (``rise``) compares with the first
+    logged losses.
     """
     signs = []
     uniform = uniform_loss(vocab_size)
@@ -68,7 +70,8 @@ def divergence_evidence(
                 f"loss {last:.4g} at step {step} is above {uniform:.1f}, the loss of guessing "
                 f"uniformly over the {vocab_size:,}-token vocabulary"
             )
-        if len(losses) > len(head) and last > max(start * RISE_FACTOR, start + RISE_MIN_NATS):
+        far_above = last > max(start * RISE_FACTOR, start + RISE_MIN_NATS)
+        if rise and len(losses) > len(head) and far_above:
             signs.append(f"loss rose from {start:.4g} (first steps) to {last:.4g} (step {step})")
     exploded = [(s, v) for s, v in grad_norms if v >= EXPLODED_GRAD_NORM]
     if exploded:

@@ -100,24 +100,32 @@ def check_diverging(train: list[Record], config: Record) -> list[Finding]:
 
 def check_divergence(train: list[Record], config: Record, vocab_size: int | None) -> list[Finding]:
     """Divergence visible in a single line: a loss above the uniform-guess level ln(vocab),
-    an exploded gradient norm, or a loss twice where the run started (divergence.py)."""
+    an exploded gradient norm, or a loss twice where the run started (divergence.py); with a
+    curve long enough, the windowed rise of ``check_diverging`` leads the evidence. The fix
+    names the run's learning rate and the method's usual range."""
     losses = _finite_losses(train)
     norms = [
         (int(r["step"]), float(r["grad_norm"]))
         for r in train
         if isinstance(r.get("grad_norm"), int | float) and math.isfinite(r["grad_norm"])
     ]
-    evidence = divergence_evidence(losses, norms, vocab_size)
-    if evidence is None:
+    windowed = check_diverging(train, config)
+    evidence = divergence_evidence(losses, norms, vocab_size, rise=not windowed)
+    if evidence is None and not windowed:
         return []
-    lr = config.get("learning_rate")
+    lr, method = config.get("learning_rate"), str(config.get("method", "lora"))
+    parts = [windowed[0].evidence.rstrip(".")] if windowed else []
+    if evidence is None:
+        parts.append(f"learning_rate {lr}, method {method}")
+    else:
+        parts.append(f"{evidence}; learning_rate {lr}, method {method}")
     return [
         Finding(
             "loss_diverging",
             "error",
-            "Training diverged",
-            f"{evidence}; learning_rate {lr}, method {config.get('method', 'lora')}.",
-            divergence_advice(lr, str(config.get("method", "lora"))),
+            "Training is diverging",
+            "; ".join(parts) + ".",
+            divergence_advice(lr, method),
         )
     ]
 
@@ -363,10 +371,8 @@ def metrics_findings(
     nan = check_non_finite(train, config)
     findings += nan
     vocab_size = vocab_size or (results or {}).get("vocab_size")
-    diverged = [] if nan else check_divergence(train, config, vocab_size)
-    findings += diverged
-    if not nan and not diverged:
-        findings += check_diverging(train, config)
+    if not nan:
+        findings += check_divergence(train, config, vocab_size)
         findings += check_flat(train, results or {}, config)
     findings += check_loss_mask(results or {})
     findings += check_overfitting(train, evals, config)
