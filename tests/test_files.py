@@ -164,6 +164,25 @@ def test_runs_compare_page_on_a_full_disk(run_copy, tmp_path, monkeypatch):
     assert list(out.iterdir()) == []
 
 
+def test_sweep_plots_on_a_full_disk(tmp_path, monkeypatch):
+    optuna = pytest.importorskip("optuna")
+    from tunelab.planning.sweep import write_plots
+
+    study = optuna.create_study()
+    for value in (1.0, 0.5):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"learning_rate": value / 1000},
+                distributions={"learning_rate": optuna.distributions.FloatDistribution(0, 1)},
+                value=value,
+            )
+        )
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(TunelabError, match="not enough disk space for optimization_history.png"):
+        write_plots(study, tmp_path / "sweep")
+    assert list((tmp_path / "sweep").iterdir()) == []
+
+
 def test_metrics_line_cut_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
     from tunelab.training.logging import MetricsLog, read_metrics
 

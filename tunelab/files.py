@@ -24,7 +24,12 @@ from tunelab.errors import TunelabError
 
 # "No space left on device" from Rust writers (tokenizers, safetensors) arrives as a plain
 # Exception whose message is the only trace of the errno
-_DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded")
+_DISK_FULL_TEXT = (
+    "no space left on device",
+    "os error 28",
+    "disk quota exceeded",
+    "database or disk is full",  # SQLite (Optuna's study storage)
+)
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -309,9 +309,13 @@ def run_sweep(
 
     remaining = spec.trials - len([t for t in study.trials if t.state.is_finished()])
     if remaining > 0:
-        study.optimize(
-            objective, n_trials=min(trials or remaining, remaining), callbacks=[finished]
-        )
+        from tunelab.files import disk_full_errors
+
+        # a trial's own writes already say so; this catches the study database (SQLite)
+        with disk_full_errors(out, "the sweep's study database"):
+            study.optimize(
+                objective, n_trials=min(trials or remaining, remaining), callbacks=[finished]
+            )
     return summarise(study, base, spec, storage or spec.storage or default_storage(out))
 
 
