@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.text_safety import visible
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -84,8 +85,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     for prompt, answer in zip(args.prompt, answers, strict=True):
         if len(args.prompt) > 1:
-            print(f"### {prompt}")
-        print(answer)
+            print(visible(f"### {prompt}"))
+        print(visible(answer))  # a model can emit escape sequences learned from its data
     return 0
 
 
@@ -138,7 +139,7 @@ def _name_value(text: str, what: str) -> tuple[str, str]:
 def cmd_adapters_list(args: argparse.Namespace) -> int:
     from tunelab.shipping.adapters import describe, format_table
 
-    print(format_table([describe(path) for path in args.runs]))
+    print(visible(format_table([describe(path) for path in args.runs])))
     return 0
 
 
@@ -166,7 +167,7 @@ def cmd_adapters_generate(args: argparse.Namespace) -> int:
         adapter_set.use(name)
         answers = generate(adapter_set.loaded(), args.prompt, max_new_tokens=args.max_new_tokens)
         for prompt, answer in zip(args.prompt, answers, strict=True):
-            print(f"[{name}] {prompt}\n{answer}\n")
+            print(visible(f"[{name}] {prompt}\n{answer}\n"))
     return 0
 
 
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     except TunelabError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {visible(exc)}", file=sys.stderr)  # messages quote data and paths
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

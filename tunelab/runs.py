@@ -13,6 +13,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.files import atomic_write_text, check_safetensors, read_json_file, save_figure
+from tunelab.text_safety import visible
 
 RUN_CONFIG = "tunelab_config.yaml"
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -111,6 +112,8 @@ def load_run(path: str | Path) -> Run:
     """A run folder's config, results and metric lines (an unfinished run has no results)."""
     import yaml
 
+    from tunelab.yaml_numbers import load_yaml
+
     path = Path(path)
     config_path = path / RUN_CONFIG
     if not config_path.is_file():
@@ -120,7 +123,7 @@ def load_run(path: str | Path) -> Run:
         )
     fix = damaged_run_fix(path)
     try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        config = load_yaml(config_path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise TunelabError(f"{config_path} is damaged (not valid YAML: {error}). {fix}") from None
     if not isinstance(config, dict):
@@ -410,7 +413,7 @@ def add_runs_commands(subparsers: Any) -> argparse.ArgumentParser:
     listing.add_argument(
         "root", nargs="?", default="outputs", help="Folder searched recursively (default: outputs)."
     )
-    listing.set_defaults(func=lambda args: print(list_runs(args.root)) or 0)
+    listing.set_defaults(func=lambda args: print(visible(list_runs(args.root))) or 0)
     compare = commands.add_parser(
         "compare",
         help="Config differences, final and best metrics, and overlaid loss curves of runs.",
@@ -425,6 +428,6 @@ def add_runs_commands(subparsers: Any) -> argparse.ArgumentParser:
     )
     compare.add_argument("--no-plot", action="store_true", help="Skip the PNG (HTML only).")
     compare.set_defaults(
-        func=lambda args: print(compare_runs(args.runs, args.out, not args.no_plot)) or 0
+        func=lambda args: print(visible(compare_runs(args.runs, args.out, not args.no_plot))) or 0
     )
     return runs

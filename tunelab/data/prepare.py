@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,14 +23,20 @@ import numpy as np
 
 from tunelab.config import FineTuningConfig
 from tunelab.data import bias, cleaning, dedup, privacy
-from tunelab.data.loading import data_files, load_records
-from tunelab.data.schema import Example, to_example
+from tunelab.data.loading import (
+    ReadLimits,
+    data_files,
+    is_regular,
+    load_records,
+    snapshot_pipes,
+)
+from tunelab.data.schema import Example, is_empty_answer, message_texts, to_example
 from tunelab.data.store import format_summary, read_cache, write_cache, write_prepared
 from tunelab.errors import TunelabError
 
 __all__ = ["PreparedData", "format_summary", "load_examples", "prepare_examples", "write_prepared"]
 
-DATA_VERSION = 1  # bump when a change to this stage changes what it produces
+DATA_VERSION = 2  # bump when a change to this stage changes what it produces
 SAMPLES_PER_STEP = 3
 SAMPLE_CHARS = 300
 # the config keys that decide what this stage produces (and so the cache key)
@@ -65,7 +72,12 @@ DATA_KEYS = (
     "max_length",
     "chat_format",
     "system_prompt",
+    "drop_control_chars",
 )
+# a row this many times longer than max_length (in tokens, at ~4 characters a token) is mostly
+# truncated away: worth a word before training on it
+LONG_ROW_FACTOR = 8
+CHARS_PER_TOKEN = 4
 
 
 @dataclass
@@ -82,8 +94,8 @@ def load_examples(
 ) -> list[Example]:
     """Every row of a data file or folder as a canonical example (errors name the row)."""
     splits = ("validation", "test", "eval") if eval_data else ("train",)
-    records = load_records(path, config.data_format, config.txt_split, splits)
-    return [
+    records = load_records(path, config.data_format, config.txt_split, splits, read_limits(config))
+    examples = [
         to_example(
             r.row,
             r.origin,
@@ -93,6 +105,26 @@ def load_examples(
         )
         for r in records
     ]
+    _warn_long_rows(examples, config.max_length)
+    return examples
+
+
+def read_limits(config: FineTuningConfig) -> ReadLimits:
+    """The config's caps on what one data path may hold."""
+    return ReadLimits(config.max_data_bytes, config.max_row_bytes, config.max_rows)
+
+
+def _warn_long_rows(examples: list[Example], max_length: int) -> None:
+    limit = LONG_ROW_FACTOR * max_length * CHARS_PER_TOKEN
+    long = [e for e in examples if sum(len(t) for t in e.texts()) > limit]
+    if long:
+        print(
+            f"warning: {len(long)} row(s) longer than {limit:,} characters (about "
+            f"{LONG_ROW_FACTOR}x max_length={max_length} tokens), first at {long[0].origin}; "
+            "training keeps only the first max_length tokens of each. Split long documents "
+            "(txt_split, or shorter rows) or raise max_length.",
+            file=sys.stderr,
+        )
 
 
 def _shown(text: str) -> str:
@@ -184,7 +216,9 @@ def _edit_fields(example: Example, fn: Callable[[str, bool], str]) -> Example:
 def _trained_text(example: Example) -> str:
     """What the loss covers: the text, the completion, or the assistant turns."""
     if example.messages is not None:
-        return "".join(m["content"] for m in example.messages if m["role"] == "assistant")
+        return "".join(
+            "".join(message_texts(m)) for m in example.messages if m["role"] == "assistant"
+        )
     return example.completion if example.completion is not None else example.text or ""
 
 
@@ -253,7 +287,45 @@ def _filter(examples: list[Example], config: FineTuningConfig, tally: Tally) -> 
         )
         return f"garbage: {reason}" if reason else None
 
-    return tally.filter("quality", examples, quality)
+    examples = tally.filter("quality", examples, quality)
+    _count_empty_turns(examples, tally)
+    return examples
+
+
+def _count_empty_turns(examples: list[Example], tally: Tally) -> None:
+    """Count the empty assistant turns of chats that have other answers: tokenize leaves them
+    out of the loss (an empty reply is not an answer), and the report says how many, as it
+    says how many empty completions were dropped."""
+    start, turns, samples = time.perf_counter(), 0, []
+    for example in examples:
+        empty = [i for i, m in enumerate(example.messages or []) if is_empty_answer(m)]
+        turns += len(empty)
+        if empty and len(samples) < SAMPLES_PER_STEP:
+            samples.append(
+                {
+                    "origin": example.origin,
+                    "reason": f"empty assistant turn(s) {', '.join(map(str, empty))}",
+                    "text": _shown(_joined(example)),
+                }
+            )
+    if turns:
+        tally._log("empty turns", "mask", start, masked=turns, examples=samples)
+
+
+def _drop_control_chars(examples: list[Example], tally: Tally) -> list[Example]:
+    """Terminal escapes and other controls out of the text (after the quality filter, so a
+    row that is mostly binary is still dropped as garbage rather than shrunk to a fragment)."""
+    removed = 0
+
+    def drop(text: str) -> str:
+        nonlocal removed
+        cleaned, count = cleaning.drop_control_chars(text)
+        removed += count
+        return cleaned
+
+    examples = tally.edit("control chars", examples, lambda e: e.map_texts(drop))
+    tally.steps[-1]["removed_chars"] = removed
+    return examples
 
 
 def _deduplicate(
@@ -315,16 +387,18 @@ def _deduplicate(
 
 def _rendered(example: Example, tokenizer: Any, chat: bool, system_prompt: str | None) -> str:
     """The whole text tokenize_example renders for ``example`` (for counting tokens fast)."""
-    from tunelab.data.tokenize import as_messages
+    from tunelab.data.tokenize import as_messages, chat_spans, render_chat
 
     eos = tokenizer.eos_token or ""
     if example.kind == "text":
         return (example.text or "") + eos
     if example.kind == "messages" or chat:
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(
-                as_messages(example, system_prompt), tokenize=False
-            )
+            messages = as_messages(example, system_prompt)
+            if any(m.get("tool_calls") for m in messages):
+                # the same check as training's, so inspect and prepare refuse such rows too
+                return chat_spans(tokenizer, messages, example.tools, example.origin)[0]
+            return render_chat(tokenizer, messages, example.tools)
     return (example.prompt or "") + (example.completion or "") + eos
 
 
@@ -370,8 +444,10 @@ def _hash_inputs(path: str) -> list[dict[str, Any]]:
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
+        # a pipe's private copy is named by the path the user gave
+        shown = file if is_regular(Path(path)) else Path(path)
         files.append(
-            {"path": str(file), "sha256": digest.hexdigest(), "bytes": file.stat().st_size}
+            {"path": str(shown), "sha256": digest.hexdigest(), "bytes": file.stat().st_size}
         )
     return files
 
@@ -440,6 +516,12 @@ def prepare_examples(config: FineTuningConfig, tokenizer: Any = None) -> Prepare
                 f"{key} {value} does not exist. Check the path (relative paths in a config "
                 "file are read from the config's folder)."
             )
+    # a pipe is read once, into a private copy that both the hash and the loading read
+    with snapshot_pipes([config.dataset_path, config.eval_path], read_limits(config)):
+        return _prepare_cached(config, tokenizer)
+
+
+def _prepare_cached(config: FineTuningConfig, tokenizer: Any) -> PreparedData:
     inputs = {"train": _hash_inputs(config.dataset_path)}
     if config.eval_path:
         inputs["eval"] = _hash_inputs(config.eval_path)
@@ -486,6 +568,8 @@ def _prepare(
         counts[f"{split}_loaded"] = len(examples)
         examples = _clean(examples, c, tally, pii[split], pii_samples)
         examples = _filter(examples, c, tally)
+        if c.drop_control_chars:
+            examples = _drop_control_chars(examples, tally)
         examples = _deduplicate(examples, c, tally, duplicates)
         if tokenizer is not None and examples:
             for example, length in zip(

@@ -20,6 +20,7 @@ from typing import Any
 
 from tunelab.data.schema import Example
 from tunelab.errors import TunelabError
+from tunelab.template_sandbox import render_chat
 
 SYSTEMS = ("base", "few-shot", "rag", "tuned", "tuned+rag")
 TUNED_SYSTEMS = ("tuned", "tuned+rag")
@@ -45,6 +46,8 @@ def to_item(example: Example, text_prefix_share: float = 0.5) -> EvalItem | None
         users = [m for m in messages[: last or 0] if m["role"] == "user"]
         if last is None or not users:
             return None
+        if any(m["role"] == "tool" or m.get("tool_calls") for m in messages[: last + 1]):
+            return None  # a question/answer pair would drop the calls and results it relies on
         return EvalItem(users[-1]["content"], messages[last]["content"], example.origin)
     words = (example.text or "").split()
     if len(words) < 2:
@@ -139,12 +142,10 @@ class PromptBuilder:
         eos = self.tokenizer.eos_token or ""
         if self.chat and not item.continuation:
             messages = self.messages(system, item, position)
-            prompt = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            prompt = render_chat(self.tokenizer, messages, add_generation_prompt=True)
             # the template's own end-of-turn closes the answer, as in training
             answer = {"role": "assistant", "content": item.reference}
-            full = self.tokenizer.apply_chat_template(messages + [answer], tokenize=False)
+            full = render_chat(self.tokenizer, messages + [answer])
             return prompt, full if full.startswith(prompt) else prompt + item.reference + eos
         # plain runs trained on prompt + completion joined as they are, so shots are too
         joiner = " " if item.continuation else ""
@@ -157,7 +158,8 @@ class PromptBuilder:
             prompt = prefix + item.question
         else:
             prompt = self.rag_question(item) if system.endswith("rag") else item.question
-        return prompt, prompt + joiner + item.reference + eos
+        # a trailing space belongs to the answer's first token in training (see render_prompt)
+        return prompt.rstrip(" \t"), prompt + joiner + item.reference + eos
 
 
 def _shorten(text: str, limit: int) -> str:
