@@ -191,6 +191,7 @@ def parse_systems(text: str | list[str]) -> list[str]:
 def resolve_run_dir(target: str | Path) -> tuple[Path, Any]:
     """The run folder and its config, from a run folder or the config file that made it."""
     from tunelab.config import load_config
+    from tunelab.runs import check_run_files
 
     path = Path(target)
     if path.is_file():
@@ -201,13 +202,20 @@ def resolve_run_dir(target: str | Path) -> tuple[Path, Any]:
                 f"{path} trains into {run_dir}, which holds no finished run (no "
                 f"adapter_config.json). Run 'tunelab train {path}' first."
             )
+        check_run_files(run_dir)
         return run_dir, config
+    if (path / "tunelab_config.yaml").is_file() and not (path / "adapter_config.json").is_file():
+        raise TunelabError(
+            f"{path} is a tunelab run that did not finish: no saved adapter (adapter_config.json)"
+            f". Its training stopped or its final save failed; 'tunelab doctor {path}' shows why."
+        )
     if not (path / "adapter_config.json").is_file() or not (path / "tunelab_config.yaml").is_file():
         raise TunelabError(
             f"{path} is not a tunelab run folder (expected adapter_config.json and "
             "tunelab_config.yaml in it). Pass the output_dir of a finished 'tunelab train', or "
             "its config file."
         )
+    check_run_files(path)  # a save cut off by a full disk is named, not parsed
     return path, load_config(path / "tunelab_config.yaml")
 
 
@@ -645,7 +653,10 @@ def _training_info(folder: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"train_curve": train, "eval_curve": evaluation}
     results = folder / "results.json"
     if results.is_file():
-        data = json.loads(results.read_text())
+        from tunelab.files import read_json_file
+        from tunelab.runs import damaged_run_fix
+
+        data = read_json_file(results, damaged_run_fix(folder))
         for key in (
             "train_runtime_seconds",
             "steps",

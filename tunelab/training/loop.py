@@ -291,6 +291,12 @@ def _fit(
     eval_result = None
     last_loss = float("nan")
     stopped_early = False
+    # divergence (loss above the uniform guess or far above its start, an exploded gradient)
+    # is said once, as soon as it shows, and again in the results' warnings
+    logged_losses: list[tuple[int, float]] = []
+    logged_norms: list[tuple[int, float]] = []
+    divergence = None
+    vocab_size = _vocab_size(model)
 
     initial = None
     if eval_rows and state["step"] == 0:  # the untrained adapter is the identity: base model
@@ -365,6 +371,13 @@ def _fit(
         state["loss_tokens"] += step_loss_tokens
         state["train_seconds"] += seconds
         last_loss = step_loss if finite else last_loss
+        if finite:
+            logged_losses.append((state["step"], step_loss))
+            logged_norms.append((state["step"], grad_norm))
+        if finite and divergence is None:
+            divergence = diverging(logged_losses, logged_norms, vocab_size, config)
+            if divergence is not None:
+                say(world, f"Warning: {divergence}", progress)
         log_now = state["step"] % config.logging_steps == 0 or state["step"] == steps
         if log_now:
             record(
@@ -429,7 +442,34 @@ def _fit(
     if main and config.plot:
         plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / CURVES)
     model.eval()
-    return _results(state, per_epoch, last_loss, initial, eval_result, stopped_early)
+    results = _results(state, per_epoch, last_loss, initial, eval_result, stopped_early)
+    if divergence is not None:  # the summary says where the run ended up
+        final = diverging(logged_losses, logged_norms, vocab_size, config)
+        results["warnings"] = [final or divergence]
+    results["vocab_size"] = vocab_size
+    return results
+
+
+def diverging(
+    losses: list[tuple[int, float]],
+    grad_norms: list[tuple[int, float]],
+    vocab_size: int | None,
+    config: FineTuningConfig,
+) -> str | None:
+    """A warning naming the learning rate when the run diverges (diagnostics.divergence)."""
+    from tunelab.diagnostics.divergence import divergence_advice, divergence_evidence
+
+    evidence = divergence_evidence(losses, grad_norms, vocab_size)
+    if evidence is None:
+        return None
+    advice = divergence_advice(config.learning_rate, config.method)
+    return f"training is diverging: {evidence}. {advice}"
+
+
+def _vocab_size(model: Any) -> int | None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
 
 
 def _evaluate(
