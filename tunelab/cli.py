@@ -62,7 +62,13 @@ def _report(results: dict, output_dir: str) -> None:
 def _load(args: argparse.Namespace):  # noqa: ANN202
     from tunelab.generation import load_for_inference
 
-    return load_for_inference(args.target, precision=args.precision, use_adapter=not args.base)
+    return load_for_inference(
+        args.target,
+        precision=args.precision,
+        use_adapter=not args.base,
+        # a run keeps its own setting unless the flag allows custom code here
+        trust_remote_code=True if args.trust_remote_code else None,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -111,17 +117,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from tunelab.shipping.gguf_export import export_gguf
+    from tunelab.models import run_trust_remote_code
+    from tunelab.shipping.gguf_export import check_gguf_target, export_gguf
     from tunelab.shipping.merge import merge_run
 
     run_dir = Path(args.run_dir)
     out = Path(args.out or run_dir / f"{run_dir.name}-{args.type}.gguf")
+    trust = run_trust_remote_code(run_dir)
     if (run_dir / "adapter_config.json").is_file():
+        check_gguf_target(out, run_dir, args.overwrite)  # before the minutes a merge takes
         with tempfile.TemporaryDirectory(prefix="tunelab-merge-") as merged:
             merge_run(run_dir, Path(merged) / "model")
-            export_gguf(Path(merged) / "model", out, args.type)
+            export_gguf(Path(merged) / "model", out, args.type, args.overwrite, trust)
     else:
-        export_gguf(run_dir, out, args.type)
+        export_gguf(run_dir, out, args.type, args.overwrite, trust)
     print(f"Wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type}).")
     return 0
 
@@ -198,6 +207,11 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
         "--base",
         action="store_true",
         help="Use a run's base model without its adapter (for comparison).",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Run Python code shipped with the model (auto_map); off unless a run allowed it.",
     )
     parser.add_argument(
         "--precision",
@@ -294,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Weight type of the 2-D tensors.",
     )
     export.add_argument("--out", default=None, help="Output file (default: in run_dir).")
+    export.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing GGUF file at --out."
+    )
     export.set_defaults(func=cmd_export)
 
     adapters = sub.add_parser("adapters", help="List, switch and combine adapters of runs.")

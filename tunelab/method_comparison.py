@@ -69,6 +69,10 @@ def compare_methods(
             "loss. Set it in the config or with --set eval_path=..."
         )
     out = Path(out_dir or Path(base.output_dir).parent / "methods-compare")
+    from tunelab.ownership import check_output_files, record_files
+
+    tables = [out / "methods_compare.json", out / "methods_compare.md"]
+    check_output_files(out, [t.name for t in tables], "methods compare")
     out.mkdir(parents=True, exist_ok=True)
     per_step = {True: tokens_per_step(config_path, overrides, True)}
     if any(m in PROMPT_METHODS for m in methods):
@@ -115,8 +119,9 @@ def compare_methods(
             }
         )
     table = format_table(rows)
-    (out / "methods_compare.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "methods_compare.md").write_text(table + "\n")
+    tables[0].write_text(json.dumps(rows, indent=2) + "\n")
+    tables[1].write_text(table + "\n")
+    record_files(out, "comparison", tables)
     print(table)
     return rows
 

@@ -332,12 +332,17 @@ def compare_runs(paths: list[str], out: str | Path | None, plot: bool = True) ->
     runs = [load_run(p) for p in paths]
     text = compare_text(runs)
     if out is not None:
+        from tunelab.ownership import check_output_files, check_separate, record_files
+
         folder = Path(out)
+        check_separate(folder, {f"run {p}": p for p in paths}, "--out")
+        check_output_files(folder, ["compare.html", "loss_curves.png"], "runs compare")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "compare.html").write_text(compare_html(runs), encoding="utf-8")
         written = [folder / "compare.html"]
         if plot:
             written.insert(0, plot_png(runs, folder / "loss_curves.png"))
+        record_files(folder, "comparison", written)
         text += "\n\nWrote " + ", ".join(str(p) for p in written)
     return text
 

@@ -41,15 +41,24 @@ _LLAMA3_SPLIT = (
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
 
-def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f16") -> Path:
+def export_gguf(
+    model_dir: str | Path,
+    out_file: str | Path,
+    out_type: str = "f16",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
     """Write ``model_dir`` (a transformers LlamaForCausalLM or MistralForCausalLM folder with a
     byte-level BPE tokenizer.json) to ``out_file`` as GGUF with weights of ``out_type``
-    (f32, f16, bf16 or q8_0). Returns the file's path. Adapters must be merged first."""
+    (f32, f16, bf16 or q8_0). Returns the file's path. Adapters must be merged first.
+
+    An existing ``out_file`` is replaced only with ``overwrite`` and only when it is a GGUF
+    file (never the user's other files); TunelabError otherwise."""
     import gguf
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.files import ensure_free_space
+    from tunelab.models import load_model, load_model_config, load_saved_tokenizer
 
     folder, out_file = Path(model_dir), Path(out_file)
     if out_type not in OUT_TYPES:
@@ -61,11 +70,13 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f1
             f"{folder} is not a transformers model folder (no config.json). Export a merged "
             "model folder (tunelab merge RUN_DIR OUT_DIR) or a run folder via tunelab export."
         )
-    config = AutoConfig.from_pretrained(folder)
+    if check_gguf_target(out_file, folder, overwrite):
+        print(f"Replacing the GGUF file {out_file}.")
+    config = load_model_config(str(folder), trust_remote_code)
     _check_architecture(folder, config)
     tokenizer_meta = _tokenizer_metadata(folder, config.vocab_size)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load_model(str(folder), torch.float32, trust_remote_code)
+    tokenizer = load_saved_tokenizer(str(folder), trust_remote_code)
     state = model.state_dict()
     out_file.parent.mkdir(parents=True, exist_ok=True)
     needed = sum(t.numel() for t in state.values()) * _BYTES_PER_WEIGHT[out_type]
@@ -95,6 +106,33 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f1
     writer.close()
     os.replace(partial, out_file)
     return out_file
+
+
+def check_gguf_target(out_file: Path, model_dir: Path, overwrite: bool) -> bool:
+    """Refuse an output path that is a folder, one of the model folder's own files, or an
+    existing file that is not GGUF; an existing GGUF file needs ``overwrite``. Returns whether
+    a file will be replaced."""
+    if out_file.is_dir():
+        raise TunelabError(f"--out {out_file} is a folder. Give a file path ending in .gguf.")
+    if not (out_file.exists() or out_file.is_symlink()):
+        return False
+    if out_file.resolve().parent == model_dir.resolve() and out_file.suffix.lower() != ".gguf":
+        raise TunelabError(
+            f"--out {out_file} is one of the model's own files. Give a new .gguf path."
+        )
+    with out_file.open("rb") as handle:
+        is_gguf = handle.read(4) == b"GGUF"
+    if not is_gguf:
+        raise TunelabError(
+            f"--out {out_file} exists and is not a GGUF file, so tunelab will not replace it. "
+            "Choose another output path."
+        )
+    if not overwrite:
+        raise TunelabError(
+            f"--out {out_file} already exists (a GGUF file). Pass --overwrite to replace it, or "
+            "choose another path with --out."
+        )
+    return True
 
 
 def gguf_name(name: str) -> str:
