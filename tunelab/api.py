@@ -78,9 +78,9 @@ def check_resumable(output_dir: Path, config: FineTuningConfig) -> None:
     saved_path = output_dir / RUN_CONFIG
     if not saved_path.is_file():
         return
-    import yaml
+    from tunelab.runs import read_saved_config
 
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    saved = read_saved_config(saved_path)
     current = config.to_dict()
     changed = [
         key

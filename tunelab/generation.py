@@ -218,9 +218,12 @@ def chat_loop(
             messages = list(history)
             if loaded.system_prompt:
                 messages.insert(0, {"role": "system", "content": loaded.system_prompt})
-            text = loaded.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            from tunelab.models import named_template_errors
+
+            with named_template_errors(loaded.tokenizer):
+                text = loaded.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
         else:  # no template: the conversation so far as plain text
             text = "\n".join(m["content"] for m in history) + "\n"
         answer = generate_from_text(loaded, [text], max_new_tokens, do_sample, temperature, top_p)[

@@ -57,10 +57,37 @@ def find_runs(root: str | Path = "outputs") -> list[Path]:
     return sorted(found)
 
 
-def load_run(path: str | Path) -> Run:
-    """A run folder's config, results and metric lines (an unfinished run has no results)."""
+def read_saved_config(config_path: Path) -> dict[str, Any]:
+    """The mapping in a run's saved tunelab_config.yaml; TunelabError (naming the file and
+    line) when it is not valid YAML, not UTF-8, or not a mapping."""
     import yaml
 
+    try:
+        values = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise TunelabError(
+            f"{config_path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}). "
+            "The run's saved config was edited or damaged: restore it from the config you "
+            "trained with."
+        ) from None
+    except UnicodeDecodeError:
+        raise TunelabError(
+            f"{config_path}: not UTF-8 text. Restore it from the config you trained with."
+        ) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise TunelabError(
+            f"{config_path}: expected 'key: value' lines, found a {type(values).__name__}. "
+            "Restore it from the config you trained with."
+        )
+    return values
+
+
+def load_run(path: str | Path) -> Run:
+    """A run folder's config, results and metric lines (an unfinished run has no results)."""
     path = Path(path)
     config_path = path / RUN_CONFIG
     if not config_path.is_file():
@@ -68,7 +95,7 @@ def load_run(path: str | Path) -> Run:
             f"{path} is not a tunelab run folder (no {RUN_CONFIG}). Pass the output_dir of "
             "'tunelab train'; 'tunelab runs list' shows the runs it finds."
         )
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    config = read_saved_config(config_path)
     results_path = path / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
     train, evals = [], []
@@ -147,14 +174,22 @@ def list_runs(root: str | Path = "outputs") -> str:
     paths = find_runs(root)
     if not paths:
         return f"No runs under {root} (a run folder holds {RUN_CONFIG})."
-    runs = [load_run(p) for p in paths]
+    runs, skipped = [], []
+    for path in paths:
+        try:
+            runs.append(load_run(path))
+        except TunelabError as exc:  # one damaged run must not hide the others
+            skipped.append(f"skipped {path}: {exc}")
+    paths = [run.path for run in runs]
+    if not runs:
+        return "\n".join(skipped)
     names = [str(p.relative_to(root)) if p != Path(root) else str(p) for p in paths]
     header = metric_header()[:2] + ["method", "model"] + metric_header()[2:]
     rows = []
     for row, run in zip(metric_rows(runs, names), runs, strict=True):
         model = str(run.config.get("model_name", "-"))
         rows.append(row[:2] + [str(run.config.get("method", "lora")), Path(model).name] + row[2:])
-    return format_table(header, rows)
+    return "\n".join([format_table(header, rows), *skipped])
 
 
 def differing_config(runs: list[Run]) -> dict[str, list[Any]]:

@@ -322,9 +322,12 @@ def _rendered(example: Example, tokenizer: Any, chat: bool, system_prompt: str |
         return (example.text or "") + eos
     if example.kind == "messages" or chat:
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(
-                as_messages(example, system_prompt), tokenize=False
-            )
+            from tunelab.models import named_template_errors
+
+            with named_template_errors(tokenizer):
+                return tokenizer.apply_chat_template(
+                    as_messages(example, system_prompt), tokenize=False
+                )
     return (example.prompt or "") + (example.completion or "") + eos
 
 

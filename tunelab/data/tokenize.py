@@ -14,6 +14,7 @@ from typing import Any
 
 from tunelab.data.schema import Example
 from tunelab.errors import TunelabError
+from tunelab.models import named_template_errors
 
 IGNORE_INDEX = -100
 
@@ -64,7 +65,8 @@ def render_prompt(tokenizer: Any, prompt: str, chat: bool, system_prompt: str | 
     messages = [{"role": "user", "content": prompt}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    with named_template_errors(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _chat_spans(
@@ -76,17 +78,21 @@ def _chat_spans(
     prompt) to the end of the rendering that includes it, so the template's own end-of-turn
     token is inside the span; the template decides the layout, not tunelab.
     """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    with named_template_errors(tokenizer):
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = (
-            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            if i
-            else ""
-        )
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        with named_template_errors(tokenizer):
+            before = (
+                tokenizer.apply_chat_template(
+                    messages[:i], tokenize=False, add_generation_prompt=True
+                )
+                if i
+                else ""
+            )
+            upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not full.startswith(upto) or not upto.startswith(before):
             raise TunelabError(
                 "the tokenizer's chat template renders a conversation differently from its "

@@ -139,12 +139,15 @@ class PromptBuilder:
         eos = self.tokenizer.eos_token or ""
         if self.chat and not item.continuation:
             messages = self.messages(system, item, position)
-            prompt = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            from tunelab.models import named_template_errors
+
             # the template's own end-of-turn closes the answer, as in training
             answer = {"role": "assistant", "content": item.reference}
-            full = self.tokenizer.apply_chat_template(messages + [answer], tokenize=False)
+            with named_template_errors(self.tokenizer):
+                prompt = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+                full = self.tokenizer.apply_chat_template(messages + [answer], tokenize=False)
             return prompt, full if full.startswith(prompt) else prompt + item.reference + eos
         # plain runs trained on prompt + completion joined as they are, so shots are too
         joiner = " " if item.continuation else ""
