@@ -113,7 +113,9 @@ def test_refuses_a_non_empty_output_dir_unless_told(make_config, tmp_path):
     stranger = tmp_path / "photos"
     stranger.mkdir()
     (stranger / "cat.jpg").write_text("x")
-    with pytest.raises(TunelabError, match=r"files tunelab did not write \(cat.jpg\), so --overwrite will not delete"):
+    with pytest.raises(
+        TunelabError, match=r"files tunelab did not write \(cat.jpg\), so --overwrite will not"
+    ):
         FineTuner(make_config(output_dir=str(stranger))).train(overwrite=True)
     assert (stranger / "cat.jpg").exists()
     with pytest.raises(TunelabError, match="holds no run to resume"):

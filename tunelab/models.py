@@ -361,11 +361,12 @@ def named_template_errors(tokenizer: Any) -> Iterator[None]:
     except jinja2.TemplateError as exc:
         line = getattr(exc, "lineno", None)
         where = f" line {line}" if line else ""
-        kind = (
-            "refused by the sandbox"
-            if isinstance(exc, jinja2.exceptions.SecurityError)
-            else ("not valid Jinja" if isinstance(exc, jinja2.TemplateSyntaxError) else "failed")
-        )
+        if isinstance(exc, jinja2.exceptions.SecurityError):
+            kind = "was refused by the sandbox"
+        elif isinstance(exc, jinja2.TemplateSyntaxError):
+            kind = "is not valid Jinja"
+        else:
+            kind = "failed"
         raise TunelabError(
             f"{chat_template_file(tokenizer)}{where}: the chat template {kind} "
             f"({_first_line(exc)}). Fix or replace the template (e.g. copy chat_template.jinja "
