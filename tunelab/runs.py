@@ -375,9 +375,10 @@ def compare_runs(paths: list[str], out: str | Path | None, plot: bool = True) ->
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "compare.html").write_text(compare_html(runs), encoding="utf-8")
         written = [folder / "compare.html"]
+        record_files(folder, "comparison", written)  # at once: the plot below may fail
         if plot:
             written.insert(0, plot_png(runs, folder / "loss_curves.png"))
-        record_files(folder, "comparison", written)
+            record_files(folder, "comparison", written[:1])
         text += "\n\nWrote " + ", ".join(str(p) for p in written)
     return text
 
