@@ -247,3 +247,16 @@ def test_the_model_cache_keeps_a_users_file(trained_run, tmp_path, monkeypatch):
 
 def test_the_manifest_itself_is_never_listed(trained_run):
     assert MANIFEST not in read_manifest(trained_run)["files"]
+
+
+def test_init_refuses_a_folder_and_says_what_force_replaces(tmp_path, capsys):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    assert main(["init", str(folder), "--force"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    existing = tmp_path / "mine.yaml"
+    existing.write_text("learning_rate: 1.0e-4\n")
+    assert main(["init", str(existing)]) == 2
+    assert existing.read_text() == "learning_rate: 1.0e-4\n"
+    assert main(["init", str(existing), "--force"]) == 0
+    assert f"Replacing {existing} (--force)." in capsys.readouterr().out

@@ -15,11 +15,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     from tunelab.config import starter_config_text
 
     path = Path(args.path)
+    if path.is_dir():
+        raise TunelabError(f"{path} is a folder. Give a file path: tunelab init {path}/run.yaml")
     if path.exists() and not args.force:
         raise TunelabError(
             f"{path} already exists. Pass --force to replace it, or give another "
             "path: tunelab init my-run.yaml"
         )
+    if path.exists():
+        print(f"Replacing {path} (--force).")
     path.write_text(starter_config_text(), encoding="utf-8")
     print(f"Wrote {path}. Set dataset_path, then run: tunelab train {path}")
     return 0

@@ -284,10 +284,9 @@ def evaluate_run(
             "tunelab_config.yaml has no eval_path)."
         )
     from tunelab.evaluation.report import REPORT_FILES
-    from tunelab.ownership import check_output_files, check_separate
+    from tunelab.ownership import check_output_files
 
-    # before the evaluation's minutes: where the report goes must not replace anything else
-    check_separate(Path(out_dir or folder), {"--eval-path": eval_path}, "the report folder")
+    # before the evaluation's minutes: the report files must not replace anything else
     check_output_files(Path(out_dir or folder), REPORT_FILES, "eval", announce=False)
     items, pool = load_items(config, eval_path, limit)
     progress(f"Evaluating {', '.join(chosen)} on {len(items)} held-out examples ({eval_path}).")
