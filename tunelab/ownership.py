@@ -49,6 +49,8 @@ KNOWN_NAMES: dict[str, tuple[str, ...]] = {
         "eval_results.json",
         "*.gguf",
         ".*.partial",
+        "tensorboard/*",
+        "mlruns/*",
     ),  # fmt: skip
     "merge": _MODEL_FILES,
     "data": ("train.jsonl", "eval.jsonl", "manifest.json"),
