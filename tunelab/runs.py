@@ -62,8 +62,10 @@ def read_saved_config(config_path: Path) -> dict[str, Any]:
     line) when it is not valid YAML, not UTF-8, or not a mapping."""
     import yaml
 
+    from tunelab.yaml_numbers import load_yaml
+
     try:
-        values = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        values = load_yaml(config_path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
