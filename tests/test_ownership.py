@@ -124,10 +124,10 @@ def test_merge_never_deletes_a_users_folder_or_its_own_run(trained_run, tmp_path
     assert "tunelab did not write (cat.jpg)" in capsys.readouterr().err
     assert (folder / "cat.jpg").exists()
     assert main(["merge", str(trained_run), str(trained_run), "--overwrite"]) == 2
-    assert "is the input the run" in capsys.readouterr().err
+    assert "is the input run_dir" in capsys.readouterr().err
     assert (trained_run / "adapter_model.safetensors").is_file()
     assert main(["merge", str(trained_run), str(trained_run.parent), "--overwrite"]) == 2
-    assert "contains the input the run" in capsys.readouterr().err
+    assert "contains the input run_dir" in capsys.readouterr().err
     assert (trained_run / "adapter_model.safetensors").is_file()
 
 

@@ -50,7 +50,7 @@ def merge_run(
         )
     base = adapter_config["base_model_name_or_path"]
     local_base = base if base and Path(base).expanduser().exists() else None
-    check_separate(out_dir, {"the run": run_dir, "its base model": local_base}, "out_dir")
+    check_separate(out_dir, {"run_dir": run_dir, "the base model": local_base}, "out_dir")
     prepare_output_folder(out_dir, "merge", overwrite, "out_dir")
     trust = run_trust_remote_code(run_dir)
     model = load_model(base, torch.float32, trust)
