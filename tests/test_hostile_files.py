@@ -96,10 +96,9 @@ def test_a_checkpoint_holding_a_pickle_or_a_bad_header_is_named(run, make_config
 @pytest.mark.parametrize(
     "template, expected",
     [
-        ("{% for m in messages %}{{ m['content'] }", "chat_template.jinja line 1: the chat "
-         "template is not valid Jinja"),
-        ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "refused by the sandbox"),
-        ("{{ raise_exception('no system role') }}", "the chat template failed (no system role)"),
+        ("{% for m in messages %}{{ m['content'] }", "unexpected '}'"),
+        ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe"),
+        ("{{ raise_exception('no system role') }}", "no system role"),
     ],
 )  # fmt: skip
 def test_chat_template_errors_name_the_template(template, expected, make_config, tmp_path,
@@ -113,4 +112,4 @@ def test_chat_template_errors_name_the_template(template, expected, make_config,
     for argv in (["train", str(path)], ["data", "preview", str(path)],
                  ["generate", str(model), "--prompt", "hi"]):  # fmt: skip
         err = _error(argv, capsys)
-        assert expected in err and str(model / "chat_template.jinja") in err, (argv, err)
+        assert expected in err and f"the chat template of {model}" in err, (argv, err)

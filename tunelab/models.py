@@ -10,13 +10,11 @@ A model name is one of:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -344,37 +342,3 @@ def add_adapter(model: Any, run_dir: str | Path, adapter_name: str) -> None:
         model.load_adapter(str(run_dir), adapter_name=adapter_name)
     except _load_failures() as exc:
         raise _load_error(str(run_dir), exc, "adapter") from None
-
-
-def chat_template_file(tokenizer: Any) -> str:
-    """Where a tokenizer's chat template was read from, for messages."""
-    folder = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
-    for name in ("chat_template.jinja", "tokenizer_config.json"):
-        if (folder / name).is_file():
-            return str(folder / name)
-    return f"the chat template of {folder}"
-
-
-@contextlib.contextmanager
-def named_template_errors(tokenizer: Any) -> Iterator[None]:
-    """Turn a Jinja error of the tokenizer's chat template (bad syntax, a sandbox refusal, an
-    undefined name, the template's own raise_exception) into a TunelabError naming the
-    template file; wrap every ``apply_chat_template`` call in it."""
-    import jinja2
-
-    try:
-        yield
-    except jinja2.TemplateError as exc:
-        line = getattr(exc, "lineno", None)
-        where = f" line {line}" if line else ""
-        if isinstance(exc, jinja2.exceptions.SecurityError):
-            kind = "was refused by the sandbox"
-        elif isinstance(exc, jinja2.TemplateSyntaxError):
-            kind = "is not valid Jinja"
-        else:
-            kind = "failed"
-        raise TunelabError(
-            f"{chat_template_file(tokenizer)}{where}: the chat template {kind} "
-            f"({_first_line(exc)}). Fix or replace the template (e.g. copy chat_template.jinja "
-            "from the base model), or set chat_format: plain."
-        ) from None
