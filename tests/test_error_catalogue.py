@@ -119,7 +119,8 @@ def test_output_and_resume_errors(workspace, capsys):
     assert main(["train", path]) == 0
     capsys.readouterr()
     assert main(["train", path]) == 2
-    assert "is not empty. Pass --overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not empty (it holds" in err and "Pass --overwrite" in err, err
     assert main(["train", config(lora_r=4), "--resume"]) == 2
     assert "cannot resume" in capsys.readouterr().err
     assert main(["train", config(output_dir="fresh"), "--resume"]) == 2

@@ -104,8 +104,8 @@ def test_refuses_a_non_empty_output_dir_unless_told(make_config, tmp_path):
     FineTuner(make_config(max_steps=1)).train()
     with pytest.raises(
         TunelabError,
-        match=r"is not empty. Pass --overwrite to replace that run, "
-        r"--resume to continue it",
+        match=r"is not empty \(it holds .*\). Pass --overwrite to replace the \d+ file\(s\) "
+        r"tunelab wrote there, --resume to continue that run",
     ):
         FineTuner(make_config(max_steps=1)).train()
     FineTuner(make_config(max_steps=2)).train(overwrite=True)
@@ -113,7 +113,9 @@ def test_refuses_a_non_empty_output_dir_unless_told(make_config, tmp_path):
     stranger = tmp_path / "photos"
     stranger.mkdir()
     (stranger / "cat.jpg").write_text("x")
-    with pytest.raises(TunelabError, match="not a tunelab run, so --overwrite will not delete"):
+    with pytest.raises(
+        TunelabError, match=r"files tunelab did not write \(cat.jpg\), so --overwrite will not"
+    ):
         FineTuner(make_config(output_dir=str(stranger))).train(overwrite=True)
     assert (stranger / "cat.jpg").exists()
     with pytest.raises(TunelabError, match="holds no run to resume"):

@@ -43,6 +43,14 @@ from tunelab.models import (
     model_modules,
     resolve_model,
 )
+from tunelab.ownership import (
+    MANIFEST,
+    check_separate,
+    finish_output_folder,
+    folder_kind,
+    foreign_files,
+    prepare_output_folder,
+)
 from tunelab.training.batching import Row, pack_examples, single_rows
 
 RUN_CONFIG = "tunelab_config.yaml"
@@ -88,18 +96,10 @@ def check_resumable(output_dir: Path, config: FineTuningConfig, processes: int =
     saved_path = output_dir / RUN_CONFIG
     if not saved_path.is_file():
         return
-    import yaml
-
+    from tunelab.runs import read_saved_config
     from tunelab.training.checkpoint import latest_checkpoint, read_state
-    from tunelab.yaml_numbers import load_yaml
 
-    try:
-        saved = load_yaml(saved_path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise TunelabError(
-            f"{saved_path} is damaged (not valid YAML: {error}). Restore it from the config "
-            "you trained with, or start a new run with --overwrite."
-        ) from None
+    saved = read_saved_config(saved_path)
     current = config.to_dict()
     accumulation = "gradient_accumulation_steps"
     changed = [
@@ -136,30 +136,46 @@ def check_resumable(output_dir: Path, config: FineTuningConfig, processes: int =
         )
 
 
-def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to mix a new run into a folder that holds files, unless told to."""
-    if not output_dir.exists() or not any(output_dir.iterdir()):
-        if resume:
-            raise TunelabError(
-                f"--resume was given, but {output_dir} holds no run to resume. Drop --resume to "
-                "start a new run."
-            )
-        return
+def check_output_dir(
+    output_dir: Path, overwrite: bool, resume: bool, config: FineTuningConfig | None = None
+) -> list[str]:
+    """Make ``output_dir`` ready for a run; returns the files in it that are not tunelab's
+    (a resumed run leaves them alone and out of its manifest).
+
+    A new run needs an empty or new folder; ``overwrite`` removes only the files tunelab wrote
+    there (see ``tunelab.ownership``); ``resume`` needs a tunelab run. The folder can never be
+    or contain the run's inputs (data, eval data, a local base model). Raises TunelabError.
+    """
+    if config is not None:
+        check_separate(output_dir, run_inputs(config), "output_dir")
     if resume:
-        return
-    is_run = (output_dir / RUN_CONFIG).exists() or (output_dir / "checkpoints").exists()
-    if overwrite and is_run:
-        shutil.rmtree(output_dir)
-        return
-    if overwrite:
-        raise TunelabError(
-            f"output_dir {output_dir} holds files that are not a tunelab run, so --overwrite "
-            "will not delete them. Choose an empty or new folder for output_dir."
-        )
-    raise TunelabError(
-        f"output_dir {output_dir} is not empty. Pass --overwrite to replace that run, --resume "
-        "to continue it, or set another output_dir (e.g. --set output_dir=outputs/run2)."
+        if not output_dir.is_dir() or not any(output_dir.iterdir()):
+            raise TunelabError(
+                f"--resume was given, but {output_dir} holds no run to resume. Drop --resume "
+                "to start a new run."
+            )
+        if folder_kind(output_dir) != "run":
+            raise TunelabError(
+                f"--resume was given, but {output_dir} is not a tunelab run (no "
+                f"{MANIFEST} or {RUN_CONFIG} with checkpoints), so tunelab will not train into "
+                "it. Drop --resume and choose an empty or new output_dir."
+            )
+        return foreign_files(output_dir, "run")
+    prepare_output_folder(
+        output_dir, "run", overwrite, "output_dir", hint=", --resume to continue that run"
     )
+    return []
+
+
+def run_inputs(config: FineTuningConfig) -> dict[str, str | None]:
+    """The local paths a run reads, by config key (a hub id or the default model is none)."""
+    model = config.model_name
+    local_model = model if model and Path(model).expanduser().exists() else None
+    return {
+        "dataset_path": config.dataset_path,
+        "eval_path": config.eval_path,
+        "model_name": local_model,
+    }
 
 
 class FineTuner:
@@ -181,7 +197,7 @@ class FineTuner:
         if self.tokenizer is None:
             location = resolve_model(self.config.model_name)
             model_config = load_model_config(location, self.config.trust_remote_code)
-            modules = model_modules(model_config)
+            modules = model_modules(model_config, self.config.trust_remote_code)
             note = resolve_target_modules(self.config, model_config.model_type, modules)
             if note:
                 print(note, flush=True)
@@ -369,8 +385,9 @@ class FineTuner:
                 print(f"Warning: {warning}")
         if sharded:
             check_shardable(self.config.method)
+        foreign: list[str] = []
         if main_process:
-            check_output_dir(output_dir, overwrite, resume)
+            foreign = check_output_dir(output_dir, overwrite, resume, self.config)
         if resume:
             check_resumable(output_dir, self.config, world.size)
         if train_dataset is None:
@@ -417,6 +434,7 @@ class FineTuner:
         )
         self.results = results
         self.save_model(state_dict=whole, results=results)
+        finish_output_folder(output_dir, "run", foreign)
         return results
 
     def eval_rows(self) -> list[Row] | None:
@@ -436,6 +454,7 @@ class FineTuner:
         output_dir: str | Path | None = None,
         state_dict: dict[str, Any] | None = None,
         results: dict[str, Any] | None = None,
+        overwrite: bool = False,
     ) -> Path:
         """Write the adapter (standard PEFT files), tokenizer, config, run info and ``results``
         (results.json, when given).
@@ -444,10 +463,16 @@ class FineTuner:
         only once whole, adapter_config.json and results.json last: a full disk or a crash
         never leaves a folder that looks like a finished run. A full disk raises TunelabError
         with the space needed. ``state_dict``: the weights to write instead of the model's own
-        (a sharded run's, gathered whole)."""
+        (a sharded run's, gathered whole). A folder other than the run's own must be new or
+        empty, or hold only what tunelab wrote (``overwrite``); TunelabError otherwise."""
         if self.model is None:
             raise TunelabError("there is no model to save yet: call prepare_model() and train().")
         folder = Path(output_dir or self.config.output_dir)
+        elsewhere = output_dir is not None and (
+            Path(output_dir).resolve() != Path(self.config.output_dir).resolve()
+        )
+        if elsewhere:
+            prepare_output_folder(folder, "run", overwrite, "save_model folder")
         folder.mkdir(parents=True, exist_ok=True)
         for leftover in folder.glob(f"{FINAL_STAGING}*"):  # a save killed half-way
             shutil.rmtree(leftover, ignore_errors=True)
@@ -476,6 +501,8 @@ class FineTuner:
             move_into(staging, folder, last=("adapter_config.json", "config.json", RESULTS))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if elsewhere:
+            finish_output_folder(folder, "run")
         return folder
 
     def final_save_bytes(self) -> int:

@@ -14,6 +14,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from tunelab.config import starter_config_text
 
     path = Path(args.path)
+    if path.is_dir():
+        raise TunelabError(f"{path} is a folder. Give a file path: tunelab init {path}/run.yaml")
     if path.exists() and not args.force:
         raise TunelabError(
             f"{path} already exists. Pass --force to replace it, or give another "
@@ -21,6 +23,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
     from tunelab.files import atomic_write_text
 
+    if path.exists():
+        print(f"Replacing {path} (--force).")
     atomic_write_text(path, starter_config_text())
     print(f"Wrote {path}. Set dataset_path, then run: tunelab train {path}")
     return 0
@@ -65,7 +69,13 @@ def _report(results: dict, output_dir: str) -> None:
 def _load(args: argparse.Namespace):  # noqa: ANN202
     from tunelab.generation import load_for_inference
 
-    return load_for_inference(args.target, precision=args.precision, use_adapter=not args.base)
+    return load_for_inference(
+        args.target,
+        precision=args.precision,
+        use_adapter=not args.base,
+        # a run keeps its own setting unless the flag allows custom code here
+        trust_remote_code=True if args.trust_remote_code else None,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -114,11 +124,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from tunelab.shipping.gguf_export import export_gguf
+    from tunelab.models import run_trust_remote_code
+    from tunelab.shipping.gguf_export import check_gguf_target, export_gguf
     from tunelab.shipping.merge import merge_run
 
     run_dir = Path(args.run_dir)
     out = Path(args.out or run_dir / f"{run_dir.name}-{args.type}.gguf")
+    trust = run_trust_remote_code(run_dir)
+    check_gguf_target(out, run_dir, args.overwrite)  # before the minutes a merge takes
     if args.format == "ollama":  # refuse an untranslatable template before the slow part
         from tunelab.shipping.ollama import chat_settings, translate_chat_template
 
@@ -128,7 +141,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         source = run_dir
         if (run_dir / "adapter_config.json").is_file():
             source = merge_run(run_dir, Path(scratch) / "model")
-        export_gguf(source, out, args.type)
+        export_gguf(source, out, args.type, args.overwrite, trust)
         print(f"Wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type}).")
         if args.format == "ollama":
             from tunelab.shipping.ollama import write_modelfile
@@ -245,6 +258,11 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
         help="Use a run's base model without its adapter (for comparison).",
     )
     parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Run Python code shipped with the model (auto_map); off unless a run allowed it.",
+    )
+    parser.add_argument(
         "--precision",
         default="fp32",
         choices=["auto", "fp32", "bf16", "fp16"],
@@ -352,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Skip running the file in llama.cpp against tunelab generate after writing.",
     )
     export.add_argument("--out", default=None, help="Output file (default: in run_dir).")
+    export.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing GGUF file at --out."
+    )
     export.set_defaults(func=cmd_export)
 
     serve = sub.add_parser(

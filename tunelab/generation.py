@@ -32,15 +32,29 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def load_for_inference(
-    target: str, precision: str = "fp32", use_adapter: bool = True, device: str | None = None
+    target: str,
+    precision: str = "fp32",
+    use_adapter: bool = True,
+    device: str | None = None,
+    trust_remote_code: bool | None = None,
 ) -> LoadedModel:
     """A run folder (base model + its adapter) or a plain model name, ready to generate.
 
     ``use_adapter=False`` loads a run's base model alone, for base-vs-tuned comparisons.
     fp32 is the default so results match plain transformers + peft to 1e-4.
+    ``trust_remote_code``: None takes a run's own setting (False for a plain model).
     """
     from tunelab.device import choose_placement
-    from tunelab.models import load_model, load_tokenizer, resolve_model
+    from tunelab.models import (
+        load_adapter,
+        load_model,
+        load_tokenizer,
+        resolve_model,
+        run_trust_remote_code,
+    )
+
+    if trust_remote_code is None:
+        trust_remote_code = Path(target).is_dir() and run_trust_remote_code(target)
 
     placement = choose_placement(precision, device)
     if Path(target).is_dir():
@@ -56,10 +70,14 @@ def load_for_inference(
                 f"{folder}/adapter_config.json names base model {base!r}, which cannot be "
                 "found. Edit base_model_name_or_path there to point at the base model folder."
             )
-        tokenizer = load_tokenizer(str(folder))
+        tokenizer = load_tokenizer(str(folder), trust_remote_code)
         quantization = _run_quantization(folder, placement.dtype) if use_adapter else None
         model = load_model(
-            base, placement.dtype, device=placement.device, quantization_config=quantization
+            base,
+            placement.dtype,
+            trust_remote_code,
+            device=placement.device,
+            quantization_config=quantization,
         )
         if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))  # the run added tokens
@@ -68,9 +86,7 @@ def load_for_inference(
 
             keep_4bit_format(model)
         if use_adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(folder)).eval()
+            model = load_adapter(model, folder)
         chat = bool(info.get("chat", getattr(tokenizer, "chat_template", None)))
         return LoadedModel(model, tokenizer, chat, info.get("system_prompt"), str(folder))
     if (Path(target) / RUN_CONFIG).is_file() and not (Path(target) / "config.json").exists():
@@ -86,8 +102,8 @@ def load_for_inference(
             "folder (no config.json). Pass the output_dir of a finished 'tunelab train'."
         )
     location = resolve_model(target)
-    tokenizer = load_tokenizer(location)
-    model = load_model(location, placement.dtype, device=placement.device)
+    tokenizer = load_tokenizer(location, trust_remote_code)
+    model = load_model(location, placement.dtype, trust_remote_code, device=placement.device)
     # a full fine-tuning run or a merged model keeps the chat settings it was trained with
     info_path = Path(location) / "run_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}

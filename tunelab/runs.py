@@ -108,12 +108,39 @@ def find_runs(root: str | Path = "outputs") -> list[Path]:
     return sorted(found)
 
 
-def load_run(path: str | Path) -> Run:
-    """A run folder's config, results and metric lines (an unfinished run has no results)."""
+def read_saved_config(config_path: Path) -> dict[str, Any]:
+    """The mapping in a run's saved tunelab_config.yaml; TunelabError (naming the file and
+    line) when it is not valid YAML, not UTF-8, or not a mapping."""
     import yaml
 
     from tunelab.yaml_numbers import load_yaml
 
+    try:
+        values = load_yaml(config_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise TunelabError(
+            f"{config_path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}). "
+            "The run's saved config was edited or damaged: restore it from the config you "
+            "trained with."
+        ) from None
+    except UnicodeDecodeError:
+        raise TunelabError(
+            f"{config_path}: not UTF-8 text. Restore it from the config you trained with."
+        ) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise TunelabError(
+            f"{config_path}: expected 'key: value' lines, found a {type(values).__name__}. "
+            "Restore it from the config you trained with."
+        )
+    return values
+
+
+def load_run(path: str | Path) -> Run:
+    """A run folder's config, results and metric lines (an unfinished run has no results)."""
     path = Path(path)
     config_path = path / RUN_CONFIG
     if not config_path.is_file():
@@ -122,12 +149,7 @@ def load_run(path: str | Path) -> Run:
             "'tunelab train'; 'tunelab runs list' shows the runs it finds."
         )
     fix = damaged_run_fix(path)
-    try:
-        config = load_yaml(config_path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise TunelabError(f"{config_path} is damaged (not valid YAML: {error}). {fix}") from None
-    if not isinstance(config, dict):
-        raise TunelabError(f"{config_path} is damaged (not a mapping of keys). {fix}")
+    config = read_saved_config(config_path)
     results_path = path / "results.json"
     results = read_json_file(results_path, fix) if results_path.is_file() else None
     if results is not None and not isinstance(results, dict):
@@ -208,14 +230,22 @@ def list_runs(root: str | Path = "outputs") -> str:
     paths = find_runs(root)
     if not paths:
         return f"No runs under {root} (a run folder holds {RUN_CONFIG})."
-    runs = [load_run(p) for p in paths]
+    runs, skipped = [], []
+    for path in paths:
+        try:
+            runs.append(load_run(path))
+        except TunelabError as exc:  # one damaged run must not hide the others
+            skipped.append(f"skipped {path}: {exc}")
+    paths = [run.path for run in runs]
+    if not runs:
+        return "\n".join(skipped)
     names = [str(p.relative_to(root)) if p != Path(root) else str(p) for p in paths]
     header = metric_header()[:2] + ["method", "model"] + metric_header()[2:]
     rows = []
     for row, run in zip(metric_rows(runs, names), runs, strict=True):
         model = str(run.config.get("model_name", "-"))
         rows.append(row[:2] + [str(run.config.get("method", "lora")), Path(model).name] + row[2:])
-    return format_table(header, rows)
+    return "\n".join([format_table(header, rows), *skipped])
 
 
 def differing_config(runs: list[Run]) -> dict[str, list[Any]]:
@@ -393,12 +423,18 @@ def compare_runs(paths: list[str], out: str | Path | None, plot: bool = True) ->
     runs = [load_run(p) for p in paths]
     text = compare_text(runs)
     if out is not None:
+        from tunelab.ownership import check_output_files, check_separate, record_files
+
         folder = Path(out)
+        check_separate(folder, {f"run {p}": p for p in paths}, "--out")
+        check_output_files(folder, ["compare.html", "loss_curves.png"], "runs compare")
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "compare.html", compare_html(runs))
         written = [folder / "compare.html"]
+        record_files(folder, "comparison", written)  # at once: the plot below may fail
         if plot:
             written.insert(0, plot_png(runs, folder / "loss_curves.png"))
+            record_files(folder, "comparison", written[:1])
         text += "\n\nWrote " + ", ".join(str(p) for p in written)
     return text
 

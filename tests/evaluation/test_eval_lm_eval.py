@@ -16,6 +16,7 @@ def test_run_folder_becomes_hf_model_args_with_peft(tmp_path):
     (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/m/base"}))
     assert lm_eval_model_args(run) == (
         f"pretrained=/m/base,peft={run.resolve()},tokenizer={run.resolve()},dtype=float32"
+        ",trust_remote_code=False"
     )
     argv = lm_eval_arguments(run, "arc_easy, hellaswag", limit=10, include_path="/tasks")
     assert argv[argv.index("--tasks") + 1] == "arc_easy,hellaswag"
@@ -28,8 +29,10 @@ def test_run_folder_becomes_hf_model_args_with_peft(tmp_path):
 def test_merged_model_folder_is_passed_as_pretrained(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert lm_eval_model_args(tmp_path, "bfloat16") == (
-        f"pretrained={tmp_path.resolve()},dtype=bfloat16"
+        f"pretrained={tmp_path.resolve()},dtype=bfloat16,trust_remote_code=False"
     )
+    (tmp_path / "tunelab_config.yaml").write_text("trust_remote_code: true\n")
+    assert lm_eval_model_args(tmp_path).endswith(",trust_remote_code=True")
 
 
 def test_lm_eval_errors(tmp_path):

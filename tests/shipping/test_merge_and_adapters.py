@@ -94,7 +94,9 @@ def test_merge_errors(make_config, tmp_path):
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(TunelabError, match="busy is not empty"):
         merge_run(lora_run, tmp_path / "busy")
-    assert main(["merge", str(lora_run), str(tmp_path / "busy"), "--overwrite"]) == 0
+    # --overwrite replaces only what tunelab wrote: a folder of the user's is kept (#17)
+    assert main(["merge", str(lora_run), str(tmp_path / "busy"), "--overwrite"]) == 2
+    assert (tmp_path / "busy" / "x").read_text() == "x"
 
 
 def test_adapters_side_by_side_switch_and_combine(make_config, tmp_path, capsys):

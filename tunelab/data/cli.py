@@ -15,7 +15,16 @@ from tunelab.config import FineTuningConfig, config_from_dict, load_config
 from tunelab.data.prepare import PreparedData, format_summary, prepare_examples, write_prepared
 from tunelab.data.report import write_reports
 from tunelab.data.tokenize import IGNORE_INDEX, tokenize_example, uses_chat_template
+from tunelab.ownership import (
+    check_output_files,
+    check_separate,
+    finish_output_folder,
+    prepare_output_folder,
+    record_files,
+)
 from tunelab.text_safety import visible
+
+REPORT_FILES = ("report.md", "report.html")
 
 _CONFIG_SUFFIXES = (".yaml", ".yml")
 
@@ -44,6 +53,11 @@ def add_data_commands(subparsers: Any) -> argparse.ArgumentParser:
     )
     prepare.add_argument("config", help="A run config (.yaml).")
     prepare.add_argument("--out", help="Output folder (default: <output_dir>/data).")
+    prepare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the prepared data tunelab wrote in --out before (nothing else).",
+    )
     _add_set(prepare)
     prepare.set_defaults(func=prepare_command)
 
@@ -70,6 +84,10 @@ def _config(source: str, overrides: list[str]) -> FineTuningConfig:
     return config_from_dict({"dataset_path": source}, source="data inspect", overrides=overrides)
 
 
+def _inputs(config: FineTuningConfig) -> dict[str, str | None]:
+    return {"dataset_path": config.dataset_path, "eval_path": config.eval_path}
+
+
 def _tokenizer(config: FineTuningConfig) -> Any:
     from tunelab.models import load_tokenizer, resolve_model
 
@@ -80,12 +98,15 @@ def inspect_command(args: argparse.Namespace) -> int:
     config = _config(args.source, args.set)
     if args.model:
         config.model_name = args.model
+    check_separate(args.out, _inputs(config), "--out")
+    check_output_files(args.out, REPORT_FILES, "data inspect")
     is_config = args.source.lower().endswith(_CONFIG_SUFFIXES)
     tokenizer = _tokenizer(config) if is_config or args.model else None
     prepared = prepare_examples(config, tokenizer)
     print(format_summary(prepared.manifest))
     _print_details(prepared)
     markdown, page = write_reports(prepared.manifest, args.out)
+    record_files(args.out, "report", [markdown, page])
     print(f"Report: {markdown} and {page}")
     return 0
 
@@ -117,9 +138,13 @@ def _print_details(prepared: PreparedData) -> None:
 
 def prepare_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
-    prepared = prepare_examples(config, _tokenizer(config))
     out = Path(args.out) if args.out else Path(config.output_dir) / "data"
+    # checked before the data is read: the raw data must never be what gets replaced
+    check_separate(out, _inputs(config), "--out")
+    prepare_output_folder(out, "data", args.overwrite, "--out")
+    prepared = prepare_examples(config, _tokenizer(config))
     written = write_prepared(prepared, out)
+    finish_output_folder(out, "data")
     print(format_summary(prepared.manifest))
     print("Wrote " + ", ".join(str(p) for p in written))
     return 0

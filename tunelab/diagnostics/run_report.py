@@ -97,12 +97,12 @@ def _base_tokenizer(run_dir: Path, info: dict[str, Any]) -> Any | None:
     base = info.get("base_model") or adapter.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
         return None
-    from transformers import AutoTokenizer
+    from tunelab.models import load_saved_tokenizer, run_trust_remote_code
 
     try:
-        return AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError):
-        return None
+        return load_saved_tokenizer(base, run_trust_remote_code(run_dir))
+    except TunelabError:
+        return None  # the base cannot be read here: the checks that need it are skipped
 
 
 def diagnose_run(run_dir: str | Path) -> list[Finding]:
@@ -139,10 +139,11 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
     view: DataView | None = None
     run_tokenizer = None
     if has_tokenizer:
-        from transformers import AutoTokenizer
+        from tunelab.models import load_saved_tokenizer, run_trust_remote_code
 
         try:
-            run_tokenizer = AutoTokenizer.from_pretrained(str(run_dir))  # as saved, pad unchanged
+            # as saved, pad unchanged
+            run_tokenizer = load_saved_tokenizer(str(run_dir), run_trust_remote_code(run_dir))
         except Exception as error:  # any library failure on a user's files: a finding
             findings.append(_unreadable_tokenizer(run_dir, error))
             has_tokenizer = False
@@ -227,7 +228,7 @@ def _data_view(run_dir: Path, config: Any) -> tuple[DataView | None, Finding | N
     from tunelab.models import load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(str(run_dir))
+        tokenizer = load_tokenizer(str(run_dir), config.trust_remote_code)
         with contextlib.redirect_stdout(io.StringIO()):  # the data stage's own progress lines
             return load_data_view(config, tokenizer), None
     except (TunelabError, OSError) as exc:

@@ -50,6 +50,10 @@ def lm_eval_model_args(run_dir: str | Path, dtype: str = "float32") -> str:
             "Pass a finished run folder or a merged model folder."
         )
     args["dtype"] = dtype
+    from tunelab.models import run_trust_remote_code
+
+    # lm-eval loads with transformers too: the run's own choice, stated, never its default
+    args["trust_remote_code"] = str(run_trust_remote_code(folder))
     for key, value in args.items():
         if "," in value or "=" in value:
             raise TunelabError(

@@ -336,7 +336,15 @@ def _one_line(text: str) -> str:
     return markdown_cell(text)
 
 
+REPORT_FILES = ("eval_report.html", "eval_report.md", "eval_results.json")
+
+
 def write_reports(results: Any, folder: Path, shown: int = 8) -> dict[str, str]:
+    """Write the three report files into ``folder`` and record them in its manifest; a file of
+    the same name that tunelab did not write is refused (TunelabError), never replaced."""
+    from tunelab.ownership import check_output_files, record_files
+
+    check_output_files(folder, REPORT_FILES, "eval")
     folder.mkdir(parents=True, exist_ok=True)
     files = {
         "html": folder / "eval_report.html",
@@ -346,4 +354,5 @@ def write_reports(results: Any, folder: Path, shown: int = 8) -> dict[str, str]:
     atomic_write_text(files["html"], html_report(results, shown))
     atomic_write_text(files["markdown"], markdown_report(results, shown))
     atomic_write_text(files["json"], json.dumps(results.to_json(), indent=1) + "\n")
+    record_files(folder, "report", files.values())
     return {k: str(v) for k, v in files.items()}

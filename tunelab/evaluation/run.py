@@ -395,6 +395,11 @@ def evaluate_run(
     kinds = parse_probes(probes)
     judge = _judge(judge_url, judge_model)
     semantic = _semantic_choice(semantic)
+    from tunelab.evaluation.report import REPORT_FILES
+    from tunelab.ownership import check_output_files
+
+    # before the evaluation's minutes: the report files must not replace anything else
+    check_output_files(Path(out_dir or folder), REPORT_FILES, "eval", announce=False)
     items, pool = load_items(config, eval_path, limit)
     knowledge: list[EvalItem] = []
     if kinds:

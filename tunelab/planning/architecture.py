@@ -68,7 +68,11 @@ def _config_from_json(path: Path) -> Any:
     try:
         return AutoConfig.for_model(model_type, **values)
     except ValueError as exc:
-        raise TunelabError(f"{path}: model_type {model_type!r} is not known ({exc}).") from None
+        raise TunelabError(
+            f"{path}: model_type {model_type!r} is not known to transformers ({exc}). Estimates "
+            "never run a model's own code (auto_map); pass the config.json of a supported "
+            "architecture of the same shape with --config-json."
+        ) from None
 
 
 def load_model_config_offline(model: str, config_json: str | None = None) -> tuple[Any, str]:
@@ -94,7 +98,9 @@ def load_model_config_offline(model: str, config_json: str | None = None) -> tup
         from transformers import AutoConfig
 
         try:  # only the local hub cache: estimates never download
-            return AutoConfig.from_pretrained(model, local_files_only=True), f"hub cache {model}"
+            return AutoConfig.from_pretrained(
+                model, local_files_only=True, trust_remote_code=False
+            ), f"hub cache {model}"
         except (OSError, ValueError):
             raise TunelabError(
                 f"the config of hub model '{model}' is not in the local hub cache, and estimates "
@@ -114,7 +120,8 @@ def meta_model(config: Any) -> Any:
 
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            # estimates read shapes only: a folder's custom code (auto_map) is never run
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except ValueError as exc:
         raise TunelabError(
             f"transformers cannot build a causal LM from this config ({exc}). Estimates "

@@ -227,6 +227,13 @@ def _pruner(optuna: Any, spec: SweepSpec, max_steps: int) -> Any:
     return optuna.pruners.NopPruner()
 
 
+# the files a sweep writes beside its trial-NNN run folders
+SWEEP_FILES = (
+    "sweep.db", "best_config.yaml", "sweep_results.md", "optimization_history.png",
+    "param_importance.png",
+)  # fmt: skip
+
+
 def default_storage(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'sweep.db'}"
 
@@ -274,8 +281,11 @@ def run_sweep(
             "or eval_split (e.g. 0.1) to hold out part of the training data."
         )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(spec, base, storage)
     out = Path(base.output_dir)
+    from tunelab.ownership import check_output_files
+
+    check_output_files(out, SWEEP_FILES, "sweep", announce=False)
+    study = open_study(spec, base, storage)
 
     def objective(trial: Any) -> float:
         from tunelab.api import FineTuner
@@ -344,6 +354,9 @@ def summarise(study: Any, base: FineTuningConfig, spec: SweepSpec, storage: str)
     from tunelab.files import atomic_write_text
 
     atomic_write_text(out / "sweep_results.md", format_table(result) + "\n")
+    from tunelab.ownership import record_files
+
+    record_files(out, "sweep", [out / name for name in SWEEP_FILES if (out / name).is_file()])
     return result
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from tunelab.data.tokenize import uses_chat_template
 from tunelab.errors import TunelabError
 from tunelab.generation import LoadedModel, is_run_dir, load_for_inference
-from tunelab.models import load_tokenizer, resolve_model
+from tunelab.models import add_adapter, load_tokenizer, resolve_model, run_trust_remote_code
 
 BASE_ADAPTER = None  # the adapter name under which a request runs on the bare base model
 
@@ -107,7 +107,7 @@ def load_pool(targets: list[str], precision: str = "fp32", device: str | None = 
     for index, (run, name) in enumerate(zip(runs, names, strict=True)):
         adapter = "default" if index == 0 else name
         if index:
-            model.load_adapter(str(run), adapter_name=adapter)
+            add_adapter(model, run, adapter)
             loaded = _run_settings(run, model)
             if len(loaded.tokenizer) != len(first.tokenizer):
                 raise TunelabError(
@@ -125,7 +125,7 @@ def load_pool(targets: list[str], precision: str = "fp32", device: str | None = 
             f"a run folder is named like its base model ({base_name!r}); rename the run folder."
         )
     base = bases[str(runs[0])]
-    base_tokenizer = load_tokenizer(resolve_model(base))
+    base_tokenizer = load_tokenizer(resolve_model(base), run_trust_remote_code(runs[0]))
     base_chat = bool(uses_chat_template(base_tokenizer, "auto"))
     served[base_name] = ServedModel(base_name, BASE_ADAPTER, base_tokenizer, base_chat, None, base)
     return ModelPool(model, served, _context_length(model))
@@ -140,7 +140,7 @@ def _served(name: str, adapter: str | None, loaded: LoadedModel) -> ServedModel:
 def _run_settings(folder: Path, model: Any) -> LoadedModel:
     """A run's tokenizer, chat flag and system prompt, read as ``load_for_inference`` reads
     them, on the already loaded shared ``model``."""
-    tokenizer = load_tokenizer(str(folder))
+    tokenizer = load_tokenizer(str(folder), run_trust_remote_code(folder))
     info_path = folder / "run_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     chat = bool(info.get("chat", getattr(tokenizer, "chat_template", None)))

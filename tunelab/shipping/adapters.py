@@ -69,10 +69,14 @@ class AdapterSet:
     """
 
     def __init__(self, adapters: dict[str, str | Path], precision: str = "fp32") -> None:
-        from peft import PeftModel
-
         from tunelab.device import choose_placement
-        from tunelab.models import load_model, load_tokenizer
+        from tunelab.models import (
+            add_adapter,
+            load_adapter,
+            load_model,
+            load_tokenizer,
+            run_trust_remote_code,
+        )
 
         if not adapters:
             raise TunelabError("give at least one adapter as NAME=RUN_DIR.")
@@ -87,11 +91,13 @@ class AdapterSet:
         self.infos = infos
         placement = choose_placement(precision)
         first, *rest = adapters.items()
-        self.tokenizer = load_tokenizer(str(first[1]))
-        base = load_model(bases.pop(), placement.dtype, device=placement.device)
-        self.model = PeftModel.from_pretrained(base, str(first[1]), adapter_name=first[0])
+        # the base runs custom code only when every run sharing it was trained allowing that
+        trust = all(run_trust_remote_code(path) for path in adapters.values())
+        self.tokenizer = load_tokenizer(str(first[1]), trust)
+        base = load_model(bases.pop(), placement.dtype, trust, device=placement.device)
+        self.model = load_adapter(base, first[1], adapter_name=first[0])
         for name, path in rest:
-            self.model.load_adapter(str(path), adapter_name=name)
+            add_adapter(self.model, path, name)
         self.model.eval()
         info_path = Path(first[1]) / "run_info.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}

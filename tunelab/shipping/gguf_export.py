@@ -40,17 +40,30 @@ _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # llama.cpp: "qwe
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
-def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f16") -> Path:
+def export_gguf(
+    model_dir: str | Path,
+    out_file: str | Path,
+    out_type: str = "f16",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
     """Write ``model_dir`` (a transformers folder of a family in ``SUPPORTED`` with a byte-level
     BPE tokenizer.json) to ``out_file`` as GGUF with weights of ``out_type`` (one of
     ``OUT_TYPES``). Returns the file's path. Adapters must be merged first. k-quants need
-    llama-cpp-python (TunelabError says how to install it when it is missing)."""
+    llama-cpp-python (TunelabError says how to install it when it is missing).
+
+    An existing ``out_file`` is replaced only with ``overwrite`` and only when it is a GGUF
+    file (never the user's other files); TunelabError otherwise."""
     import gguf
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.files import disk_full_errors, ensure_free_space
-    from tunelab.models import ensure_pad_token
+    from tunelab.models import (
+        ensure_pad_token,
+        load_model,
+        load_model_config,
+        load_saved_tokenizer,
+    )
 
     folder, out_file = Path(model_dir), Path(out_file)
     if out_type not in OUT_TYPES:
@@ -64,14 +77,16 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f1
             f"{folder} is not a transformers model folder (no config.json). Export a merged "
             "model folder (tunelab merge RUN_DIR OUT_DIR) or a run folder via tunelab export."
         )
+    if check_gguf_target(out_file, folder, overwrite):
+        print(f"Replacing the GGUF file {out_file}.")
     from tunelab.runs import check_run_files
 
     check_run_files(folder)  # a cut-off tokenizer.json or weights file is named, not parsed
-    config = AutoConfig.from_pretrained(folder)
+    config = load_model_config(str(folder), trust_remote_code)
     family = _check_architecture(folder, config)
     tokenizer_meta = _tokenizer_metadata(folder, config.vocab_size)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load_model(str(folder), torch.float32, trust_remote_code)
+    tokenizer = load_saved_tokenizer(str(folder), trust_remote_code)
     ensure_pad_token(tokenizer)  # the padding tunelab trained and generates with
     state = model.state_dict()
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +155,33 @@ def quantize_with_llama_cpp(source: Path, out_file: Path, out_type: str) -> Path
         )
     os.replace(partial, out_file)
     return out_file
+
+
+def check_gguf_target(out_file: Path, model_dir: Path, overwrite: bool) -> bool:
+    """Refuse an output path that is a folder, one of the model folder's own files, or an
+    existing file that is not GGUF; an existing GGUF file needs ``overwrite``. Returns whether
+    a file will be replaced."""
+    if out_file.is_dir():
+        raise TunelabError(f"--out {out_file} is a folder. Give a file path ending in .gguf.")
+    if not (out_file.exists() or out_file.is_symlink()):
+        return False
+    if out_file.resolve().parent == model_dir.resolve() and out_file.suffix.lower() != ".gguf":
+        raise TunelabError(
+            f"--out {out_file} is one of the model's own files. Give a new .gguf path."
+        )
+    with out_file.open("rb") as handle:
+        is_gguf = handle.read(4) == b"GGUF"
+    if not is_gguf:
+        raise TunelabError(
+            f"--out {out_file} exists and is not a GGUF file, so tunelab will not replace it. "
+            "Choose another output path."
+        )
+    if not overwrite:
+        raise TunelabError(
+            f"--out {out_file} already exists (a GGUF file). Pass --overwrite to replace it, or "
+            "choose another path with --out."
+        )
+    return True
 
 
 def _llama_cpp(purpose: str) -> Any:

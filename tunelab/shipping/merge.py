@@ -9,6 +9,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.files import staged_folder, tensor_bytes
+from tunelab.ownership import check_separate, finish_output_folder, prepare_output_folder
 from tunelab.runs import check_run_files
 
 MERGEABLE = ("LORA", "ADALORA", "IA3")
@@ -38,9 +39,8 @@ def merge_run(
     A QLoRA run merges into the dequantised (full-precision) base it was quantised from.
     """
     import torch
-    from peft import PeftModel
 
-    from tunelab.models import load_model
+    from tunelab.models import load_adapter, load_model, run_trust_remote_code
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     adapter_config = read_adapter_config(run_dir)
@@ -51,18 +51,18 @@ def merge_run(
             "tokens instead of changing weights, so it cannot be merged into the base. Load it "
             "with peft.PeftModel (or tunelab generate) instead."
         )
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise TunelabError(f"{out_dir} is not empty. Choose a new folder or pass --overwrite.")
-        shutil.rmtree(out_dir)
     base = adapter_config["base_model_name_or_path"]
-    model = load_model(base, torch.float32)
+    local_base = base if base and Path(base).expanduser().exists() else None
+    check_separate(out_dir, {"run_dir": run_dir, "the base model": local_base}, "out_dir")
+    prepare_output_folder(out_dir, "merge", overwrite, "out_dir")
+    trust = run_trust_remote_code(run_dir)
+    model = load_model(base, torch.float32, trust)
     from tunelab.models import load_tokenizer
 
-    tokenizer = load_tokenizer(str(run_dir))
+    tokenizer = load_tokenizer(str(run_dir), trust)
     if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # the run added tokens
-    merged = PeftModel.from_pretrained(model, str(run_dir)).merge_and_unload()
+    merged = load_adapter(model, run_dir).merge_and_unload()
     # written beside and renamed: a full disk or a crash never leaves a half model folder
     needed = tensor_bytes(merged) + sum(p.stat().st_size for p in run_dir.glob("tokenizer*"))
     with staged_folder(out_dir, "the merged model", needed) as staging:
@@ -71,4 +71,5 @@ def merge_run(
         for name in ("run_info.json", "tunelab_config.yaml"):
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, staging / name)
+        finish_output_folder(staging, "merge")
     return out_dir

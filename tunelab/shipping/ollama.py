@@ -238,11 +238,11 @@ def chat_settings(folder: str | Path) -> tuple[Any, str | None]:
     """A run or model folder's tokenizer (chat template) and the system prompt it trained with."""
     import json
 
-    from tunelab.models import load_tokenizer
+    from tunelab.models import load_tokenizer, run_trust_remote_code
 
     info_path = Path(folder) / "run_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    return load_tokenizer(str(folder)), info.get("system_prompt")
+    return load_tokenizer(str(folder), run_trust_remote_code(folder)), info.get("system_prompt")
 
 
 def write_modelfile(

@@ -99,8 +99,6 @@ def save_checkpoint(
 def load_weights(path: Path, model: Any) -> None:
     """Put a checkpoint's weights into ``model``: the adapter of a PEFT model, or every
     weight of a fully fine-tuned one."""
-    from safetensors.torch import load_file
-
     if _is_peft(model):
         from peft import set_peft_model_state_dict
 
@@ -111,7 +109,7 @@ def load_weights(path: Path, model: Any) -> None:
                 "by a run with an adapter method. Resume with the run's own config."
             )
         check_safetensors(adapter, damaged_checkpoint_fix(path))
-        set_peft_model_state_dict(model, load_file(str(adapter)))
+        set_peft_model_state_dict(model, _read_safetensors(adapter))
         return
     files = sorted(path.glob("model*.safetensors"))
     if not files:
@@ -122,7 +120,7 @@ def load_weights(path: Path, model: Any) -> None:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         check_safetensors(file, damaged_checkpoint_fix(path))
-        state.update(load_file(str(file)))
+        state.update(_read_safetensors(file))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k or "embed" in k}  # tied weights are saved once
     if unexpected or set(missing) - tied:
@@ -130,6 +128,36 @@ def load_weights(path: Path, model: Any) -> None:
             f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}). Resume with the run's own config."
         )
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; a damaged one is a TunelabError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except SafetensorError as exc:
+        raise TunelabError(
+            f"{file} is damaged or not a safetensors file ({exc}). Resume from an earlier "
+            f"checkpoint (delete {file.parent}) or start the run again with --overwrite."
+        ) from None
+
+
+def _read_training_state(file: Path) -> dict[str, Any]:
+    """The optimizer/scheduler/RNG state, read with weights_only (no code can run); a file
+    that needs more than tensors is refused with a TunelabError naming it."""
+    import pickle
+
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused"
+        raise TunelabError(
+            f"{file} holds Python objects beyond tensors, so loading it could run code; it was "
+            f"refused ({first[:200]}). tunelab never writes such a file: resume from another "
+            f"checkpoint (delete {file.parent}) or start the run again with --overwrite."
+        ) from None
 
 
 def load_checkpoint(
@@ -150,7 +178,7 @@ def load_checkpoint(
     if weights:
         load_weights(path, model)
     try:
-        blob = torch.load(path / "training_state.pt", weights_only=True)
+        blob = _read_training_state(path / "training_state.pt")
     except (OSError, RuntimeError, EOFError, ValueError) as error:
         raise TunelabError(
             f"{path / 'training_state.pt'} cannot be read ({str(error).splitlines()[0]}). "
