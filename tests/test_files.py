@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.errors import TunelabError
+from tunelab.ownership import MANIFEST
 
 
 def disk_full(*args, **kwargs):
@@ -26,7 +27,11 @@ def disk_full(*args, **kwargs):
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary files or folders of an interrupted write."""
-    return [p.name for p in folder.rglob("*") if p.name.startswith(".") or "partial" in p.name]
+    return [
+        p.name
+        for p in folder.rglob("*")
+        if (p.name.startswith(".") and p.name != MANIFEST) or "partial" in p.name
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +255,7 @@ def test_final_save_cut_by_a_full_disk_leaves_no_run_that_looks_finished(make_co
     names = {p.name for p in run.iterdir()}
     assert not names & {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"}
     assert "results.json" not in names
-    assert [n for n in names if n.startswith(".")] == []
+    assert [n for n in names if n.startswith(".") and n != MANIFEST] == []
     # the readers then say what happened instead of blaming the hub or a parser
     with pytest.raises(TunelabError, match="a tunelab run that did not finish"):
         load_for_inference(str(run))
@@ -359,8 +364,9 @@ def test_runs_list_and_compare_name_a_truncated_results_json(run_copy, tmp_path)
     from tunelab.runs import compare_runs, list_runs
 
     cut(run_copy / "results.json")
-    with pytest.raises(TunelabError, match=r"results.json is damaged \(not valid JSON"):
-        list_runs(tmp_path)
+    # runs list skips the damaged run with a note naming the file (one must not hide the rest)
+    listing = list_runs(tmp_path)
+    assert f"skipped {run_copy}" in listing and "results.json is damaged (not valid JSON" in listing
     with pytest.raises(TunelabError, match=r"results.json is damaged"):
         compare_runs([str(run_copy), str(run_copy)], None)
 
@@ -459,6 +465,6 @@ def test_real_full_disk_during_the_final_save(make_config, tmp_path, monkeypatch
         with pytest.raises(TunelabError, match=r"needs about \d+ MiB"):
             monkeypatch.setattr(tunelab.api, "ensure_free_space", lambda *a: None)
             tuner.save_model(disk / "run", results=results)
-        assert [p.name for p in (disk / "run").iterdir()] == []
+        assert [p.name for p in (disk / "run").iterdir() if p.name != MANIFEST] == []
     finally:
         subprocess.run(["umount", str(disk)])

@@ -38,9 +38,6 @@ def merge_run(
 
     A QLoRA run merges into the dequantised (full-precision) base it was quantised from.
     """
-    import torch
-
-    from tunelab.models import load_adapter, load_model, run_trust_remote_code
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     adapter_config = read_adapter_config(run_dir)
@@ -54,7 +51,22 @@ def merge_run(
     base = adapter_config["base_model_name_or_path"]
     local_base = base if base and Path(base).expanduser().exists() else None
     check_separate(out_dir, {"run_dir": run_dir, "the base model": local_base}, "out_dir")
+    created = not Path(out_dir).exists()
     prepare_output_folder(out_dir, "merge", overwrite, "out_dir")
+    try:
+        _merge_into(run_dir, Path(out_dir), base, max_shard_size)
+    except BaseException:
+        if created:  # a merge that failed leaves no folder it made (only its manifest is there)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return Path(out_dir)
+
+
+def _merge_into(run_dir: Path, out_dir: Path, base: str, max_shard_size: str) -> None:
+    import torch
+
+    from tunelab.models import load_adapter, load_model, run_trust_remote_code
+
     trust = run_trust_remote_code(run_dir)
     model = load_model(base, torch.float32, trust)
     from tunelab.models import load_tokenizer
@@ -72,4 +84,3 @@ def merge_run(
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, staging / name)
         finish_output_folder(staging, "merge")
-    return out_dir
