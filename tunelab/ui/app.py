@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.responses import (
     FileResponse,
     JSONResponse,
@@ -23,6 +23,7 @@ from fastapi.responses import (
 )
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.datastructures import UploadFile
 
 from tunelab.errors import TunelabError
 from tunelab.ui import forms
