@@ -11,11 +11,10 @@ pytest.importorskip("multipart", reason="python-multipart is not installed (the 
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from tests.conftest import write_jsonl  # noqa: E402
 from tunelab.cli import main  # noqa: E402
 from tunelab.config import load_config  # noqa: E402
 from tunelab.ui.app import create_app  # noqa: E402
-
-from tests.conftest import write_jsonl  # noqa: E402
 
 
 @pytest.fixture
@@ -105,6 +104,7 @@ def test_form_saves_the_yaml_the_cli_reads_and_loads_it_back(client, space, tiny
     from tunelab.config import FIELDS
 
     for name, spec in FIELDS.items():
+        assert spec.metadata["help"].split("'")[0][:20] in loaded.replace("&#39;", "'")
         assert f'id="in-{name}"' in loaded
     assert "Peak learning rate of AdamW." in loaded
 
