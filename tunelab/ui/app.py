@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import (
     FileResponse,
     JSONResponse,
@@ -236,7 +236,7 @@ def create_app(root: str | Path = ".") -> FastAPI:
         )
 
     @app.get("/compare")
-    def compare_page(request: Request, path: list[str] | None = None) -> Response:
+    def compare_page(request: Request, path: list[str] | None = Query(None)) -> Response:  # noqa: B008
         from tunelab.runs import compare_html, load_run
 
         chosen = [space.allowed(p) for p in (path or [])]

@@ -13,11 +13,14 @@ function setupConfigForm() {
   if (!form) return;
   const estimate = document.getElementById("estimate");
   const formError = document.getElementById("form-error");
+  let latest = 0;
   const check = async () => {
+    const asked = ++latest;
     const data = new FormData(form);
     data.delete("config_path"); data.delete("replace");
     const reply = await fetch("/api/config/check", { method: "POST", body: data });
     const result = await reply.json();
+    if (asked !== latest) return; // a newer check is on its way: show only the last answer
     form.querySelectorAll(".field").forEach((field) => {
       const name = field.id.slice("field-".length);
       const message = result.errors[name] || "";
