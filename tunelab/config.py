@@ -242,6 +242,20 @@ class FineTuningConfig:
     data_cache: bool = _f(
         True, "Reuse prepared data from $TUNELAB_CACHE/data when inputs and settings are unchanged."
     )
+    max_data_bytes: int = _f(
+        1 << 30,
+        "Refuse a data path holding more bytes than this (after decompression; counts a "
+        "folder's files together): a guard against devices, endless pipes and zip bombs.",
+    )
+    max_row_bytes: int = _f(
+        16 << 20, "Refuse a data row (a line, a text block, a field) longer than this in bytes."
+    )
+    max_rows: int = _f(1_000_000, "Refuse a data path holding more rows than this.")
+    drop_control_chars: bool = _f(
+        True,
+        "Remove control characters (C0/C1, e.g. terminal escape sequences) from the data, "
+        "keeping tab and newline; the report counts the examples changed.",
+    )
 
     # --- method ---
     method: str = _f(
@@ -376,6 +390,8 @@ def validate(config: FineTuningConfig) -> None:
     _check(c.num_epochs >= 1, "num_epochs", c.num_epochs, "at least 1")
     _check(c.batch_size >= 1, "batch_size", c.batch_size, "at least 1")
     _check(c.max_length >= 8, "max_length", c.max_length, "at least 8 tokens")
+    for key in ("max_data_bytes", "max_row_bytes", "max_rows"):
+        _check(getattr(c, key) >= 1, key, getattr(c, key), "a positive whole number")
     _check(
         c.gradient_accumulation_steps >= 1,
         "gradient_accumulation_steps",

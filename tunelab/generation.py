@@ -14,6 +14,8 @@ from typing import Any
 
 from tunelab.data.tokenize import render_prompt, uses_chat_template
 from tunelab.errors import TunelabError
+from tunelab.template_sandbox import render_chat
+from tunelab.text_safety import visible
 
 
 @dataclass
@@ -245,13 +247,11 @@ def chat_loop(
             messages = list(history)
             if loaded.system_prompt:
                 messages.insert(0, {"role": "system", "content": loaded.system_prompt})
-            text = loaded.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            text = render_chat(loaded.tokenizer, messages, add_generation_prompt=True)
         else:  # no template: the conversation so far as plain text
             text = "\n".join(m["content"] for m in history) + "\n"
         answer = generate_from_text(loaded, [text], max_new_tokens, do_sample, temperature, top_p)[
             0
         ]
         history.append({"role": "assistant", "content": answer})
-        output_fn(f"model> {answer}")
+        output_fn(f"model> {visible(answer)}")  # escapes the model learned are shown, not run

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.text_safety import visible
 
 RUN_CONFIG = "tunelab_config.yaml"
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -352,7 +353,7 @@ def add_runs_commands(subparsers: Any) -> argparse.ArgumentParser:
     listing.add_argument(
         "root", nargs="?", default="outputs", help="Folder searched recursively (default: outputs)."
     )
-    listing.set_defaults(func=lambda args: print(list_runs(args.root)) or 0)
+    listing.set_defaults(func=lambda args: print(visible(list_runs(args.root))) or 0)
     compare = commands.add_parser(
         "compare",
         help="Config differences, final and best metrics, and overlaid loss curves of runs.",
@@ -367,6 +368,6 @@ def add_runs_commands(subparsers: Any) -> argparse.ArgumentParser:
     )
     compare.add_argument("--no-plot", action="store_true", help="Skip the PNG (HTML only).")
     compare.set_defaults(
-        func=lambda args: print(compare_runs(args.runs, args.out, not args.no_plot)) or 0
+        func=lambda args: print(visible(compare_runs(args.runs, args.out, not args.no_plot))) or 0
     )
     return runs

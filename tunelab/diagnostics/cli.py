@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from tunelab.text_safety import visible
+
 DOCTOR_DESCRIPTION = """\
 Without RUN_DIR: report this machine (Python and library versions, CPU bf16 features, CUDA
 devices, RAM, disk, the model cache) and the precision and batch size tunelab would choose here.
@@ -40,12 +42,16 @@ def doctor_command(args: argparse.Namespace) -> int:
         from tunelab.diagnostics.environment import environment_report, format_report, report_dict
 
         sections = environment_report()
-        print(json.dumps(report_dict(sections), indent=2) if args.json else format_report(sections))
+        print(
+            json.dumps(report_dict(sections), indent=2)
+            if args.json
+            else visible(format_report(sections))
+        )
         return 0
     from tunelab.diagnostics.findings import format_findings, is_problem
     from tunelab.diagnostics.run_report import diagnose_run, findings_json
 
     findings = diagnose_run(args.run_dir)
     text = findings_json if args.json else format_findings
-    print(text(args.run_dir, findings))
+    print(visible(text(args.run_dir, findings)))  # findings quote data and configs
     return 1 if any(is_problem(f) for f in findings) else 0

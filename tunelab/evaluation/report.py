@@ -15,6 +15,7 @@ from typing import Any
 
 from tunelab.evaluation.verdict import LABELS
 from tunelab.files import atomic_write_text
+from tunelab.text_safety import markdown_cell
 
 COLOURS = {
     "base": "#8c8c8c",
@@ -257,14 +258,14 @@ def markdown_report(results: Any, shown: int = 8) -> str:
     data = results.to_json()
     systems = list(results.systems)
     lines = [
-        f"# Evaluation of {results.run_dir}",
+        f"# Evaluation of {markdown_cell(results.run_dir)}",
         "",
-        f"{len(results.items)} held-out examples from {results.eval_path}; "
+        f"{len(results.items)} held-out examples from {markdown_cell(results.eval_path)}; "
         f"{results.seconds:.0f} s.",
         "",
         "## Verdict",
         "",
-        *[f"- {s}" for s in results.verdict],
+        *[f"- {markdown_cell(s)}" for s in results.verdict],
         "",
         "## Systems",
         "",
@@ -301,14 +302,19 @@ def markdown_report(results: Any, shown: int = 8) -> str:
     lines += ["", "## Answers side by side", ""]
     for i in _sample(len(results.items), shown):
         item = data["items"][i]
-        lines += [f"### {item['question']}", "", f"- **reference**: {_one_line(item['reference'])}"]
+        lines += [
+            f"### {_one_line(item['question'])}",
+            "",
+            f"- **reference**: {_one_line(item['reference'])}",
+        ]
         lines += [f"- **{n}**: {_one_line(item['answers'][n])}" for n in systems]
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    # data and model output: HTML and Markdown markup escaped, so '<script>' stays text
+    return markdown_cell(text)
 
 
 def write_reports(results: Any, folder: Path, shown: int = 8) -> dict[str, str]:

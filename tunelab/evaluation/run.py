@@ -202,11 +202,22 @@ def load_items(
     config: Any, eval_path: str, limit: int | None
 ) -> tuple[list[EvalItem], list[EvalItem]]:
     """(held-out items, training pool), both cleaned as the run's training data was."""
-    from tunelab.data.prepare import load_examples, prepare_examples
+    from tunelab.data.loading import snapshot_pipes
+    from tunelab.data.prepare import read_limits
 
     if not Path(eval_path).exists():
         raise TunelabError(f"--eval-path {eval_path} does not exist. Give a held-out data file.")
     eval_config = dataclasses.replace(config, eval_path=str(eval_path))
+    # a pipe is read once here, for both the prepared items and their raw references
+    with snapshot_pipes([config.dataset_path, eval_path], read_limits(config)):
+        return _load_items(config, eval_config, eval_path, limit)
+
+
+def _load_items(
+    config: Any, eval_config: Any, eval_path: str, limit: int | None
+) -> tuple[list[EvalItem], list[EvalItem]]:
+    from tunelab.data.prepare import load_examples, prepare_examples
+
     prepared = prepare_examples(eval_config)
     pool = to_items(prepared.train, config.dataset_path)
     held_out = to_items(prepared.eval or [], str(eval_path))

@@ -20,6 +20,7 @@ from typing import Any
 
 from tunelab.data.schema import Example
 from tunelab.errors import TunelabError
+from tunelab.template_sandbox import render_chat
 
 SYSTEMS = ("base", "few-shot", "rag", "tuned", "tuned+rag")
 TUNED_SYSTEMS = ("tuned", "tuned+rag")
@@ -141,12 +142,10 @@ class PromptBuilder:
         eos = self.tokenizer.eos_token or ""
         if self.chat and not item.continuation:
             messages = self.messages(system, item, position)
-            prompt = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            prompt = render_chat(self.tokenizer, messages, add_generation_prompt=True)
             # the template's own end-of-turn closes the answer, as in training
             answer = {"role": "assistant", "content": item.reference}
-            full = self.tokenizer.apply_chat_template(messages + [answer], tokenize=False)
+            full = render_chat(self.tokenizer, messages + [answer])
             return prompt, full if full.startswith(prompt) else prompt + item.reference + eos
         # plain runs trained on prompt + completion joined as they are, so shots are too
         joiner = " " if item.continuation else ""
