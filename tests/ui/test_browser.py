@@ -164,6 +164,7 @@ def test_the_whole_loop_in_a_browser(server, page, tiny_model_dir, qa_rows, make
     # 4. judge: the doctor, a comparison with a run started from the CLI, the chat
     page.click("#doctor")
     expect(page.locator("#findings")).to_be_visible()
+    page.locator("#findings").scroll_into_view_if_needed()
     shot(page, "4-doctor")
     from tunelab.api import FineTuner
 

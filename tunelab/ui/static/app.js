@@ -140,6 +140,7 @@ async function stream(model, path, prompt, maxNewTokens) {
     if (done) break;
     out.textContent += decoder.decode(value, { stream: true });
   }
+  out.dataset.blank = String(!out.textContent.trim());
   out.dataset.done = "true";
 }
 
