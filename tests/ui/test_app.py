@@ -58,6 +58,18 @@ def test_files_only_from_opened_folders(client, space, tmp_path):
     assert page_error(reply.text) is None and 'id="summary"' in reply.text
 
 
+def test_requests_from_another_site_are_refused(client, space):
+    reply = client.post(
+        "/api/ship",
+        params={"path": str(space), "action": "merge"},
+        headers={"origin": "http://evil.example"},
+    )
+    assert reply.status_code == 403 and "http://evil.example are refused" in reply.json()["error"]
+    assert client.app.state.workspace.jobs.jobs == {}
+    same = client.post("/api/config/check", data={}, headers={"origin": "http://testserver"})
+    assert same.status_code == 200
+
+
 def test_invalid_value_shows_the_cli_message_next_to_its_field(client, space, capsys):
     form = {"lora_r": "0", "learning_rate": "3e-4"}
     reply = client.post("/api/config/check", data=form).json()

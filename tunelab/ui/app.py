@@ -12,6 +12,7 @@ import shutil
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import (
@@ -73,6 +74,18 @@ def create_app(root: str | Path = ".") -> FastAPI:
     app.state.workspace = space
     templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescapes .html
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    @app.middleware("http")
+    async def same_origin_only(request: Request, call_next: Any) -> Response:
+        # another web site open in the same browser may send requests here too: a request
+        # that names a foreign origin (a cross-site form or fetch) is refused
+        origin = request.headers.get("origin")
+        if origin and urlsplit(origin).netloc != request.headers.get("host"):
+            return JSONResponse(
+                {"error": f"requests from {origin} are refused; use the app's own pages."},
+                status_code=403,
+            )
+        return await call_next(request)
 
     def page(request: Request, name: str, **context: Any) -> Response:
         context.setdefault("error", None)
