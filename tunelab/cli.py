@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import warnings
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -21,7 +19,9 @@ def cmd_init(args: argparse.Namespace) -> int:
             f"{path} already exists. Pass --force to replace it, or give another "
             "path: tunelab init my-run.yaml"
         )
-    path.write_text(starter_config_text(), encoding="utf-8")
+    from tunelab.files import atomic_write_text
+
+    atomic_write_text(path, starter_config_text())
     print(f"Wrote {path}. Set dataset_path, then run: tunelab train {path}")
     return 0
 
@@ -50,6 +50,8 @@ def _report(results: dict, output_dir: str) -> None:
         f"{results['train_runtime_seconds']:.1f} s ({results['tokens_per_second']:.0f} tokens/s)"
         f"; final train loss {results['final_train_loss']:.4f}"
     )
+    for warning in results.get("warnings", []):
+        print(f"Warning: {warning}")
     if "eval_loss" in results:
         before = results.get("initial_eval_loss")
         change = f" (base model: {before:.4f})" if before is not None else ""
@@ -267,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     parser.add_argument(
-        "--debug", action="store_true", help="Show full tracebacks instead of short error messages."
+        "--debug",
+        action="store_true",
+        help="Show full tracebacks instead of short error messages, and the libraries' "
+        "warnings, logging and progress bars.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -484,9 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
-        # library deprecation chatter is for tunelab's developers, not its users
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # library chatter (deprecations, bitsandbytes' kernel note, progress bars) is for
+        # tunelab's developers, not its users
+        from tunelab.library_noise import silence_library_noise
+
+        silence_library_noise()
     try:
         return int(args.func(args) or 0)
     except TunelabError as exc:

@@ -26,6 +26,8 @@ SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHAT_FORMATS = ("auto", "chat", "plain")
 REPORT_SINKS = ("tensorboard", "mlflow", "wandb")
+# tunelab.training.families.PIECES (kept here so the config needs no torch import)
+FAST_PATH_PIECES = ("attention", "loss", "rotary", "norm", "lora_forward", "dropout")
 METHODS = (
     "lora",
     "dora",
@@ -109,6 +111,16 @@ class FineTuningConfig:
     )
     gradient_checkpointing: bool = _f(
         False, "Recompute activations in the backward pass: less memory, about 30% more compute."
+    )
+    fast_path: bool = _f(
+        True,
+        "Use tunelab's faster training pieces where they are proven equal for the model's "
+        "family (false: transformers' and PEFT's own code throughout, for debugging).",
+    )
+    fast_path_disable: list[str] = _f(
+        [],
+        "Pieces of the fast path to run stock: attention, loss, rotary, norm, lora_forward, "
+        "dropout (see docs/training.md; `tunelab train` prints which run fast).",
     )
     sharding: str = _f(
         "none",
@@ -241,6 +253,22 @@ class FineTuningConfig:
     )
     data_cache: bool = _f(
         True, "Reuse prepared data from $TUNELAB_CACHE/data when inputs and settings are unchanged."
+    )
+    dataset_mix: dict[str, float] = _f(
+        {},
+        "Extra training sources and their share of the training set, e.g. "
+        "{data/forum.jsonl: 0.2}; dataset_path keeps the rest (see docs/data.md, mixing).",
+    )
+    replay_general_share: float = _f(
+        0.0,
+        "Share of the training set that is general prose replayed against forgetting (e.g. "
+        "0.1); tunelab eval's forgetting check then reads only prose that was not replayed.",
+    )
+    probe_templates: list[str] = _f(
+        [],
+        "tunelab eval's knowledge probes: questions that reword a training item, using "
+        "{subject} (what it asks about, e.g. 'Explain what {subject} is.') or {question}; "
+        "empty: the default set in tunelab/evaluation/probes.py.",
     )
     max_data_bytes: int = _f(
         1 << 30,
@@ -403,6 +431,13 @@ def validate(config: FineTuningConfig) -> None:
     _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "zero or positive")
     _check(c.max_grad_norm >= 0, "max_grad_norm", c.max_grad_norm, "zero (off) or positive")
     _check(c.logging_steps >= 1, "logging_steps", c.logging_steps, "at least 1")
+    for piece in c.fast_path_disable:
+        if piece not in FAST_PATH_PIECES:
+            raise TunelabError(
+                f"config key 'fast_path_disable' names {piece!r}, which is not a piece of the "
+                f"fast path; allowed: {', '.join(FAST_PATH_PIECES)}."
+                f"{did_you_mean(piece, FAST_PATH_PIECES)}"
+            )
     _check(c.eval_steps is None or c.eval_steps >= 1, "eval_steps", c.eval_steps, "null or >= 1")
     _check(c.save_steps is None or c.save_steps >= 1, "save_steps", c.save_steps, "null or >= 1")
     # method
@@ -551,6 +586,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> FineTun
         value = getattr(config, key)
         if value and not Path(value).is_absolute():
             setattr(config, key, str((base / value).resolve()))
+    config.dataset_mix = {
+        str(path if Path(path).is_absolute() else (base / path).resolve()): weight
+        for path, weight in config.dataset_mix.items()
+    }
     model = Path(config.model_name)
     if not model.is_absolute() and (base / model).exists():
         config.model_name = str(base / model)

@@ -14,6 +14,7 @@ from typing import Any
 
 from tunelab.data.tokenize import render_prompt, uses_chat_template
 from tunelab.errors import TunelabError
+from tunelab.runs import RUN_CONFIG, check_run_files
 from tunelab.template_sandbox import render_chat
 from tunelab.text_safety import visible
 
@@ -43,6 +44,8 @@ def load_for_inference(
     from tunelab.models import load_model, load_tokenizer, resolve_model
 
     placement = choose_placement(precision, device)
+    if Path(target).is_dir():
+        check_run_files(target)  # a save cut off by a full disk is named, not parsed
     if is_run_dir(target):
         folder = Path(target)
         adapter_config = json.loads((folder / "adapter_config.json").read_text())
@@ -71,6 +74,13 @@ def load_for_inference(
             model = PeftModel.from_pretrained(model, str(folder)).eval()
         chat = bool(info.get("chat", getattr(tokenizer, "chat_template", None)))
         return LoadedModel(model, tokenizer, chat, info.get("system_prompt"), str(folder))
+    if (Path(target) / RUN_CONFIG).is_file() and not (Path(target) / "config.json").exists():
+        raise TunelabError(
+            f"{target} is a tunelab run that did not finish: it has no saved model "
+            "(adapter_config.json). Its training stopped or its final save failed; "
+            f"'tunelab doctor {target}' shows why. Continue it with 'tunelab train CONFIG "
+            "--resume' (from its last checkpoint) or train again."
+        )
     if Path(target).is_dir() and not (Path(target) / "config.json").exists():
         raise TunelabError(
             f"{target} is neither a tunelab run folder (no adapter_config.json) nor a model "

@@ -72,6 +72,8 @@ DATA_KEYS = (
     "max_length",
     "chat_format",
     "system_prompt",
+    "dataset_mix",
+    "replay_general_share",
     "drop_control_chars",
 )
 # a row this many times longer than max_length (in tokens, at ~4 characters a token) is mostly
@@ -523,6 +525,16 @@ def prepare_examples(config: FineTuningConfig, tokenizer: Any = None) -> Prepare
 
 def _prepare_cached(config: FineTuningConfig, tokenizer: Any) -> PreparedData:
     inputs = {"train": _hash_inputs(config.dataset_path)}
+    if config.dataset_mix or config.replay_general_share:
+        from tunelab.data.mixing import check_mix
+
+        for path, _ in check_mix(config.dataset_mix, config.replay_general_share):
+            if not Path(path).exists():
+                raise TunelabError(
+                    f"config key 'dataset_mix': {path} does not exist. Check the path "
+                    "(relative paths in a config file are read from the config's folder)."
+                )
+            inputs[f"mix {path}"] = _hash_inputs(path)
     if config.eval_path:
         inputs["eval"] = _hash_inputs(config.eval_path)
     key = content_hash(config, tokenizer, inputs)
@@ -611,7 +623,17 @@ def _prepare(
                 f"{c.dataset_path}: eval_split {c.eval_split} leaves no training examples "
                 f"({len(held_out)} held out). Lower eval_split or add data."
             )
-    elif held_out is not None:
+    mix = None
+    if c.dataset_mix or c.replay_general_share:
+        # mixed after the hold-out (held-out items come from dataset_path alone) and before
+        # the leakage check (another source may hold an eval item too)
+        from tunelab.data.mixing import check_mix, mix_training_data
+
+        loaded = counts["train_loaded"]
+        sources = [(p, w, stage("train", p)) for p, w in check_mix(c.dataset_mix, 0.0)]
+        counts["train_loaded"] = loaded  # dataset_path's rows; each source's are in the mix
+        train, mix = mix_training_data(train, sources, c.replay_general_share, c.seed)
+    if held_out is not None and "eval_from_split" not in counts:
         leakage = _leakage(train, held_out, c, tallies["train"])
         train = leakage.pop("kept")
         if not train:
@@ -639,6 +661,7 @@ def _prepare(
         },
         "duplicates": {"examples": duplicates},
         "leakage": leakage,
+        "mix": mix,
         "bias": bias_section,
         "lengths": _lengths(train, held_out, tokenizer, c, lengths_by_id),
     }

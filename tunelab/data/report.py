@@ -340,6 +340,8 @@ def write_reports(manifest: dict[str, Any], folder: str | Path) -> tuple[Path, P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     markdown, page = folder / "report.md", folder / "report.html"
-    markdown.write_text(render_markdown(manifest) + "\n", encoding="utf-8")
-    page.write_text(render_html(manifest) + "\n", encoding="utf-8")
+    from tunelab.files import atomic_write_text
+
+    atomic_write_text(markdown, render_markdown(manifest) + "\n")
+    atomic_write_text(page, render_html(manifest) + "\n")
     return markdown, page

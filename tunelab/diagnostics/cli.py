@@ -13,9 +13,10 @@ Without RUN_DIR: report this machine (Python and library versions, CPU bf16 feat
 devices, RAM, disk, the model cache) and the precision and batch size tunelab would choose here.
 
 With RUN_DIR: read the run's metrics.jsonl, results.json, tunelab_config.yaml, run_info.json,
-data and tokenizer, and report each problem with its evidence and a fix: NaN or diverging loss,
-flat loss, an empty loss mask, overfitting, truncated examples, padding, chat template mismatch,
-pad = EOS masking the end of answers, gradient norm spikes.
+data and tokenizer, and report each problem with its evidence and a fix: files cut off while
+saved, NaN or diverging loss (even from one metrics line), flat loss, an empty loss mask,
+overfitting, truncated examples, padding, chat template mismatch, pad = EOS masking the end of
+answers, gradient norm spikes.
 
 Exit status: 0 when nothing (or only notes) was found, 1 when a problem (warning or error) was
 found, 2 when RUN_DIR cannot be read."""

@@ -49,7 +49,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f1
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.files import ensure_free_space
+    from tunelab.files import disk_full_errors, ensure_free_space
     from tunelab.models import ensure_pad_token
 
     folder, out_file = Path(model_dir), Path(out_file)
@@ -64,6 +64,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f1
             f"{folder} is not a transformers model folder (no config.json). Export a merged "
             "model folder (tunelab merge RUN_DIR OUT_DIR) or a run folder via tunelab export."
         )
+    from tunelab.runs import check_run_files
+
+    check_run_files(folder)  # a cut-off tokenizer.json or weights file is named, not parsed
     config = AutoConfig.from_pretrained(folder)
     family = _check_architecture(folder, config)
     tokenizer_meta = _tokenizer_metadata(folder, config.vocab_size)
@@ -80,36 +83,41 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f1
     # looks complete.
     partial = out_file.with_name(f".{out_file.name}.partial")
     arch = getattr(gguf.MODEL_ARCH, family.arch)
-    writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[arch])
-    _write_hyperparameters(writer, config, folder.resolve().name, written_type)
-    family.extra(writer, config, str(folder))
-    _write_tokenizer(writer, tokenizer, tokenizer_meta)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    for name, tensor in state.items():
-        if name == "lm_head.weight" and tied:
-            continue  # llama.cpp and transformers reuse token_embd when output.weight is absent
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        data = tensor.detach().to(torch.float32).numpy()
-        target = gguf_name(name, family, names)
-        if family.permute_rotary and ".attn_q." in target:
-            data = permute_rotary(data, heads)
-        elif family.permute_rotary and ".attn_k." in target:
-            data = permute_rotary(data, kv_heads)
-        if family.norm_offset and target.endswith("norm.weight"):
-            data = data + family.norm_offset
-        _add_tensor(writer, target, data, written_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    if out_type in K_QUANTS:
-        quantize_with_llama_cpp(partial, out_file, out_type)
-        partial.unlink()
-    else:
-        os.replace(partial, out_file)
+    try:
+        with disk_full_errors(out_file.parent, "the GGUF file", int(needed)):
+            writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[arch])
+            _write_hyperparameters(writer, config, folder.resolve().name, written_type)
+            family.extra(writer, config, str(folder))
+            _write_tokenizer(writer, tokenizer, tokenizer_meta)
+            tied = bool(getattr(config, "tie_word_embeddings", False))
+            heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+            names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+            for name, tensor in state.items():
+                if name == "lm_head.weight" and tied:
+                    continue  # llama.cpp and transformers reuse token_embd without output.weight
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                data = tensor.detach().to(torch.float32).numpy()
+                target = gguf_name(name, family, names)
+                if family.permute_rotary and ".attn_q." in target:
+                    data = permute_rotary(data, heads)
+                elif family.permute_rotary and ".attn_k." in target:
+                    data = permute_rotary(data, kv_heads)
+                if family.norm_offset and target.endswith("norm.weight"):
+                    data = data + family.norm_offset
+                _add_tensor(writer, target, data, written_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            with partial.open("rb") as written:
+                os.fsync(written.fileno())
+            if out_type in K_QUANTS:
+                quantize_with_llama_cpp(partial, out_file, out_type)
+            else:
+                os.replace(partial, out_file)
+    finally:
+        partial.unlink(missing_ok=True)  # a half-written export is never left behind
     return out_file
 
 

@@ -109,7 +109,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")  # no display needed; safe in a server or a test
     import matplotlib.pyplot as plt
 
-    from tunelab.files import atomic_write_bytes
+    from tunelab.files import save_figure
 
     figure, (loss_axis, lr_axis) = plt.subplots(1, 2, figsize=(10, 4))
     if train:
@@ -123,9 +123,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     loss_axis.legend()
     lr_axis.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate")
     figure.tight_layout()
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return atomic_write_bytes(path, buffer.getvalue())
+    try:
+        return save_figure(figure, path, dpi=100)
+    finally:
+        plt.close(figure)
