@@ -3,6 +3,7 @@ checkpoint policies, early stopping, metric sinks, NaN handling, precision, full
 
 import json
 import shutil
+import struct
 
 import pytest
 import torch
@@ -227,3 +228,51 @@ def test_resuming_an_adapter_run_from_a_full_checkpoint_is_refused(make_config, 
     model = tuner.prepare_model()
     with pytest.raises(TunelabError, match="holds no adapter_model.safetensors"):
         load_weights(tmp_path / "run" / "checkpoints" / "step-000001", model)
+
+
+def _wandb_history(path):
+    """The history rows of an offline .wandb file (a LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, pending, rows = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if left < 7 or (length == 0 and kind == 0):  # block padding
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append(
+                    {
+                        i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                        for i in record.history.item
+                    }
+                )
+    return rows
+
+
+def test_wandb_offline_logs_the_metrics(make_config, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the wandb package is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = make_config(max_steps=3, report_to=["wandb"])
+    config.eval_path = config.dataset_path
+    FineTuner(config).train()
+    run = tmp_path / "run"
+    files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    history = _wandb_history(files[0])
+    logged = metrics(run)
+    assert [r["train/loss"] for r in history if "train/loss" in r] == pytest.approx(
+        [m["loss"] for m in logged if "loss" in m], rel=1e-6
+    )
+    assert [r["eval/loss"] for r in history if "eval/loss" in r] == pytest.approx(
+        [m["eval_loss"] for m in logged if "eval_loss" in m], rel=1e-6
+    )
+    assert [r["_step"] for r in history if "train/loss" in r] == [1, 2, 3]

@@ -184,6 +184,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from tunelab.ui.serve import run_ui
+
+    run_ui(args.folder, host=args.host, port=args.port)
+    return 0
+
+
 def _name_value(text: str, what: str) -> tuple[str, str]:
     if "=" not in text:
         raise TunelabError(f"{what} expects NAME=VALUE, got {text!r}.")
@@ -451,6 +458,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--out", default=None, help="Folder for the runs and the table.")
     compare.set_defaults(func=cmd_methods_compare)
+
+    ui = sub.add_parser(
+        "ui",
+        help="Open the whole loop in a local web app (data, config, runs, chat, shipping).",
+        description="Serves a web app over FOLDER (its data, configs and runs) on 127.0.0.1.",
+    )
+    ui.add_argument("folder", nargs="?", default=".", help="Workspace folder (default: here).")
+    ui.add_argument("--port", type=int, default=7860, help="Port to listen on (7860).")
+    ui.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address to listen on; anything but 127.0.0.1 opens the app to the network "
+        "(printed as a warning).",
+    )
+    ui.set_defaults(func=cmd_ui)
 
     try:
         from tunelab.data.cli import add_data_commands

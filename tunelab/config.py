@@ -25,7 +25,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHAT_FORMATS = ("auto", "chat", "plain")
-REPORT_SINKS = ("tensorboard", "mlflow")
+REPORT_SINKS = ("tensorboard", "mlflow", "wandb")
 # tunelab.training.families.PIECES (kept here so the config needs no torch import)
 FAST_PATH_PIECES = ("attention", "loss", "rotary", "norm", "lora_forward", "dropout")
 METHODS = (
@@ -140,7 +140,9 @@ class FineTuningConfig:
         0.0, "An eval loss must beat the best by more than this to count as an improvement."
     )
     report_to: list[str] = _f(
-        [], "Extra metric sinks: tensorboard (event files in the run folder), mlflow."
+        [],
+        "Extra metric sinks: tensorboard (event files in the run folder), mlflow, wandb "
+        "(Weights & Biases; files in <output_dir>/wandb, WANDB_MODE=offline keeps them local).",
     )
     mlflow_tracking_uri: str | None = _f(
         None, "MLflow tracking URI; null uses a local file store in <output_dir>/mlruns."

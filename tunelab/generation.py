@@ -7,6 +7,7 @@ saved in the folder), so what the model sees at inference matches what it learne
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,58 @@ def generate(
     )
 
 
+def _options(
+    tokenizer: Any,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    repetition_penalty: float,
+) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "repetition_penalty": repetition_penalty,
+    }
+    if do_sample:
+        options.update(temperature=temperature, top_p=top_p)
+        if top_k is not None:
+            options["top_k"] = top_k
+    else:  # greedy: silence the sampling defaults a model's generation config may carry
+        options.update(temperature=None, top_p=None, top_k=None)
+    return options
+
+
+def stream_answer(
+    loaded: LoadedModel, prompt: str, max_new_tokens: int = 128, repetition_penalty: float = 1.0
+) -> Iterator[str]:
+    """The greedy answer to one prompt (rendered as in training), yielded piece by piece as
+    the tokens come; the same text ``generate`` returns, unstripped."""
+    import threading
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    text = render_prompt(tokenizer, prompt, loaded.chat, loaded.system_prompt)
+    encoded = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+    encoded = {k: v.to(next(model.parameters()).device) for k, v in encoded.items()}
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    options = _options(tokenizer, max_new_tokens, False, 0.7, 0.9, None, repetition_penalty)
+
+    def run() -> None:
+        with torch.no_grad():
+            model.generate(**encoded, **options, streamer=streamer)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    yield from streamer
+    worker.join()
+
+
 def generate_from_text(
     loaded: LoadedModel,
     texts: list[str],
@@ -174,19 +227,9 @@ def generate_from_text(
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
-    options: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": do_sample,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "repetition_penalty": repetition_penalty,
-    }
-    if do_sample:
-        options.update(temperature=temperature, top_p=top_p)
-        if top_k is not None:
-            options["top_k"] = top_k
-    else:  # greedy: silence the sampling defaults a model's generation config may carry
-        options.update(temperature=None, top_p=None, top_k=None)
+    options = _options(
+        tokenizer, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty
+    )
     answers = []
     device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):

@@ -172,17 +172,25 @@ def preview_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_loss_spans(tokenizer: Any, input_ids: list[int], labels: list[int], colour: bool) -> str:
-    """The decoded tokens with the runs inside the loss marked (ANSI green or [[brackets]])."""
-    pieces, start = [], 0
+def loss_spans(tokenizer: Any, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """The decoded text in runs, each with whether the loss covers it (what preview marks)."""
+    spans, start = [], 0
     for end in range(1, len(input_ids) + 1):
         inside = labels[start] != IGNORE_INDEX
         if end < len(input_ids) and (labels[end] != IGNORE_INDEX) == inside:
             continue
+        spans.append((tokenizer.decode(input_ids[start:end]), inside))
+        start = end
+    return spans
+
+
+def render_loss_spans(tokenizer: Any, input_ids: list[int], labels: list[int], colour: bool) -> str:
+    """The decoded tokens with the runs inside the loss marked (ANSI green or [[brackets]])."""
+    pieces = []
+    for raw, inside in loss_spans(tokenizer, input_ids, labels):
         # the data's own escape sequences shown, not run; tunelab's colour added after
-        text = visible(tokenizer.decode(input_ids[start:end]))
+        text = visible(raw)
         if inside:
             text = f"\033[42;30m{text}\033[0m" if colour else f"[[{text}]]"
         pieces.append(text)
-        start = end
     return "".join(pieces)

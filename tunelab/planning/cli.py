@@ -4,8 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from tunelab.planning.memory import OPTIMIZER_BYTES, TrainingSetup
+
+
+def setup_values(config: Any) -> dict[str, Any]:
+    """The TrainingSetup values a run config fixes (what ``tunelab estimate CONFIG`` uses)."""
+    values = dict(
+        method=config.method,
+        lora_r=config.lora_r,
+        target_modules=list(config.target_modules),
+        lora_dropout=config.lora_dropout,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        gradient_checkpointing=config.gradient_checkpointing,
+        optimizer=config.optimizer,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        quantization_bits=config.quantization_bits,
+    )
+    if config.precision != "auto":
+        values["precision"] = config.precision
+    return values
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -39,20 +59,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                 f"{args.config}: method {config.method!r} has no estimate; estimates cover "
                 f"{', '.join(ESTIMATE_METHODS)}."
             )
-        values.update(
-            method=config.method,
-            lora_r=config.lora_r,
-            target_modules=list(config.target_modules),
-            lora_dropout=config.lora_dropout,
-            batch_size=config.batch_size,
-            max_length=config.max_length,
-            gradient_checkpointing=config.gradient_checkpointing,
-            optimizer=config.optimizer,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            quantization_bits=config.quantization_bits,
-        )
-        if config.precision != "auto":
-            values["precision"] = config.precision
+        values.update(setup_values(config))
         model = model or config.model_name
     from tunelab.config import DEFAULT_MODEL
 

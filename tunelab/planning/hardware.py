@@ -8,6 +8,7 @@ far more than any catalogue could say.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ def total_ram_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+@functools.lru_cache(maxsize=8)  # a machine's peak does not change within a process
 def measure_matmul_flops(precision: str = "fp32", size: int = 1024, seconds: float = 0.5) -> float:
     """FLOP/s of square matrix multiplies on this CPU in ``precision`` (best of a short run).
 

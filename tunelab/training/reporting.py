@@ -1,10 +1,12 @@
-"""Metric sinks beyond metrics.jsonl: TensorBoard event files, MLflow, and a PNG of the curves.
+"""Metric sinks beyond metrics.jsonl: TensorBoard event files, MLflow, Weights & Biases, and a
+PNG of the curves.
 
 Each is optional and imported only when asked for, with a message naming the extra to install.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ class Reporters:
     def __init__(self, config: FineTuningConfig, run_dir: Path, resume_step: int = 0) -> None:
         self.tensorboard: Any = None
         self.mlflow: Any = None
+        self.wandb: Any = None
         if "tensorboard" in config.report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -52,6 +55,23 @@ class Reporters:
             mlflow.log_params({k: str(v)[:250] for k, v in config.to_dict().items()})
             self.mlflow = mlflow
 
+        if "wandb" in config.report_to:
+            try:
+                import wandb
+            except ImportError:
+                raise _missing("wandb", "wandb") from None
+            run_dir = Path(run_dir).resolve()
+            # one W&B run per run folder, so a resumed run continues the same curves
+            run_id = hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]
+            self.wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "tunelab"),
+                name=run_dir.name,
+                id=run_id,
+                resume="allow",
+                dir=str(run_dir),
+                config=config.to_dict(),
+            )
+
     def write(self, record: dict[str, Any]) -> None:
         step = int(record["step"])
         values = {k: float(v) for k, v in record.items() if k != "step" and v is not None}
@@ -61,12 +81,20 @@ class Reporters:
                 self.tensorboard.add_scalar(f"{group}/{key.removeprefix('eval_')}", value, step)
         if self.mlflow is not None:
             self.mlflow.log_metrics(values, step=step)
+        if self.wandb is not None:
+            grouped = {
+                ("eval/" if k.startswith("eval_") else "train/") + k.removeprefix("eval_"): v
+                for k, v in values.items()
+            }
+            self.wandb.log(grouped, step=step)
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.mlflow is not None:
             self.mlflow.end_run()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:

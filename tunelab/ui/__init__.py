@@ -1,0 +1,1 @@
+"""``tunelab ui``: a local web app over the same Python API as the CLI (see ``app``)."""

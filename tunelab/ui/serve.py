@@ -1,0 +1,35 @@
+"""Start the app with uvicorn: 127.0.0.1 unless another host is asked for, with a warning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def run_ui(folder: str = ".", host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Serve the app for the workspace ``folder`` until Ctrl-C (training runs keep going)."""
+    try:
+        import uvicorn
+
+        from tunelab.ui.app import create_app
+    except ImportError as exc:
+        raise TunelabError(
+            f"tunelab ui needs the 'ui' extra ({exc.name} is missing). Install it with: "
+            "pip install 'tunelab[ui]'"
+        ) from None
+    if not Path(folder).is_dir():
+        raise TunelabError(
+            f"{folder} is not a folder. Pass the folder that holds your data and runs."
+        )
+    if host not in LOCAL_HOSTS:
+        print(
+            f"warning: listening on {host}, not only this machine: anyone who can reach port "
+            f"{port} can read the files in {Path(folder).resolve()} and start runs. There is no "
+            "login."
+        )
+    shown = "127.0.0.1" if host in LOCAL_HOSTS else host
+    print(f"tunelab ui: http://{shown}:{port}/ (Ctrl-C stops the app, not the runs)")
+    uvicorn.run(create_app(folder), host=host, port=port, log_level="warning")
