@@ -25,6 +25,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHAT_FORMATS = ("auto", "chat", "plain")
 REPORT_SINKS = ("tensorboard", "mlflow")
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")  # as in training.objectives
 METHODS = (
     "lora",
     "dora",
@@ -259,6 +260,29 @@ class FineTuningConfig:
         False, "Run model code shipped with a hub model (off unless you trust its author)."
     )
 
+    # --- objective (preference tuning: training.objectives) ---
+    objective: str = _f(
+        "sft",
+        "Training objective: sft (next-token loss), or preference tuning on prompt/chosen/"
+        "rejected data with dpo (TRL's sigmoid loss), ipo, orpo, simpo; kto on "
+        "prompt/completion/label data. dpo, ipo and kto score against the base model.",
+        choices=OBJECTIVES,
+    )
+    beta: float = _f(
+        0.1,
+        "Preference strength: DPO/IPO/KTO's KL weight, SimPO's reward scale, ORPO's odds-ratio "
+        "weight (TRL's beta; 0.1 is TRL's DPO default, SimPO often uses 2.0).",
+    )
+    label_smoothing: float = _f(
+        0.0, "dpo/simpo: assumed share of flipped preference labels (conservative DPO), [0, 0.5)."
+    )
+    simpo_gamma: float = _f(0.5, "simpo: target reward margin (TRL's simpo_gamma).")
+    cpo_alpha: float = _f(
+        0.0, "simpo: weight of the chosen answers' NLL added to the loss (0: pure SimPO)."
+    )
+    desirable_weight: float = _f(1.0, "kto: loss weight of answers labelled true.")
+    undesirable_weight: float = _f(1.0, "kto: loss weight of answers labelled false.")
+
     def __post_init__(self) -> None:
         validate(self)
 
@@ -399,6 +423,17 @@ def validate(config: FineTuningConfig) -> None:
             "config keys 'prompt_template' and 'completion_template' go together: set both "
             "(e.g. prompt_template: 'What does {term} mean?', completion_template: "
             "'{definition}') or neither."
+        )
+
+    # objective
+    _check(c.beta > 0 and math.isfinite(c.beta), "beta", c.beta, "a positive number")
+    _check(0 <= c.label_smoothing < 0.5, "label_smoothing", c.label_smoothing, "in [0, 0.5)")
+    for key in ("cpo_alpha", "desirable_weight", "undesirable_weight"):
+        _check(getattr(c, key) >= 0, key, getattr(c, key), "zero or positive")
+    if c.label_smoothing and c.objective not in ("dpo", "simpo"):
+        raise TunelabError(
+            f"config key 'label_smoothing' applies to objective dpo or simpo, not "
+            f"{c.objective!r} (TRL has no smoothing for it); set label_smoothing: 0."
         )
 
     # data preparation
