@@ -125,6 +125,7 @@ class FineTuner:
         self.tokenizer: Any = None
         self.model: Any = None
         self.prepared: PreparedData | None = None
+        self.preference: Any = None  # data.preference.PreparedPreference
         self.token_stats: dict[str, int] = {}
 
     # --- model ---
@@ -202,11 +203,49 @@ class FineTuner:
         ``datasets.Dataset``, or a list of dicts in any supported schema; ``text_column`` names
         the text column of plain-text data, as in the seed.
         """
+        if self.config.objective != "sft":
+            return self._preference_rows(dataset)
         if dataset is None:
             self.prepared = prepare_examples(self.config, self.load_tokenizer())
             print(format_summary(self.prepared.manifest))
             return self.rows(self.prepared.train, self.prepared.manifest.get("content_hash"))
         return self.rows(self.examples_from(dataset, text_column))
+
+    def _preference_rows(self, dataset: Any = None, held_out: bool = False) -> list[Row]:
+        """Preference units (data.preference), tokenized and packed (training.preference)."""
+        from tunelab.data.preference import (
+            format_preference_summary,
+            parse_row,
+            prepare_preference,
+            tokenize_preference,
+        )
+        from tunelab.training.preference import pack_units
+
+        if held_out:
+            examples = self.preference.eval if self.preference is not None else []
+        elif dataset is None:
+            self.preference = prepare_preference(self.config)
+            print(format_preference_summary(self.preference.manifest))
+            examples = self.preference.train
+        else:
+            rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+            examples = [
+                e for i, r in enumerate(rows)
+                for e in parse_row(r, f"dataset[{i}]", self.config.objective)
+            ]  # fmt: skip
+        units = tokenize_preference(
+            examples, self.load_tokenizer(), self.config.max_length, self.chat,
+            self.config.system_prompt,
+        )  # fmt: skip
+        if not held_out:
+            tokens = [t for u in units for t in u.sides.values()]
+            self.token_stats = {
+                "examples": len(units),
+                "truncated_examples": sum(t.truncated for t in tokens),
+                "tokens": sum(len(t.input_ids) for t in tokens),
+                "loss_tokens": sum(t.num_loss_tokens for t in tokens),
+            }
+        return list(pack_units(units, self.config.max_length, self.config.packing))
 
     def examples_from(self, dataset: Any, text_column: str = "text") -> list[Example]:
         rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
@@ -310,6 +349,8 @@ class FineTuner:
             self.config.save(output_dir / RUN_CONFIG)
         if self.prepared is not None and main_process:  # what the data stage did
             atomic_write_json(output_dir / "data_manifest.json", self.prepared.manifest)
+        if self.preference is not None and main_process:
+            atomic_write_json(output_dir / "data_manifest.json", self.preference.manifest)
         with method_step_hooks(self.model, self.config):
             results = fit(
                 self.model,
@@ -344,6 +385,9 @@ class FineTuner:
         return results
 
     def eval_rows(self) -> list[Row] | None:
+        if self.config.objective != "sft":
+            held_out = self._preference_rows(held_out=True)
+            return held_out or None
         if self.prepared is not None and self.prepared.eval:
             return self.rows(self.prepared.eval)
         if self.config.eval_path:
@@ -353,6 +397,8 @@ class FineTuner:
         return None
 
     def _count_examples(self) -> int | None:
+        if self.preference is not None:
+            return len(self.preference.train)
         return len(self.prepared.train) if self.prepared is not None else None
 
     def save_model(

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 
 from tunelab.config import FineTuningConfig
 from tunelab.errors import TunelabError
+from tunelab.training import preference
 from tunelab.training.attention import use_packed_attention
 from tunelab.training.batching import Row, collate, loss_tokens, plan_epoch
 from tunelab.training.checkpoint import (
@@ -61,6 +62,7 @@ class EvalResult:
     loss: float
     perplexity: float
     tokens: int
+    metrics: dict[str, float] = field(default_factory=dict)  # preference: TRL-named rewards
 
 
 @torch.no_grad()
@@ -257,6 +259,15 @@ def _fit(
     last_loss = float("nan")
     stopped_early = False
 
+    if preference.needs_reference(config):  # once, before any step changes the model
+        frozen = preference.frozen_reference(model) if state["step"] == 0 else None
+        forwards = preference.attach_reference_logps(
+            model, [train_rows, eval_rows or []], run_dir / preference.REFERENCE_CACHE,
+            pad_token_id, config.batch_size, device, precision, frozen,
+        )  # fmt: skip
+        del frozen
+        say(world, f"Reference log-probabilities: {forwards} forwards run, the rest cached in "
+            f"{run_dir / preference.REFERENCE_CACHE}.")  # fmt: skip
     initial = None
     if eval_rows and state["step"] == 0:  # the untrained adapter is the identity: base model
         initial = _evaluate(model, eval_rows, config, pad_token_id, device, precision, world)
@@ -277,10 +288,21 @@ def _fit(
         started = time.perf_counter()
 
         # --- the step: forward/backward, all-reduce, clip, update ---
-        step_loss, step_loss_tokens = accumulate_gradients(
-            model, shard(micro_batches, world), pad_token_id, device, precision,
-            step_loss_tokens=sum(loss_tokens(rows) for rows in micro_batches), scaler=scaler,
-        )  # fmt: skip
+        step_metrics: dict[str, float] = {}
+        if config.objective == "sft":
+            step_loss, step_loss_tokens = accumulate_gradients(
+                model, shard(micro_batches, world), pad_token_id, device, precision,
+                step_loss_tokens=sum(loss_tokens(rows) for rows in micro_batches), scaler=scaler,
+            )  # fmt: skip
+        else:  # preference objectives: the loss is a mean over the step's pairs / answers
+            step_loss, stats = preference.accumulate_preference_gradients(
+                model, shard(micro_batches, world), config, pad_token_id, device, precision,
+                step_units=sum(preference.count_units(rows) for rows in micro_batches),
+                step_chosen_tokens=sum(preference.chosen_tokens(rows) for rows in micro_batches),
+                scaler=scaler,
+            )  # fmt: skip
+            step_loss_tokens = sum(loss_tokens(rows) for rows in micro_batches)
+            step_metrics = stats.metrics()
         step_loss = all_reduce_sum(step_loss, world)
         all_reduce_gradients(params, world)
         if scaler is not None:
@@ -335,6 +357,7 @@ def _fit(
                     "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else None,
                     "tokens": state["tokens"],
                     "tokens_per_second": round(step_tokens / seconds, 2),
+                    **{k: round(v, 6) for k, v in step_metrics.items()},
                 }
             )
         if progress is not None:
@@ -400,10 +423,23 @@ def _evaluate(
     precision: str,
     world: World,
 ) -> EvalResult:
+    if config.objective != "sft":
+        loss, metrics = preference.evaluate_preference(
+            model,
+            rows,
+            config,
+            pad_token_id,
+            device,
+            precision,  # type: ignore[arg-type]
+        )
+        return EvalResult(loss, math.exp(min(loss, 50.0)), sum(len(r) for r in rows), metrics)
     return evaluate(model, rows, config.batch_size, pad_token_id, device, precision, world)
 
 
 def _eval_record(step: int, result: EvalResult) -> dict[str, Any]:
+    if result.metrics:  # preference: a perplexity of the objective would mean nothing
+        metrics = {f"eval_{k}": round(v, 6) for k, v in result.metrics.items()}
+        return {"step": step, "eval_loss": round(result.loss, 6), **metrics}
     return {
         "step": step,
         "eval_loss": round(result.loss, 6),
@@ -454,6 +490,9 @@ def _results(
             eval_perplexity=round(eval_result.perplexity, 4),
             best_eval_loss=round(state["best_eval_loss"], 6),
         )
+        results.update({f"eval_{k}": round(v, 6) for k, v in eval_result.metrics.items()})
+    if initial is not None and initial.metrics:
+        results.update({f"initial_eval_{k}": round(v, 6) for k, v in initial.metrics.items()})
     return results
 
 
