@@ -8,8 +8,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import write_jsonl
+
 from tunelab.api import FineTuner
 from tunelab.config import FineTuningConfig
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
