@@ -96,7 +96,7 @@ def _text(row: dict[str, Any], key: str, origin: str) -> Text:
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise _bad(
         origin,
-        f"'{key}' is {type(value).__name__} ({str(value)[:60]!r}), expected a string or a list "
+        f"'{key}' is {type(value).__name__} ({repr(value)[:60]}), expected a string or a list "
         "of {role, content} messages",
         f"Fix the row's '{key}'",
     )
