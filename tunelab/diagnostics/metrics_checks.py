@@ -13,6 +13,7 @@ import statistics
 from typing import Any
 
 from tunelab.diagnostics.findings import Finding
+from tunelab.diagnostics.preference_checks import preference_findings
 
 Record = dict[str, Any]
 
@@ -339,4 +340,5 @@ def metrics_findings(
     findings += check_overfitting(train, evals, config)
     findings += check_no_eval(evals)
     findings += check_grad_spikes(train, config)
+    findings += preference_findings(train, config)
     return findings
