@@ -228,7 +228,7 @@ class PreparedPreference:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def _clean(
+def clean_preference(
     examples: list[PreferenceExample], config: FineTuningConfig, edits: Counter[str]
 ) -> list[PreferenceExample]:
     c = config
@@ -268,10 +268,10 @@ def prepare_preference(config: FineTuningConfig) -> PreparedPreference:
     if not loaded:
         raise TunelabError(f"{c.dataset_path} holds no rows. Add preference rows to it.")
     edits: Counter[str] = Counter()
-    train = _clean(loaded, c, edits)
+    train = clean_preference(loaded, c, edits)
     held_out: list[PreferenceExample] = []
     if c.eval_path:
-        held_out = _clean(load_preference_examples(c.eval_path, c), c, Counter())
+        held_out = clean_preference(load_preference_examples(c.eval_path, c), c, Counter())
     duplicates = 0
     if c.dedup_exact:
         seen: set[str] = set()
