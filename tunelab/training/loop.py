@@ -260,12 +260,14 @@ def _fit(
     stopped_early = False
 
     if preference.needs_reference(config):  # once, before any step changes the model
+        reference_started = time.perf_counter()
         frozen = preference.frozen_reference(model) if state["step"] == 0 else None
         forwards = preference.attach_reference_logps(
             model, [train_rows, eval_rows or []], run_dir / preference.REFERENCE_CACHE,
             pad_token_id, config.batch_size, device, precision, frozen,
         )  # fmt: skip
         del frozen
+        state["reference_seconds"] = time.perf_counter() - reference_started
         say(world, f"Reference log-probabilities: {forwards} forwards run, the rest cached in "
             f"{run_dir / preference.REFERENCE_CACHE}.")  # fmt: skip
     initial = None
@@ -480,6 +482,8 @@ def _results(
     }
     if state["skipped_steps"]:
         results["skipped_steps"] = state["skipped_steps"]
+    if "reference_seconds" in state:  # the reference model's one pass, outside the steps
+        results["reference_seconds"] = round(state["reference_seconds"], 3)
     if stopped_early:
         results["stopped_early_at_step"] = state["step"]
     if initial is not None:
