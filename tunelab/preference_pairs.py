@@ -9,6 +9,7 @@ records the model that wrote its rejected answer (``rejected_model``) and the ro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -87,10 +88,12 @@ def make_pairs(
     """Write prompt/chosen/rejected rows for the prompt/completion data of ``config`` to
     ``out``, the rejected answers sampled from ``model`` (a run folder or a model name).
     Returns counts: written now, already there, skipped (answer equal to the reference)."""
-    from tunelab.data.prepare import load_examples
+    from tunelab.data.prepare import prepare_examples
     from tunelab.generation import generate, generate_from_text, load_for_inference
 
-    examples = load_examples(config.dataset_path, config)[:limit]
+    # the data stage's cleaned rows: the chosen answers are what SFT trained on
+    whole = dataclasses.replace(config, eval_path=None, eval_split=0.0, objective="sft")
+    examples = prepare_examples(whole).train[:limit]
     items = [(e.origin, *_prompt_and_reference(e)) for e in examples]
     out = Path(out)
     loaded = load_for_inference(model, precision=precision)
