@@ -351,6 +351,8 @@ class FineTuner:
             atomic_write_json(output_dir / "data_manifest.json", self.prepared.manifest)
         if self.preference is not None and main_process:
             atomic_write_json(output_dir / "data_manifest.json", self.preference.manifest)
+        if self.config.init_lora_weights in ("pissa", "olora") and main_process and not resume:
+            save_initial_adapter(self.model, output_dir)
         with method_step_hooks(self.model, self.config):
             results = fit(
                 self.model,
@@ -415,7 +417,12 @@ class FineTuner:
         ensure_free_space(
             folder, tensor_bytes(self.model, self.config.method != "full"), "the trained weights"
         )
-        self.model.save_pretrained(folder, state_dict=state_dict)
+        converted = {}
+        initial = Path(self.config.output_dir) / INITIAL_ADAPTER
+        if self.config.init_lora_weights in ("pissa", "olora") and initial.is_dir():
+            # saved as plain LoRA (rank 2r) on the original base, which pissa/olora changed
+            converted = {"path_initial_model_for_weight_conversion": str(initial)}
+        self.model.save_pretrained(folder, state_dict=state_dict, **converted)
         fsync_tree(folder)
         self.tokenizer.save_pretrained(folder)
         self.config.save(folder / RUN_CONFIG)
@@ -429,6 +436,22 @@ class FineTuner:
         }
         atomic_write_json(folder / RUN_INFO, info)
         return folder
+
+
+INITIAL_ADAPTER = "initial_adapter"
+
+
+def save_initial_adapter(model: Any, output_dir: Path) -> Path:
+    """A PiSSA/OLoRA adapter as it started (PEFT converts the trained one against it)."""
+    folder = output_dir / INITIAL_ADAPTER
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True  # saved as is, not converted
+    try:
+        model.save_pretrained(folder)
+    finally:
+        config.init_lora_weights = init
+    return folder
 
 
 def peak_memory_mb() -> float:

@@ -25,6 +25,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHAT_FORMATS = ("auto", "chat", "plain")
 REPORT_SINKS = ("tensorboard", "mlflow")
+INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa", "olora")
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")  # as in training.objectives
 METHODS = (
     "lora",
@@ -260,6 +261,25 @@ class FineTuningConfig:
         False, "Run model code shipped with a hub model (off unless you trust its author)."
     )
 
+    # --- method extras ---
+    loraplus_lr_ratio: float | None = _f(
+        None,
+        "LoRA+: the B matrices learn this many times faster than learning_rate (16 is the "
+        "paper's usual value); null: off. lora, dora and qlora only.",
+    )
+    init_lora_weights: str = _f(
+        "default",
+        "How LoRA starts (PEFT's init_lora_weights): default (B = 0), gaussian, pissa or olora "
+        "(the adapter starts from the weights' principal / QR directions and the base keeps "
+        "the rest; the saved adapter is converted back to plain LoRA on the original base).",
+        choices=INIT_LORA_WEIGHTS,
+    )
+    neftune_noise_alpha: float | None = _f(
+        None,
+        "NEFTune: uniform noise of this scale (5 is typical) on the input embeddings while "
+        "training with objective sft; never at evaluation or generation. null: off.",
+    )
+
     # --- objective (preference tuning: training.objectives) ---
     objective: str = _f(
         "sft",
@@ -423,6 +443,57 @@ def validate(config: FineTuningConfig) -> None:
             "config keys 'prompt_template' and 'completion_template' go together: set both "
             "(e.g. prompt_template: 'What does {term} mean?', completion_template: "
             "'{definition}') or neither."
+        )
+
+    # method extras
+    lora_family = c.method in ("lora", "dora", "qlora")
+    if c.loraplus_lr_ratio is not None:
+        _check(
+            c.loraplus_lr_ratio > 0,
+            "loraplus_lr_ratio",
+            c.loraplus_lr_ratio,
+            "null (off) or a positive ratio (16 is usual)",
+        )
+        _check(
+            lora_family,
+            "loraplus_lr_ratio",
+            c.loraplus_lr_ratio,
+            f"null with method {c.method} (LoRA+ speeds up LoRA's B matrices)",
+        )
+    if c.init_lora_weights != "default":
+        _check(
+            lora_family,
+            "init_lora_weights",
+            c.init_lora_weights,
+            f"default with method {c.method} (it sets how LoRA adapters start)",
+        )
+        if c.init_lora_weights in ("pissa", "olora"):
+            _check(
+                c.method != "qlora",
+                "init_lora_weights",
+                c.init_lora_weights,
+                "default or gaussian with qlora (pissa/olora rewrite base weights that are "
+                "quantised)",
+            )
+            _check(
+                c.objective not in ("dpo", "ipo", "kto"),
+                "init_lora_weights",
+                c.init_lora_weights,
+                f"default or gaussian with objective {c.objective}: "
+                "its reference is the base with the adapter off, which pissa/olora change",
+            )
+    if c.neftune_noise_alpha is not None:
+        _check(
+            c.neftune_noise_alpha > 0,
+            "neftune_noise_alpha",
+            c.neftune_noise_alpha,
+            "null (off) or positive (5 is typical)",
+        )
+        _check(
+            c.objective == "sft",
+            "neftune_noise_alpha",
+            c.neftune_noise_alpha,
+            f"null with objective {c.objective} (NEFTune is an SFT technique)",
         )
 
     # objective

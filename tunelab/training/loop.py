@@ -42,6 +42,7 @@ from tunelab.training.guards import catch_interrupt, nan_diagnosis
 from tunelab.training.logging import MetricsLog, Progress, read_metrics
 from tunelab.training.lora_forward import lean_lora_forward
 from tunelab.training.loss import causal_lm_loss_sum, release_scratch
+from tunelab.training.neftune import neftune
 from tunelab.training.norm import fast_rms_norm
 from tunelab.training.optim import build_optimizer
 from tunelab.training.precision import backward_precision, grad_scaler, mixed_precision
@@ -156,6 +157,7 @@ def training_mode(model: Any, config: FineTuningConfig) -> Iterator[None]:
             lean_lora_forward(model),
             fast_rms_norm(model),
             fast_rotary(model),
+            neftune(model, config.neftune_noise_alpha),
         ):
             yield
     finally:
