@@ -114,3 +114,89 @@ def test_every_shipped_example_config_loads(path):
     if "outputs" not in Path(config.dataset_path).parts:
         assert Path(config.dataset_path).is_file()
     assert yaml.safe_load(path.read_text())
+
+
+def test_numbers_in_exponent_form_are_numbers_in_a_file_as_with_set(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads 1e-4 as a string; YAML 1.2 and the user read a number
+    path = write(tmp_path, "learning_rate: 1e-4\nweight_decay: 1E-2\nlora_dropout: 5e-2\n")
+    c = load_config(path)
+    assert (c.learning_rate, c.weight_decay, c.lora_dropout) == (0.0001, 0.01, 0.05)
+    assert load_config(path, ["learning_rate=3e-4"]).learning_rate == 0.0003
+    assert parse_override("rank_pattern={v_proj: 16}") == ("rank_pattern", {"v_proj": 16})
+    assert parse_override("max_grad_norm=2e0") == ("max_grad_norm", 2.0)
+    # a quoted value stays a string, and what looks like a word stays one
+    assert parse_override("system_prompt='1e-4'") == ("system_prompt", "1e-4")
+    assert parse_override("system_prompt=1e") == ("system_prompt", "1e")
+
+
+def test_a_saved_config_with_exponent_numbers_resumes_and_is_read_by_doctor(tmp_path):
+    from tunelab.api import check_resumable
+    from tunelab.diagnostics.run_report import read_run_config
+    from tunelab.runs import load_run
+
+    (tmp_path / "tunelab_config.yaml").write_text("learning_rate: 1e-4\nmax_steps: 2\n")
+    check_resumable(tmp_path, FineTuningConfig(learning_rate=1e-4, max_steps=2))  # no refusal
+    assert read_run_config(tmp_path)["learning_rate"] == 0.0001
+    assert load_run(tmp_path).config["learning_rate"] == 0.0001
+
+
+@pytest.mark.parametrize(
+    ("settings", "warning"),
+    [
+        (
+            {"method": "full", "lora_r": 16},
+            "config key(s) lora_r (16) have no effect with method full",
+        ),
+        (
+            {"method": "prompt_tuning", "target_modules": ["q_proj", "k_proj"]},
+            "target_modules (['q_proj', 'k_proj']) have no effect with method prompt_tuning",
+        ),
+        ({"method": "ia3", "lora_dropout": 0.2}, "lora_dropout (0.2) have no effect with method"),
+        ({"quantization_bits": 8}, "quantization_bits (8) have no effect with method lora"),
+        (
+            {"eval_steps": 5, "early_stopping_patience": 2},
+            "eval_steps, early_stopping_patience need eval data, and there is none",
+        ),
+        ({"eval_path": "e.jsonl", "eval_split": 0.1}, "'eval_split' (0.1) is ignored because"),
+        ({"max_steps": 3, "save_steps": 10}, "'save_steps' (10) is beyond max_steps (3)"),
+        ({"max_steps": 3, "warmup_steps": 3}, "never reaches the peak learning rate"),
+        ({"mlflow_tracking_uri": "file:/x"}, "without 'mlflow' in report_to"),
+        ({"system_prompt": "Be brief.", "chat_format": "plain"}, "'system_prompt' has no effect"),
+        ({"drop_eval_leaks": True}, "'drop_eval_leaks' only acts on a separate eval_path"),
+        (
+            {"early_stopping_threshold": 0.01, "eval_split": 0.1},
+            "'early_stopping_threshold' has no effect without",
+        ),
+    ],
+)
+def test_settings_that_cannot_take_effect_are_named(settings, warning):
+    from tunelab.config import ineffective_settings
+
+    found = ineffective_settings(FineTuningConfig(**settings))
+    assert len(found) == 1 and warning in found[0], found
+
+
+def test_defaults_and_used_settings_raise_no_warning():
+    from tunelab.config import ineffective_settings
+
+    assert ineffective_settings(FineTuningConfig()) == []
+    used = FineTuningConfig(
+        method="qlora", quantization_bits=8, lora_r=16, eval_split=0.1, eval_steps=5, max_steps=9
+    )
+    assert ineffective_settings(used) == []
+    assert ineffective_settings(FineTuningConfig(method="full", learning_rate=2e-5)) == []
+
+
+def test_training_warns_before_the_model_loads(make_config, capsys, monkeypatch):
+    from tunelab import api
+    from tunelab.api import FineTuner
+
+    tuner = FineTuner(make_config(method="full", lora_r=16, sharding="fsdp", max_steps=1))
+    monkeypatch.setattr(api, "check_output_dir", lambda *a: pytest.fail("model stage reached"))
+    with pytest.raises(pytest.fail.Exception):
+        tuner.train()
+    out = capsys.readouterr().out
+    ignored = "Warning: config key(s) lora_r (16), lora_dropout (0.0) have no effect with method"
+    assert ignored in out
+    assert "Warning: config key 'sharding' is fsdp, but this is one process" in out
+    assert tuner.model is None

@@ -57,6 +57,10 @@ CASES = {
         ["'target_modules' names 'q_projj'", "Did you mean 'q_proj'"],
     ),
     "missing data file": (dict(dataset_path="missing.jsonl"), ["missing.jsonl", "does not exist"]),
+    "a block, not a layer, as target": (
+        dict(target_modules=["self_attn"]),
+        ["self_attn is an attention block", "its layers are k_proj, o_proj, q_proj, v_proj"],
+    ),
 }
 
 
@@ -80,6 +84,13 @@ DATA_CASES = {
     "wrong type": (b'{"prompt": "a", "completion": 3}\n', ["bad.jsonl", "'completion'", "string"]),
     "empty file": (b"", ["bad.jsonl", "empty"]),
     "not UTF-8": (b'{"text": "caf\xe9"}\n', ["bad.jsonl", "UTF-8"]),
+    "tool calls the template drops": (
+        b'{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", '
+        b'"content": null, "tool_calls": [{"type": "function", "function": {"name": "get_weather",'
+        b' "arguments": "{}"}}]}, {"role": "tool", "content": "4C"}, {"role": "assistant", '
+        b'"content": "4 degrees."}]}\n',
+        ["bad.jsonl:1: assistant message 1 has tool_calls", "'get_weather'"],
+    ),
 }
 
 

@@ -11,7 +11,7 @@ from tunelab.config import FineTuningConfig
 from tunelab.errors import TunelabError
 from tunelab.generation import load_for_inference
 from tunelab.methods import check_target_modules
-from tunelab.models import load_model_config, module_names
+from tunelab.models import load_model_config, model_modules
 
 METHODS = ["lora", "dora", "qlora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "full"]
 EXPECTED_TRAINABLE = {  # on the tiny model: 2 layers, width 64, kv width 32, vocab 384
@@ -74,13 +74,15 @@ def test_rslora_patterns_regex_and_trainable_head(make_config, tiny_model_dir):
         saved = json.load(file)
     assert saved["use_rslora"] is True and saved["rank_pattern"] == {"v_proj": 4}
     assert saved["modules_to_save"] == ["lm_head"]
-    names = module_names(load_model_config(str(tiny_model_dir)))
+    names = model_modules(load_model_config(str(tiny_model_dir)))
     check_target_modules(FineTuningConfig(target_modules=["re:.*\\.(q|v)_proj"]), names)
     with pytest.raises(TunelabError, match=r"regex '.*x_proj' matches no module"):
         check_target_modules(FineTuningConfig(target_modules=["re:.*\\.x_proj"]), names)
     with pytest.raises(TunelabError, match=r"does not compile"):
         check_target_modules(FineTuningConfig(target_modules=["re:(("]), names)
-    with pytest.raises(TunelabError, match=r"'rank_pattern' names 'w_proj', which matches no"):
+    with pytest.raises(
+        TunelabError, match=r"'rank_pattern' names 'w_proj', which matches no adaptable"
+    ):
         check_target_modules(FineTuningConfig(rank_pattern={"w_proj": 4}), names)
 
 
@@ -148,3 +150,48 @@ def test_gradient_checkpointing_under_bf16(make_config):
         make_config(precision="bf16", gradient_checkpointing=True, max_steps=2)
     ).train()
     assert results["steps"] == 2 and results["final_train_loss"] < 6.5
+
+
+def test_only_layers_an_adapter_can_wrap_are_accepted_or_suggested(tiny_model_dir):
+    modules = model_modules(load_model_config(str(tiny_model_dir)))
+
+    def refusal(targets, method="lora"):
+        config = FineTuningConfig(target_modules=targets, method=method, lora_r=4)
+        with pytest.raises(TunelabError) as error:
+            check_target_modules(config, modules)
+        return str(error.value)
+
+    assert (
+        "'self_attn': self_attn is an attention block (LlamaAttention), not a layer an adapter "
+        "can wrap; its layers are k_proj, o_proj, q_proj, v_proj." in refusal(["self_attn"])
+    )
+    assert "mlp is a feed-forward block (LlamaMLP)" in refusal(["q_proj", "mlp"])
+    assert "its layers are down_proj, gate_proj, up_proj" in refusal(["mlp"])
+    assert "k_proj, o_proj, q_proj, v_proj" in refusal(["re:.*\\.1\\.self_attn"])
+    # the suggestions for a missing name are layers, never a block
+    missing = refusal(["c_attn"])
+    assert "'c_attn', which the model" in missing and "self_attn" not in missing
+    assert "embed_tokens is a Embedding layer, which a adalora adapter cannot wrap" in refusal(
+        ["embed_tokens"], "adalora"
+    )
+    # what PEFT accepts is accepted: a dotted name (matched by its end), an embedding for LoRA
+    for targets in (["self_attn.q_proj"], ["embed_tokens", "v_proj"], ["re:.*\\.1\\..*q_proj"]):
+        check_target_modules(FineTuningConfig(target_modules=targets), modules)
+
+
+def test_gpt2s_conv1d_layers_take_adapters_and_its_attention_block_does_not():
+    from transformers import GPT2Config
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    modules = model_modules(config)
+    check_target_modules(FineTuningConfig(target_modules=["c_attn"]), modules)
+    with pytest.raises(TunelabError, match=r"attn is an attention block \(GPT2Attention\).*"
+                       r"its layers are c_attn, c_proj"):  # fmt: skip
+        check_target_modules(FineTuningConfig(target_modules=["attn"]), modules)
+
+
+def test_a_block_in_target_modules_fails_before_the_model_loads(make_config):
+    tuner = FineTuner(make_config(target_modules=["self_attn"], max_steps=1))
+    with pytest.raises(TunelabError, match="self_attn is an attention block"):
+        tuner.train()
+    assert tuner.model is None

@@ -11,7 +11,7 @@ from tunelab.models import (
     ensure_pad_token,
     load_model_config,
     load_tokenizer,
-    module_names,
+    model_modules,
     resolve_model,
 )
 
@@ -53,13 +53,13 @@ def test_pad_token_falls_back_without_new_embeddings(tiny_model_dir):
 
 
 def test_target_modules_are_checked_against_the_model_before_loading(tiny_model_dir):
-    names = module_names(load_model_config(str(tiny_model_dir)))
+    names = model_modules(load_model_config(str(tiny_model_dir)))
     check_target_modules(FineTuningConfig(target_modules=["q_proj", "o_proj"]), names)
     with pytest.raises(
         TunelabError,
         match=r"'target_modules' names 'qproj', which the model .* "
-        r"does not have. Did you mean 'q_proj'\? Its module "
-        r"names include: .*down_proj.*v_proj",
+        r"does not have. Did you mean 'q_proj'\? Its adaptable "
+        r"layers are named: .*down_proj.*v_proj",
     ):
         check_target_modules(FineTuningConfig(target_modules=["qproj"]), names)
 

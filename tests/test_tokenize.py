@@ -1,7 +1,14 @@
+import copy
+
 import pytest
 
-from tunelab.data.schema import Example
-from tunelab.data.tokenize import IGNORE_INDEX, tokenize_example, uses_chat_template
+from tunelab.data.schema import Example, to_example
+from tunelab.data.tokenize import (
+    IGNORE_INDEX,
+    render_prompt,
+    tokenize_example,
+    uses_chat_template,
+)
 from tunelab.errors import TunelabError
 from tunelab.models import load_tokenizer
 
@@ -84,3 +91,68 @@ def test_chat_format_without_template_is_an_error(tokenizer):
             )
     finally:
         tokenizer.chat_template = template
+
+
+# --- the prompt/answer boundary: a token holding answer characters is trained ---------------
+# The tiny tokenizer (byte-level BPE) merges a space with the word after it, as SmolLM's does:
+# "Define: " + "byte" is tokenized ..., ":", " byte".
+
+SPACE_CHAT = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + "
+    "message['content'] + '\n' }}{% else %}{{ 'Assistant: ' + message['content'] + "
+    "'<|im_end|>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}"
+    "{% endif %}"
+)
+
+
+def first_loss_token(tokenizer, tokenized):
+    index = next(i for i, label in enumerate(tokenized.labels) if label != IGNORE_INDEX)
+    return tokenizer.decode(tokenized.input_ids[index])
+
+
+def test_a_prompt_ending_in_a_space_trains_the_answers_first_word(tokenizer):
+    out = tokenize_example(
+        Example("x", prompt="Define: ", completion="byte"), tokenizer, 64, chat=False
+    )
+    assert first_loss_token(tokenizer, out) == " byte"
+    assert loss_text(tokenizer, out) == " byte<|im_end|>"
+    # inference renders the prompt as training tokenized it: without the merged space
+    prompt_ids = tokenizer(render_prompt(tokenizer, "Define: ", chat=False))["input_ids"]
+    assert out.input_ids[: len(prompt_ids)] == prompt_ids
+    assert out.labels[len(prompt_ids)] == out.input_ids[len(prompt_ids)]
+
+
+@pytest.mark.parametrize(
+    ("row", "templates"),
+    [
+        ({"instruction": "Define: ", "output": "byte"}, {}),
+        (
+            {"term": "kernel", "definition": "byte"},
+            {"prompt_template": "Define {term}: ", "completion_template": "{definition}"},
+        ),
+    ],
+    ids=["instruction", "prompt_template"],
+)
+def test_every_prompt_completion_schema_trains_the_boundary_token(tokenizer, row, templates):
+    example = to_example(row, "data.jsonl:1", **templates)
+    out = tokenize_example(example, tokenizer, 64, chat=False)
+    assert loss_text(tokenizer, out) == " byte<|im_end|>"
+
+
+def test_a_chat_template_whose_answer_follows_a_space_trains_the_first_word(tokenizer):
+    spaced = copy.deepcopy(tokenizer)
+    spaced.chat_template = SPACE_CHAT
+    messages = [{"role": "user", "content": "Define it"}, {"role": "assistant", "content": "byte"}]
+    out = tokenize_example(Example("x", messages=messages), spaced, 64, chat=True)
+    assert loss_text(spaced, out) == " byte<|im_end|>\n"
+    pair = tokenize_example(
+        Example("x", prompt="Define it", completion="byte"), spaced, 64, chat=True
+    )
+    assert loss_text(spaced, pair) == " byte<|im_end|>\n"
+
+
+def test_reference_scoring_counts_the_boundary_token(tokenizer):
+    from tunelab.evaluation.scoring import encode_scored
+
+    ids, first, _ = encode_scored(tokenizer, "Define: ", "Define: byte<|im_end|>", 64)
+    assert tokenizer.decode(ids[first:]) == " byte<|im_end|>"

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tunelab.errors import TunelabError
-from tunelab.training.distributed import World, check_world_batch
+from tunelab.training.distributed import World, global_batch_note
 from tunelab.training.sharding import check_shardable, wants_fsdp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,16 +68,26 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_completes(make_config, tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_two_gloo_processes_match_one_process(make_config, tmp_path):
-    values = dict(max_steps=3, lora_dropout=0.0, batch_size=2, gradient_accumulation_steps=2)
-    single = train(write_config(make_config, tmp_path, "single", **values))
+    # batch_size is per process (as in transformers, TRL, Axolotl, LLaMA-Factory): two processes
+    # with gradient_accumulation_steps 1 take the global batch one process takes with 2
+    values = dict(max_steps=3, lora_dropout=0.0, batch_size=2)
+    single = train(write_config(make_config, tmp_path, "single", gradient_accumulation_steps=2,
+                                **values))  # fmt: skip
     assert single.wait(timeout=300) == 0, single.stdout.read()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     pair = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "tunelab.cli", "train", str(write_config(make_config, tmp_path, "pair", **values))],
+         "-m", "tunelab.cli", "train",
+         str(write_config(make_config, tmp_path, "pair", gradient_accumulation_steps=1, **values))],
         capture_output=True, text=True, env=env, timeout=400,
     )  # fmt: skip
     assert pair.returncode == 0, pair.stdout + pair.stderr
+    note = (
+        "Global batch: 4 rows per optimizer step = batch_size 2 per process x "
+        "gradient_accumulation_steps 1 x 2 processes."
+    )
+    assert pair.stdout.count(note) == 1, pair.stdout  # once, by rank 0
+    assert "would idle" not in pair.stdout + pair.stderr
     a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "pair" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -91,31 +101,31 @@ def test_two_gloo_processes_match_one_process(make_config, tmp_path):
     assert pair_losses == pytest.approx(single_losses, rel=1e-5)
 
 
-def test_every_process_needs_a_micro_batch_of_each_step():
-    assert check_world_batch(1, World()) is None
-    assert check_world_batch(4, World(0, 2)) is None
+def test_the_global_batch_is_per_process_batch_times_accumulation_times_processes(make_config):
+    assert global_batch_note(4, 1, World()) is None  # one process: nothing to explain
+    assert global_batch_note(4, 1, World(0, 2)) == (
+        "Global batch: 8 rows per optimizer step = batch_size 4 per process x "
+        "gradient_accumulation_steps 1 x 2 processes."
+    )
+    from tunelab.training.loop import steps_per_epoch, total_steps
+
+    config = make_config(batch_size=2, gradient_accumulation_steps=1, num_epochs=2)
+    assert steps_per_epoch(10, config) == 5 and steps_per_epoch(10, config, processes=2) == 3
+    assert total_steps(10, config, processes=2) == 6
+
+
+def test_resuming_over_another_process_count_keeps_the_step(make_config, tmp_path):
+    from tunelab.api import check_resumable
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    make_config(gradient_accumulation_steps=2).save(run / "tunelab_config.yaml")
+    (run / "checkpoints" / "step-000002" / "trainer_state.json").write_text('{"processes": 1}')
+    check_resumable(run, make_config(gradient_accumulation_steps=1), processes=2)
     with pytest.raises(TunelabError) as error:
-        check_world_batch(1, World(0, 2))
-    message = str(error.value)
-    assert "gradient_accumulation_steps is 1 but 2 processes are training" in message
-    assert "1 process(es) would idle" in message
-    assert "--set gradient_accumulation_steps=2" in message
-    note = check_world_batch(3, World(1, 2))
-    assert "does not split evenly over 2 processes" in note and "a multiple of 2" in note
-
-
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
-def test_two_processes_with_one_micro_batch_a_step_fail_before_training(make_config, tmp_path):
-    path = write_config(make_config, tmp_path, "pair", max_steps=3, gradient_accumulation_steps=1)
-    pair = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "tunelab.cli", "train", str(path)],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
-    )  # fmt: skip
-    output = pair.stdout + pair.stderr
-    assert pair.returncode != 0
-    assert "gradient_accumulation_steps is 1 but 2 processes are training" in output, output
-    assert "step 1/3" not in output and not (tmp_path / "pair" / "metrics.jsonl").exists()
+        check_resumable(run, make_config(gradient_accumulation_steps=2), processes=2)
+    assert "took 2 micro-batches of batch_size rows per step" in str(error.value)
+    assert "Resume with --set gradient_accumulation_steps=1." in str(error.value)
 
 
 LEAVE_SCRIPT = """
@@ -173,13 +183,15 @@ def resume_copy(tmp_path, run, step, name):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_fsdp_over_two_gloo_processes_matches_one_process_and_resumes(make_config, tmp_path):
-    values = dict(
-        max_steps=4, lora_dropout=0.0, batch_size=2, gradient_accumulation_steps=2, save_steps=2
-    )
-    single_path = write_config(make_config, tmp_path, "single", **values)
+    values = dict(max_steps=4, lora_dropout=0.0, batch_size=2, save_steps=2)
+    single_path = write_config(
+        make_config, tmp_path, "single", gradient_accumulation_steps=4, **values
+    )  # the global batch of 2 processes x gradient_accumulation_steps 2
     single = train(single_path)
     assert single.wait(timeout=300) == 0, single.stdout.read()
-    path = write_config(make_config, tmp_path, "fsdp", sharding="fsdp", **values)
+    path = write_config(
+        make_config, tmp_path, "fsdp", sharding="fsdp", gradient_accumulation_steps=2, **values
+    )
     pair = torchrun(path)
     assert pair.returncode == 0, pair.stdout + pair.stderr
     assert "FSDP: 2 decoder layers sharded over 2 processes." in pair.stdout
@@ -228,10 +240,7 @@ def test_fsdp_over_two_gloo_processes_matches_one_process_and_resumes(make_confi
             torch.testing.assert_close(c[key], b[key], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fsdp_needs_an_even_split_and_no_qlora():
-    with pytest.raises(TunelabError, match="with sharding: fsdp every process must run the same"):
-        check_world_batch(3, World(0, 2), sharded=True)
-    assert check_world_batch(4, World(0, 2), sharded=True) is None
+def test_fsdp_needs_no_qlora():
     with pytest.raises(TunelabError, match="cannot split QLoRA's 4-bit base weights"):
         check_shardable("qlora")
 

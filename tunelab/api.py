@@ -31,7 +31,7 @@ from tunelab.models import (
     load_model,
     load_model_config,
     load_tokenizer,
-    module_names,
+    model_modules,
     resolve_model,
 )
 from tunelab.training.batching import Row, pack_examples, single_rows
@@ -39,7 +39,7 @@ from tunelab.training.batching import Row, pack_examples, single_rows
 RUN_CONFIG = "tunelab_config.yaml"
 RUN_INFO = "run_info.json"
 RESULTS = "results.json"
-TOKENIZED_FORMAT = 1  # bump when the tokenized cache's layout or rendering changes
+TOKENIZED_FORMAT = 2  # bump when the tokenized cache's layout or rendering changes
 
 
 # keys a resumed run may change: how long it runs and what it reports, not what it learns
@@ -66,20 +66,48 @@ RESUMABLE_CHANGES = {
 }
 
 
-def check_resumable(output_dir: Path, config: FineTuningConfig) -> None:
-    """Refuse to resume a run with settings that would make it a different run."""
+def check_resumable(output_dir: Path, config: FineTuningConfig, processes: int = 1) -> None:
+    """Refuse to resume a run with settings that would make it a different run.
+
+    batch_size is per process, so the step a checkpoint was trained with is
+    gradient_accumulation_steps x processes micro-batches: a run may resume over another
+    process count when that product is the same (``processes`` now; the checkpoint's own count
+    is in its trainer_state.json).
+    """
     saved_path = output_dir / RUN_CONFIG
     if not saved_path.is_file():
         return
-    import yaml
+    from tunelab.training.checkpoint import STATE, latest_checkpoint
+    from tunelab.yaml_numbers import load_yaml
 
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    saved = load_yaml(saved_path.read_text()) or {}
     current = config.to_dict()
+    accumulation = "gradient_accumulation_steps"
     changed = [
         key
         for key in current
-        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != current[key]
+        if key not in RESUMABLE_CHANGES
+        and key != accumulation
+        and key in saved
+        and saved[key] != current[key]
     ]
+    checkpoint = latest_checkpoint(output_dir)
+    state = json.loads((checkpoint / STATE).read_text()) if checkpoint else {}
+    saved_processes = state.get("processes", 1)
+    per_step = saved.get(accumulation, config.gradient_accumulation_steps) * saved_processes
+    if per_step != config.gradient_accumulation_steps * processes:
+        fits = per_step // processes if per_step % processes == 0 else None
+        raise TunelabError(
+            f"cannot resume {output_dir}: its checkpoint took {per_step} micro-batches of "
+            f"batch_size rows per step ({accumulation} {saved.get(accumulation)} x "
+            f"{saved_processes} process(es)); now {config.gradient_accumulation_steps} x "
+            f"{processes}. "
+            + (
+                f"Resume with --set {accumulation}={fits}."
+                if fits
+                else f"Resume over a process count that divides {per_step}."
+            )
+        )
     if changed:
         details = "; ".join(f"{k}: {saved[k]!r} in the run, {current[k]!r} now" for k in changed)
         raise TunelabError(
@@ -135,7 +163,7 @@ class FineTuner:
         if self.tokenizer is None:
             location = resolve_model(self.config.model_name)
             model_config = load_model_config(location, self.config.trust_remote_code)
-            check_target_modules(self.config, module_names(model_config))
+            check_target_modules(self.config, model_modules(model_config))
             self.model_location = location
             self.tokenizer = load_tokenizer(location, self.config.trust_remote_code)
         return self.tokenizer
@@ -182,6 +210,26 @@ class FineTuner:
         self.model = apply_method(model, c, self.model_location, total_steps)
         print(format_trainable(self.model))
         return self.model
+
+    def ineffective_settings(self, several_processes: bool = False) -> list[str]:
+        """The config's settings that cannot take effect in this run (config.ineffective_settings)
+        and those this machine or process count makes void."""
+        from tunelab.config import ineffective_settings
+        from tunelab.device import cpu_bf16_features
+
+        c, placement = self.config, self.placement
+        out = ineffective_settings(c)
+        if c.precision == "bf16" and placement.device == "cpu" and not cpu_bf16_features():
+            out.append(
+                "precision bf16 on a CPU without AVX512-BF16/AMX is emulated: several times "
+                "slower than fp32, with bf16's rounding. Use precision: auto (fp32 here)."
+            )
+        if c.sharding == "fsdp" and not several_processes:
+            out.append(
+                "config key 'sharding' is fsdp, but this is one process: nothing is sharded. "
+                "Launch with torchrun --nproc_per_node N (or accelerate launch)."
+            )
+        return out
 
     def sharded(self) -> bool:
         """Whether this run splits the model over the processes (several processes under
@@ -319,7 +367,7 @@ class FineTuner:
         on_eval: Callable[[int, float], None] | None = None,
     ) -> dict[str, Any]:
         """Fine-tune and write the run folder; returns the results (also in results.json)."""
-        from tunelab.training.distributed import check_world_batch, init_world
+        from tunelab.training.distributed import global_batch_note, init_world
         from tunelab.training.loop import fit, total_steps
         from tunelab.training.sharding import check_shardable, full_state_for_saving
 
@@ -328,22 +376,26 @@ class FineTuner:
         world = init_world(self.placement.device)
         main_process = world.is_main
         sharded = self.sharded()
-        note = check_world_batch(self.config.gradient_accumulation_steps, world, sharded)
+        c = self.config
+        note = global_batch_note(c.batch_size, c.gradient_accumulation_steps, world)
         if note and main_process:
             print(note)
+        if main_process:  # before the model loads: what this run will not do
+            for warning in self.ineffective_settings(world.active):
+                print(f"Warning: {warning}")
         if sharded:
             check_shardable(self.config.method)
         if main_process:
             check_output_dir(output_dir, overwrite, resume)
         if resume:
-            check_resumable(output_dir, self.config)
+            check_resumable(output_dir, self.config, world.size)
         if train_dataset is None:
             train_dataset = self.prepare_dataset()
         data_stats = dict(self.token_stats)
         if eval_dataset is None:
             eval_dataset = self.eval_rows()
         if self.model is None:
-            self.prepare_model(total_steps(len(train_dataset), self.config))
+            self.prepare_model(total_steps(len(train_dataset), self.config, world.size))
         output_dir.mkdir(parents=True, exist_ok=True)
         if main_process:
             self.config.save(output_dir / RUN_CONFIG)

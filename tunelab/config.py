@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from tunelab.errors import TunelabError, did_you_mean
+from tunelab.yaml_numbers import load_yaml
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -67,7 +68,11 @@ class FineTuningConfig:
     )
     learning_rate: float = _f(3e-4, "Peak learning rate of AdamW.")
     num_epochs: int = _f(3, "Passes over the training data (ignored when max_steps is set).")
-    batch_size: int = _f(4, "Sequences per micro-batch (rows of max_length tokens when packing).")
+    batch_size: int = _f(
+        4,
+        "Sequences per micro-batch, per process (rows of max_length tokens when packing); the "
+        "global batch is batch_size x gradient_accumulation_steps x processes.",
+    )
     max_length: int = _f(512, "Longest sequence in tokens; longer examples are truncated.")
 
     # --- training strategy ---
@@ -576,14 +581,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and _HINTS.get(key) is float:
-        try:  # YAML reads '3e-4' (no dot) as a string; a float field still wants it
-            value = float(value)
-        except ValueError:
-            pass
     return key, value
 
 
@@ -619,7 +619,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> FineTun
             f"config file {path} does not exist. Create one with 'tunelab init {path}'."
         )
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -663,3 +663,134 @@ def starter_config_text() -> str:
         lines.append(dumped[1:-1] if dumped.startswith("{") else dumped)
         lines.append("")
     return "\n".join(lines)
+
+
+# keys each method leaves unused (methods.peft_config_for maps the config onto PEFT's)
+_LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern")
+_IGNORED_BY_METHOD: dict[str, tuple[str, ...]] = {
+    "lora": ("quantization_bits", "adalora_init_r", "num_virtual_tokens", "prompt_init_text"),
+    "dora": ("quantization_bits", "adalora_init_r", "num_virtual_tokens", "prompt_init_text"),
+    "qlora": ("adalora_init_r", "num_virtual_tokens", "prompt_init_text"),
+    "adalora": (
+        "use_rslora",
+        "rank_pattern",
+        "alpha_pattern",
+        "quantization_bits",
+        "num_virtual_tokens",
+        "prompt_init_text",
+    ),
+    "ia3": (
+        *_LORA_KEYS,
+        "quantization_bits",
+        "adalora_init_r",
+        "num_virtual_tokens",
+        "prompt_init_text",
+    ),
+    "prompt_tuning": (
+        *_LORA_KEYS,
+        "target_modules",
+        "quantization_bits",
+        "adalora_init_r",
+        "train_embeddings",
+        "train_lm_head",
+    ),
+    "prefix_tuning": (
+        *_LORA_KEYS,
+        "target_modules",
+        "quantization_bits",
+        "adalora_init_r",
+        "prompt_init_text",
+        "train_embeddings",
+        "train_lm_head",
+    ),
+    "full": (
+        *_LORA_KEYS,
+        "target_modules",
+        "quantization_bits",
+        "adalora_init_r",
+        "num_virtual_tokens",
+        "prompt_init_text",
+        "train_embeddings",
+        "train_lm_head",
+    ),
+}
+
+
+def _default(name: str) -> Any:
+    spec = FIELDS[name]
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return spec.default
+
+
+def ineffective_settings(config: FineTuningConfig) -> list[str]:
+    """Settings changed from their default that cannot take effect in this run, one sentence
+    each (what is ignored and why, and what to do); printed as warnings when training starts,
+    before the model loads. Checks that need the hardware or the process count are in api."""
+    c = config
+    out = []
+    changed = [n for n in _IGNORED_BY_METHOD[c.method] if getattr(c, n) != _default(n)]
+    if changed:
+        keys = ", ".join(f"{n} ({getattr(c, n)!r})" for n in changed)
+        out.append(
+            f"config key(s) {keys} have no effect with method {c.method}; remove them or "
+            "choose the method they belong to."
+        )
+    if not c.eval_path and c.eval_split == 0:
+        unused = [
+            n
+            for n in ("eval_steps", "early_stopping_patience", "early_stopping_threshold")
+            if getattr(c, n) != _default(n)
+        ]
+        if unused:
+            out.append(
+                f"config key(s) {', '.join(unused)} need eval data, and there is none (eval_path "
+                "is unset and eval_split is 0): no evaluation runs. Set eval_path or eval_split."
+            )
+    if c.eval_path and c.eval_split > 0:
+        out.append(
+            f"config key 'eval_split' ({c.eval_split}) is ignored because eval_path is set "
+            "(the held-out data comes from eval_path). Remove one of them."
+        )
+    if c.drop_eval_leaks and not c.eval_path:
+        out.append(
+            "config key 'drop_eval_leaks' only acts on a separate eval_path (a split of the "
+            "training data is not checked for leaks); remove it or set eval_path."
+        )
+    if c.early_stopping_threshold != 0 and c.early_stopping_patience is None:
+        out.append(
+            "config key 'early_stopping_threshold' has no effect without "
+            "early_stopping_patience; set both or neither."
+        )
+    if c.max_steps is not None:
+        for key in ("save_steps", "eval_steps"):
+            every = getattr(c, key)
+            if every is not None and every > c.max_steps:
+                out.append(
+                    f"config key '{key}' ({every}) is beyond max_steps ({c.max_steps}): it never "
+                    f"triggers in this run. Lower {key} or raise max_steps."
+                )
+        if c.warmup_steps is not None and c.warmup_steps >= c.max_steps:
+            out.append(
+                f"config key 'warmup_steps' ({c.warmup_steps}) is not below max_steps "
+                f"({c.max_steps}): the run never reaches the peak learning rate and never "
+                "decays. Lower warmup_steps."
+            )
+    if c.mlflow_tracking_uri and "mlflow" not in c.report_to:
+        out.append(
+            "config key 'mlflow_tracking_uri' has no effect without 'mlflow' in report_to; "
+            "add it (report_to: [mlflow])."
+        )
+    if c.bias_rebalance_dimension != _default("bias_rebalance_dimension") and (
+        c.bias_mitigation != "rebalance"
+    ):
+        out.append(
+            "config key 'bias_rebalance_dimension' has no effect unless bias_mitigation is "
+            "rebalance."
+        )
+    if c.system_prompt and c.chat_format == "plain":
+        out.append(
+            "config key 'system_prompt' has no effect with chat_format plain (the prompt and "
+            "completion are joined as they are); use chat_format chat or remove it."
+        )
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from tunelab.config import FineTuningConfig
@@ -20,7 +20,7 @@ LORA_FAMILY = ("lora", "dora", "qlora", "adalora")
 REGEX_PREFIX = "re:"
 
 
-def linear_module_suffixes(names: list[str]) -> list[str]:
+def linear_module_suffixes(names: Iterable[str]) -> list[str]:
     """The distinct last components of module names (what target_modules may name)."""
     return sorted({n.rsplit(".", 1)[-1] for n in names if n})
 
@@ -35,14 +35,74 @@ def _targets(config: FineTuningConfig) -> str | list[str]:
     return list(targets)
 
 
-def check_target_modules(config: FineTuningConfig, module_names: list[str]) -> None:
-    """Fail early when a target module does not exist in the model, listing the ones that do."""
+def adaptable_types(method: str) -> tuple[type, ...]:
+    """The layer types PEFT can wrap with ``method``'s adapter (its dispatchers' lists): LoRA
+    and DoRA take linear, embedding and convolution layers, IA3 linear and convolution layers,
+    AdaLoRA linear ones. A block (an attention or MLP module) holds such layers but is not one.
+    """
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer
+
+    linear: tuple[type, ...] = (nn.Linear, Conv1D)
+    if method == "adalora":
+        return linear
+    if method == "ia3":
+        return (*linear, nn.Conv2d, nn.Conv3d)
+    return (*linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _matches(name: str, target: str) -> bool:
+    """Whether PEFT's name matching puts ``target`` on module ``name`` (the name or its end)."""
+    return name == target or name.endswith("." + target)
+
+
+def _block_error(
+    config: FineTuningConfig, target: str, modules: dict[str, Any], blocked: str, key: str
+) -> str:
+    """Why ``target`` cannot take an adapter, naming the layers inside the block it names."""
+    kinds = adaptable_types(config.method)
+    inner = linear_module_suffixes(
+        n[len(blocked) + 1 :]
+        for n, m in modules.items()
+        if n.startswith(blocked + ".") and isinstance(m, kinds)
+    )
+    block = type(modules[blocked]).__name__
+    short = blocked.rsplit(".", 1)[-1]
+    start = f"{key} holds {target!r}: "
+    if not inner:
+        takes = ", ".join(k.__name__ for k in kinds)
+        return (
+            f"{start}{short} is a {block} layer, which a {config.method} adapter cannot wrap "
+            f"(it takes {takes} layers). Remove it, or use ['all-linear']."
+        )
+    # the usual pair where the block holds it, else its first two layers
+    example = ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= set(inner) else inner[:2]
+    what = f"a block ({block})"
+    if "MLP" in block:
+        what = f"a feed-forward block ({block})"
+    elif "Attention" in block:
+        what = f"an attention block ({block})"
+    return (
+        f"{start}{short} is {what}, not a layer an adapter can wrap; its layers are "
+        f"{', '.join(inner)}. Name those (e.g. target_modules: [{', '.join(example)}]) or use "
+        "['all-linear']."
+    )
+
+
+def check_target_modules(
+    config: FineTuningConfig, modules: dict[str, Any], key: str = "config key 'target_modules'"
+) -> None:
+    """Fail early when a target module is missing from the model or is not a layer the method's
+    adapter can wrap (``modules``: name -> module, e.g. from ``models.model_modules`` on the
+    meta device); errors name ``key`` and list the names that can be used."""
     if config.method in PROMPT_METHODS or config.method == "full":
         return
     targets = _targets(config)
     if targets == "all-linear":
         return
-    suffixes = set(linear_module_suffixes(module_names))
+    kinds = adaptable_types(config.method)
+    adaptable = {n for n, m in modules.items() if n and isinstance(m, kinds)}
+    suffixes = set(linear_module_suffixes(adaptable))
     candidates = sorted(s for s in suffixes if s.endswith("proj") or "attn" in s or "fc" in s)
     listing = ", ".join(candidates or sorted(suffixes)[:20])
     if isinstance(targets, str):
@@ -50,34 +110,42 @@ def check_target_modules(config: FineTuningConfig, module_names: list[str]) -> N
             pattern = re.compile(targets)
         except re.error as exc:
             raise TunelabError(
-                f"config key 'target_modules' holds the regex {targets!r}, which does not "
+                f"{key} holds the regex {targets!r}, which does not "
                 f"compile ({exc}). Fix the pattern after 're:'."
             ) from None
-        if not any(pattern.fullmatch(name) for name in module_names):
+        matched = [name for name in modules if name and pattern.fullmatch(name)]
+        if not matched:
             raise TunelabError(
-                f"config key 'target_modules' regex {targets!r} matches no module of "
+                f"{key} regex {targets!r} matches no module of "
                 f"'{config.model_name}' (it must match whole names such as "
                 f"'model.layers.0.self_attn.q_proj'). Module names end in: {listing}."
             )
+        blocked = next((n for n in matched if n not in adaptable), None)
+        if blocked is not None:
+            raise TunelabError(_block_error(config, REGEX_PREFIX + targets, modules, blocked, key))
         return
     if any(t.startswith(REGEX_PREFIX) for t in targets):
         raise TunelabError(
-            "config key 'target_modules' may hold one 're:' regex alone, not mixed with names. "
+            f"{key} may hold one 're:' regex alone, not mixed with names. "
             "Use either [q_proj, v_proj] or ['re:.*\\.(q|v)_proj']."
         )
-    missing = [t for t in targets if t not in suffixes]
+    missing = [t for t in targets if not any(_matches(n, t) for n in modules)]
     if missing:
         raise TunelabError(
-            f"config key 'target_modules' names {', '.join(map(repr, missing))}, which the model "
+            f"{key} names {', '.join(map(repr, missing))}, which the model "
             f"'{config.model_name}' does not have.{did_you_mean(missing[0], suffixes)} Its "
-            f"module names include: {listing}; or use ['all-linear']."
+            f"adaptable layers are named: {listing}; or use ['all-linear']."
         )
+    for target in targets:
+        blocked = next((n for n in modules if _matches(n, target) and n not in adaptable), None)
+        if blocked is not None:
+            raise TunelabError(_block_error(config, target, modules, blocked, key))
     for key in ("rank_pattern", "alpha_pattern"):
         for name in getattr(config, key):
-            if not any(name in module for module in module_names):
+            if not any(name in module for module in adaptable):
                 raise TunelabError(
-                    f"config key '{key}' names {name!r}, which matches no module of the model."
-                    f"{did_you_mean(name, suffixes)} Module names end in: {listing}."
+                    f"config key '{key}' names {name!r}, which matches no adaptable layer of the "
+                    f"model.{did_you_mean(name, suffixes)} Layer names end in: {listing}."
                 )
 
 

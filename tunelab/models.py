@@ -154,14 +154,20 @@ def load_model_config(location: str, trust_remote_code: bool = False) -> Any:
         raise _hub_error(location, exc) from None
 
 
-def module_names(model_config: Any) -> list[str]:
-    """Every module name of a causal LM built from ``model_config`` on the meta device (free)."""
+def model_modules(model_config: Any) -> dict[str, Any]:
+    """Every module of a causal LM built from ``model_config`` on the meta device (no weights
+    read or allocated), by name: what target_modules is checked against before loading."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
-    return [name for name, _ in model.named_modules()]
+    return dict(model.named_modules())
+
+
+def module_names(model_config: Any) -> list[str]:
+    """Every module name of a causal LM built from ``model_config`` on the meta device (free)."""
+    return list(model_modules(model_config))
 
 
 def load_tokenizer(location: str, trust_remote_code: bool = False) -> Any:

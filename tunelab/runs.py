@@ -59,7 +59,7 @@ def find_runs(root: str | Path = "outputs") -> list[Path]:
 
 def load_run(path: str | Path) -> Run:
     """A run folder's config, results and metric lines (an unfinished run has no results)."""
-    import yaml
+    from tunelab.yaml_numbers import load_yaml
 
     path = Path(path)
     config_path = path / RUN_CONFIG
@@ -68,7 +68,7 @@ def load_run(path: str | Path) -> Run:
             f"{path} is not a tunelab run folder (no {RUN_CONFIG}). Pass the output_dir of "
             "'tunelab train'; 'tunelab runs list' shows the runs it finds."
         )
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    config = load_yaml(config_path.read_text(encoding="utf-8")) or {}
     results_path = path / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
     train, evals = [], []

@@ -85,3 +85,17 @@ def test_render_loss_spans_colour():
 
     assert render_loss_spans(Tok(), [1, 2, 3], [-100, 2, 3], colour=False) == "a[[bc]]"
     assert render_loss_spans(Tok(), [1, 2], [-100, 2], colour=True) == "a\033[42;30mb\033[0m"
+
+
+def test_preview_shows_the_boundary_token_of_a_prompt_ending_in_a_space(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Define: ", "completion": "byte"}])
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model_name: {tiny_model_dir}\ndataset_path: train.jsonl\nchat_format: plain\n"
+    )
+    assert run(["data", "preview", str(config), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Define:[[ byte<|im_end|>]]" in out and "2 in the loss" in out

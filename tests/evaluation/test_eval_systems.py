@@ -111,3 +111,26 @@ def test_key_terms_prefer_braced_cross_references_then_rare_words():
     # "system" is common in the training documents, "heart" never appears there (rarest)
     terms = key_terms(None, "The kernel: heart of the operating system", idf, math.log(50))
     assert terms == ["kernel", "heart", "operating"]
+
+
+def test_a_plain_prompt_ending_in_a_space_is_rendered_as_training_tokenized_it():
+    # training trains " Oslo" after "Answer:" (the space belongs to the answer's first token),
+    # so generation continues "Answer:", and the scored text keeps the user's space
+    plain = builder(SimpleNamespace(eos_token="</s>"), chat=False)
+    prompt, full = plain.render("base", EvalItem("Capital of Norway? Answer: ", "Oslo", "h:9"), 0)
+    assert prompt == "Capital of Norway? Answer:"
+    assert full == "Capital of Norway? Answer: Oslo</s>"
+
+
+def test_a_chat_with_tool_calls_is_not_reduced_to_a_question_and_answer():
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {}}}
+    chat = Example(
+        "f:5",
+        messages=[
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "4C"},
+            {"role": "assistant", "content": "4 degrees."},
+        ],
+    )
+    assert to_item(chat) is None  # "Weather?" -> "4 degrees." would drop the call and result

@@ -265,3 +265,23 @@ def test_context_sets_the_attention_weights_kept_on_a_cpu():
     per_length = arch.num_layers * arch.num_heads * 2 * 4 * 512  # layers x heads x bf16 x tokens
     assert worst - typical == per_length * (512 - 64)
     assert bucketed == typical  # 50 tokens are attended in the (32, 64] bucket
+
+
+def test_the_batch_is_per_device_and_the_global_batch_is_shown():
+    from tunelab.planning.estimate import format_estimate
+
+    setup = TrainingSetup(batch_size=4, gradient_accumulation_steps=2, devices=2)
+    text = format_estimate(run_estimate("llama-2-7b", setup, measure_cpu=False))
+    assert "batch 4 x 512 tokens" in text and "2 device(s); global batch 16 rows" in text
+    one = format_estimate(run_estimate("llama-2-7b", TrainingSetup(), measure_cpu=False))
+    assert "global batch" not in one
+
+
+def test_estimate_checks_target_modules_as_training_does():
+    arch = describe("llama-2-7b")
+    with pytest.raises(TunelabError) as error:
+        count_parameters(arch, "lora", target_modules=["self_attn"])
+    assert str(error.value).startswith("--target-modules holds 'self_attn': self_attn is an")
+    assert "its layers are k_proj, o_proj, q_proj, v_proj" in str(error.value)
+    one_layer = count_parameters(arch, "lora", target_modules=["re:.*\\.1\\.self_attn\\.q_proj"])
+    assert one_layer.trainable == 8 * (4096 + 4096)  # r x (in + out) of one q_proj

@@ -176,3 +176,12 @@ def test_a_refused_combination_is_pruned_with_its_reason(tmp_path, make_config):
     study = optuna.load_study(study_name="sweep", storage=result.storage)
     assert "lora_dropout" in study.trials[0].user_attrs["error"]
     assert result.best_config_path is None
+
+
+def test_a_sweep_range_written_with_exponents_is_numeric(tmp_path, make_config):
+    path = tmp_path / "sweep.yaml"
+    values = make_config(output_dir=str(tmp_path / "out")).to_dict()
+    sweep = "sweep:\n  params:\n    learning_rate: {low: 1e-5, high: 1e-3}\n"
+    path.write_text(yaml.safe_dump(values) + sweep)
+    _, spec = load_sweep(path)
+    assert spec.params["learning_rate"] == {"low": 0.00001, "high": 0.001}

@@ -25,9 +25,9 @@ from tunelab.data.schema import Example
 from tunelab.data.tokenize import (
     IGNORE_INDEX,
     TokenizedExample,
-    _chat_spans,
     _tokenize_with_spans,
     as_messages,
+    chat_spans,
 )
 from tunelab.errors import TunelabError
 from tunelab.training.objectives import PAIRED
@@ -359,10 +359,12 @@ def _tokenize_answer(
             Example("", messages=prompt_messages + answer_messages), system_prompt
         )
         first_answer = len(messages) - len(answer_messages)
-        text, spans = _chat_spans(tokenizer, messages)
-        # only the answer's assistant turns: a multi-turn prompt's are context, not scored
-        assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        spans = [s for i, s in zip(assistant_turns, spans, strict=True) if i >= first_answer]
+        text, spans = chat_spans(tokenizer, messages)
+        # only the answer's turns: a multi-turn prompt's assistant turns are context, not scored
+        prompt_text = tokenizer.apply_chat_template(
+            messages[:first_answer], tokenize=False, add_generation_prompt=True
+        )
+        spans = [span for span in spans if span[0] >= len(prompt_text)]
         return _tokenize_with_spans(tokenizer, text, spans, max_length)
     assert isinstance(answer, str)
     text = prompt + answer + (tokenizer.eos_token or "")

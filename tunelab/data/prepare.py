@@ -23,13 +23,13 @@ import numpy as np
 from tunelab.config import FineTuningConfig
 from tunelab.data import bias, cleaning, dedup, privacy
 from tunelab.data.loading import data_files, load_records
-from tunelab.data.schema import Example, to_example
+from tunelab.data.schema import Example, is_empty_answer, message_texts, to_example
 from tunelab.data.store import format_summary, read_cache, write_cache, write_prepared
 from tunelab.errors import TunelabError
 
 __all__ = ["PreparedData", "format_summary", "load_examples", "prepare_examples", "write_prepared"]
 
-DATA_VERSION = 1  # bump when a change to this stage changes what it produces
+DATA_VERSION = 2  # bump when a change to this stage changes what it produces
 SAMPLES_PER_STEP = 3
 SAMPLE_CHARS = 300
 # the config keys that decide what this stage produces (and so the cache key)
@@ -184,7 +184,9 @@ def _edit_fields(example: Example, fn: Callable[[str, bool], str]) -> Example:
 def _trained_text(example: Example) -> str:
     """What the loss covers: the text, the completion, or the assistant turns."""
     if example.messages is not None:
-        return "".join(m["content"] for m in example.messages if m["role"] == "assistant")
+        return "".join(
+            "".join(message_texts(m)) for m in example.messages if m["role"] == "assistant"
+        )
     return example.completion if example.completion is not None else example.text or ""
 
 
@@ -253,7 +255,29 @@ def _filter(examples: list[Example], config: FineTuningConfig, tally: Tally) -> 
         )
         return f"garbage: {reason}" if reason else None
 
-    return tally.filter("quality", examples, quality)
+    examples = tally.filter("quality", examples, quality)
+    _count_empty_turns(examples, tally)
+    return examples
+
+
+def _count_empty_turns(examples: list[Example], tally: Tally) -> None:
+    """Count the empty assistant turns of chats that have other answers: tokenize leaves them
+    out of the loss (an empty reply is not an answer), and the report says how many, as it
+    says how many empty completions were dropped."""
+    start, turns, samples = time.perf_counter(), 0, []
+    for example in examples:
+        empty = [i for i, m in enumerate(example.messages or []) if is_empty_answer(m)]
+        turns += len(empty)
+        if empty and len(samples) < SAMPLES_PER_STEP:
+            samples.append(
+                {
+                    "origin": example.origin,
+                    "reason": f"empty assistant turn(s) {', '.join(map(str, empty))}",
+                    "text": _shown(_joined(example)),
+                }
+            )
+    if turns:
+        tally._log("empty turns", "mask", start, masked=turns, examples=samples)
 
 
 def _deduplicate(
@@ -315,16 +339,18 @@ def _deduplicate(
 
 def _rendered(example: Example, tokenizer: Any, chat: bool, system_prompt: str | None) -> str:
     """The whole text tokenize_example renders for ``example`` (for counting tokens fast)."""
-    from tunelab.data.tokenize import as_messages
+    from tunelab.data.tokenize import as_messages, chat_spans, render_chat
 
     eos = tokenizer.eos_token or ""
     if example.kind == "text":
         return (example.text or "") + eos
     if example.kind == "messages" or chat:
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(
-                as_messages(example, system_prompt), tokenize=False
-            )
+            messages = as_messages(example, system_prompt)
+            if any(m.get("tool_calls") for m in messages):
+                # the same check as training's, so inspect and prepare refuse such rows too
+                return chat_spans(tokenizer, messages, example.tools, example.origin)[0]
+            return render_chat(tokenizer, messages, example.tools)
     return (example.prompt or "") + (example.completion or "") + eos
 
 

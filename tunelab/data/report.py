@@ -26,6 +26,8 @@ def _step_count(step: dict[str, Any]) -> str:
         return f"{step['dropped']} dropped" + (f" ({reasons})" if reasons else "")
     if step["kind"] == "add":
         return f"{step['added']} added"
+    if step["kind"] == "mask":
+        return f"{step['masked']} empty assistant turns left out of the loss"
     return f"{step.get('moved', 0)} moved to eval"
 
 

@@ -5,11 +5,14 @@ Schemas (TRL's conventions plus the usual others):
 - prompt/completion: ``{"prompt", "completion"}`` (strings, or lists of chat messages)
 - instruction: ``{"instruction", "input"?, "output"}`` (Alpaca)
 - chat: ``{"messages": [{"role", "content"}]}``; ShareGPT ``{"conversations": [{"from", "value"}]}``
+  (an assistant message may carry OpenAI-style ``tool_calls`` (content ``""`` or null), a ``tool``
+  message answers one, and the row's ``tools`` column lists the functions, as in TRL)
 - a user template that builds prompt and completion from any columns.
 """
 
 from __future__ import annotations
 
+import json
 import string
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,8 +53,9 @@ class Example:
     text: str | None = None
     prompt: str | None = None
     completion: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None  # function schemas the chat template is given
 
     @property
     def kind(self) -> str:
@@ -64,7 +68,7 @@ class Example:
     def texts(self) -> list[str]:
         """Every string of the example, in order (what cleaning and dedup look at)."""
         if self.messages is not None:
-            return [m["content"] for m in self.messages]
+            return [text for m in self.messages for text in message_texts(m)]
         if self.completion is not None:
             return [self.prompt or "", self.completion]
         return [self.text or ""]
@@ -73,7 +77,7 @@ class Example:
         """A copy with ``fn`` applied to every string."""
         if self.messages is not None:
             messages = [{**m, "content": fn(m["content"])} for m in self.messages]
-            return Example(self.origin, messages=messages, meta=dict(self.meta))
+            return Example(self.origin, messages=messages, meta=dict(self.meta), tools=self.tools)
         if self.completion is not None:
             return Example(
                 self.origin,
@@ -85,10 +89,28 @@ class Example:
 
     def to_row(self) -> dict[str, Any]:
         if self.messages is not None:
-            return {"messages": self.messages}
+            return {"messages": self.messages, **({"tools": self.tools} if self.tools else {})}
         if self.completion is not None:
             return {"prompt": self.prompt, "completion": self.completion}
         return {"text": self.text}
+
+
+def message_texts(message: dict[str, Any]) -> list[str]:
+    """The strings of one chat message: its content, then each tool call as name(arguments)."""
+    calls = [
+        f"{c['function']['name']}({json.dumps(c['function']['arguments'], ensure_ascii=False)})"
+        for c in message.get("tool_calls") or []
+    ]
+    return [message["content"], *calls]
+
+
+def is_empty_answer(message: dict[str, Any]) -> bool:
+    """An assistant turn with neither text nor a tool call: nothing to learn from it."""
+    return (
+        message["role"] == "assistant"
+        and not message["content"].strip()
+        and not message.get("tool_calls")
+    )
 
 
 def detect_schema(row: dict[str, Any]) -> str | None:
@@ -125,7 +147,7 @@ def _messages(
     role_key: str,
     content_key: str,
     role_map: dict[str, str] | None = None,
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise TunelabError(
             f"{origin}: '{key}' should be a non-empty list of {{'{role_key}': ..., "
@@ -133,30 +155,105 @@ def _messages(
         )
     messages = []
     for i, message in enumerate(raw):
-        if not isinstance(message, dict) or role_key not in message or content_key not in message:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        has_content = isinstance(message, dict) and (content_key in message or calls)
+        if not isinstance(message, dict) or role_key not in message or not has_content:
             raise TunelabError(
                 f"{origin}: {key}[{i}] should have '{role_key}' and '{content_key}', found "
                 f"{message!r:.80}. Each message needs both."
             )
-        role, content = message[role_key], message[content_key]
+        role, content = message[role_key], message.get(content_key)
         allowed = role_map or {r: r for r in ROLES}
         if role not in allowed:
             raise TunelabError(
                 f"{origin}: {key}[{i}] has role {role!r}; expected one of "
                 f"{', '.join(map(repr, allowed))}.{did_you_mean(str(role), allowed)}"
             )
+        role = allowed[role]
+        if calls is not None and role != "assistant":
+            raise TunelabError(
+                f"{origin}: {key}[{i}] is a {role} message with tool_calls; only an assistant "
+                "message calls tools. Move the calls to an assistant message."
+            )
+        if content is None and calls:  # OpenAI's convention for a turn that only calls a tool
+            content = ""
         if not isinstance(content, str):
             raise TunelabError(
                 f"{origin}: {key}[{i}].{content_key} should be a string, found "
-                f"{type(content).__name__}."
+                f"{type(content).__name__}"
+                + (" (null is allowed only with tool_calls)." if content is None else ".")
             )
-        messages.append({"role": allowed[role], "content": content})
+        out: dict[str, Any] = {"role": role, "content": content}
+        if calls is not None:
+            out["tool_calls"] = _tool_calls(calls, f"{origin}: {key}[{i}].tool_calls")
+        for extra in ("tool_call_id", "name"):  # which call a tool message answers
+            if role == "tool" and isinstance(message.get(extra), str):
+                out[extra] = message[extra]
+        messages.append(out)
     if not any(m["role"] == "assistant" for m in messages):
         raise TunelabError(
             f"{origin}: '{key}' has no assistant message, so there is nothing to learn. Add the "
             "answer as an assistant turn."
         )
     return messages
+
+
+def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
+    """OpenAI-style tool calls in the form chat templates read: ``{"type": "function",
+    "function": {"name": str, "arguments": dict}}`` (a JSON string of arguments is parsed,
+    as transformers' templates expect a mapping)."""
+    example = '[{"type": "function", "function": {"name": "get_weather", "arguments": {...}}}]'
+    if not isinstance(raw, list) or not raw:
+        raise TunelabError(f"{where} should be a non-empty list of calls like {example}.")
+    calls = []
+    for j, call in enumerate(raw):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise TunelabError(
+                f"{where}[{j}] should be {{'type': 'function', 'function': {{'name': ..., "
+                f"'arguments': ...}}}}, found {call!r:.80}."
+            )
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise TunelabError(
+                    f"{where}[{j}].function.arguments is not valid JSON ({exc.msg}): "
+                    f"{arguments!r:.80}. Write the arguments as a JSON object."
+                ) from None
+        if not isinstance(arguments, dict):
+            raise TunelabError(
+                f"{where}[{j}].function.arguments should be a JSON object, found "
+                f"{type(arguments).__name__}."
+            )
+        normal = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            normal["id"] = call["id"]
+        calls.append(normal)
+    return calls
+
+
+def _tools(row: dict[str, Any], origin: str) -> list[dict[str, Any]] | None:
+    """The row's ``tools`` column (a list of function schemas, or that list as a JSON string)."""
+    tools = row.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise TunelabError(
+                f"{origin}: 'tools' is a string that is not valid JSON ({exc.msg}). Give a list "
+                "of function schemas."
+            ) from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise TunelabError(
+            f"{origin}: 'tools' should be a list of function schemas ({{'type': 'function', "
+            f"'function': {{'name': ..., 'parameters': ...}}}}), found {type(tools).__name__}."
+        )
+    return tools
 
 
 def template_fields(template: str) -> list[str]:
@@ -203,7 +300,7 @@ def to_example(
             messages = _messages(
                 prompt + completion, origin, "prompt+completion", "role", "content"
             )
-            return Example(origin, messages=messages)
+            return Example(origin, messages=messages, tools=_tools(row, origin))
         return Example(
             origin,
             prompt=_need_str(row, "prompt", origin, "the prompt"),
@@ -222,7 +319,9 @@ def to_example(
         )
     if schema == "messages":
         return Example(
-            origin, messages=_messages(row.get("messages"), origin, "messages", "role", "content")
+            origin,
+            messages=_messages(row.get("messages"), origin, "messages", "role", "content"),
+            tools=_tools(row, origin),
         )
     if schema == "sharegpt":
         return Example(
@@ -230,6 +329,7 @@ def to_example(
             messages=_messages(
                 row.get("conversations"), origin, "conversations", "from", "value", _SHAREGPT_ROLES
             ),
+            tools=_tools(row, origin),
         )
     if schema == "template":
         assert prompt_template is not None and completion_template is not None

@@ -30,6 +30,7 @@ def _from_row(row: dict[str, Any]) -> Example:
         completion=row.get("completion"),
         messages=row.get("messages"),
         meta=row.get("meta") or {},
+        tools=row.get("tools"),
     )
 
 
@@ -108,6 +109,9 @@ def format_summary(manifest: dict[str, Any]) -> str:
                 f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])
             )
             parts.append(f"dropped from {split}: {listed}")
+    masked = sum(s.get("masked", 0) for s in manifest.get("steps", []) if s["kind"] == "mask")
+    if masked:
+        parts.append(f"{masked} empty assistant turns left out of the loss")
     pii = {
         k: v
         for split in ("train", "eval")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.schema import Example
+from tunelab.data.schema import Example, is_empty_answer
 from tunelab.errors import TunelabError
 
 IGNORE_INDEX = -100
@@ -43,7 +43,7 @@ def uses_chat_template(tokenizer: Any, chat_format: str) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def as_messages(example: Example, system_prompt: str | None = None) -> list[dict[str, str]]:
+def as_messages(example: Example, system_prompt: str | None = None) -> list[dict[str, Any]]:
     """The example as a chat (prompt/completion becomes one user and one assistant turn)."""
     if example.messages is not None:
         messages = list(example.messages)
@@ -58,41 +58,71 @@ def as_messages(example: Example, system_prompt: str | None = None) -> list[dict
 
 
 def render_prompt(tokenizer: Any, prompt: str, chat: bool, system_prompt: str | None = None) -> str:
-    """The text a model sees before its answer, exactly as in training."""
+    """The text a model sees before its answer, exactly as in training.
+
+    A plain prompt loses its trailing spaces and tabs: in training the space at the end of
+    "Answer: " is part of the answer's first token (" Oslo"), so the model learned to answer
+    after "Answer:"; a prompt ending in a lone space token is a state it never saw.
+    """
     if not chat:
-        return prompt
+        return prompt.rstrip(" \t")
     messages = [{"role": "user", "content": prompt}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _chat_spans(
-    tokenizer: Any, messages: list[dict[str, str]]
+def render_chat(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+) -> str:
+    """The chat as the model's template writes it (with the function schemas when given)."""
+    extra = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+    )
+
+
+def chat_spans(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    origin: str = "example",
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered chat and the character spans of each assistant answer (with its end tag).
 
     A span runs from the end of the rendering of the turns before it (with the generation
     prompt) to the end of the rendering that includes it, so the template's own end-of-turn
-    token is inside the span; the template decides the layout, not tunelab.
+    token is inside the span; the template decides the layout, not tunelab. An empty assistant
+    turn (no text, no tool call) gets no span: an empty reply is not an answer to learn. A turn
+    with tool calls must show each call's name, or the template dropped them.
     """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = render_chat(tokenizer, messages, tools)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or is_empty_answer(message):
             continue
         before = (
-            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            if i
-            else ""
+            render_chat(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
         )
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        upto = render_chat(tokenizer, messages[: i + 1], tools)
         if not full.startswith(upto) or not upto.startswith(before):
             raise TunelabError(
                 "the tokenizer's chat template renders a conversation differently from its "
                 "prefixes, so the answer tokens cannot be located. Use chat_format: plain or a "
                 "template whose turns append."
             )
+        for call in message.get("tool_calls") or []:
+            if call["function"]["name"] not in upto[len(before) :]:
+                raise TunelabError(
+                    f"{origin}: assistant message {i} has tool_calls, which the model's chat "
+                    "template does not render (the call to "
+                    f"{call['function']['name']!r} would vanish from the training text). Remove "
+                    "the tool calls from the data, or use a model whose chat template supports "
+                    "tools."
+                )
         spans.append((len(before), len(upto)))
     return full, spans
 
@@ -104,7 +134,10 @@ def _tokenize_with_spans(
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     labels = []
     for token, (start, end) in zip(ids, offsets, strict=True):
-        inside = any(s <= start < e or (start == end and s < end <= e) for s, e in spans)
+        # a token holding any character of an answer is trained: a prompt ending in a space
+        # ("Answer: ") merges that space with the answer's first word (" Oslo"), and a token
+        # counted from where it starts would leave the first word out of the loss
+        inside = any(start < e and end > s or (start == end and s < end <= e) for s, e in spans)
         labels.append(token if inside else IGNORE_INDEX)
     truncated = len(ids) > max_length
     return TokenizedExample(ids[:max_length], labels[:max_length], truncated)
@@ -126,7 +159,8 @@ def tokenize_example(
                     f"{example.origin}: chat data needs a chat template, but the tokenizer has "
                     "none. Use a chat model or convert the data to prompt/completion."
                 )
-        text, spans = _chat_spans(tokenizer, as_messages(example, system_prompt))
+        messages = as_messages(example, system_prompt)
+        text, spans = chat_spans(tokenizer, messages, example.tools, example.origin)
         return _tokenize_with_spans(tokenizer, text, spans, max_length)
     # plain prompt/completion: the strings are joined as they are, the answer ends with EOS
     prompt = example.prompt or ""

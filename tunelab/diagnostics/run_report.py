@@ -70,8 +70,10 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         return {}
     import yaml
 
+    from tunelab.yaml_numbers import load_yaml
+
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise TunelabError(
             f"{path} is not valid YAML ({exc}). Restore it from your config."

@@ -30,7 +30,9 @@ def encode_scored(
     text was cut; long inputs lose tokens from the left, so the reference is scored whole."""
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    first = next((i for i, (start, _) in enumerate(offsets) if start >= len(prompt)), len(ids))
+    # the first token holding a character of the reference: a prompt ending in a space shares
+    # its last token with the reference's first word (" Oslo"), which is part of the answer
+    first = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
     cut = max(len(ids) - max_tokens, 0)
     if cut:
         ids, first = ids[cut:], max(first - cut, 1)

@@ -45,6 +45,8 @@ def to_item(example: Example, text_prefix_share: float = 0.5) -> EvalItem | None
         users = [m for m in messages[: last or 0] if m["role"] == "user"]
         if last is None or not users:
             return None
+        if any(m["role"] == "tool" or m.get("tool_calls") for m in messages[: last + 1]):
+            return None  # a question/answer pair would drop the calls and results it relies on
         return EvalItem(users[-1]["content"], messages[last]["content"], example.origin)
     words = (example.text or "").split()
     if len(words) < 2:
@@ -157,7 +159,8 @@ class PromptBuilder:
             prompt = prefix + item.question
         else:
             prompt = self.rag_question(item) if system.endswith("rag") else item.question
-        return prompt, prompt + joiner + item.reference + eos
+        # a trailing space belongs to the answer's first token in training (see render_prompt)
+        return prompt.rstrip(" \t"), prompt + joiner + item.reference + eos
 
 
 def _shorten(text: str, limit: int) -> str:

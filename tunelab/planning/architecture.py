@@ -189,8 +189,10 @@ def count_parameters(
 
     targets = list(target_modules or ["q_proj", "v_proj"])
     names = [n for n, _ in model.named_modules()]
-    _check_targets(targets, names, arch.name)
+    _check_targets(targets, dict(model.named_modules()), arch.name, method)
     targets_arg: Any = "all-linear" if targets == ["all-linear"] else targets
+    if len(targets) == 1 and targets[0].startswith("re:"):  # one regex, as training takes it
+        targets_arg = targets[0][3:]
     # GPT-2-style models store weights transposed (Conv1D); telling PEFT spares its warning
     transposed = any(type(m).__name__ == "Conv1D" for m in model.modules())
     lora = peft.LoraConfig(
@@ -221,15 +223,11 @@ def _first_layer_prefix(names: list[str]) -> str:
     return ".0."
 
 
-def _check_targets(targets: list[str], names: list[str], model: str) -> None:
-    if targets == ["all-linear"]:
-        return
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names if n})
-    missing = [t for t in targets if t not in suffixes]
-    if missing:
-        linear = [s for s in suffixes if s.endswith("proj") or s.startswith(("c_", "fc"))]
-        raise TunelabError(
-            f"--target-modules names {', '.join(map(repr, missing))}, which '{model}' does not "
-            f"have.{did_you_mean(missing[0], suffixes)} Its linear layers are: "
-            f"{', '.join(linear)}; or use all-linear."
-        )
+def _check_targets(targets: list[str], modules: dict[str, Any], model: str, method: str) -> None:
+    """The training check (methods.check_target_modules): names the model has, and layers an
+    adapter can wrap, not blocks (PEFT would fail on them with a traceback)."""
+    from tunelab.config import FineTuningConfig
+    from tunelab.methods import check_target_modules
+
+    config = FineTuningConfig(model_name=model, method=method, target_modules=targets)
+    check_target_modules(config, modules, key="--target-modules")

@@ -238,7 +238,12 @@ def format_estimate(estimate: Estimate) -> str:
         + ("" if s.method == "full" else f", r {s.lora_r} on {', '.join(s.target_modules)}")
         + f"; batch {s.batch_size} x {s.max_length} tokens, {s.precision}"
         + (", gradient checkpointing" if s.gradient_checkpointing else "")
-        + f", optimizer {s.optimizer}, {s.devices} device(s)",
+        + f", optimizer {s.optimizer}, {s.devices} device(s)"
+        + (  # batch_size is per device (process), as in training
+            f"; global batch {s.batch_size * s.gradient_accumulation_steps * s.devices} rows"
+            if s.devices > 1
+            else ""
+        ),
         f"trainable params: {e.params.trainable:,} || all params: {e.params.total:,} || "
         f"trainable%: {share:.4f}",
         "",

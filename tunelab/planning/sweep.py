@@ -31,6 +31,7 @@ import yaml
 
 from tunelab.config import FIELDS, FineTuningConfig, config_from_dict, validate
 from tunelab.errors import TunelabError, did_you_mean
+from tunelab.yaml_numbers import load_yaml
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -73,7 +74,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TunelabError(f"{path} does not exist. Pass a YAML file with the sweep settings.")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

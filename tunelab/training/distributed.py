@@ -1,10 +1,13 @@
 """Several processes (torchrun / accelerate launch): data parallel, only rank 0 writes.
 
-Each process takes every world_size-th micro-batch of an optimizer step, and the summed
+``batch_size`` is per process, as in the seed (``per_device_train_batch_size``), transformers,
+TRL, Axolotl and LLaMA-Factory: an optimizer step takes batch_size x gradient_accumulation_steps
+x processes rows, each process every world_size-th of its micro-batches, and the summed
 gradients and loss-token counts are all-reduced before the step. Because each micro-batch's
 loss is divided by the loss tokens of the whole step (across processes), the update is exactly
-the one a single process makes on the same global batch, whatever the split; that is the
-gradient DistributedDataParallel would give, without its wrapper around the PEFT model.
+the one a single process makes on the same global batch (gradient_accumulation_steps x
+processes micro-batches); that is the gradient DistributedDataParallel would give, without its
+wrapper around the PEFT model.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
-
-from tunelab.errors import TunelabError
 
 
 @dataclass
@@ -81,36 +82,15 @@ def exit_worker(code: int) -> NoReturn:
     os._exit(code)
 
 
-def check_world_batch(accumulation: int, world: World, sharded: bool = False) -> str | None:
-    """Every process needs a micro-batch of each step: the global batch is batch_size x
-    gradient_accumulation_steps rows whatever the process count, and the processes split it.
-
-    Fewer micro-batches than processes is an error (some processes would idle every step);
-    an uneven split is allowed and returns a note to print, except when sharded (every forward
-    of a sharded layer is a collective, so every process must run as many).
-    """
-    if not world.active or accumulation % world.size == 0:
+def global_batch_note(batch_size: int, accumulation: int, world: World) -> str | None:
+    """The line to print once at the start of a run over several processes: batch_size is per
+    process, so the global batch grows with them (None for one process)."""
+    if not world.active:
         return None
-    fix = (
-        f"Set gradient_accumulation_steps to a multiple of {world.size} (e.g. --set "
-        f"gradient_accumulation_steps={world.size}); the global batch is batch_size x "
-        "gradient_accumulation_steps rows, split across the processes."
-    )
-    if sharded and accumulation > world.size:
-        raise TunelabError(
-            f"gradient_accumulation_steps {accumulation} does not split evenly over "
-            f"{world.size} processes, and with sharding: fsdp every process must run the same "
-            f"forwards. {fix}"
-        )
-    if accumulation < world.size:
-        raise TunelabError(
-            f"gradient_accumulation_steps is {accumulation} but {world.size} processes are "
-            f"training: each optimizer step has only {accumulation} micro-batch(es), so "
-            f"{world.size - accumulation} process(es) would idle. {fix}"
-        )
+    rows = batch_size * accumulation * world.size
     return (
-        f"Note: gradient_accumulation_steps {accumulation} does not split evenly over "
-        f"{world.size} processes; some take one micro-batch more each step. {fix}"
+        f"Global batch: {rows} rows per optimizer step = batch_size {batch_size} per process x "
+        f"gradient_accumulation_steps {accumulation} x {world.size} processes."
     )
 
 

@@ -110,6 +110,7 @@ def accumulate_gradients(
     precision: str = "fp32",
     step_loss_tokens: int | None = None,
     scaler: Any = None,
+    idle_batches: list[list[Row]] | None = None,
 ) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches; returns the step's mean
     loss and its number of loss tokens.
@@ -128,16 +129,23 @@ def accumulate_gradients(
         with backward_precision(model, precision):
             (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += float(loss_sum.detach())
+    for rows in idle_batches or []:  # forwards and backwards that add nothing (see _fit)
+        with mixed_precision(model, device, precision):
+            loss_sum, _ = causal_lm_loss_sum(model, _to(collate(rows, pad_token_id), device))
+        with backward_precision(model, precision):
+            (loss_sum * 0.0).backward()
     return step_loss / max(step_loss_tokens, 1), step_loss_tokens
 
 
-def steps_per_epoch(num_rows: int, config: FineTuningConfig) -> int:
+def steps_per_epoch(num_rows: int, config: FineTuningConfig, processes: int = 1) -> int:
+    """Optimizer steps per epoch: each takes gradient_accumulation_steps micro-batches of
+    batch_size rows on each of ``processes``."""
     micro_batches = math.ceil(num_rows / config.batch_size)
-    return math.ceil(micro_batches / config.gradient_accumulation_steps)
+    return math.ceil(micro_batches / (config.gradient_accumulation_steps * processes))
 
 
-def total_steps(num_rows: int, config: FineTuningConfig) -> int:
-    return config.max_steps or steps_per_epoch(num_rows, config) * config.num_epochs
+def total_steps(num_rows: int, config: FineTuningConfig, processes: int = 1) -> int:
+    return config.max_steps or steps_per_epoch(num_rows, config, processes) * config.num_epochs
 
 
 @contextmanager
@@ -219,8 +227,8 @@ def _fit(
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, optimizer_note = build_optimizer(model, config)
-    per_epoch = steps_per_epoch(len(train_rows), config)
-    steps = total_steps(len(train_rows), config)
+    per_epoch = steps_per_epoch(len(train_rows), config, world.size)
+    steps = total_steps(len(train_rows), config, world.size)
     warmup = warmup_steps_for(steps, config.warmup_ratio, config.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, config.lr_scheduler)
@@ -241,6 +249,7 @@ def _fit(
             load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, weights=not sharded)
         )
         say(world, f"Resuming from {checkpoint} (step {state['step']} of {steps})")
+    state["processes"] = world.size  # what a step was: checked when resuming (api)
     say(world, f"Optimizer: {optimizer_note}; {steps} steps, {warmup} of warm-up.")
     main = world.is_main
     log, reporters = None, None
@@ -255,7 +264,8 @@ def _fit(
             reporters.write(values)
 
     progress = Progress(steps, state["step"]) if main else None
-    accumulate = config.gradient_accumulation_steps
+    # batch_size is per process: a step takes gradient_accumulation_steps micro-batches on each
+    accumulate = config.gradient_accumulation_steps * world.size
     plan_cache: dict[int, list[list[int]]] = {}
     eval_result = None
     last_loss = float("nan")
@@ -293,14 +303,20 @@ def _fit(
 
         # --- the step: forward/backward, all-reduce, clip, update ---
         step_metrics: dict[str, float] = {}
+        mine = shard(micro_batches, world)
         if config.objective == "sft":
+            # sharded layers gather their weights in every forward and backward, collectives:
+            # at an epoch's short last step every process runs as many, the idle ones on a
+            # batch whose loss counts zero
+            idle = -(-len(micro_batches) // world.size) - len(mine) if sharded else 0
             step_loss, step_loss_tokens = accumulate_gradients(
-                model, shard(micro_batches, world), pad_token_id, device, precision,
+                model, mine, pad_token_id, device, precision,
                 step_loss_tokens=sum(loss_tokens(rows) for rows in micro_batches), scaler=scaler,
+                idle_batches=[micro_batches[0]] * idle,
             )  # fmt: skip
         else:  # preference objectives: the loss is a mean over the step's pairs / answers
             step_loss, stats = preference.accumulate_preference_gradients(
-                model, shard(micro_batches, world), config, pad_token_id, device, precision,
+                model, mine, config, pad_token_id, device, precision,
                 step_units=sum(preference.count_units(rows) for rows in micro_batches),
                 step_chosen_tokens=sum(preference.chosen_tokens(rows) for rows in micro_batches),
                 scaler=scaler,
