@@ -121,3 +121,10 @@ def test_full_fine_tuning_uses_a_frozen_reference(tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir, method="full", max_steps=3, learning_rate=1e-3)
     results = FineTuner(config).train()
     assert results["eval_rewards/margins"] > 0
+
+
+def test_dora_dpo_uses_the_base_as_reference_and_learns(tmp_path, tiny_model_dir):
+    config = _config(tmp_path, tiny_model_dir, method="dora", max_steps=6)
+    results = FineTuner(config).train()
+    assert results["initial_eval_rewards/accuracies"] == 0.0  # adapter off = the reference
+    assert results["eval_rewards/margins"] > 0
