@@ -82,7 +82,8 @@ def main() -> int:
     dpo_answers = generate(loaded, prompts, max_new_tokens=64)
     with loaded.model.disable_adapter():
         sft_answers = generate(loaded, prompts, max_new_tokens=64)
-    for prompt, row, sft, dpo in zip(prompts, held_out, sft_answers, dpo_answers, strict=True):
+    shown = held_out[: len(prompts)]
+    for prompt, row, sft, dpo in zip(prompts, shown, sft_answers, dpo_answers, strict=True):
         print(f"\n{prompt}\n  FOLDOC: {textwrap.shorten(row['chosen'], 150)}")
         print(f"  SFT:    {textwrap.shorten(sft, 150)}\n  DPO:    {textwrap.shorten(dpo, 150)}")
     print(f"\nDone in {(time.time() - started) / 60:.1f} minutes.")
