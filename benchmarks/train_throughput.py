@@ -27,8 +27,16 @@ real tokens each system had trained on by then and its optimizer steps, and tune
 a bf16 matmul peak measured in the same run. Needs the bench extra:
 pip install 'tunelab[bench]' (trl, psutil).
 
+With --shapes, TRL and tunelab also train models of other families at their real shapes with
+random weights (speed does not depend on the weights; configs written by hand from the published
+config.json of Qwen/Qwen3-0.6B and google/gemma-3-270m, nothing downloaded), on the same texts
+tokenized by SmolLM2's tokenizer: one table per shape, with tunelab's MFU for each. The seed
+recipe runs on SmolLM2 only.
+
     python benchmarks/train_throughput.py                # about 19 minutes
     python benchmarks/train_throughput.py --steps 2 --systems trl,tunelab
+    python benchmarks/train_throughput.py --shapes qwen3-0.6b,gemma3-270m --systems trl,tunelab
+    python benchmarks/train_throughput.py --device cuda --steps 4 --cooldown 0   # on a GPU
 """
 
 from __future__ import annotations
@@ -52,6 +60,73 @@ SYSTEMS = ("seed", "trl", "tunelab")
 RUN_ORDER = ("trl", "tunelab", "seed")
 # the seed's TrainingArguments: batch_size 4 (its config) and gradient_accumulation_steps=4
 SEED_ACCUMULATION = 4
+
+# published config values of the real models (their config.json); smollm2 is the real weights
+SHAPES: dict[str, dict | None] = {
+    "smollm2": None,
+    "qwen3-0.6b": {
+        "model_type": "qwen3",
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+    },
+    "gemma3-270m": {
+        "model_type": "gemma3_text",
+        "hidden_size": 640,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 18,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "vocab_size": 262144,
+        "max_position_embeddings": 32768,
+        "sliding_window": 512,
+        "query_pre_attn_scalar": 256,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+        "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    },
+}
+
+
+def build_shape(shape: str, folder: Path, tokenizer_path: str | None = None) -> str:
+    """The model of ``shape``: SmolLM2's own folder, or a random model of the published shape
+    saved (bf16) with SmolLM2's tokenizer (or ``tokenizer_path``'s) into ``folder``; returns
+    its location."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.models import resolve_model
+
+    values = SHAPES[shape]
+    if values is None:
+        return resolve_model(None)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or resolve_model(None))
+    values = dict(values)
+    config = AutoConfig.for_model(
+        values.pop("model_type"),
+        **values,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def entry_text(row: dict) -> str:
@@ -78,7 +153,7 @@ def heldout_loss(model, tokenizer, texts: list[str], max_length: int) -> float:
     with torch.no_grad():
         for text in texts:
             ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-            ids = torch.tensor([ids + [tokenizer.eos_token_id]])
+            ids = torch.tensor([ids + [tokenizer.eos_token_id]], device=model.device)
             out = model(input_ids=ids, labels=ids)
             n = ids.shape[1] - 1
             total += float(out.loss) * n
@@ -118,7 +193,7 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict:
 
     from tunelab.models import resolve_model
 
-    location = resolve_model(None)
+    location = args.model or resolve_model(None)
     tokenizer = AutoTokenizer.from_pretrained(location)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = get_peft_model(
@@ -154,7 +229,7 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict:
         save_strategy="no",
         eval_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         seed=42,
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
@@ -178,7 +253,7 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict:
 
     from tunelab.models import resolve_model
 
-    location = resolve_model(None)
+    location = args.model or resolve_model(None)
     tokenizer = AutoTokenizer.from_pretrained(location)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
@@ -193,7 +268,7 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict:
         save_strategy="no",
         eval_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         bf16=True,
         packing=True,
         max_length=args.max_length,
@@ -224,6 +299,7 @@ def run_tunelab(args: argparse.Namespace, out: Path) -> dict:
     data = out / "train_text.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in load_texts("train.jsonl")))
     config = FineTuningConfig(
+        model_name=args.model or FineTuningConfig.model_name,
         dataset_path=str(data),
         output_dir=str(out / "tunelab"),
         lora_r=8,
@@ -242,7 +318,7 @@ def run_tunelab(args: argparse.Namespace, out: Path) -> dict:
         eval_each_epoch=False,
         seed=42,
     )
-    tuner = FineTuner(config)
+    tuner = FineTuner(config, device=args.device)
     results = tuner.train()
     return {
         "real_tokens": results["train_tokens"],
@@ -253,21 +329,24 @@ def run_tunelab(args: argparse.Namespace, out: Path) -> dict:
     }
 
 
-def matmul_peak_gflops(seconds: float = 3.0) -> float:
-    """Best bf16 matmul rate on this machine (the ceiling for MFU), in GFLOP/s."""
+def matmul_peak_gflops(seconds: float = 3.0, device: str = "cpu") -> float:
+    """Best bf16 matmul rate on ``device`` (the ceiling for MFU), in GFLOP/s."""
     import torch
 
     best = 0.0
-    for size in (1024, 2048):
+    sizes = (1024, 2048) if device == "cpu" else (4096, 8192)
+    for size in sizes:
         a, b = (
-            torch.randn(size, size, dtype=torch.bfloat16),
-            torch.randn(size, size, dtype=torch.bfloat16),
+            torch.randn(size, size, dtype=torch.bfloat16, device=device),
+            torch.randn(size, size, dtype=torch.bfloat16, device=device),
         )
         a @ b
         start, count = time.perf_counter(), 0
         while time.perf_counter() - start < seconds / 2:
             a @ b
             count += 1
+        if device != "cpu":
+            torch.cuda.synchronize()
         best = max(best, 2 * size**3 * count / (time.perf_counter() - start) / 1e9)
     return best
 
@@ -290,7 +369,7 @@ def child(args: argparse.Namespace) -> None:
         "eval_loss": loss,
         "params": params,
     }
-    (out / f"{args.child}.json").write_text(json.dumps(report))
+    (out / f"{args.child}-{args.shape}.json").write_text(json.dumps(report))
 
 
 def main() -> None:
@@ -313,6 +392,12 @@ def main() -> None:
     )
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument(
+        "--shapes",
+        default="smollm2",
+        help=f"models to train, comma-separated: {', '.join(SHAPES)} (the seed recipe runs "
+        "on smollm2 only)",
+    )
+    parser.add_argument(
         "--cooldown",
         type=float,
         default=60.0,
@@ -320,6 +405,12 @@ def main() -> None:
     )
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer folder for the random shapes (default: SmolLM2's)"
+    )
+    parser.add_argument("--shape", default="smollm2", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -327,32 +418,45 @@ def main() -> None:
     chosen = {s for s in args.systems.split(",") if s}
     if chosen - set(SYSTEMS):
         parser.error(f"--systems: unknown {sorted(chosen - set(SYSTEMS))}; choose from {SYSTEMS}")
+    shapes = [s for s in args.shapes.split(",") if s]
+    if set(shapes) - set(SHAPES):
+        parser.error(f"--shapes: unknown {sorted(set(shapes) - set(SHAPES))}; choose from {SHAPES}")
     systems = [s for s in RUN_ORDER if s in chosen]
-    reports = {}
+    reports: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as out:
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        for system in systems:
-            command = [sys.executable, __file__, "--child", system, "--out", out]
-            command += ["--steps", str(args.steps), "--batch", str(args.batch)]
-            command += [
-                "--accumulation",
-                str(args.accumulation),
-                "--max-length",
-                str(args.max_length),
-            ]
-            command += ["--heldout", str(args.heldout)]
-            time.sleep(args.cooldown)
-            print(f"running {system} ...", flush=True)
-            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-            reports[system] = json.loads((Path(out) / f"{system}.json").read_text())
+        for shape in shapes:
+            location = build_shape(shape, Path(out) / shape, args.tokenizer)
+            reports[shape] = {}
+            for system in systems:
+                if system == "seed" and shape != "smollm2":
+                    continue  # the seed recipe's model is SmolLM2
+                command = [sys.executable, __file__, "--child", system, "--out", out]
+                command += ["--model", location, "--shape", shape]
+                command += ["--steps", str(args.steps), "--batch", str(args.batch)]
+                command += ["--accumulation", str(args.accumulation)]
+                command += ["--max-length", str(args.max_length), "--heldout", str(args.heldout)]
+                command += ["--device", args.device]
+                time.sleep(args.cooldown)
+                print(f"running {system} on {shape} ...", flush=True)
+                subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+                report = Path(out) / f"{system}-{shape}.json"
+                reports[shape][system] = json.loads(report.read_text())
     time.sleep(args.cooldown)
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(device=args.device)
     print(
         f"\n{token_budget(args):,} real training tokens each ({args.steps} packed steps of "
         f"{args.batch}x{args.accumulation}x{args.max_length}); "
-        f"bf16 matmul peak here {peak:.0f} GFLOP/s\n"
+        f"bf16 matmul peak here {peak:.0f} GFLOP/s"
     )
+    for shape, shape_reports in reports.items():
+        print_table(shape, shape_reports, peak)
+
+
+def print_table(shape: str, reports: dict[str, dict], peak: float) -> None:
+    """One shape's table, tunelab's MFU and its ratios to the other systems."""
     base = reports.get("tunelab")
+    print(f"\n{shape}\n")
     print(
         "| system | real tokens/s | vs tunelab | real tokens trained | optimizer steps "
         "| peak RSS MiB | held-out loss |"

@@ -83,7 +83,9 @@ def test_diverging_loss(tmp_path):
     run = synthetic_run(tmp_path / "run", falling(20, 2.0, 6.0), config={"learning_rate": 3e-3})
     finding = codes(diagnose_run(run))["loss_diverging"]
     assert "rose from 2.3158 (steps 1-4) to 5.6842 (steps 17-20)" in finding.evidence
-    assert "--set learning_rate=1.0e-03" in finding.fix
+    # the method's usual range, not a third of a rate that was far too high
+    assert "learning_rate 0.003 is too high: LoRA usually trains at 1e-4 to 5e-4" in finding.fix
+    assert "--set learning_rate=5e-4" in finding.fix
 
 
 def test_flat_loss_blames_a_tiny_learning_rate(tmp_path):

@@ -1,6 +1,7 @@
 """Runs survive crashes: killed at random moments and resumed, they end where an uninterrupted
 run ends, bit for bit (fp32 on CPU, fixed seed)."""
 
+import json
 import random
 import signal
 import subprocess
@@ -36,25 +37,55 @@ def run_config(make_config, tmp_path):
     return write
 
 
+def steps_done(run_dir, by_checkpoint):
+    """How far a run being written got: its newest checkpoint's step, or the highest step in
+    its metrics.jsonl (0 when there is none yet)."""
+    if by_checkpoint:
+        found = (run_dir / "checkpoints").glob("step-*")
+        return max((int(p.name.removeprefix("step-")) for p in found), default=0)
+    metrics = run_dir / "metrics.jsonl"
+    steps = [0]
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except json.JSONDecodeError:
+            pass  # the line being written
+    return max(steps)
+
+
+def kill_when(process, reached, deadline):
+    """SIGKILL ``process`` as soon as ``reached()`` is true; fails if it ends first."""
+    while not reached():
+        assert process.poll() is None, "the run ended before its kill point:\n" + (
+            process.stdout.read()
+        )
+        assert time.monotonic() < deadline, "the kill point was never reached"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(run_config, tmp_path):
-    started = time.monotonic()
     whole = start(run_config("whole"))
     assert whole.wait(timeout=300) == 0, whole.stdout.read()
-    duration = time.monotonic() - started
     path = run_config("killed")
+    run_dir = tmp_path / "killed"
     rng = random.Random(1234)
-    kills = 0
+    # kill points are steps, not seconds, so a slow machine cannot finish the run first: each
+    # round waits for metrics line N (the kill then lands during or before checkpoint N's
+    # write) or for checkpoint N itself, N rising by 3-10 steps: at most 30 of 40, and above
+    # any line the previous round left past its checkpoint
+    kill_step = 0
     for _ in range(3):
-        flags = ["--resume"] if (tmp_path / "killed").exists() else []
+        kill_step += rng.randint(3, 10)
+        flags = ["--resume"] if run_dir.exists() else []
         process = start(path, *flags)
-        # somewhere between start-up (imports, loading) and the end of training
-        time.sleep(rng.uniform(0.4, 0.9) * duration)
-        if process.poll() is not None:
-            break
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        kills += 1
-    assert kills >= 1
+        by_checkpoint = rng.random() < 0.5
+        kill_when(
+            process,
+            lambda: steps_done(run_dir, by_checkpoint) >= kill_step,  # noqa: B023 (called now)
+            time.monotonic() + 300,
+        )
     flags = ["--resume"] if (tmp_path / "killed").exists() else []
     final = start(path, *flags)
     output = final.communicate(timeout=300)[0]

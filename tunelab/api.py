@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,14 @@ from tunelab.data.schema import Example, to_example
 from tunelab.data.tokenize import tokenize_examples, uses_chat_template
 from tunelab.device import Placement, choose_placement
 from tunelab.errors import TunelabError
-from tunelab.files import atomic_write_json, ensure_free_space, fsync_tree, tensor_bytes
+from tunelab.files import (
+    atomic_write_json,
+    disk_full_errors,
+    ensure_free_space,
+    fsync_tree,
+    move_into,
+    tensor_bytes,
+)
 from tunelab.methods import (
     PROMPT_METHODS,
     apply_method,
@@ -25,6 +33,7 @@ from tunelab.methods import (
     format_trainable,
     method_step_hooks,
     quantization_config,
+    resolve_target_modules,
 )
 from tunelab.models import (
     cache_dir,
@@ -39,6 +48,8 @@ from tunelab.training.batching import Row, pack_examples, single_rows
 RUN_CONFIG = "tunelab_config.yaml"
 RUN_INFO = "run_info.json"
 RESULTS = "results.json"
+FINAL_STAGING = ".final-save-"  # the final save's temporary folder inside the run folder
+TOKENIZER_EXTRAS = {"vocab.json", "merges.txt", "special_tokens_map.json", "chat_template.jinja"}
 TOKENIZED_FORMAT = 2  # bump when the tokenized cache's layout or rendering changes
 
 
@@ -77,10 +88,18 @@ def check_resumable(output_dir: Path, config: FineTuningConfig, processes: int =
     saved_path = output_dir / RUN_CONFIG
     if not saved_path.is_file():
         return
-    from tunelab.training.checkpoint import STATE, latest_checkpoint
+    import yaml
+
+    from tunelab.training.checkpoint import latest_checkpoint, read_state
     from tunelab.yaml_numbers import load_yaml
 
-    saved = load_yaml(saved_path.read_text()) or {}
+    try:
+        saved = load_yaml(saved_path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise TunelabError(
+            f"{saved_path} is damaged (not valid YAML: {error}). Restore it from the config "
+            "you trained with, or start a new run with --overwrite."
+        ) from None
     current = config.to_dict()
     accumulation = "gradient_accumulation_steps"
     changed = [
@@ -92,7 +111,7 @@ def check_resumable(output_dir: Path, config: FineTuningConfig, processes: int =
         and saved[key] != current[key]
     ]
     checkpoint = latest_checkpoint(output_dir)
-    state = json.loads((checkpoint / STATE).read_text()) if checkpoint else {}
+    state = read_state(checkpoint) if checkpoint else {}  # a damaged one is named
     saved_processes = state.get("processes", 1)
     per_step = saved.get(accumulation, config.gradient_accumulation_steps) * saved_processes
     if per_step != config.gradient_accumulation_steps * processes:
@@ -163,7 +182,11 @@ class FineTuner:
         if self.tokenizer is None:
             location = resolve_model(self.config.model_name)
             model_config = load_model_config(location, self.config.trust_remote_code)
-            check_target_modules(self.config, model_modules(model_config))
+            modules = model_modules(model_config)
+            note = resolve_target_modules(self.config, model_config.model_type, modules)
+            if note:
+                print(note, flush=True)
+            check_target_modules(self.config, modules)
             self.model_location = location
             self.tokenizer = load_tokenizer(location, self.config.trust_remote_code)
         return self.tokenizer
@@ -397,6 +420,8 @@ class FineTuner:
         if self.model is None:
             self.prepare_model(total_steps(len(train_dataset), self.config, world.size))
         output_dir.mkdir(parents=True, exist_ok=True)
+        if main_process:  # a full disk found now, not after the training it would waste
+            ensure_free_space(output_dir, self.final_save_bytes(), "the trained model")
         if main_process:
             self.config.save(output_dir / RUN_CONFIG)
         if self.prepared is not None and main_process:  # what the data stage did
@@ -434,8 +459,7 @@ class FineTuner:
             data=data_stats,
         )
         self.results = results
-        self.save_model(state_dict=whole)
-        atomic_write_json(output_dir / RESULTS, results)
+        self.save_model(state_dict=whole, results=results)
         return results
 
     def eval_rows(self) -> list[Row] | None:
@@ -456,28 +480,28 @@ class FineTuner:
         return len(self.prepared.train) if self.prepared is not None else None
 
     def save_model(
-        self, output_dir: str | Path | None = None, state_dict: dict[str, Any] | None = None
+        self,
+        output_dir: str | Path | None = None,
+        state_dict: dict[str, Any] | None = None,
+        results: dict[str, Any] | None = None,
     ) -> Path:
-        """Write the adapter (standard PEFT files), tokenizer, config and run info.
+        """Write the adapter (standard PEFT files), tokenizer, config, run info and ``results``
+        (results.json, when given).
 
-        ``state_dict``: the weights to write instead of the model's own (a sharded run's,
-        gathered whole)."""
+        Everything is written into a temporary folder inside the run folder first and moved in
+        only once whole, adapter_config.json and results.json last: a full disk or a crash
+        never leaves a folder that looks like a finished run. A full disk raises TunelabError
+        with the space needed. ``state_dict``: the weights to write instead of the model's own
+        (a sharded run's, gathered whole)."""
         if self.model is None:
             raise TunelabError("there is no model to save yet: call prepare_model() and train().")
         folder = Path(output_dir or self.config.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        ensure_free_space(
-            folder, tensor_bytes(self.model, self.config.method != "full"), "the trained weights"
-        )
-        converted = {}
-        initial = Path(self.config.output_dir) / INITIAL_ADAPTER
-        if self.config.init_lora_weights in ("pissa", "olora") and initial.is_dir():
-            # saved as plain LoRA (rank 2r) on the original base, which pissa/olora changed
-            converted = {"path_initial_model_for_weight_conversion": str(initial)}
-        self.model.save_pretrained(folder, state_dict=state_dict, **converted)
-        fsync_tree(folder)
-        self.tokenizer.save_pretrained(folder)
-        self.config.save(folder / RUN_CONFIG)
+        for leftover in folder.glob(f"{FINAL_STAGING}*"):  # a save killed half-way
+            shutil.rmtree(leftover, ignore_errors=True)
+        needed = self.final_save_bytes()
+        what = "the trained model (adapter, tokenizer, results)"
+        ensure_free_space(folder, needed, what)
         info = {
             "base_model": self.model_location,
             "chat": self.chat,
@@ -486,8 +510,38 @@ class FineTuner:
             "device": self.placement.device,
             **_versions(),
         }
-        atomic_write_json(folder / RUN_INFO, info)
+        converted = {}
+        initial = Path(self.config.output_dir) / INITIAL_ADAPTER
+        if self.config.init_lora_weights in ("pissa", "olora") and initial.is_dir():
+            # saved as plain LoRA (rank 2r) on the original base, which pissa/olora changed
+            converted = {"path_initial_model_for_weight_conversion": str(initial)}
+        staging = Path(tempfile.mkdtemp(prefix=FINAL_STAGING, dir=folder))
+        try:
+            with disk_full_errors(folder, what, needed):
+                self.model.save_pretrained(staging, state_dict=state_dict, **converted)
+                self.tokenizer.save_pretrained(staging)
+                self.config.save(staging / RUN_CONFIG)
+                atomic_write_json(staging / RUN_INFO, info)
+                if results is not None:
+                    atomic_write_json(staging / RESULTS, results)
+                fsync_tree(staging)
+            # the files a reader takes as "finished" arrive last
+            move_into(staging, folder, last=("adapter_config.json", "config.json", RESULTS))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return folder
+
+    def final_save_bytes(self) -> int:
+        """About how many bytes the final save writes: the saved weights and the tokenizer
+        files (measured in the model folder they come from, when it is local)."""
+        weights = tensor_bytes(self.model, self.config.method != "full")
+        source = Path(self.model_location or "")
+        tokenizer = sum(
+            p.stat().st_size
+            for p in (source.iterdir() if source.is_dir() else [])
+            if p.is_file() and (p.name.startswith("tokenizer") or p.name in TOKENIZER_EXTRAS)
+        )
+        return weights + tokenizer + 2**20  # config, run info, results
 
 
 INITIAL_ADAPTER = "initial_adapter"

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import warnings
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.text_safety import visible
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -20,7 +19,9 @@ def cmd_init(args: argparse.Namespace) -> int:
             f"{path} already exists. Pass --force to replace it, or give another "
             "path: tunelab init my-run.yaml"
         )
-    path.write_text(starter_config_text(), encoding="utf-8")
+    from tunelab.files import atomic_write_text
+
+    atomic_write_text(path, starter_config_text())
     print(f"Wrote {path}. Set dataset_path, then run: tunelab train {path}")
     return 0
 
@@ -49,6 +50,8 @@ def _report(results: dict, output_dir: str) -> None:
         f"{results['train_runtime_seconds']:.1f} s ({results['tokens_per_second']:.0f} tokens/s)"
         f"; final train loss {results['final_train_loss']:.4f}"
     )
+    for warning in results.get("warnings", []):
+        print(f"Warning: {warning}")
     if "eval_loss" in results:
         before = results.get("initial_eval_loss")
         change = f" (base model: {before:.4f})" if before is not None else ""
@@ -82,8 +85,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     for prompt, answer in zip(args.prompt, answers, strict=True):
         if len(args.prompt) > 1:
-            print(f"### {prompt}")
-        print(answer)
+            print(visible(f"### {prompt}"))
+        print(visible(answer))  # a model can emit escape sequences learned from its data
     return 0
 
 
@@ -116,13 +119,55 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     out = Path(args.out or run_dir / f"{run_dir.name}-{args.type}.gguf")
-    if (run_dir / "adapter_config.json").is_file():
-        with tempfile.TemporaryDirectory(prefix="tunelab-merge-") as merged:
-            merge_run(run_dir, Path(merged) / "model")
-            export_gguf(Path(merged) / "model", out, args.type)
-    else:
-        export_gguf(run_dir, out, args.type)
-    print(f"Wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type}).")
+    if args.format == "ollama":  # refuse an untranslatable template before the slow part
+        from tunelab.shipping.ollama import chat_settings, translate_chat_template
+
+        tokenizer, system_prompt = chat_settings(run_dir)
+        translate_chat_template(tokenizer, system_prompt)
+    with tempfile.TemporaryDirectory(prefix="tunelab-export-") as scratch:
+        source = run_dir
+        if (run_dir / "adapter_config.json").is_file():
+            source = merge_run(run_dir, Path(scratch) / "model")
+        export_gguf(source, out, args.type)
+        print(f"Wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type}).")
+        if args.format == "ollama":
+            from tunelab.shipping.ollama import write_modelfile
+
+            modelfile = write_modelfile(out, tokenizer, system_prompt, out.parent / "Modelfile")
+            print(f"Wrote {modelfile}: ollama create NAME -f {modelfile}")
+        if not args.no_check:
+            _check_export(out, run_dir, source, args.type, Path(scratch))
+    return 0
+
+
+def _check_export(out: Path, run_dir: Path, source: Path, out_type: str, scratch: Path) -> None:
+    """Run the file in llama.cpp and say what it found; a quantized file's perplexity is set
+    beside an f16 export's."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("Not checked in llama.cpp: install llama-cpp-python (pip install 'tunelab[gguf]').")
+        return
+    from tunelab.shipping.gguf_export import export_gguf
+    from tunelab.shipping.llama_cpp_check import check_in_llama_cpp, held_out_perplexity
+
+    result = check_in_llama_cpp(out, run_dir)
+    print(result.summary())
+    if out_type not in ("f32", "f16", "bf16"):
+        reference = export_gguf(source, scratch / "reference-f16.gguf", "f16")
+        f16 = held_out_perplexity(reference, run_dir)
+        print(
+            f"Held-out perplexity: {out_type} {result.perplexity:.3f}, f16 {f16:.3f} "
+            f"({(result.perplexity / f16 - 1) * 100:+.1f}%)."
+        )
+        if not result.matches:
+            print(f"({out_type} rounds the weights, so a near-tie can change a greedy token.)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tunelab.serving.app import serve
+
+    serve(args.targets, args.host, args.port, args.precision, args.max_batch_size)
     return 0
 
 
@@ -136,7 +181,7 @@ def _name_value(text: str, what: str) -> tuple[str, str]:
 def cmd_adapters_list(args: argparse.Namespace) -> int:
     from tunelab.shipping.adapters import describe, format_table
 
-    print(format_table([describe(path) for path in args.runs]))
+    print(visible(format_table([describe(path) for path in args.runs])))
     return 0
 
 
@@ -164,7 +209,7 @@ def cmd_adapters_generate(args: argparse.Namespace) -> int:
         adapter_set.use(name)
         answers = generate(adapter_set.loaded(), args.prompt, max_new_tokens=args.max_new_tokens)
         for prompt, answer in zip(args.prompt, answers, strict=True):
-            print(f"[{name}] {prompt}\n{answer}\n")
+            print(visible(f"[{name}] {prompt}\n{answer}\n"))
     return 0
 
 
@@ -217,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     parser.add_argument(
-        "--debug", action="store_true", help="Show full tracebacks instead of short error messages."
+        "--debug",
+        action="store_true",
+        help="Show full tracebacks instead of short error messages, and the libraries' "
+        "warnings, logging and progress bars.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -286,15 +334,48 @@ def build_parser() -> argparse.ArgumentParser:
         "llama.cpp and by transformers' GGUF loader.",
     )
     export.add_argument("run_dir", help="A run folder or a transformers model folder.")
-    export.add_argument("--format", default="gguf", choices=["gguf"], help="Output format.")
+    export.add_argument(
+        "--format",
+        default="gguf",
+        choices=["gguf", "ollama"],
+        help="gguf, or ollama: the GGUF file plus a Modelfile with the trained chat template.",
+    )
     export.add_argument(
         "--type",
         default="f16",
-        choices=["f32", "f16", "bf16", "q8_0"],
-        help="Weight type of the 2-D tensors.",
+        choices=["f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"],
+        help="Weight type of the 2-D tensors (k-quants use llama.cpp's quantizer).",
+    )
+    export.add_argument(
+        "--no-check",
+        action="store_true",
+        help="Skip running the file in llama.cpp against tunelab generate after writing.",
     )
     export.add_argument("--out", default=None, help="Output file (default: in run_dir).")
     export.set_defaults(func=cmd_export)
+
+    serve = sub.add_parser(
+        "serve",
+        help="Serve runs and their base model with the OpenAI API.",
+        description="An OpenAI-compatible server (/v1/models, /v1/chat/completions, "
+        "/v1/completions, streaming). Each run folder is served under its folder name on one "
+        "shared base model, which is served too; concurrent requests are batched.",
+    )
+    serve.add_argument(
+        "targets", nargs="+", metavar="RUN_OR_MODEL", help="Run folders (one base) or one model."
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    serve.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    serve.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="Inference precision (fp32 answers match 'tunelab generate').",
+    )
+    serve.add_argument(
+        "--max-batch-size", type=int, default=8, help="Most requests generated together."
+    )
+    serve.set_defaults(func=cmd_serve)
 
     adapters = sub.add_parser("adapters", help="List, switch and combine adapters of runs.")
     adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
@@ -389,15 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
-        # library deprecation chatter is for tunelab's developers, not its users
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # library chatter (deprecations, bitsandbytes' kernel note, progress bars) is for
+        # tunelab's developers, not its users
+        from tunelab.library_noise import silence_library_noise
+
+        silence_library_noise()
     try:
         return int(args.func(args) or 0)
     except TunelabError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {visible(exc)}", file=sys.stderr)  # messages quote data and paths
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -26,6 +26,8 @@ SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHAT_FORMATS = ("auto", "chat", "plain")
 REPORT_SINKS = ("tensorboard", "mlflow")
+# tunelab.training.families.PIECES (kept here so the config needs no torch import)
+FAST_PATH_PIECES = ("attention", "loss", "rotary", "norm", "lora_forward", "dropout")
 INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa", "olora")
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")  # as in training.objectives
 METHODS = (
@@ -111,6 +113,16 @@ class FineTuningConfig:
     )
     gradient_checkpointing: bool = _f(
         False, "Recompute activations in the backward pass: less memory, about 30% more compute."
+    )
+    fast_path: bool = _f(
+        True,
+        "Use tunelab's faster training pieces where they are proven equal for the model's "
+        "family (false: transformers' and PEFT's own code throughout, for debugging).",
+    )
+    fast_path_disable: list[str] = _f(
+        [],
+        "Pieces of the fast path to run stock: attention, loss, rotary, norm, lora_forward, "
+        "dropout (see docs/training.md; `tunelab train` prints which run fast).",
     )
     sharding: str = _f(
         "none",
@@ -241,6 +253,36 @@ class FineTuningConfig:
     )
     data_cache: bool = _f(
         True, "Reuse prepared data from $TUNELAB_CACHE/data when inputs and settings are unchanged."
+    )
+    dataset_mix: dict[str, float] = _f(
+        {},
+        "Extra training sources and their share of the training set, e.g. "
+        "{data/forum.jsonl: 0.2}; dataset_path keeps the rest (see docs/data.md, mixing).",
+    )
+    replay_general_share: float = _f(
+        0.0,
+        "Share of the training set that is general prose replayed against forgetting (e.g. "
+        "0.1); tunelab eval's forgetting check then reads only prose that was not replayed.",
+    )
+    probe_templates: list[str] = _f(
+        [],
+        "tunelab eval's knowledge probes: questions that reword a training item, using "
+        "{subject} (what it asks about, e.g. 'Explain what {subject} is.') or {question}; "
+        "empty: the default set in tunelab/evaluation/probes.py.",
+    )
+    max_data_bytes: int = _f(
+        1 << 30,
+        "Refuse a data path holding more bytes than this (after decompression; counts a "
+        "folder's files together): a guard against devices, endless pipes and zip bombs.",
+    )
+    max_row_bytes: int = _f(
+        16 << 20, "Refuse a data row (a line, a text block, a field) longer than this in bytes."
+    )
+    max_rows: int = _f(1_000_000, "Refuse a data path holding more rows than this.")
+    drop_control_chars: bool = _f(
+        True,
+        "Remove control characters (C0/C1, e.g. terminal escape sequences) from the data, "
+        "keeping tab and newline; the report counts the examples changed.",
     )
 
     # --- method ---
@@ -418,6 +460,8 @@ def validate(config: FineTuningConfig) -> None:
     _check(c.num_epochs >= 1, "num_epochs", c.num_epochs, "at least 1")
     _check(c.batch_size >= 1, "batch_size", c.batch_size, "at least 1")
     _check(c.max_length >= 8, "max_length", c.max_length, "at least 8 tokens")
+    for key in ("max_data_bytes", "max_row_bytes", "max_rows"):
+        _check(getattr(c, key) >= 1, key, getattr(c, key), "a positive whole number")
     _check(
         c.gradient_accumulation_steps >= 1,
         "gradient_accumulation_steps",
@@ -429,6 +473,13 @@ def validate(config: FineTuningConfig) -> None:
     _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "zero or positive")
     _check(c.max_grad_norm >= 0, "max_grad_norm", c.max_grad_norm, "zero (off) or positive")
     _check(c.logging_steps >= 1, "logging_steps", c.logging_steps, "at least 1")
+    for piece in c.fast_path_disable:
+        if piece not in FAST_PATH_PIECES:
+            raise TunelabError(
+                f"config key 'fast_path_disable' names {piece!r}, which is not a piece of the "
+                f"fast path; allowed: {', '.join(FAST_PATH_PIECES)}."
+                f"{did_you_mean(piece, FAST_PATH_PIECES)}"
+            )
     _check(c.eval_steps is None or c.eval_steps >= 1, "eval_steps", c.eval_steps, "null or >= 1")
     _check(c.save_steps is None or c.save_steps >= 1, "save_steps", c.save_steps, "null or >= 1")
     # method
@@ -639,6 +690,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> FineTun
         value = getattr(config, key)
         if value and not Path(value).is_absolute():
             setattr(config, key, str((base / value).resolve()))
+    config.dataset_mix = {
+        str(path if Path(path).is_absolute() else (base / path).resolve()): weight
+        for path, weight in config.dataset_mix.items()
+    }
     model = Path(config.model_name)
     if not model.is_absolute() and (base / model).exists():
         config.model_name = str(base / model)

@@ -13,6 +13,9 @@ from typing import Any
 
 from tunelab.data.tokenize import render_prompt, uses_chat_template
 from tunelab.errors import TunelabError
+from tunelab.runs import RUN_CONFIG, check_run_files
+from tunelab.template_sandbox import render_chat
+from tunelab.text_safety import visible
 
 
 @dataclass
@@ -40,6 +43,8 @@ def load_for_inference(
     from tunelab.models import load_model, load_tokenizer, resolve_model
 
     placement = choose_placement(precision, device)
+    if Path(target).is_dir():
+        check_run_files(target)  # a save cut off by a full disk is named, not parsed
     if is_run_dir(target):
         folder = Path(target)
         adapter_config = json.loads((folder / "adapter_config.json").read_text())
@@ -68,6 +73,13 @@ def load_for_inference(
             model = PeftModel.from_pretrained(model, str(folder)).eval()
         chat = bool(info.get("chat", getattr(tokenizer, "chat_template", None)))
         return LoadedModel(model, tokenizer, chat, info.get("system_prompt"), str(folder))
+    if (Path(target) / RUN_CONFIG).is_file() and not (Path(target) / "config.json").exists():
+        raise TunelabError(
+            f"{target} is a tunelab run that did not finish: it has no saved model "
+            "(adapter_config.json). Its training stopped or its final save failed; "
+            f"'tunelab doctor {target}' shows why. Continue it with 'tunelab train CONFIG "
+            "--resume' (from its last checkpoint) or train again."
+        )
     if Path(target).is_dir() and not (Path(target) / "config.json").exists():
         raise TunelabError(
             f"{target} is neither a tunelab run folder (no adapter_config.json) nor a model "
@@ -202,13 +214,11 @@ def chat_loop(
             messages = list(history)
             if loaded.system_prompt:
                 messages.insert(0, {"role": "system", "content": loaded.system_prompt})
-            text = loaded.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            text = render_chat(loaded.tokenizer, messages, add_generation_prompt=True)
         else:  # no template: the conversation so far as plain text
             text = "\n".join(m["content"] for m in history) + "\n"
         answer = generate_from_text(loaded, [text], max_new_tokens, do_sample, temperature, top_p)[
             0
         ]
         history.append({"role": "assistant", "content": answer})
-        output_fn(f"model> {answer}")
+        output_fn(f"model> {visible(answer)}")  # escapes the model learned are shown, not run

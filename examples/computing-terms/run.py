@@ -2,7 +2,10 @@
 
 Run from anywhere: python examples/computing-terms/run.py [--set key=value ...]
 It trains (about 10 minutes on a 2-core CPU), then prints the held-out loss of the base and the
-tuned model and their answers to a few held-out terms side by side.
+tuned model and their answers to a few held-out terms side by side, and evaluates base,
+few-shot, RAG, tuned and tuned+RAG on two kinds of probe: held-out terms (never trained on:
+style and format) and training terms asked in other words and verbatim (what each system
+recalls of the training data).
 """
 
 from __future__ import annotations
@@ -54,16 +57,40 @@ def main() -> int:
         print("base      :", textwrap.shorten(before, 200))
         print("fine-tuned:", textwrap.shorten(after, 200))
     # the comparison the seed asks for: fine-tuning against prompting and retrieval
-    print(f"\n=== Evaluation on {args.eval_limit} held-out questions (tunelab eval) ===")
-    report = evaluate_run(
-        config.output_dir, limit=args.eval_limit, max_new_tokens=48, repetition_penalty=1.2
+    print(
+        f"\n=== Evaluation (tunelab eval): {args.eval_limit} held-out terms, and "
+        f"{args.eval_limit} training terms asked in other words and verbatim ==="
     )
+    report = evaluate_run(
+        config.output_dir, limit=args.eval_limit, max_new_tokens=48, repetition_penalty=1.2,
+        probes=("reworded", "verbatim"), probe_items=args.eval_limit, rewordings=2,
+    )  # fmt: skip
+    print_probe_table(report)
     for line in report.verdict:
         print("-", line)
     print("Report:", report.files.get("html", config.output_dir))
     print(f"\nDemo finished in {time.time() - started:.0f} s. Run folder: {config.output_dir}")
     print(f"Try: tunelab generate {config.output_dir} --prompt {prompts[0]!r}")
     return 0
+
+
+def print_probe_table(report) -> None:
+    """Each system on each probe kind: the headline metric and the reference loss, with the
+    95% intervals, so unseen items and training items asked again are read side by side."""
+    metric = "semantic" if report.settings.get("semantic_model") else "token_f1"
+    kinds = {"held-out": report.summary} | {k: p.summary for k, p in report.probes.items()}
+    print(f"\n{'system':<10}" + "".join(f"{kind:>34}" for kind in kinds))
+    print(f"{'':<10}" + f"{metric + ' / loss':>34}" * len(kinds))
+    for name in report.systems:
+        cells = []
+        for summary in kinds.values():
+            score, loss = summary[name][metric], summary[name]["loss"]
+            cells.append(
+                f"{score.mean * 100:5.1f} [{score.low * 100:4.1f},{score.high * 100:5.1f}]"
+                f" / {loss.mean:.2f} [{loss.low:.2f},{loss.high:.2f}]"
+            )
+        print(f"{name:<10}" + "".join(f"{cell:>34}" for cell in cells))
+    print()
 
 
 if __name__ == "__main__":

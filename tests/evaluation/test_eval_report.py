@@ -24,9 +24,11 @@ def synthetic_results(tmp_path) -> EvalResults:
     scores = {
         "base": {"exact_match": [0, 0, 0, 1], "token_f1": [0.1, 0.2, 0.3, 0.4],
                  "rouge_l": [0.1] * 4, "chrf": [0.2] * 4, "term_score": [0, 0, 1, None],
+                 "semantic": [0.3, 0.4, 0.35, 0.5], "judge": [None] * 4,
                  "loss": [2.0, 2.5, 3.0, 2.5]},
         "tuned": {"exact_match": [1, 0, 0, 1], "token_f1": [0.5, 0.6, 0.7, 0.8],
                   "rouge_l": [0.3] * 4, "chrf": [0.4] * 4, "term_score": [1, 1, 1, None],
+                  "semantic": [0.6, 0.7, 0.65, 0.8], "judge": [None] * 4,
                   "loss": [1.0, 1.5, 2.0, 1.5]},
     }  # fmt: skip
     systems = {
@@ -98,7 +100,7 @@ def test_report_files_escape_text(tmp_path):
     assert "Reference &amp; answer 0" in html
     assert "<script" not in html
     md = open(files["markdown"]).read()
-    assert "| tuned | 50.0 [" in md and "- tuned: 21.50" in md
+    assert "| tuned | 68.8 [" in md and "- tuned: 21.50" in md
 
 
 @pytest.mark.skipif(
@@ -116,8 +118,10 @@ def test_rendered_report_shows_the_measured_numbers(tmp_path):
     ).stdout  # fmt: skip
     page = Cells()
     page.feed(dom)
+    # the headline metrics are shown; exact match (0 on free text) and an unused judge are not
+    assert ("base", "exact_match") not in page.values and ("base", "judge") not in page.values
     for name in ("base", "tuned"):
-        for metric in METRICS:
+        for metric in (m for m in METRICS if m not in ("exact_match", "judge")):
             mean = results.summary[name][metric].mean
             shown = f"{mean:.3f}" if metric == "loss" else f"{mean * 100:.1f}"
             assert page.values[(name, metric)] == shown
@@ -128,5 +132,6 @@ def test_rendered_report_shows_the_measured_numbers(tmp_path):
     assert page.values[("tuned", "forgetting")] == "21.50"
     assert page.verdict == results.verdict
     assert any("Fine-tuning beat the base model on" in v for v in page.verdict)
-    # the SVG charts rendered: one per metric, each with a bar label per system
-    assert len(re.findall(r"<svg", dom)) == len(METRICS) + 1
+    # the SVG charts rendered: one per shown metric (not exact match, not the unused judge),
+    # each with a bar label per system, and the loss curves
+    assert len(re.findall(r"<svg", dom)) == len(METRICS) - 2 + 1

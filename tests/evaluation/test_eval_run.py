@@ -7,6 +7,7 @@ import math
 
 import pytest
 from conftest import write_jsonl
+from test_eval_judge import fake_openai  # noqa: F401  (the fixture, shared)
 
 from tunelab.errors import TunelabError
 
@@ -56,10 +57,30 @@ def test_evaluate_run_writes_reports_with_consistent_numbers(tiny_run, tmp_path)
     assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     md = (tmp_path / "run" / "eval_report.md").read_text()
     assert results.verdict[0] in md
+    # knowledge probes (reworded training items, the default) are scored and reported apart
+    reworded = data["probes"]["reworded"]
+    assert reworded["training_items"] == 6 and reworded["probes"] == 12
+    assert set(reworded["systems"]) == set(results.systems)
+    for item in reworded["items"]:
+        assert item["question"] not in {f"What does {r} mean?" for r in ("byte", "kernel")}
+        assert set(item["answers"]) == set(results.systems)
+    assert 'data-probe="reworded" data-system="tuned" data-metric="semantic"' in html
+    assert "## Knowledge probes: training items asked in other words" in md
+    assert any(s.startswith("What fine-tuning stored: On 6 training items asked in other words")
+               for s in results.verdict)  # fmt: skip
+    assert any(s.startswith("What this means for your choice:") for s in results.verdict)
+    assert data["settings"]["semantic_model"].startswith("all-MiniLM-L6-v2")
+    assert all(v is not None for v in results.systems["tuned"].scores["semantic"])
     assert any("tokens/s" in line for line in lines)
 
 
-def test_eval_cli_with_config_and_subset_of_systems(tiny_run, tmp_path, capsys):
+def test_eval_cli_with_config_and_subset_of_systems(
+    tiny_run,
+    tmp_path,
+    capsys,
+    qa_rows,
+    fake_openai,  # noqa: F811 (the imported fixture)
+):
     import yaml
 
     from tunelab.cli import main
@@ -71,12 +92,34 @@ def test_eval_cli_with_config_and_subset_of_systems(tiny_run, tmp_path, capsys):
     out = tmp_path / "report"
     code = main(["eval", str(config_path), "--eval-path", str(held_out), "--systems",
                  "tuned,base", "--limit", "3", "--max-new-tokens", "4", "--no-forgetting",
-                 "--out", str(out)])  # fmt: skip
+                 "--out", str(out), "--probes", "verbatim", "--probe-items", "4",
+                 "--no-semantic", "--judge-url", fake_openai["url"],
+                 "--judge-model", "fake"])  # fmt: skip
     assert code == 0
     data = json.loads((out / "eval_results.json").read_text())
     assert list(data["systems"]) == ["base", "tuned"]
+    assert list(data["probes"]) == ["verbatim"]
+    verbatim = data["probes"]["verbatim"]
+    assert verbatim["probes"] == verbatim["training_items"] == 4
+    trained = {f"What does {r['term']} mean?" for r in qa_rows}
+    assert all(item["question"] in trained for item in verbatim["items"])
+    # asked exactly as trained, the tuned model's reference loss must be the lower
+    systems = verbatim["systems"]
+    assert systems["tuned"]["loss"]["mean"] < systems["base"]["loss"]["mean"]
+    assert (
+        systems["tuned"]["semantic"]["mean"] is None and data["settings"]["semantic_model"] is None
+    )
     assert data["examples"] == 3 and data["forgetting"] is None
     assert "Verdict:" in capsys.readouterr().out
+    # the judge (grade 3 for every answer it is sent; an empty answer is not sent and scores 0)
+    assert data["settings"]["judge"] == {"url": fake_openai["url"], "model": "fake",
+                                         "rubric": "tunelab-reference-grade-v1"}  # fmt: skip
+    sent = [r["body"]["messages"][1]["content"] for r in fake_openai["requests"]]
+    assert len(set(sent)) == len(sent)  # each distinct answer graded once
+    for name in ("base", "tuned"):
+        judged = data["systems"][name]["judge"]["mean"]
+        assert judged is not None and 0 <= judged <= 0.5
+    assert "LLM judge" in (out / "eval_report.md").read_text()
 
 
 def test_eval_errors_name_the_problem(tiny_run, tmp_path, capsys):

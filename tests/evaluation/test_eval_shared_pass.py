@@ -93,3 +93,51 @@ def test_texts_that_cannot_share_a_pass_are_scored_apart(loaded):
     apart = reference_losses(loaded.model, tokenizer, prompts[-1:], fulls[-1:])
     assert losses[-1].nll_sum == pytest.approx(apart[0].nll_sum, rel=1e-5)
     assert generated.answers[-1] == timed_generation(loaded, prompts[-1:], 6).answers[0]
+
+
+def test_one_batch_of_several_systems_answers_as_one_prompt_at_a_time(loaded):
+    """Few-shot, RAG and plain prompts of every question in one batch of 15 (left-padded to
+    very different lengths, rows stopping at different steps and leaving the batch a quarter
+    at a time) give the answers ``generate`` gives one prompt at a time, and the same losses."""
+    tokenizer = loaded.tokenizer
+    prompts, fulls = [], []
+    for i, (question, answer) in enumerate(zip(QUESTIONS, ANSWERS, strict=True)):
+        others = [
+            (q, a) for j, (q, a) in enumerate(zip(QUESTIONS, ANSWERS, strict=True)) if j != i
+        ][:2]
+        shots = [t for q, a in others for t in ({"role": "user", "content": q},
+                 {"role": "assistant", "content": a})]  # fmt: skip
+        documents = "Reference documents:\n\n" + "\n\n".join(a for _, a in others)
+        for messages in (
+            [{"role": "user", "content": question}],
+            shots + [{"role": "user", "content": question}],
+            [{"role": "user", "content": f"{documents}\n\n{question}"}],
+        ):
+            prompt = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            full = tokenizer.apply_chat_template(
+                messages + [{"role": "assistant", "content": answer}], tokenize=False
+            )
+            prompts.append(prompt)
+            fulls.append(full)
+    # stop on a token the random model says early in some answers and late or never in others
+    encoded = tokenizer(prompts[:1], return_tensors="pt", add_special_tokens=False)
+    stop = int(loaded.model.generate(**encoded, max_new_tokens=2, do_sample=False)[0, -1])
+    original = tokenizer.eos_token_id
+    tokenizer.eos_token_id = stop
+    try:
+        one_at_a_time = [timed_generation(loaded, [p], 12, 1).answers[0] for p in prompts]
+        alone = [
+            score_and_generate(loaded, [p], [f], 12, 1)[0][0]
+            for p, f in zip(prompts, fulls, strict=True)
+        ]
+        losses, generated, _ = score_and_generate(loaded, prompts, fulls, 12, 32)
+    finally:
+        tokenizer.eos_token_id = original
+    lengths = {len(tokenizer(a)["input_ids"]) for a in one_at_a_time}
+    assert len(lengths) > 2  # rows really did stop at different steps
+    assert generated.answers == one_at_a_time
+    for batched, single in zip(losses, alone, strict=True):
+        assert batched.tokens == single.tokens > 0
+        assert batched.nll_sum == pytest.approx(single.nll_sum, rel=1e-5)

@@ -45,3 +45,41 @@ def test_comparisons_cover_only_evaluated_pairs():
     rows = comparisons(scores, ("token_f1",), samples=100)
     assert [(r["first"], r["second"]) for r in rows] == [("tuned", "base")]
     assert rows[0]["interval"].mean == pytest.approx(0.2) and rows[0]["interval"].excludes_zero
+
+
+def test_knowledge_verdict_says_what_was_stored_found_and_changed():
+    from tunelab.evaluation.verdict import knowledge_verdict
+
+    def summary(values):
+        return {name: {"semantic": Interval(v, v - 0.05, v + 0.05)} for name, v in values.items()}
+
+    probe_differences = [
+        diff("tuned", "base", "semantic", 0.02, -0.03, 0.07),
+        diff("rag", "base", "semantic", 0.30, 0.22, 0.38),
+        diff("tuned", "rag", "semantic", -0.28, -0.36, -0.20),
+    ]
+    held_out_differences = [
+        diff("tuned", "base", "semantic", 0.06, 0.01, 0.11),
+        diff("tuned", "base", "loss", -0.5, -0.7, -0.3),
+    ]
+    sentences = knowledge_verdict(
+        {"reworded": (summary({"base": 0.40, "rag": 0.70, "tuned": 0.42}), probe_differences, 25)},
+        {}, held_out_differences, {"base": 61.0, "tuned": 23.4},
+    )  # fmt: skip
+    assert sentences == [
+        "What fine-tuning stored: On 25 training items asked in other words, the tuned model "
+        "scored 42.0 on semantic similarity against the base model's 40.0: +2.0 points (95% CI "
+        "-3.0 to +7.0), within noise.",
+        "What retrieval found: On 25 training items asked in other words, RAG over the training "
+        "data scored 70.0 against the base model's 40.0: +30.0 points (95% CI +22.0 to +38.0), "
+        "a real gain.",
+        "On 25 training items asked in other words, fine-tuning minus RAG: -28.0 points (95% CI "
+        "-36.0 to -20.0), a real loss.",
+        "What fine-tuning changed on unseen items: answers of 23 words on average (base model "
+        "61); semantic similarity +6.0 points (95% CI +1.0 to +11.0), a real gain; the "
+        "reference loss -0.50 nats (95% CI -0.70 to -0.30), a real gain (style and format: no "
+        "system can know an unseen item's facts).",
+        "What this means for your choice: For the facts in your data, retrieval is the surer "
+        "route: it found them where fine-tuning did not measurably store them. Keep fine-tuning "
+        "for style or format only if the unseen-item results show a gain.",
+    ]

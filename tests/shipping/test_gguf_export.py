@@ -173,8 +173,8 @@ def test_export_errors(tiny_model_dir, tmp_path):
     )
     with pytest.raises(
         TunelabError,
-        match="is a GPT2LMHeadModel; tunelab exports LlamaForCausalLM, MistralForCausalLM to "
-        "GGUF.*convert_hf_to_gguf.py",
+        match="is a GPT2LMHeadModel; tunelab exports LlamaForCausalLM, MistralForCausalLM, "
+        "Qwen2ForCausalLM, .*Phi3ForCausalLM to GGUF.*convert_hf_to_gguf.py",
     ):
         export_gguf(other, tmp_path / "x.gguf")
     with pytest.raises(

@@ -12,6 +12,7 @@ import re
 import unicodedata
 
 from tunelab.errors import TunelabError, did_you_mean
+from tunelab.text_safety import drop_controls
 
 # FOLDOC's markup, the worked example of rules: links, category tags, dates, source notes.
 # Order matters: the source note is removed before links lose their braces.
@@ -89,6 +90,12 @@ def normalize_unicode(text: str, form: str = "NFC") -> str:
 
 
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+
+
+def drop_control_chars(text: str) -> tuple[str, int]:
+    """``text`` without C0/C1 control characters such as terminal escapes (tab, newline and a
+    CR before a newline stay), and how many characters went."""
+    return drop_controls(text)
 
 
 def fold_whitespace(text: str, keep_edges: bool = False) -> str:

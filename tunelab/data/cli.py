@@ -15,6 +15,7 @@ from tunelab.config import FineTuningConfig, config_from_dict, load_config
 from tunelab.data.prepare import PreparedData, format_summary, prepare_examples, write_prepared
 from tunelab.data.report import write_reports
 from tunelab.data.tokenize import IGNORE_INDEX, tokenize_example, uses_chat_template
+from tunelab.text_safety import visible
 
 _CONFIG_SUFFIXES = (".yaml", ".yml")
 
@@ -169,7 +170,7 @@ def preview_command(args: argparse.Namespace) -> int:
         tokenized = tokenize_example(
             example, tokenizer, config.max_length, chat, config.system_prompt
         )
-        print(f"\n--- {example.origin} ({len(tokenized.input_ids)} tokens, "
+        print(f"\n--- {visible(example.origin)} ({len(tokenized.input_ids)} tokens, "
               f"{tokenized.num_loss_tokens} in the loss"
               f"{', truncated' if tokenized.truncated else ''}) ---")  # fmt: skip
         print(render_loss_spans(tokenizer, tokenized.input_ids, tokenized.labels, colour))
@@ -183,7 +184,8 @@ def render_loss_spans(tokenizer: Any, input_ids: list[int], labels: list[int], c
         inside = labels[start] != IGNORE_INDEX
         if end < len(input_ids) and (labels[end] != IGNORE_INDEX) == inside:
             continue
-        text = tokenizer.decode(input_ids[start:end])
+        # the data's own escape sequences shown, not run; tunelab's colour added after
+        text = visible(tokenizer.decode(input_ids[start:end]))
         if inside:
             text = f"\033[42;30m{text}\033[0m" if colour else f"[[{text}]]"
         pieces.append(text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +23,13 @@ import numpy as np
 
 from tunelab.config import FineTuningConfig
 from tunelab.data import bias, cleaning, dedup, privacy
-from tunelab.data.loading import data_files, load_records
+from tunelab.data.loading import (
+    ReadLimits,
+    data_files,
+    is_regular,
+    load_records,
+    snapshot_pipes,
+)
 from tunelab.data.schema import Example, is_empty_answer, message_texts, to_example
 from tunelab.data.store import format_summary, read_cache, write_cache, write_prepared
 from tunelab.errors import TunelabError
@@ -65,7 +72,14 @@ DATA_KEYS = (
     "max_length",
     "chat_format",
     "system_prompt",
+    "dataset_mix",
+    "replay_general_share",
+    "drop_control_chars",
 )
+# a row this many times longer than max_length (in tokens, at ~4 characters a token) is mostly
+# truncated away: worth a word before training on it
+LONG_ROW_FACTOR = 8
+CHARS_PER_TOKEN = 4
 
 
 @dataclass
@@ -82,8 +96,8 @@ def load_examples(
 ) -> list[Example]:
     """Every row of a data file or folder as a canonical example (errors name the row)."""
     splits = ("validation", "test", "eval") if eval_data else ("train",)
-    records = load_records(path, config.data_format, config.txt_split, splits)
-    return [
+    records = load_records(path, config.data_format, config.txt_split, splits, read_limits(config))
+    examples = [
         to_example(
             r.row,
             r.origin,
@@ -93,6 +107,26 @@ def load_examples(
         )
         for r in records
     ]
+    _warn_long_rows(examples, config.max_length)
+    return examples
+
+
+def read_limits(config: FineTuningConfig) -> ReadLimits:
+    """The config's caps on what one data path may hold."""
+    return ReadLimits(config.max_data_bytes, config.max_row_bytes, config.max_rows)
+
+
+def _warn_long_rows(examples: list[Example], max_length: int) -> None:
+    limit = LONG_ROW_FACTOR * max_length * CHARS_PER_TOKEN
+    long = [e for e in examples if sum(len(t) for t in e.texts()) > limit]
+    if long:
+        print(
+            f"warning: {len(long)} row(s) longer than {limit:,} characters (about "
+            f"{LONG_ROW_FACTOR}x max_length={max_length} tokens), first at {long[0].origin}; "
+            "training keeps only the first max_length tokens of each. Split long documents "
+            "(txt_split, or shorter rows) or raise max_length.",
+            file=sys.stderr,
+        )
 
 
 def _shown(text: str) -> str:
@@ -280,6 +314,22 @@ def _count_empty_turns(examples: list[Example], tally: Tally) -> None:
         tally._log("empty turns", "mask", start, masked=turns, examples=samples)
 
 
+def _drop_control_chars(examples: list[Example], tally: Tally) -> list[Example]:
+    """Terminal escapes and other controls out of the text (after the quality filter, so a
+    row that is mostly binary is still dropped as garbage rather than shrunk to a fragment)."""
+    removed = 0
+
+    def drop(text: str) -> str:
+        nonlocal removed
+        cleaned, count = cleaning.drop_control_chars(text)
+        removed += count
+        return cleaned
+
+    examples = tally.edit("control chars", examples, lambda e: e.map_texts(drop))
+    tally.steps[-1]["removed_chars"] = removed
+    return examples
+
+
 def _deduplicate(
     examples: list[Example], config: FineTuningConfig, tally: Tally, shown: list[dict[str, Any]]
 ) -> list[Example]:
@@ -396,8 +446,10 @@ def _hash_inputs(path: str) -> list[dict[str, Any]]:
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
+        # a pipe's private copy is named by the path the user gave
+        shown = file if is_regular(Path(path)) else Path(path)
         files.append(
-            {"path": str(file), "sha256": digest.hexdigest(), "bytes": file.stat().st_size}
+            {"path": str(shown), "sha256": digest.hexdigest(), "bytes": file.stat().st_size}
         )
     return files
 
@@ -466,7 +518,23 @@ def prepare_examples(config: FineTuningConfig, tokenizer: Any = None) -> Prepare
                 f"{key} {value} does not exist. Check the path (relative paths in a config "
                 "file are read from the config's folder)."
             )
+    # a pipe is read once, into a private copy that both the hash and the loading read
+    with snapshot_pipes([config.dataset_path, config.eval_path], read_limits(config)):
+        return _prepare_cached(config, tokenizer)
+
+
+def _prepare_cached(config: FineTuningConfig, tokenizer: Any) -> PreparedData:
     inputs = {"train": _hash_inputs(config.dataset_path)}
+    if config.dataset_mix or config.replay_general_share:
+        from tunelab.data.mixing import check_mix
+
+        for path, _ in check_mix(config.dataset_mix, config.replay_general_share):
+            if not Path(path).exists():
+                raise TunelabError(
+                    f"config key 'dataset_mix': {path} does not exist. Check the path "
+                    "(relative paths in a config file are read from the config's folder)."
+                )
+            inputs[f"mix {path}"] = _hash_inputs(path)
     if config.eval_path:
         inputs["eval"] = _hash_inputs(config.eval_path)
     key = content_hash(config, tokenizer, inputs)
@@ -512,6 +580,8 @@ def _prepare(
         counts[f"{split}_loaded"] = len(examples)
         examples = _clean(examples, c, tally, pii[split], pii_samples)
         examples = _filter(examples, c, tally)
+        if c.drop_control_chars:
+            examples = _drop_control_chars(examples, tally)
         examples = _deduplicate(examples, c, tally, duplicates)
         if tokenizer is not None and examples:
             for example, length in zip(
@@ -553,7 +623,17 @@ def _prepare(
                 f"{c.dataset_path}: eval_split {c.eval_split} leaves no training examples "
                 f"({len(held_out)} held out). Lower eval_split or add data."
             )
-    elif held_out is not None:
+    mix = None
+    if c.dataset_mix or c.replay_general_share:
+        # mixed after the hold-out (held-out items come from dataset_path alone) and before
+        # the leakage check (another source may hold an eval item too)
+        from tunelab.data.mixing import check_mix, mix_training_data
+
+        loaded = counts["train_loaded"]
+        sources = [(p, w, stage("train", p)) for p, w in check_mix(c.dataset_mix, 0.0)]
+        counts["train_loaded"] = loaded  # dataset_path's rows; each source's are in the mix
+        train, mix = mix_training_data(train, sources, c.replay_general_share, c.seed)
+    if held_out is not None and "eval_from_split" not in counts:
         leakage = _leakage(train, held_out, c, tallies["train"])
         train = leakage.pop("kept")
         if not train:
@@ -581,6 +661,7 @@ def _prepare(
         },
         "duplicates": {"examples": duplicates},
         "leakage": leakage,
+        "mix": mix,
         "bias": bias_section,
         "lengths": _lengths(train, held_out, tokenizer, c, lengths_by_id),
     }

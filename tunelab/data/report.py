@@ -1,8 +1,9 @@
 """The data report, from a prepare manifest: Markdown, and one self-contained HTML page with
 inline SVG histograms (no scripts, no external files).
 
-Every piece of dataset text goes through ``html.escape`` in the HTML page: a dataset can hold
-anything, ``<script>`` included, and a report must never run it.
+Every piece of dataset text goes through ``html.escape`` in the HTML page and through
+``text_safety.markdown_cell`` in the Markdown one: a dataset can hold anything, ``<script>``
+included, and a report must never run it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.prepare import format_summary
+from tunelab.text_safety import markdown_cell
 
 
 def _steps(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -20,7 +22,10 @@ def _steps(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _step_count(step: dict[str, Any]) -> str:
     if step["kind"] == "edit":
-        return f"{step['changed']} changed"
+        removed = step.get("removed_chars")
+        return f"{step['changed']} changed" + (
+            f" ({removed} characters removed)" if removed else ""
+        )
     if step["kind"] == "filter":
         reasons = ", ".join(f"{n} {r}" for r, n in step.get("reasons", {}).items())
         return f"{step['dropped']} dropped" + (f" ({reasons})" if reasons else "")
@@ -61,7 +66,8 @@ def _leakage_line(leakage: dict[str, Any]) -> str:
 
 
 def _md_cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    # dataset text: HTML escaped (Markdown viewers pass HTML through), markup and pipes inert
+    return markdown_cell(text)
 
 
 def _sample_rows(manifest: dict[str, Any]) -> list[list[Any]]:
@@ -334,6 +340,8 @@ def write_reports(manifest: dict[str, Any], folder: str | Path) -> tuple[Path, P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     markdown, page = folder / "report.md", folder / "report.html"
-    markdown.write_text(render_markdown(manifest) + "\n", encoding="utf-8")
-    page.write_text(render_html(manifest) + "\n", encoding="utf-8")
+    from tunelab.files import atomic_write_text
+
+    atomic_write_text(markdown, render_markdown(manifest) + "\n")
+    atomic_write_text(page, render_html(manifest) + "\n")
     return markdown, page

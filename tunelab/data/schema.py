@@ -345,7 +345,30 @@ def to_example(
     )
 
 
+def _check_template(template: str, key: str) -> None:
+    """Only plain ``{column}`` fields: a format spec (``{c:>9999999999}``) can build gigabytes
+    and an attribute or index (``{c.__class__}``) reaches into Python objects."""
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise TunelabError(
+            f"config key '{key}' ({template!r}) is not a valid template: {exc}. Use {{column}} "
+            "placeholders and double braces {{ }} for literal braces."
+        ) from None
+    for _, name, spec, conversion in fields:
+        if name is None:
+            continue
+        if "." in name or "[" in name or spec or conversion:
+            raise TunelabError(
+                f"config key '{key}' ({template!r}) has the field {{{name}"
+                f"{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}; only "
+                "plain {column} placeholders are allowed (no formats, conversions, attributes "
+                "or indexes). Write {column} and format the column in the data."
+            )
+
+
 def _fill(template: str, row: dict[str, Any], origin: str, key: str) -> str:
+    _check_template(template, key)
     for name in template_fields(template):
         if name not in row:
             raise TunelabError(

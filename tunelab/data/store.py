@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.data.schema import Example
+from tunelab.files import atomic_write_jsonl, atomic_write_text, disk_full_errors
 
 if TYPE_CHECKING:
     from tunelab.data.prepare import PreparedData
@@ -35,22 +36,25 @@ def _from_row(row: dict[str, Any]) -> Example:
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_jsonl(path, rows)  # whole or not at all; a full disk is a TunelabError
 
 
 def write_cache(folder: Path, prepared: PreparedData) -> None:
     # write beside, then rename: a crash mid-write never leaves a half cache that looks whole
     partial = folder.with_name(folder.name + f".partial-{random.randrange(1 << 30)}")
     partial.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(partial / "train.jsonl", [_example_row(e) for e in prepared.train])
-    if prepared.eval is not None:
-        _write_jsonl(partial / "eval.jsonl", [_example_row(e) for e in prepared.eval])
-    (partial / "manifest.json").write_text(json.dumps(prepared.manifest, indent=1, default=str))
     try:
+        with disk_full_errors(folder.parent, "the data cache"):
+            _write_jsonl(partial / "train.jsonl", [_example_row(e) for e in prepared.train])
+            if prepared.eval is not None:
+                _write_jsonl(partial / "eval.jsonl", [_example_row(e) for e in prepared.eval])
+            atomic_write_text(
+                partial / "manifest.json", json.dumps(prepared.manifest, indent=1, default=str)
+            )
         partial.rename(folder)
     except OSError:  # another run cached the same content first
+        pass
+    finally:
         shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -58,11 +62,12 @@ def read_cache(folder: Path) -> PreparedData | None:
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         train = [
-            _from_row(json.loads(line)) for line in (folder / "train.jsonl").open(encoding="utf-8")
+            _from_row(json.loads(line))
+            for line in (folder / "train.jsonl").read_text(encoding="utf-8").splitlines()
         ]
         eval_file = folder / "eval.jsonl"
         held_out = (
-            [_from_row(json.loads(line)) for line in eval_file.open(encoding="utf-8")]
+            [_from_row(json.loads(line)) for line in eval_file.read_text("utf-8").splitlines()]
             if eval_file.exists()
             else None
         )
@@ -87,7 +92,7 @@ def write_prepared(prepared: PreparedData, folder: str | Path) -> list[Path]:
         written.append(folder / "eval.jsonl")
         _write_jsonl(written[-1], [e.to_row() for e in prepared.eval])
     written.append(folder / "manifest.json")
-    written[-1].write_text(json.dumps(prepared.manifest, indent=1, default=str) + "\n")
+    atomic_write_text(written[-1], json.dumps(prepared.manifest, indent=1, default=str) + "\n")
     return written
 
 
@@ -130,6 +135,10 @@ def format_summary(manifest: dict[str, Any]) -> str:
                 else " (kept; set drop_eval_leaks)"
             )
         )
+    if manifest.get("mix"):
+        from tunelab.data.mixing import describe_mix
+
+        parts.append(describe_mix(manifest["mix"]))
     bias_section = manifest.get("bias") or {}
     if bias_section.get("added"):
         parts.append(f"bias {bias_section['mitigation']}: +{bias_section['added']} examples")

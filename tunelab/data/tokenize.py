@@ -14,6 +14,7 @@ from typing import Any
 
 from tunelab.data.schema import Example, is_empty_answer
 from tunelab.errors import TunelabError
+from tunelab.template_sandbox import render_chat as render_limited
 
 IGNORE_INDEX = -100
 
@@ -69,7 +70,7 @@ def render_prompt(tokenizer: Any, prompt: str, chat: bool, system_prompt: str | 
     messages = [{"role": "user", "content": prompt}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
 def render_chat(
@@ -77,11 +78,18 @@ def render_chat(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
     add_generation_prompt: bool = False,
+    allow_empty: bool = False,
 ) -> str:
-    """The chat as the model's template writes it (with the function schemas when given)."""
+    """The chat as the model's template writes it (with the function schemas when given),
+    rendered under tunelab's template limits (``template_sandbox``); ``allow_empty`` for a
+    prefix of a conversation, which may render to nothing."""
     extra = {"tools": tools} if tools else {}
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+    return render_limited(
+        tokenizer,
+        messages,
+        allow_empty=allow_empty,
+        add_generation_prompt=add_generation_prompt,
+        **extra,
     )
 
 
@@ -105,7 +113,11 @@ def chat_spans(
         if message["role"] != "assistant" or is_empty_answer(message):
             continue
         before = (
-            render_chat(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
+            render_chat(
+                tokenizer, messages[:i], tools, add_generation_prompt=True, allow_empty=True
+            )
+            if i
+            else ""
         )
         upto = render_chat(tokenizer, messages[: i + 1], tools)
         if not full.startswith(upto) or not upto.startswith(before):

@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     text = cli_reference()
     path = Path(args.path)
     if args.write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        from tunelab.files import atomic_write_text
+
+        atomic_write_text(path, text)
         print(f"Wrote {path}")
         return 0
     if args.check:

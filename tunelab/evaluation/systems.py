@@ -20,6 +20,7 @@ from typing import Any
 
 from tunelab.data.schema import Example
 from tunelab.errors import TunelabError
+from tunelab.template_sandbox import render_chat
 
 SYSTEMS = ("base", "few-shot", "rag", "tuned", "tuned+rag")
 TUNED_SYSTEMS = ("tuned", "tuned+rag")
@@ -33,6 +34,8 @@ class EvalItem:
     origin: str
     continuation: bool = False  # a text split into prefix and continuation
     terms: list[str] = field(default_factory=list)
+    probe: str = "held-out"  # or a knowledge probe: "reworded", "verbatim" (see probes.py)
+    source: str | None = None  # a knowledge probe's training item (its origin)
 
 
 def to_item(example: Example, text_prefix_share: float = 0.5) -> EvalItem | None:
@@ -88,13 +91,20 @@ class PromptBuilder:
     context_chars: int = 400  # per document or shot answer: prompt length is the eval's cost
     seed: int = 0
 
-    def neighbours(self, item: EvalItem, k: int) -> list[EvalItem]:
+    def neighbours(self, item: EvalItem, k: int, own_source: bool = False) -> list[EvalItem]:
         """The ``k`` most similar training items, leaving out any that repeat the question (a
-        leaked duplicate would make few-shot and RAG look better than they are)."""
+        leaked duplicate would make few-shot and RAG look better than they are) and a knowledge
+        probe's own training item unless ``own_source`` (retrieval finding it is what a
+        knowledge probe measures for RAG; a few-shot shot holding the answer is not)."""
         chosen = []
         for index in self.retriever.top_k(item.question or item.reference, k + 5):
-            if self.pool[index].question.strip() != item.question.strip():
-                chosen.append(self.pool[index])
+            candidate = self.pool[index]
+            if item.source is not None and candidate.origin == item.source:
+                keep = own_source
+            else:
+                keep = candidate.question.strip() != item.question.strip()
+            if keep:
+                chosen.append(candidate)
             if len(chosen) == k:
                 break
         return chosen
@@ -102,14 +112,18 @@ class PromptBuilder:
     def examples_for(self, item: EvalItem, position: int) -> list[EvalItem]:
         if self.few_shot_choice == "random":
             rng = random.Random(self.seed * 100_003 + position)
-            others = [p for p in self.pool if p.question.strip() != item.question.strip()]
+            others = [
+                p
+                for p in self.pool
+                if p.question.strip() != item.question.strip() and p.origin != item.source
+            ]
             return rng.sample(others, min(self.k, len(others)))
         return self.neighbours(item, self.k)
 
     def rag_question(self, item: EvalItem) -> str:
         documents = [
             f"[{i}] {_shorten(document(d), self.context_chars)}"
-            for i, d in enumerate(self.neighbours(item, self.k), start=1)
+            for i, d in enumerate(self.neighbours(item, self.k, own_source=True), start=1)
         ]
         context = "\n\n".join(documents)
         if item.continuation:
@@ -141,12 +155,10 @@ class PromptBuilder:
         eos = self.tokenizer.eos_token or ""
         if self.chat and not item.continuation:
             messages = self.messages(system, item, position)
-            prompt = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            prompt = render_chat(self.tokenizer, messages, add_generation_prompt=True)
             # the template's own end-of-turn closes the answer, as in training
             answer = {"role": "assistant", "content": item.reference}
-            full = self.tokenizer.apply_chat_template(messages + [answer], tokenize=False)
+            full = render_chat(self.tokenizer, messages + [answer])
             return prompt, full if full.startswith(prompt) else prompt + item.reference + eos
         # plain runs trained on prompt + completion joined as they are, so shots are too
         joiner = " " if item.continuation else ""

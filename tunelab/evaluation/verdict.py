@@ -16,6 +16,8 @@ LABELS = {
     "rouge_l": "ROUGE-L",
     "chrf": "chrF",
     "term_score": "term usage",
+    "semantic": "semantic similarity",
+    "judge": "LLM judge",
     "loss": "reference loss",
 }
 NAMES = {
@@ -139,3 +141,123 @@ def verdict(
             f"{after:.2f} ({change:+.1f}%)."
         )
     return sentences
+
+
+PROBE_WORDS = {
+    "reworded": "training items asked in other words",
+    "verbatim": "training questions asked exactly as trained",
+}
+
+
+def _gap(differences: list[dict[str, Any]], first: str, second: str, metric: str) -> Any:
+    for d in differences:
+        if (d["first"], d["second"], d["metric"]) == (first, second, metric):
+            interval: Interval = d["interval"]
+            return None if interval.mean != interval.mean else interval
+    return None
+
+
+def _gap_words(interval: Interval, metric: str) -> str:
+    """'+12.3 points (95% CI +4.1 to +20.0), a real gain' and the like."""
+    scale, unit, digits = (1.0, " nats", 2) if metric == "loss" else (100.0, " points", 1)
+    better = -interval.mean if metric == "loss" else interval.mean
+    if not interval.excludes_zero:
+        judgement = "within noise"
+    else:
+        judgement = "a real gain" if better > 0 else "a real loss"
+    return (
+        f"{interval.mean * scale:+.{digits}f}{unit} (95% CI {interval.low * scale:+.{digits}f} "
+        f"to {interval.high * scale:+.{digits}f}), {judgement}"
+    )
+
+
+def _real_gain(interval: Any, metric: str) -> bool:
+    if interval is None or not interval.excludes_zero:
+        return False
+    return (-interval.mean if metric == "loss" else interval.mean) > 0
+
+
+def knowledge_verdict(
+    probes: dict[str, tuple[dict[str, dict[str, Interval]], list[dict[str, Any]], int]],
+    held_out: dict[str, dict[str, Interval]],
+    held_out_differences: list[dict[str, Any]],
+    answer_words: dict[str, float],
+    metric: str = "semantic",
+) -> list[str]:
+    """What fine-tuning stored, what retrieval found (knowledge probes: kind -> (summary,
+    differences, training items)), what fine-tuning changed on unseen items, and what that
+    means for the choice; every claim carries its paired-bootstrap 95% interval on ``metric``
+    (semantic similarity, or token F1 where the embedding model is not installed)."""
+    label = LABELS[metric]
+    sentences = []
+    stored = found = False
+    for kind, (summary, differences, count) in probes.items():
+        where = f"On {count} {PROBE_WORDS[kind]}"
+        tuned_gap = _gap(differences, "tuned", "base", metric)
+        rag_gap = _gap(differences, "rag", "base", metric)
+        if tuned_gap is not None:
+            score = summary["tuned"][metric].mean * 100
+            sentences.append(
+                f"What fine-tuning stored: {where}, the tuned model "
+                f"scored {score:.1f} on {label} against the base model's "
+                f"{summary['base'][metric].mean * 100:.1f}: {_gap_words(tuned_gap, metric)}."
+            )
+            stored = stored or (kind == "reworded" and _real_gain(tuned_gap, metric))
+        if rag_gap is not None:
+            sentences.append(
+                f"What retrieval found: {where}, RAG over the training data scored "
+                f"{summary['rag'][metric].mean * 100:.1f} against the base model's "
+                f"{summary['base'][metric].mean * 100:.1f}: {_gap_words(rag_gap, metric)}."
+            )
+            found = found or (kind == "reworded" and _real_gain(rag_gap, metric))
+        head_to_head = _gap(differences, "tuned", "rag", metric)
+        if head_to_head is not None:
+            sentences.append(f"{where}, fine-tuning minus RAG: {_gap_words(head_to_head, metric)}.")
+    style_gap = _gap(held_out_differences, "tuned", "base", metric)
+    if style_gap is not None and "base" in answer_words and "tuned" in answer_words:
+        sentences.append(
+            f"What fine-tuning changed on unseen items: answers of {answer_words['tuned']:.0f} "
+            f"words on average (base model {answer_words['base']:.0f}); {label} "
+            f"{_gap_words(style_gap, metric)}; the reference loss "
+            + (
+                _gap_words(loss_gap, "loss")
+                if (loss_gap := _gap(held_out_differences, "tuned", "base", "loss"))
+                else "was not compared"
+            )
+            + " (style and format: no system can know an unseen item's facts)."
+        )
+    if "reworded" in probes:
+        sentences.append(_choice(stored, found, probes["reworded"][1], metric))
+    return sentences
+
+
+def _choice(stored: bool, found: bool, differences: list[dict[str, Any]], metric: str) -> str:
+    """What the knowledge-probe findings mean for choosing between the approaches."""
+    both = _gap(differences, "tuned+rag", "rag", metric)
+    rag_ahead = _real_gain(_gap(differences, "rag", "tuned", metric), metric)
+    if found and (not stored or rag_ahead):
+        advice = (
+            "For the facts in your data, retrieval is the surer route: it found them where "
+            "fine-tuning "
+            + ("stored less" if stored else "did not measurably store them")
+            + ". Keep fine-tuning for style or format only if the unseen-item results show a gain."
+        )
+    elif stored and not found:
+        advice = (
+            "Fine-tuning stored facts that retrieval did not find: fine-tuning fits this data, "
+            "or improve the retriever (try --retriever embedding) before choosing."
+        )
+    elif stored and found:
+        advice = "Both fine-tuning and retrieval recovered the training facts"
+        advice += (
+            "; combined they beat RAG alone by " + _gap_words(both, metric) + "."
+            if both is not None
+            else "."
+        )
+    else:
+        advice = (
+            "Neither fine-tuning nor retrieval measurably recovered the training facts on "
+            "reworded questions: more training steps or data, or a "
+            "better retriever, before drawing a conclusion."
+        )
+    return "What this means for your choice: " + advice

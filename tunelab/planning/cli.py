@@ -98,6 +98,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pilot(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.planning.pilot import parse_fractions, run_pilot
+
+    config = load_config(args.config, args.set)
+    print(f"Pilot: {args.steps} steps on each share of the data ({args.fractions}).")
+    result = run_pilot(config, parse_fractions(args.fractions), args.steps, out_dir=args.out)
+    print("\nPilot says:")
+    for line in result.advice:
+        print(f"- {line}")
+    return 0
+
+
 def add_planning_commands(subparsers: argparse._SubParsersAction) -> None:
     from tunelab.planning.architecture import ESTIMATE_METHODS, shipped_configs
 
@@ -142,6 +155,20 @@ def add_planning_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     est.add_argument("--json", action="store_true", help="Print the estimate as JSON.")
     est.set_defaults(func=cmd_estimate)
+
+    pilot = subparsers.add_parser(
+        "pilot",
+        help="Short learning-curve pilot: would more data or more steps pay?",
+        description="Train CONFIG's recipe for --steps on growing shares of its data, evaluate "
+        "the held-out loss along the way, and say whether more data or more steps are likely to "
+        "pay. Runs go to OUTPUT_DIR/pilot (or --out).",
+    )
+    pilot.add_argument("config", help="A run config with eval_path or eval_split.")
+    pilot.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pilot.add_argument("--fractions", default="0.25,0.5,1", help="Shares of the data (0.25,0.5,1).")
+    pilot.add_argument("--steps", type=int, default=30, help="Optimizer steps per share (30).")
+    pilot.add_argument("--out", help="Folder for the pilot runs (default OUTPUT_DIR/pilot).")
+    pilot.set_defaults(func=cmd_pilot)
 
     sw = subparsers.add_parser(
         "sweep",

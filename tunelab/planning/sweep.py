@@ -310,9 +310,13 @@ def run_sweep(
 
     remaining = spec.trials - len([t for t in study.trials if t.state.is_finished()])
     if remaining > 0:
-        study.optimize(
-            objective, n_trials=min(trials or remaining, remaining), callbacks=[finished]
-        )
+        from tunelab.files import disk_full_errors
+
+        # a trial's own writes already say so; this catches the study database (SQLite)
+        with disk_full_errors(out, "the sweep's study database"):
+            study.optimize(
+                objective, n_trials=min(trials or remaining, remaining), callbacks=[finished]
+            )
     return summarise(study, base, spec, storage or spec.storage or default_storage(out))
 
 
@@ -350,6 +354,8 @@ def write_plots(study: Any, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tunelab.files import save_figure
+
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     written: list[Path] = []
     if not complete:
@@ -364,10 +370,8 @@ def write_plots(study: Any, out: Path) -> list[Path]:
     ax.set(xlabel="trial", ylabel="eval loss", title="Optimisation history")
     ax.legend()
     fig.tight_layout()
-    path = out / "optimization_history.png"
-    fig.savefig(path, dpi=100)
+    written.append(save_figure(fig, out / "optimization_history.png"))
     plt.close(fig)
-    written.append(path)
     importances = parameter_importance(study)
     if importances:
         fig, ax = plt.subplots(figsize=(6, 0.6 * len(importances) + 1.5))
@@ -375,10 +379,8 @@ def write_plots(study: Any, out: Path) -> list[Path]:
         ax.barh(names, [importances[n] for n in names])
         ax.set(xlabel="importance (fANOVA)", title="Parameter importance")
         fig.tight_layout()
-        path = out / "param_importance.png"
-        fig.savefig(path, dpi=100)
+        written.append(save_figure(fig, out / "param_importance.png"))
         plt.close(fig)
-        written.append(path)
     return written
 
 

@@ -27,6 +27,7 @@ def describe(run_dir: str | Path, name: str | None = None) -> AdapterInfo:
     folder = Path(run_dir)
     config = read_adapter_config(folder)
     results_path = folder / "results.json"
+    # read_adapter_config checked the folder's files (runs.check_run_files)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     targets = config.get("target_modules") or []
     return AdapterInfo(

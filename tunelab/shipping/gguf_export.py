@@ -1,120 +1,179 @@
-"""Write a transformers Llama-family model folder as one GGUF file (weights, tokenizer, chat
-template), readable by llama.cpp and by transformers' own GGUF loader.
+"""Write a transformers model folder as one GGUF file (weights, tokenizer, chat template,
+end-of-turn and padding tokens), readable by llama.cpp and by transformers' own GGUF loader.
 
-What llama.cpp's converter does for Llama, kept to what tunelab ships: the tensor names, the
-rotary permutation of the query and key projections, a byte-level BPE tokenizer, and f32, f16,
-bf16 or q8_0 weights. Norms and other 1-D tensors stay f32, as llama.cpp keeps them.
+What llama.cpp's converter does for the Llama, Mistral, Qwen2, Qwen3, Gemma 2/3 and Phi-3
+families (their quirks in ``gguf_families``), kept to what tunelab ships: the tensor names, the
+rotary permutation where llama.cpp needs it, a byte-level BPE tokenizer, and f32, f16, bf16 or
+q8_0 weights written here; k-quants (q4_k_m, ...) are made from an f32 file by llama.cpp's own
+quantizer (llama-cpp-python). Norms and other 1-D tensors stay f32, as llama.cpp keeps them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tunelab.errors import TunelabError
+from tunelab.shipping.gguf_families import FAMILIES, Family, global_rope_theta, rope_type
+from tunelab.template_sandbox import render_chat
 
-OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+WRITTEN_TYPES = ("f32", "f16", "bf16", "q8_0")
+# llama.cpp's quantizer makes these from an f32 file (its LLAMA_FTYPE_MOSTLY_* names)
+K_QUANTS = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
+OUT_TYPES = WRITTEN_TYPES + tuple(K_QUANTS)
+SUPPORTED = tuple(FAMILIES)
 _BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
-_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 # The Llama-3 split pattern as tokenizer.json spells it; llama.cpp calls this pre-tokenizer
 # "llama-bpe".
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# llama.cpp's token types: 1 normal, 3 control (special), 4 user-defined (added), 5 unused
-_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # llama.cpp: "qwen2"
+# llama.cpp's token types: 1 normal, 2 unknown, 3 control (special), 4 user-defined (added),
+# 5 unused, 6 byte (<0x41>)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f16") -> Path:
-    """Write ``model_dir`` (a transformers LlamaForCausalLM or MistralForCausalLM folder with a
-    byte-level BPE tokenizer.json) to ``out_file`` as GGUF with weights of ``out_type``
-    (f32, f16, bf16 or q8_0). Returns the file's path. Adapters must be merged first."""
+    """Write ``model_dir`` (a transformers folder of a family in ``SUPPORTED`` with a byte-level
+    BPE tokenizer.json) to ``out_file`` as GGUF with weights of ``out_type`` (one of
+    ``OUT_TYPES``). Returns the file's path. Adapters must be merged first. k-quants need
+    llama-cpp-python (TunelabError says how to install it when it is missing)."""
     import gguf
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.files import ensure_free_space
+    from tunelab.files import disk_full_errors, ensure_free_space
+    from tunelab.models import ensure_pad_token
 
     folder, out_file = Path(model_dir), Path(out_file)
     if out_type not in OUT_TYPES:
         raise TunelabError(
             f"GGUF type {out_type!r} is not supported; use one of {', '.join(OUT_TYPES)}."
         )
+    if out_type in K_QUANTS:
+        _llama_cpp("make a k-quant file")  # fail before the slow part when it is missing
     if not (folder / "config.json").is_file():
         raise TunelabError(
             f"{folder} is not a transformers model folder (no config.json). Export a merged "
             "model folder (tunelab merge RUN_DIR OUT_DIR) or a run folder via tunelab export."
         )
+    from tunelab.runs import check_run_files
+
+    check_run_files(folder)  # a cut-off tokenizer.json or weights file is named, not parsed
     config = AutoConfig.from_pretrained(folder)
-    _check_architecture(folder, config)
+    family = _check_architecture(folder, config)
     tokenizer_meta = _tokenizer_metadata(folder, config.vocab_size)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    ensure_pad_token(tokenizer)  # the padding tunelab trained and generates with
     state = model.state_dict()
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    needed = sum(t.numel() for t in state.values()) * _BYTES_PER_WEIGHT[out_type]
+    written_type = "f32" if out_type in K_QUANTS else out_type
+    needed = sum(t.numel() for t in state.values()) * _BYTES_PER_WEIGHT[written_type]
     ensure_free_space(out_file.parent, int(needed), "the GGUF file")
 
     # Written under a temporary name and renamed, so an interrupted export leaves no file that
     # looks complete.
     partial = out_file.with_name(f".{out_file.name}.partial")
-    writer = gguf.GGUFWriter(str(partial), "llama")
-    _write_hyperparameters(writer, config, folder.resolve().name, out_type)
-    _write_tokenizer(writer, tokenizer, tokenizer_meta)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    for name, tensor in state.items():
-        if name == "lm_head.weight" and tied:
-            continue  # llama.cpp and transformers reuse token_embd when output.weight is absent
-        data = tensor.detach().to(torch.float32).numpy()
-        target = gguf_name(name)
-        if ".attn_q." in target:
-            data = permute_rotary(data, heads)
-        elif ".attn_k." in target:
-            data = permute_rotary(data, kv_heads)
-        _add_tensor(writer, target, data, out_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    arch = getattr(gguf.MODEL_ARCH, family.arch)
+    try:
+        with disk_full_errors(out_file.parent, "the GGUF file", int(needed)):
+            writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[arch])
+            _write_hyperparameters(writer, config, folder.resolve().name, written_type)
+            family.extra(writer, config, str(folder))
+            _write_tokenizer(writer, tokenizer, tokenizer_meta)
+            tied = bool(getattr(config, "tie_word_embeddings", False))
+            heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+            names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+            for name, tensor in state.items():
+                if name == "lm_head.weight" and tied:
+                    continue  # llama.cpp and transformers reuse token_embd without output.weight
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                data = tensor.detach().to(torch.float32).numpy()
+                target = gguf_name(name, family, names)
+                if family.permute_rotary and ".attn_q." in target:
+                    data = permute_rotary(data, heads)
+                elif family.permute_rotary and ".attn_k." in target:
+                    data = permute_rotary(data, kv_heads)
+                if family.norm_offset and target.endswith("norm.weight"):
+                    data = data + family.norm_offset
+                _add_tensor(writer, target, data, written_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            with partial.open("rb") as written:
+                os.fsync(written.fileno())
+            if out_type in K_QUANTS:
+                quantize_with_llama_cpp(partial, out_file, out_type)
+            else:
+                os.replace(partial, out_file)
+    finally:
+        partial.unlink(missing_ok=True)  # a half-written export is never left behind
+    return out_file
+
+
+def quantize_with_llama_cpp(source: Path, out_file: Path, out_type: str) -> Path:
+    """``source`` (an f32/f16 GGUF file) quantized to ``out_type`` (a key of ``K_QUANTS``) by
+    llama.cpp's own quantizer, written under a temporary name and renamed."""
+    llama_cpp = _llama_cpp(f"quantize to {out_type}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{K_QUANTS[out_type]}")
+    params.nthread = max(1, (os.cpu_count() or 1))
+    partial = out_file.with_name(f".{out_file.name}.quantizing")
+    status = llama_cpp.llama_model_quantize(
+        str(source).encode(), str(partial).encode(), llama_cpp.byref(params)
+    )
+    if status != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise TunelabError(
+            f"llama.cpp's quantizer could not make a {out_type} file from {source} (status "
+            f"{status}); export f16 or q8_0 instead, or run llama-quantize yourself."
+        )
     os.replace(partial, out_file)
     return out_file
 
 
-def gguf_name(name: str) -> str:
-    """The GGUF tensor name of a transformers Llama parameter (``model.layers.0.mlp.up_proj
-    .weight`` -> ``blk.0.ffn_up.weight``)."""
-    if name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if name == "model.norm.weight":
-        return "output_norm.weight"
-    if name == "lm_head.weight":
-        return "output.weight"
-    parts = name.split(".")
-    if parts[:2] == ["model", "layers"]:
-        block, module, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
-        if module in _LAYER_NAMES:
-            return f"blk.{block}.{_LAYER_NAMES[module]}.{kind}"
-    raise TunelabError(
-        f"the model has a tensor {name!r} that tunelab's GGUF export cannot map (is it an "
-        "unmerged adapter?). Merge adapters first, or use llama.cpp's convert_hf_to_gguf.py."
-    )
+def _llama_cpp(purpose: str) -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise TunelabError(
+            f"to {purpose} tunelab uses llama.cpp itself, through llama-cpp-python, which is not "
+            "installed. Install it with: pip install 'tunelab[gguf]' (builds llama.cpp; several "
+            "minutes on a small machine)."
+        ) from None
+    return llama_cpp
+
+
+_LLAMA_NAMES: Any = None
+
+
+def gguf_name(name: str, family: Family | None = None, names: Any = None) -> str:
+    """The GGUF tensor name of a transformers parameter, from llama.cpp's own table in the
+    ``gguf`` package (Llama: ``model.layers.0.mlp.up_proj.weight`` -> ``blk.0.ffn_up.weight``)."""
+    import gguf
+
+    global _LLAMA_NAMES
+    if names is None:
+        if _LLAMA_NAMES is None:
+            _LLAMA_NAMES = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1024)
+        names = _LLAMA_NAMES
+    target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+    if target is None:
+        raise TunelabError(
+            f"the model has a tensor {name!r} that tunelab's GGUF export cannot map (is it an "
+            "unmerged adapter?). Merge adapters first, or use llama.cpp's convert_hf_to_gguf.py."
+        )
+    return target
 
 
 def permute_rotary(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -128,20 +187,20 @@ def permute_rotary(weights: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def _check_architecture(folder: Path, config: Any) -> None:
+def _check_architecture(folder: Path, config: Any) -> Family:
     architecture = (getattr(config, "architectures", None) or ["(none)"])[0]
-    if architecture not in SUPPORTED:
+    if architecture not in FAMILIES:
         raise TunelabError(
             f"{folder} is a {architecture}; tunelab exports {', '.join(SUPPORTED)} to GGUF. For "
             "other architectures run llama.cpp's convert_hf_to_gguf.py on the merged folder."
         )
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    kind = rope_type(config)
+    if kind != "default":
         raise TunelabError(
-            f"{folder}/config.json: rope_type {rope_type!r} (rope scaling) is not exported by "
+            f"{folder}/config.json: rope_type {kind!r} (rope scaling) is not exported by "
             "tunelab; only unscaled rotary embeddings are. Use llama.cpp's convert_hf_to_gguf.py."
         )
+    return FAMILIES[architecture]
 
 
 def _write_hyperparameters(writer: Any, config: Any, name: str, out_type: str) -> None:
@@ -149,7 +208,6 @@ def _write_hyperparameters(writer: Any, config: Any, name: str, out_type: str) -
 
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -157,12 +215,9 @@ def _write_hyperparameters(writer: Any, config: Any, name: str, out_type: str) -
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim * heads != config.hidden_size:
-        # llama.cpp assumes hidden_size / heads otherwise (Mistral-Nemo-style configs differ)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
+    if getattr(config, "partial_rotary_factor", None) in (None, 1.0):
+        writer.add_rope_dimension_count(head_dim)  # else the family writes its own
+    writer.add_rope_freq_base(global_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     file_types = {
@@ -185,6 +240,8 @@ def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict[str, Any]:
         )
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return _sentencepiece_metadata(path, data, vocab_size)
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(data.get("pre_tokenizer")):
         kind = "sentencepiece-style " if "Metaspace" in json.dumps(data) else ""
         raise TunelabError(
@@ -219,6 +276,64 @@ def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict[str, Any]:
     }
 
 
+def _sentencepiece_metadata(path: Path, data: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """A sentencepiece-style BPE (byte fallback, spaces as ``▁``: Llama 2, Mistral, Gemma,
+    Phi-3) as llama.cpp's ``llama`` tokenizer: tokens, scores and types. llama.cpp merges the
+    pair whose merged token scores highest, so a token made by merge number r scores -r, which
+    replays the merges in the order tokenizer.json lists them."""
+    model = data["model"]
+    normalizer, pre = data.get("normalizer"), data.get("pre_tokenizer")
+    steps = json.dumps([normalizer, pre])
+    if "Metaspace" in steps:
+        scheme = (pre or {}).get("prepend_scheme", "always")
+        if scheme == "first":
+            # llama.cpp puts a space before the text after every special token, which
+            # tokenizers' "first" scheme does not: chat prompts would tokenize differently
+            raise TunelabError(
+                f"{path}: the Metaspace pre-tokenizer prepends '▁' only at the start "
+                "(prepend_scheme 'first'), which llama.cpp cannot reproduce after special "
+                "tokens. Use llama.cpp's convert_hf_to_gguf.py on the merged folder."
+            )
+        prefix = scheme == "always"
+    elif '"Replace"' in steps and "\u2581" in json.dumps(normalizer, ensure_ascii=False):
+        prefix = '"Prepend"' in steps
+    else:
+        raise TunelabError(
+            f"{path}: a byte-fallback BPE tokenizer that does not mark spaces with '▁' "
+            "(no Metaspace pre-tokenizer or Replace normalizer); llama.cpp would split it "
+            "differently. Use llama.cpp's convert_hf_to_gguf.py on the merged folder."
+        )
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in data.get("added_tokens", [])}
+    for content, token in added.items():
+        vocab[content] = token["id"]
+    if max(vocab.values()) >= vocab_size:
+        raise TunelabError(
+            f"{path}: token id {max(vocab.values())} is outside the model's vocab_size "
+            f"{vocab_size} (config.json); resize the embeddings to the tokenizer before export."
+        )
+    rank = {}
+    for index, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, index)
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-1e9] * vocab_size
+    types = [_UNUSED] * vocab_size
+    unknown = model.get("unk_token")
+    for token, index in vocab.items():
+        tokens[index] = token
+        scores[index] = -float(rank.get(token, 0))
+        if token == unknown:
+            types[index] = _UNKNOWN
+        elif re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types[index] = _BYTE  # byte fallback, whether listed as added tokens or not
+        elif token in added:
+            types[index] = _CONTROL if added[token].get("special") else _USER_DEFINED
+        else:
+            types[index] = _NORMAL
+    return {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "prefix": prefix}
+
+
 def _pre_tokenizer_name(path: Path, pre: dict[str, Any], normalizer: Any) -> str:
     """llama.cpp's name for how text is split before BPE; an unknown split would tokenize
     differently in llama.cpp, so it is refused rather than guessed."""
@@ -229,10 +344,9 @@ def _pre_tokenizer_name(path: Path, pre: dict[str, Any], normalizer: Any) -> str
         name = "gpt-2"
     elif kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         name = "smollm"
-    elif kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == (
-        _LLAMA3_SPLIT
-    ):
-        name = "llama-bpe"
+    elif kinds == ["Split", "ByteLevel"]:
+        pattern = steps[0].get("pattern", {}).get("Regex")
+        name = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}.get(pattern)
     if name is None or normalizer is not None:
         raise TunelabError(
             f"{path}: the pre-tokenizer ({' + '.join(map(str, kinds))}"
@@ -244,11 +358,19 @@ def _pre_tokenizer_name(path: Path, pre: dict[str, Any], normalizer: Any) -> str
 
 
 def _write_tokenizer(writer: Any, tokenizer: Any, meta: dict[str, Any]) -> None:
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(meta["pre"])
-    writer.add_token_list(meta["tokens"])
-    writer.add_token_types(meta["types"])
-    writer.add_token_merges(meta["merges"])
+    if meta.get("model") == "llama":  # sentencepiece-style
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(meta["tokens"])
+        writer.add_token_scores(meta["scores"])
+        writer.add_token_types(meta["types"])
+        writer.add_add_space_prefix(meta["prefix"])
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(meta["pre"])
+        writer.add_token_list(meta["tokens"])
+        writer.add_token_types(meta["types"])
+        writer.add_token_merges(meta["merges"])
     for setter, token_id in (
         ("add_bos_token_id", tokenizer.bos_token_id),
         ("add_eos_token_id", tokenizer.eos_token_id),
@@ -262,8 +384,31 @@ def _write_tokenizer(writer: Any, tokenizer: Any, meta: dict[str, Any]) -> None:
     writer.add_add_bos_token(
         tokenizer.bos_token_id is not None and first == [tokenizer.bos_token_id]
     )
+    end_of_turn = end_of_turn_id(tokenizer)
+    if end_of_turn is not None and end_of_turn != tokenizer.eos_token_id:
+        writer.add_eot_token_id(end_of_turn)  # llama.cpp stops at EOS and at EOT
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``), found by rendering a turn; None without a
+    template or when the turn ends in plain text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "tunelab-answer-marker"
+    try:
+        text = render_chat(
+            tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
+        )
+    except Exception:  # noqa: BLE001 - a template that cannot render a turn has no answer end
+        return None
+    after = text[text.rfind(marker) + len(marker) :].lstrip()
+    specials = sorted(
+        (t for t in tokenizer.get_added_vocab() if t and after.startswith(t)), key=len
+    )
+    return tokenizer.convert_tokens_to_ids(specials[-1]) if specials else None
 
 
 def _add_tensor(writer: Any, name: str, data: np.ndarray, out_type: str) -> None:

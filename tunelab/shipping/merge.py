@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.files import staged_folder, tensor_bytes
+from tunelab.runs import check_run_files
 
 MERGEABLE = ("LORA", "ADALORA", "IA3")
 
@@ -23,6 +25,7 @@ def read_adapter_config(run_dir: Path) -> dict[str, Any]:
         raise TunelabError(
             f"{run_dir} has no adapter_config.json: pass the output_dir of 'tunelab train'."
         )
+    check_run_files(run_dir)  # a cut-off adapter or tokenizer is named, not parsed
     return json.loads(path.read_text())
 
 
@@ -60,9 +63,12 @@ def merge_run(
     if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # the run added tokens
     merged = PeftModel.from_pretrained(model, str(run_dir)).merge_and_unload()
-    merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(out_dir)
-    for name in ("run_info.json", "tunelab_config.yaml"):
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, out_dir / name)
+    # written beside and renamed: a full disk or a crash never leaves a half model folder
+    needed = tensor_bytes(merged) + sum(p.stat().st_size for p in run_dir.glob("tokenizer*"))
+    with staged_folder(out_dir, "the merged model", needed) as staging:
+        merged.save_pretrained(staging, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(staging)
+        for name in ("run_info.json", "tunelab_config.yaml"):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, staging / name)
     return out_dir

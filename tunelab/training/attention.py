@@ -15,6 +15,11 @@ heads): 160-token sequences 47 ms with SDPA, 17 ms with matmuls; 256 tokens 38 v
 heads by a reshape instead of a copy. When every bucket is that short, one function attends
 them all, gathering straight from the token layout into the matmuls' layout and back.
 Longer examples go to SDPA, whose memory does not grow with the square of the length.
+
+Sliding windows (Mistral, Qwen2, Gemma 2/3...: each layer's call brings its ``sliding_window``)
+are masked as transformers masks them: a query sees the keys less than ``sliding_window``
+positions behind it, counted inside its own example. Attention soft-capping is not done here
+(training.families keeps such models on their own attention).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ NAME = "tunelab_packed"
 
 _layout_cache: dict[str, Any] = {}
 _stacked_cache: dict[str, Any] = {}
-_bias_cache: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+_bias_cache: dict[tuple[int, int, torch.dtype, int | None], torch.Tensor] = {}
 
 # longest bucket attended with matmuls; longer ones go to SDPA (measured above; the matmul
 # path keeps L x L bf16 weights per head for the backward, SDPA keeps none)
@@ -214,13 +219,26 @@ def packed_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     position_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The transformers attention interface: q (B, Hq, L, D), k/v (B, Hkv, L, D) ->
-    (B, L, Hq, D). Falls back to plain SDPA when there is a cache or a mask (generation)."""
+    (B, L, Hq, D); ``sliding_window``: keys at most this many positions back minus one.
+    Falls back to plain SDPA when there is a cache or a mask (generation). Raises
+    RuntimeError for attention soft-capping, which it does not compute (the family table
+    keeps such a model on its own attention)."""
+    if softcap:
+        raise RuntimeError(
+            "tunelab's packed attention does not soft-cap attention logits; "
+            "training.families must keep this model on its own attention"
+        )
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     if position_ids is None or attention_mask is not None or key.shape[2] != length:
+        causal = attention_mask is None and length > 1 and key.shape[2] == length
+        if causal and sliding_window and sliding_window < length:
+            attention_mask, causal = _window_mask(length, sliding_window, query.device), False
         output = F.scaled_dot_product_attention(
             query,
             key,
@@ -228,7 +246,7 @@ def packed_attention_forward(
             attn_mask=attention_mask,
             dropout_p=dropout,
             scale=scaling,
-            is_causal=attention_mask is None and length > 1 and key.shape[2] == length,
+            is_causal=causal,
             enable_gqa=kv_heads != heads,
         )
         return output.transpose(1, 2).contiguous(), None
@@ -240,7 +258,7 @@ def packed_attention_forward(
         if max(longest for *_, longest in stacked.buckets) <= MATMUL_MAX_LENGTH:
             # (B, H, L, D) -> (B*L*H, D) rows: a view, the projections' outputs are (B, L, H, D)
             rows = (t.transpose(1, 2).reshape(-1, dim) for t in (query, key, value))
-            output = _StackedMatmulAttention.apply(*rows, stacked, scaling)
+            output = _StackedMatmulAttention.apply(*rows, stacked, scaling, sliding_window)
             return output.view(batch, length, heads, dim), None
     # (B, H, L, D) -> (B*L, H, D) so that one gather picks a whole example's tokens (a view:
     # the projections' outputs are laid out (B, L, H, D) in memory)
@@ -258,14 +276,16 @@ def packed_attention_forward(
             for t in (q_slots, k_slots, v_slots)
         )
         # the fixed per-sequence cost is a CPU kernel's: on a GPU, SDPA's fused kernels win
+        windowed = sliding_window is not None and sliding_window < longest
         if longest <= MATMUL_MAX_LENGTH and not dropout and q.device.type == "cpu":
-            attended = _MatmulAttention.apply(q, k, v, scaling)
+            attended = _MatmulAttention.apply(q, k, v, scaling, sliding_window)
         else:
             attended = F.scaled_dot_product_attention(
                 *(t.transpose(1, 2) for t in (q, k, v)),
+                attn_mask=_window_mask(longest, sliding_window, q.device) if windowed else None,
                 dropout_p=dropout,
                 scale=scaling,
-                is_causal=True,
+                is_causal=not windowed,
                 enable_gqa=kv_heads != heads,
             ).transpose(1, 2)
         outputs.append(attended.reshape(sequences * longest, heads, dim))
@@ -274,12 +294,25 @@ def packed_attention_forward(
     return output.view(batch, length, heads, dim), None
 
 
-def _causal_bias(length: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """(groups * length, length) additive mask: 0 on and below the diagonal, -inf above."""
-    key = (length, groups, dtype)
+def _window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """(length, length) bool mask, True where query i may see key j: j <= i and, with a
+    ``window``, j > i - window (transformers' sliding_window_overlay)."""
+    query = torch.arange(length, device=device)[:, None]
+    key = torch.arange(length, device=device)[None, :]
+    allowed = key <= query
+    return allowed & (key > query - window) if window else allowed
+
+
+def _causal_bias(
+    length: int, groups: int, dtype: torch.dtype, window: int | None = None
+) -> torch.Tensor:
+    """(groups * length, length) additive mask: 0 where :func:`_window_mask` allows, -inf
+    elsewhere."""
+    window = window if window and window < length else None
+    key = (length, groups, dtype, window)
     if key not in _bias_cache:
-        above = torch.ones(length, length, dtype=torch.bool).triu(1)
-        bias = torch.zeros(length, length, dtype=dtype).masked_fill(above, float("-inf"))
+        hidden = ~_window_mask(length, window, torch.device("cpu"))
+        bias = torch.zeros(length, length, dtype=dtype).masked_fill(hidden, float("-inf"))
         _bias_cache[key] = bias.repeat(groups, 1)
     return _bias_cache[key]
 
@@ -292,12 +325,19 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, out: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+    out: torch.Tensor | None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of stacked (S*Hkv, g*L, D) queries over (S*Hkv, L, D) keys/values;
-    returns (output, attention weights in the compute dtype)."""
+    """Causal attention (within ``window`` positions, when given) of stacked (S*Hkv, g*L, D)
+    queries over (S*Hkv, L, D) keys/values; returns (output, attention weights in the compute
+    dtype)."""
     length = k.shape[1]
-    bias = _causal_bias(length, q.shape[1] // length, q.dtype).expand(q.shape[0], -1, -1)
+    groups = q.shape[1] // length
+    bias = _causal_bias(length, groups, q.dtype, window).expand(q.shape[0], -1, -1)
     scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling)
     # fp32 softmax then one rounding: as exact as it gets, and quicker on a CPU than the
     # reduced-precision softmax kernel
@@ -340,7 +380,12 @@ class _MatmulAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scaling: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         sequences, length, heads, dim = q.shape
         kv_heads = k.shape[2]
@@ -351,7 +396,7 @@ class _MatmulAttention(torch.autograd.Function):
         k_b, v_b = (
             t.permute(0, 2, 1, 3).reshape(sequences * kv_heads, length, dim) for t in (k, v)
         )
-        output, weights = _attend(q_b, k_b, v_b, scaling, None)
+        output, weights = _attend(q_b, k_b, v_b, scaling, None, window)
         ctx.save_for_backward(q_b, k_b, v_b, weights)
         ctx.scaling, ctx.kv_heads = scaling, kv_heads
         return _unstack_groups(output, sequences, length)
@@ -371,7 +416,7 @@ class _MatmulAttention(torch.autograd.Function):
         )
         q_dtype, k_dtype, v_dtype = ctx.dtypes
         grad_q = _unstack_groups(grad_q, sequences, length)
-        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None
+        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None, None
 
 
 class _StackedMatmulAttention(torch.autograd.Function):
@@ -392,6 +437,7 @@ class _StackedMatmulAttention(torch.autograd.Function):
         v_rows: torch.Tensor,
         layout: StackedLayout,
         scaling: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         ctx.dtypes = (q_rows.dtype, k_rows.dtype, v_rows.dtype)
         dtype = _compute_dtype(q_rows)
@@ -400,7 +446,7 @@ class _StackedMatmulAttention(torch.autograd.Function):
         out = torch.empty_like(queries)
         saved = []
         for q, k, v, o in _bucket_views(layout, queries, keys, values, out):
-            saved.append(_attend(q, k, v, scaling, o)[1])
+            saved.append(_attend(q, k, v, scaling, o, window)[1])
         ctx.save_for_backward(queries, keys, values, *saved)
         ctx.layout, ctx.scaling = layout, scaling
         return out.index_select(0, layout.query_back)
@@ -418,7 +464,12 @@ class _StackedMatmulAttention(torch.autograd.Function):
             _attend_backward(q, k, v, weights, g, ctx.scaling, tuple(out))
         backs = (layout.query_back, layout.key_back, layout.key_back)
         returned = zip(grads, backs, ctx.dtypes, strict=True)
-        return (*(t.index_select(0, back).to(dtype) for t, back, dtype in returned), None, None)
+        return (
+            *(t.index_select(0, back).to(dtype) for t, back, dtype in returned),
+            None,
+            None,
+            None,
+        )
 
 
 def _bucket_views(layout: StackedLayout, *tensors: torch.Tensor) -> Iterator[list[torch.Tensor]]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.files import ensure_free_space, fsync_tree, tensor_bytes
+from tunelab.files import check_safetensors, read_json_file, staged_folder, tensor_bytes
 
 CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"
@@ -39,7 +38,7 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint whose step had the lowest eval loss (None when none was evaluated)."""
     scored = []
     for path in checkpoint_dirs(run_dir):
-        loss = json.loads((path / STATE).read_text()).get("eval_loss_at_step")
+        loss = read_state(path).get("eval_loss_at_step")
         if loss is not None:
             scored.append((loss, path))
     return min(scored)[1] if scored else None
@@ -69,10 +68,9 @@ def save_checkpoint(
     parent.mkdir(parents=True, exist_ok=True)
     # weights + AdamW's two moments (fp32) per trainable value, plus a margin
     trainable = tensor_bytes(model, trainable_only=_is_peft(model))
-    ensure_free_space(parent, trainable * 3 + 2**20, "a checkpoint")
     target = parent / f"step-{state['step']:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
-    try:
+    # staged_folder checks the space, writes beside, flushes and renames: whole or absent
+    with staged_folder(target, "a checkpoint", trainable * 3 + 2**20) as staging:
         model_state, optimizer_by_name = whole if whole is not None else (None, None)
         # PEFT: the adapter; full fine-tuning: all weights
         model.save_pretrained(staging, state_dict=model_state)
@@ -88,12 +86,6 @@ def save_checkpoint(
             blob["scaler"] = scaler.state_dict()
         torch.save(blob, staging / "training_state.pt")
         (staging / STATE).write_text(json.dumps(state, indent=2))
-        fsync_tree(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     keep = set(checkpoint_dirs(run_dir)[-keep_last:])
     best = best_checkpoint(run_dir)
     if best is not None:
@@ -118,6 +110,7 @@ def load_weights(path: Path, model: Any) -> None:
                 f"checkpoint {path} holds no adapter_model.safetensors, so it was not written "
                 "by a run with an adapter method. Resume with the run's own config."
             )
+        check_safetensors(adapter, damaged_checkpoint_fix(path))
         set_peft_model_state_dict(model, load_file(str(adapter)))
         return
     files = sorted(path.glob("model*.safetensors"))
@@ -128,6 +121,7 @@ def load_weights(path: Path, model: Any) -> None:
         )
     state: dict[str, torch.Tensor] = {}
     for file in files:
+        check_safetensors(file, damaged_checkpoint_fix(path))
         state.update(load_file(str(file)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k or "embed" in k}  # tied weights are saved once
@@ -155,7 +149,13 @@ def load_checkpoint(
 
     if weights:
         load_weights(path, model)
-    blob = torch.load(path / "training_state.pt", weights_only=True)
+    try:
+        blob = torch.load(path / "training_state.pt", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        raise TunelabError(
+            f"{path / 'training_state.pt'} cannot be read ({str(error).splitlines()[0]}). "
+            + damaged_checkpoint_fix(path)
+        ) from None
     by_name = blob.get("optimizer_by_name")
     if by_name is None and is_sharded(model):
         by_name = _by_name(blob["optimizer"], model, optimizer)
@@ -169,7 +169,19 @@ def load_checkpoint(
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
     if scaler is not None and "scaler" in blob:
         scaler.load_state_dict(blob["scaler"])
-    return json.loads((path / STATE).read_text())
+    return read_state(path)
+
+
+def damaged_checkpoint_fix(path: Path) -> str:
+    return (
+        f"Delete the folder {path} to resume from the checkpoint before it, or start the run "
+        "again with --overwrite."
+    )
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json; a damaged one raises TunelabError naming it."""
+    return read_json_file(path / STATE, damaged_checkpoint_fix(path))
 
 
 def _by_name(state: dict[str, Any], model: Any, optimizer: Any) -> dict[str, Any]:

@@ -3,39 +3,79 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from tunelab.errors import TunelabError
+from tunelab.files import atomic_write_jsonl, disk_full_errors
+
 
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl``; on resume, drops lines past the
-    checkpoint so the file reads as one uninterrupted run."""
+    checkpoint so the file reads as one uninterrupted run.
+
+    A line is appended whole or not at all: a full disk met half-way cuts the file back to
+    its previous end and raises TunelabError."""
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
             kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                r
+                for r in parse_metrics(self.path, torn_end_ok=True)
+                if r.get("step", 0) <= resume_step
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_jsonl(self.path, kept)
         elif self.path.exists():
             self.path.unlink()
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        with disk_full_errors(self.path.parent, f"a line of {self.path.name}", len(line)):
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                end = os.lseek(descriptor, 0, os.SEEK_END)
+                try:
+                    written = 0
+                    while written < len(line):
+                        written += os.write(descriptor, line[written:])
+                except BaseException:
+                    os.ftruncate(descriptor, end)  # no torn line left for a reader
+                    raise
+            finally:
+                os.close(descriptor)
+
+
+def parse_metrics(path: Path, torn_end_ok: bool = False) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line that is not JSON raises TunelabError naming
+    the file and line. ``torn_end_ok``: a cut-off last line (a crash while it was written,
+    so it is past any checkpoint) is dropped instead."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if torn_end_ok and number == len(lines):
+                break
+            raise TunelabError(
+                f"{path}:{number} is not valid JSON ({line[:60]!r}): the file was cut off or "
+                "edited. Delete that line, or start the run again with --overwrite."
+            ) from None
+    return records
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_metrics(path)
 
 
 class Progress:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.training import loss as loss_module
 from tunelab.training.loss import BLOCK_ROWS, CHUNK_ROWS, decoder_and_head
 
 
@@ -87,7 +88,8 @@ def sequence_logprobs(
     targets = labels[:, 1:]
     owner = sequence_index[:, 1:]
     selected = (targets != IGNORE_INDEX) & (owner >= 0)
-    split = decoder_and_head(model)
+    # the fast path's loss switched off (stock_loss): the model's own forward, as for SFT
+    split = None if loss_module._stock[0] else decoder_and_head(model)
     if split is not None:
         body, head = split
         hidden = body(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,11 @@ from tunelab.training.distributed import (
     shard,
 )
 from tunelab.training.dropout import fast_adapter_dropout
+from tunelab.training.families import FastPathPlan, plan_fast_path
 from tunelab.training.guards import catch_interrupt, nan_diagnosis
 from tunelab.training.logging import MetricsLog, Progress, read_metrics
 from tunelab.training.lora_forward import lean_lora_forward
-from tunelab.training.loss import causal_lm_loss_sum, release_scratch
+from tunelab.training.loss import causal_lm_loss_sum, release_scratch, stock_loss
 from tunelab.training.neftune import neftune
 from tunelab.training.norm import fast_rms_norm
 from tunelab.training.optim import build_optimizer
@@ -148,26 +149,49 @@ def total_steps(num_rows: int, config: FineTuningConfig, processes: int = 1) -> 
     return config.max_steps or steps_per_epoch(num_rows, config, processes) * config.num_epochs
 
 
+# why a piece the family table allows switched nothing in this model
+_NOTHING_TO_SWITCH = {
+    "dropout": "lora_dropout is 0 or no adapter dropout",
+    "lora_forward": "no plain LoRA layer on nn.Linear",
+    "norm": "no frozen Llama-style RMSNorm",
+    "rotary": "apply_rotary_pos_emb is not Llama's",
+}
+
+
 @contextmanager
-def training_mode(model: Any, config: FineTuningConfig) -> Iterator[None]:
+def training_mode(model: Any, config: FineTuningConfig) -> Iterator[FastPathPlan]:
     """Packed attention (no dense mask), cheaper adapter dropout, a leaner LoRA forward,
-    hand-written RMSNorm and rotary backwards and gradient checkpointing for the run only: the
-    model goes back to its own attention and modules afterwards, as generation and saving
-    expect them."""
+    hand-written RMSNorm and rotary backwards, the fused loss and gradient checkpointing for
+    the run only, each where training.families proves it equal for the model's family and the
+    config leaves it on (``fast_path``, ``fast_path_disable``); yields the plan. The model goes
+    back to its own attention and modules afterwards, as generation and saving expect them.
+    A piece left stock keeps packing correct: transformers masks each packed example from the
+    restarting position ids."""
+    plan = plan_fast_path(model, config.fast_path, tuple(config.fast_path_disable))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     previous = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    switched = config.packing and use_packed_attention(base)
+    switched = config.packing and plan.fast["attention"] and use_packed_attention(base)
+    if config.packing and plan.fast["attention"] and not switched:
+        plan.fast["attention"] = False
+        plan.why["attention"] = f"attn_implementation {previous!r}"
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    switches = {
+        "dropout": fast_adapter_dropout,
+        "lora_forward": lean_lora_forward,
+        "norm": fast_rms_norm,
+        "rotary": fast_rotary,
+    }
     try:
-        with (
-            fast_adapter_dropout(model),
-            lean_lora_forward(model),
-            fast_rms_norm(model),
-            fast_rotary(model),
-            neftune(model, config.neftune_noise_alpha),
-        ):
-            yield
+        with ExitStack() as stack:
+            for name, switch in switches.items():
+                if plan.fast[name] and stack.enter_context(switch(model)) == 0:
+                    plan.fast[name], plan.why[name] = False, _NOTHING_TO_SWITCH[name]
+            if not plan.fast["loss"]:
+                stack.enter_context(stock_loss())
+            stack.enter_context(neftune(model, config.neftune_noise_alpha))
+            yield plan
     finally:
         release_scratch()
         if switched:
@@ -196,7 +220,8 @@ def fit(
     compute precision (bf16/fp16 autocast over fp32 trainable weights, or fp32). ``sharded``:
     split the decoder layers over the processes with FSDP (training.sharding).
     """
-    with training_mode(model, config), catch_interrupt() as interrupt:
+    with training_mode(model, config) as plan, catch_interrupt() as interrupt:
+        say(init_world(device), plan.summary())
         return _fit(
             model, train_rows, eval_rows, config, Path(run_dir), pad_token_id, device, resume,
             on_eval, precision, interrupt, sharded,
@@ -270,6 +295,12 @@ def _fit(
     eval_result = None
     last_loss = float("nan")
     stopped_early = False
+    # divergence (loss above the uniform guess or far above its start, an exploded gradient)
+    # is said once, as soon as it shows, and again in the results' warnings
+    logged_losses: list[tuple[int, float]] = []
+    logged_norms: list[tuple[int, float]] = []
+    divergence = None
+    vocab_size = _vocab_size(model)
 
     if preference.needs_reference(config):  # once, before any step changes the model
         reference_started = time.perf_counter()
@@ -366,6 +397,13 @@ def _fit(
         state["loss_tokens"] += step_loss_tokens
         state["train_seconds"] += seconds
         last_loss = step_loss if finite else last_loss
+        if finite:
+            logged_losses.append((state["step"], step_loss))
+            logged_norms.append((state["step"], grad_norm))
+        if finite and divergence is None:
+            divergence = diverging(logged_losses, logged_norms, vocab_size, config)
+            if divergence is not None:
+                say(world, f"Warning: {divergence}", progress)
         log_now = state["step"] % config.logging_steps == 0 or state["step"] == steps
         if log_now:
             record(
@@ -431,7 +469,34 @@ def _fit(
     if main and config.plot:
         plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / CURVES)
     model.eval()
-    return _results(state, per_epoch, last_loss, initial, eval_result, stopped_early)
+    results = _results(state, per_epoch, last_loss, initial, eval_result, stopped_early)
+    if divergence is not None:  # the summary says where the run ended up
+        final = diverging(logged_losses, logged_norms, vocab_size, config)
+        results["warnings"] = [final or divergence]
+    results["vocab_size"] = vocab_size
+    return results
+
+
+def diverging(
+    losses: list[tuple[int, float]],
+    grad_norms: list[tuple[int, float]],
+    vocab_size: int | None,
+    config: FineTuningConfig,
+) -> str | None:
+    """A warning naming the learning rate when the run diverges (diagnostics.divergence)."""
+    from tunelab.diagnostics.divergence import divergence_advice, divergence_evidence
+
+    evidence = divergence_evidence(losses, grad_norms, vocab_size)
+    if evidence is None:
+        return None
+    advice = divergence_advice(config.learning_rate, config.method)
+    return f"training is diverging: {evidence}. {advice}"
+
+
+def _vocab_size(model: Any) -> int | None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
 
 
 def _evaluate(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.training.families import logit_transform
 
 # Rows of logits per chunk (evaluation) and per matrix multiplication (training). With a 49k
 # vocabulary, 1,024 rows of fp32 logits are 200 MB: every softmax pass over them went to
@@ -19,9 +23,49 @@ BLOCK_ROWS = 512
 SOFTMAX_ROWS = 64
 
 
+class LogitHead(nn.Module):
+    """An LM head and what the family's forward does to its logits after it:
+    ``cap * tanh(scale * head(x) / cap)`` (Gemma 2/3 soft-cap, Granite and Cohere scale;
+    without ``cap``, ``scale * head(x)``). (N, hidden) -> (N, vocab) logits."""
+
+    def __init__(self, linear: nn.Module, scale: float, softcap: float | None) -> None:
+        super().__init__()
+        self.linear, self.scale, self.softcap = linear, scale, softcap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return transform_logits(self.linear(hidden), self.scale, self.softcap)
+
+
+def transform_logits(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """The family's scaling and soft-capping, in transformers' order (scale, then cap)."""
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+_stock: list[bool] = [False]
+
+
+@contextmanager
+def stock_loss() -> Iterator[None]:
+    """For a run with the fast loss turned off: the loss comes from the model's own forward."""
+    _stock[0] = True
+    try:
+        yield
+    finally:
+        _stock[0] = False
+
+
 def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     """The transformer body and LM head of a (PEFT-wrapped) causal LM, or None when the model
-    cannot be split (then the full forward is used)."""
+    cannot be split (then the full forward is used). The head is a :class:`LogitHead` when
+    the family scales or soft-caps its logits; a family not in tunelab's table
+    (training.families) is not split, since its forward may do more after the head."""
+    transform = logit_transform(model)
+    if transform is None:
+        return None
     peft_config = getattr(model, "active_peft_config", None)
     if getattr(peft_config, "is_prompt_learning", False):
         return None  # virtual tokens are added by PeftModel.forward, so it must run whole
@@ -31,6 +75,9 @@ def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if body is None or head is None or body is base:
         return None
+    scale, softcap = transform
+    if scale != 1.0 or softcap:
+        head = LogitHead(head, scale, softcap)
     return body, head
 
 
@@ -80,7 +127,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, block: int
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        block: int,
+        scale: float = 1.0,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
@@ -89,10 +142,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # the softmax's own passes (807 -> 699 ms for 2,048 tokens' loss and gradient)
         rows_kept = min(SOFTMAX_ROWS, hidden.shape[0])
         vocab = weight.shape[0]
-        blocks, upcast, softmax = _scratch(
+        slice_spec = ((SOFTMAX_ROWS, vocab), torch.float32)
+        blocks, upcast, softmax, *slopes = _scratch(
             ((block, vocab), hidden.dtype),
-            ((SOFTMAX_ROWS, vocab), torch.float32),
-            ((SOFTMAX_ROWS, vocab), torch.float32),
+            slice_spec,
+            slice_spec,
+            *([slice_spec] if softcap else []),
             device=hidden.device,
         )
         positions = torch.arange(rows_kept, device=hidden.device)
@@ -104,6 +159,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 count = part.shape[0]
                 wanted = targets[start + first : start + first + count]
                 rows = upcast[:count].copy_(part)
+                if scale != 1.0:
+                    rows.mul_(scale)
+                if softcap:  # rows = cap * tanh(rows / cap); its slope 1 - tanh^2 kept
+                    rows.div_(softcap).tanh_()
+                    slope = torch.mul(rows, rows, out=slopes[0][:count]).neg_().add_(1.0)
+                    rows.mul_(softcap)
                 # torch's softmax works a row at a time (a 49k-vocabulary row stays in cache
                 # over its passes): 2.5 -> 1.5 ms a slice against max/sub/exp/sum/div over it
                 probabilities = torch.softmax(rows, -1, out=softmax[:count])
@@ -119,6 +180,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += losses.sum()
                 # d(sum of losses)/d(logits) = softmax - one_hot(target)
                 probabilities[target_cells] -= 1.0
+                if softcap:  # chain rule through the cap, then the scale
+                    probabilities.mul_(slope)
+                if scale != 1.0:
+                    probabilities.mul_(scale)
                 part.copy_(probabilities)
             torch.mm(logits, weight, out=grad_hidden[start : start + block])
         ctx.save_for_backward(grad_hidden)
@@ -127,7 +192,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -136,23 +201,28 @@ def linear_cross_entropy(
     """Summed cross-entropy of ``head(hidden)``: fused (gradient in the forward) when training
     through a frozen, bias-free linear head, else chunked with autograd (a trained head or
     embedding needs its own gradient, and evaluation needs none). ``chunk_size`` overrides
-    the rows per chunk (CHUNK_ROWS) or per fused block (BLOCK_ROWS)."""
+    the rows per chunk (CHUNK_ROWS) or per fused block (BLOCK_ROWS). A :class:`LogitHead`'s
+    scale and soft-cap are part of the fused gradient."""
+    scale, softcap, linear = 1.0, None, head
+    if isinstance(head, LogitHead):
+        scale, softcap, linear = head.scale, head.softcap, head.linear
     fused = (
-        type(head) is torch.nn.Linear
-        and head.bias is None
-        and not head.weight.requires_grad
+        type(linear) is torch.nn.Linear
+        and linear.bias is None
+        and not linear.weight.requires_grad
         and hidden.requires_grad
         and torch.is_grad_enabled()
     )
     if not fused:
         return chunked_cross_entropy(hidden, head, targets, chunk_size or CHUNK_ROWS)
-    weight = head.weight
+    weight = linear.weight
     if torch.is_autocast_enabled(hidden.device.type):
         weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
         hidden = hidden.to(weight.dtype)
     # once per call, not per chunk: the chunks' gradient matmul needs hidden's dtype
     weight = weight.to(hidden.dtype)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size or BLOCK_ROWS)
+    block = chunk_size or BLOCK_ROWS
+    return _LinearCrossEntropy.apply(hidden, weight, targets, block, scale, softcap)
 
 
 def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -165,7 +235,7 @@ def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torc
     targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX
     count = int(selected.sum())
-    split = decoder_and_head(model)
+    split = None if _stock[0] else decoder_and_head(model)
     if split is not None:
         body, head = split
         hidden = body(

@@ -82,7 +82,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")  # no display needed; safe in a server or a test
     import matplotlib.pyplot as plt
 
-    from tunelab.files import atomic_write_bytes
+    from tunelab.files import save_figure
 
     rewards = [r for r in train if "rewards/margins" in r]
     figure, axes = plt.subplots(1, 3 if rewards else 2, figsize=(15 if rewards else 10, 4))
@@ -110,9 +110,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     loss_axis.legend()
     lr_axis.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate")
     figure.tight_layout()
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return atomic_write_bytes(path, buffer.getvalue())
+    try:
+        return save_figure(figure, path, dpi=100)
+    finally:
+        plt.close(figure)

@@ -1,0 +1,81 @@
+"""The learning-curve pilot: nested shares, advice from given curves, a run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from tunelab.errors import TunelabError
+from tunelab.planning.pilot import PilotRun, advise, nested_subsets, parse_fractions
+
+
+def test_shares_are_nested_seeded_samples():
+    quarter, half, everything = nested_subsets(40, (0.25, 0.5, 1.0), seed=7)
+    assert (len(quarter), len(half), len(everything)) == (10, 20, 40)
+    assert set(quarter) <= set(half) <= set(everything) == set(range(40))
+    assert nested_subsets(40, (0.25, 0.5, 1.0), seed=7)[0] == quarter
+    assert nested_subsets(40, (0.25, 0.5, 1.0), seed=8)[0] != quarter
+
+
+def test_advice_follows_the_curves():
+    runs = [
+        PilotRun(0.25, 10, [(5, 3.0), (10, 2.8)]),
+        PilotRun(0.5, 20, [(5, 2.9), (10, 2.5)]),
+        PilotRun(1.0, 40, [(5, 2.8), (10, 2.2)]),
+    ]
+    result = advise(runs, 10)
+    assert result.data_gain == pytest.approx(0.12)
+    assert result.step_gain == pytest.approx(0.6 / 2.8)
+    assert result.advice == [
+        "More data is likely to pay: held-out loss 2.500 -> 2.200 (-12.0%) going from 50% to "
+        "100% of the data at 10 steps.",
+        "More steps are likely to pay: on all the data, held-out loss 2.800 at step 5 -> 2.200 "
+        "at step 10 (-21.4%).",
+    ]
+    flat = [PilotRun(0.5, 20, [(5, 2.0), (10, 2.0)]), PilotRun(1.0, 40, [(5, 1.9), (10, 1.995)])]
+    result = advise(flat, 10)
+    assert result.advice[0].startswith("More data of this kind is unlikely to pay")
+    assert (
+        result.advice[1].startswith("More steps will not pay") and "overfitting" in result.advice[1]
+    )
+
+
+def test_fractions_are_checked():
+    assert parse_fractions("1,0.5") == (0.5, 1.0)
+    for bad in ("0.5", "0.25,0.5", "0,1", "a,1"):
+        with pytest.raises(TunelabError, match="--fractions"):
+            parse_fractions(bad)
+
+
+def test_pilot_on_the_tiny_model_writes_curves_and_advice(make_config, tmp_path, qa_rows, capsys):
+    import yaml
+
+    from tunelab.cli import main
+
+    held_out = write_jsonl(
+        tmp_path / "heldout.jsonl",
+        [{"prompt": f"Define {r['term']}.", "completion": r["definition"]} for r in qa_rows],
+    )
+    config = make_config(eval_path=str(held_out))
+    config_path = tmp_path / "pilot.yaml"
+    values = {k: getattr(config, k) for k in ("model_name", "dataset_path", "eval_path",
+              "output_dir", "learning_rate", "batch_size", "max_length", "precision",
+              "lora_dropout")}  # fmt: skip
+    config_path.write_text(yaml.safe_dump(values))
+    code = main(["pilot", str(config_path), "--fractions", "0.5,1", "--steps", "4"])
+    assert code == 0
+    report = json.loads((tmp_path / "run" / "pilot" / "pilot.json").read_text())
+    assert report["steps"] == 4
+    # the 24 training rows are 6 distinct ones repeated: deduplication keeps 6
+    assert [run["examples"] for run in report["runs"]] == [3, 6]
+    for run in report["runs"]:
+        steps = [step for step, _ in run["curve"]]
+        assert steps == [1, 2, 3, 4]  # eval every 4 // 4 = 1 step
+        assert all(loss > 0 for _, loss in run["curve"])
+    full = report["runs"][-1]["curve"]
+    assert report["step_gain"] == pytest.approx((full[1][1] - full[-1][1]) / full[1][1])
+    out = capsys.readouterr().out
+    assert "Pilot says:" in out and report["advice"][0] in out
+    assert (tmp_path / "run" / "pilot" / "data-50pct" / "adapter_config.json").is_file()

@@ -1,0 +1,343 @@
+"""tunelab serve against the official openai client: the routes, streaming, batching under load
+and the error JSON of each bad request; answers equal tunelab generate's."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+
+
+def train_run(base: Path, folder: Path, seed: int, system_prompt: str | None = None) -> Path:
+    from tunelab.api import FineTuner
+    from tunelab.config import FineTuningConfig
+
+    rows = [
+        {"prompt": f"What does {term} mean?", "completion": answer}
+        for term, answer in [
+            ("byte", "Eight bits."),
+            ("kernel", "The core of an operating system."),
+            ("compiler", "A program that translates source code."),
+        ]
+    ] * 4
+    config = FineTuningConfig(
+        model_name=str(base),
+        dataset_path=str(write_jsonl(folder.parent / f"{folder.name}.jsonl", rows)),
+        output_dir=str(folder),
+        learning_rate=2e-2,
+        max_steps=6,
+        batch_size=2,
+        max_length=64,
+        precision="fp32",
+        lora_dropout=0.0,
+        dedup_exact=False,
+        dedup_near_threshold=None,
+        seed=seed,
+        system_prompt=system_prompt,
+    )
+    FineTuner(config).train()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def lively_base(tmp_path_factory) -> Path:
+    """The tiny model with larger random weights: the shared fixture's answers are all new
+    lines, which would make every comparison of answers pass."""
+    import torch
+    from conftest import build_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("serve-base") / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def two_runs(tmp_path_factory, lively_base) -> list[Path]:
+    root = tmp_path_factory.mktemp("serve-runs")
+    return [
+        train_run(lively_base, root / "alpha", seed=1),
+        train_run(lively_base, root / "beta", seed=2, system_prompt="Answer briefly."),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving the app on 127.0.0.1 in a thread; ``url`` is its /v1 base."""
+
+    def __init__(self, targets: list[str], max_batch_size: int = 8) -> None:
+        import uvicorn
+
+        from tunelab.serving.app import build_app
+        from tunelab.serving.batching import BatchWorker
+        from tunelab.serving.models import load_pool
+
+        self.pool = load_pool(targets)
+        self.worker = BatchWorker(self.pool, max_batch_size)
+        port = free_port()
+        config = uvicorn.Config(
+            build_app(self.pool, self.worker), host="127.0.0.1", port=port, log_level="error"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        self.root = f"http://127.0.0.1:{port}"
+        self.url = f"{self.root}/v1"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.worker.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server(two_runs):
+    server = LiveServer([str(run) for run in two_runs])
+    yield server
+    server.close()
+
+
+PROMPTS = ["What does byte mean?", "What does kernel mean?", "Define compiler.", "hello"]
+
+
+@pytest.fixture(scope="session")
+def expected(two_runs, lively_base):
+    """tunelab generate's greedy answers (8 new tokens) per served name and prompt."""
+    from tunelab.generation import generate, load_for_inference
+
+    answers = {}
+    for name, target in [("alpha", two_runs[0]), ("beta", two_runs[1]), ("model", lively_base)]:
+        loaded = load_for_inference(str(target))
+        answers[name] = {p: generate(loaded, [p], max_new_tokens=8)[0] for p in PROMPTS}
+    return answers
+
+
+@pytest.fixture
+def client(live_server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=live_server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client, model, prompt, **options):
+    options.setdefault("max_tokens", 8)
+    options.setdefault("temperature", 0)
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], **options
+    )
+
+
+def test_models_lists_each_run_and_the_base(client):
+    assert sorted(m.id for m in client.models.list().data) == ["alpha", "beta", "model"]
+
+
+def test_greedy_answers_equal_tunelab_generate(client, expected):
+    runs_differ = False
+    for name in ("alpha", "beta", "model"):
+        for prompt in PROMPTS:
+            reply = ask(client, name, prompt)
+            assert reply.choices[0].message.content.strip() == expected[name][prompt]
+            assert reply.usage.completion_tokens <= 8
+            assert reply.usage.total_tokens == (
+                reply.usage.prompt_tokens + reply.usage.completion_tokens
+            )
+        runs_differ |= expected["alpha"] != expected["beta"]
+    # the adapters really are switched per request: the three models do not all answer alike
+    assert runs_differ or expected["alpha"] != expected["model"]
+
+
+def test_the_runs_system_prompt_and_template_are_used(live_server, client):
+    beta = live_server.pool.get("beta")
+    text = beta.tokenizer.apply_chat_template(
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "hello"},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    count = len(beta.tokenizer(text, add_special_tokens=False).input_ids)
+    assert ask(client, "beta", "hello").usage.prompt_tokens == count
+
+
+def test_streaming_sends_the_same_answer_in_pieces(client, expected):
+    stream = ask(client, "alpha", PROMPTS[0], stream=True, stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces).strip() == expected["alpha"][PROMPTS[0]]
+    assert len([p for p in pieces if p]) > 1  # streamed, not one block at the end
+    assert finish in ("stop", "length") and usage.completion_tokens > 0
+
+
+def test_completions_continue_raw_text(client, live_server, two_runs):
+    from tunelab.generation import generate_from_text, load_for_inference
+
+    loaded = load_for_inference(str(two_runs[0]))
+    want = generate_from_text(loaded, ["A byte is"], max_new_tokens=6)[0]
+    reply = client.completions.create(
+        model="alpha", prompt="A byte is", max_tokens=6, temperature=0
+    )
+    assert reply.choices[0].text.strip() == want
+    streamed = client.completions.create(
+        model="alpha", prompt="A byte is", max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices).strip() == want
+
+
+def test_max_tokens_stop_and_seed(client):
+    reply = ask(client, "model", "hello", max_tokens=3)
+    # the random tiny base does not end its answer within 3 tokens
+    assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (3, "length")
+    full = ask(client, "model", "hello", max_tokens=8).choices[0].message.content
+    stop = full.strip()[2:4]
+    cut = ask(client, "model", "hello", max_tokens=8, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == full[: full.find(stop)]
+    sampled = [
+        ask(client, "alpha", "hello", temperature=1.5, seed=7).choices[0].message.content
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]
+
+
+def test_load_8_clients_20_requests_each(client, live_server, expected):
+    from concurrent.futures import ThreadPoolExecutor
+
+    live_server.worker.batches.clear()
+    names = ["alpha", "beta", "model"]
+
+    def one_client(index):
+        wrong = []
+        for step in range(20):
+            name, prompt = names[(index + step) % 3], PROMPTS[(index * 7 + step) % len(PROMPTS)]
+            answer = ask(client, name, prompt).choices[0].message.content.strip()
+            if answer != expected[name][prompt]:
+                wrong.append((name, prompt, answer))
+        return wrong
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one_client, range(8)))
+    assert results == [[]] * 8
+    assert sum(live_server.worker.batches) == 160
+    assert max(live_server.worker.batches) > 1  # waiting requests were generated together
+
+
+def http(method: str, url: str, data: bytes | None) -> tuple[int, dict]:
+    """Status and JSON body of a raw request (the openai client would not send these)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=data, method=method.upper(), headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_each_bad_request_gets_openai_error_json(live_server, client):
+    url = live_server.url
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        ("post", "/chat/completions", {**chat, "model": "nope"}, 404, "model", "model_not_found"),
+        ("post", "/chat/completions", {"model": "alpha"}, 400, "messages", None),
+        ("post", "/chat/completions", {**chat, "messages": []}, 400, "messages", None),
+        ("post", "/chat/completions", {**chat, "temperature": 5}, 400, "temperature", None),
+        ("post", "/chat/completions", {**chat, "n": 2}, 400, "n", None),
+        ("post", "/chat/completions", {**chat, "max_tokens": 0}, 400, "max_tokens", None),
+        (
+            "post",
+            "/chat/completions",
+            {**chat, "messages": [{"role": "wizard", "content": "hi"}]},
+            400,
+            "messages.0.role",
+            None,
+        ),
+        (
+            "post",
+            "/chat/completions",
+            {**chat, "max_tokens": 5000},
+            400,
+            "messages",
+            "context_length_exceeded",
+        ),
+        (
+            "post",
+            "/completions",
+            {"model": "alpha", "prompt": "word " * 3000},
+            400,
+            "prompt",
+            "context_length_exceeded",
+        ),
+        ("post", "/completions", {"model": "alpha", "prompt": ["a", "b"]}, 400, "prompt", None),
+        ("get", "/nothing", None, 404, None, None),
+        ("get", "/chat/completions", None, 405, None, None),
+    ]
+    for method, path, body, status, param, code in cases:
+        data = json.dumps(body).encode() if body is not None else None
+        got_status, reply = http(method, url + path, data)
+        assert got_status == status, (path, body, reply)
+        error = reply["error"]
+        assert error["message"] and error["type"] == "invalid_request_error", error
+        assert (error["param"], error["code"]) == (param, code), (body, error)
+    got_status, reply = http("post", url + "/chat/completions", b"{not json")
+    assert got_status == 400 and "not valid JSON" in reply["error"]["message"]
+    # the official client raises its typed errors on these bodies, and the server lives on
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        ask(client, "nope", "hi")
+    with pytest.raises(openai.BadRequestError, match="context"):
+        ask(client, "alpha", "hi", max_tokens=5000)
+    assert ask(client, "alpha", "hi").choices[0].message.content is not None
+
+
+def test_serve_refuses_what_it_cannot_serve(two_runs, tmp_path, lively_base, capsys):
+    from conftest import build_tiny_model
+
+    from tunelab.cli import main
+    from tunelab.errors import TunelabError
+    from tunelab.serving.models import load_pool
+
+    other = build_tiny_model(tmp_path / "other-base", vocab_size=300)
+    stranger = train_run(other, tmp_path / "stranger", seed=3)
+    with pytest.raises(TunelabError, match="different base models"):
+        load_pool([str(two_runs[0]), str(stranger)])
+    with pytest.raises(TunelabError, match="not both"):
+        load_pool([str(two_runs[0]), str(lively_base)])
+    twin = tmp_path / "twin" / "alpha"
+    twin.parent.mkdir()
+    import shutil
+
+    shutil.copytree(two_runs[0], twin)
+    with pytest.raises(TunelabError, match="same name 'alpha'"):
+        load_pool([str(two_runs[0]), str(twin)])
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["serve", str(two_runs[0]), "--max-batch-size", "0"]) == 2
