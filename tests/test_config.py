@@ -110,7 +110,9 @@ def test_starter_config_documents_every_key_and_loads_back(tmp_path):
 )
 def test_every_shipped_example_config_loads(path):
     config = load_config(path)
-    assert Path(config.dataset_path).is_file()
+    # shipped data must be there; a later stage's data is written by its example into outputs/
+    if "outputs" not in Path(config.dataset_path).parts:
+        assert Path(config.dataset_path).is_file()
     assert yaml.safe_load(path.read_text())
 
 

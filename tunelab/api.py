@@ -188,6 +188,7 @@ class FineTuner:
         self.tokenizer: Any = None
         self.model: Any = None
         self.prepared: PreparedData | None = None
+        self.preference: Any = None  # data.preference.PreparedPreference
         self.token_stats: dict[str, int] = {}
 
     # --- model ---
@@ -289,11 +290,49 @@ class FineTuner:
         ``datasets.Dataset``, or a list of dicts in any supported schema; ``text_column`` names
         the text column of plain-text data, as in the seed.
         """
+        if self.config.objective != "sft":
+            return self._preference_rows(dataset)
         if dataset is None:
             self.prepared = prepare_examples(self.config, self.load_tokenizer())
             print(format_summary(self.prepared.manifest))
             return self.rows(self.prepared.train, self.prepared.manifest.get("content_hash"))
         return self.rows(self.examples_from(dataset, text_column))
+
+    def _preference_rows(self, dataset: Any = None, held_out: bool = False) -> list[Row]:
+        """Preference units (data.preference), tokenized and packed (training.preference)."""
+        from tunelab.data.preference import (
+            format_preference_summary,
+            parse_row,
+            prepare_preference,
+            tokenize_preference,
+        )
+        from tunelab.training.preference import pack_units
+
+        if held_out:
+            examples = self.preference.eval if self.preference is not None else []
+        elif dataset is None:
+            self.preference = prepare_preference(self.config)
+            print(format_preference_summary(self.preference.manifest))
+            examples = self.preference.train
+        else:
+            rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+            examples = [
+                e for i, r in enumerate(rows)
+                for e in parse_row(r, f"dataset[{i}]", self.config.objective)
+            ]  # fmt: skip
+        units = tokenize_preference(
+            examples, self.load_tokenizer(), self.config.max_length, self.chat,
+            self.config.system_prompt,
+        )  # fmt: skip
+        if not held_out:
+            tokens = [t for u in units for t in u.sides.values()]
+            self.token_stats = {
+                "examples": len(units),
+                "truncated_examples": sum(t.truncated for t in tokens),
+                "tokens": sum(len(t.input_ids) for t in tokens),
+                "loss_tokens": sum(t.num_loss_tokens for t in tokens),
+            }
+        return list(pack_units(units, self.config.max_length, self.config.packing))
 
     def examples_from(self, dataset: Any, text_column: str = "text") -> list[Example]:
         rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
@@ -404,6 +443,10 @@ class FineTuner:
             self.config.save(output_dir / RUN_CONFIG)
         if self.prepared is not None and main_process:  # what the data stage did
             atomic_write_json(output_dir / "data_manifest.json", self.prepared.manifest)
+        if self.preference is not None and main_process:
+            atomic_write_json(output_dir / "data_manifest.json", self.preference.manifest)
+        if self.config.init_lora_weights in ("pissa", "olora") and main_process and not resume:
+            save_initial_adapter(self.model, output_dir)
         with method_step_hooks(self.model, self.config):
             results = fit(
                 self.model,
@@ -438,6 +481,9 @@ class FineTuner:
         return results
 
     def eval_rows(self) -> list[Row] | None:
+        if self.config.objective != "sft":
+            held_out = self._preference_rows(held_out=True)
+            return held_out or None
         if self.prepared is not None and self.prepared.eval:
             return self.rows(self.prepared.eval)
         if self.config.eval_path:
@@ -447,6 +493,8 @@ class FineTuner:
         return None
 
     def _count_examples(self) -> int | None:
+        if self.preference is not None:
+            return len(self.preference.train)
         return len(self.prepared.train) if self.prepared is not None else None
 
     def save_model(
@@ -487,10 +535,15 @@ class FineTuner:
             "device": self.placement.device,
             **_versions(),
         }
+        converted = {}
+        initial = Path(self.config.output_dir) / INITIAL_ADAPTER
+        if self.config.init_lora_weights in ("pissa", "olora") and initial.is_dir():
+            # saved as plain LoRA (rank 2r) on the original base, which pissa/olora changed
+            converted = {"path_initial_model_for_weight_conversion": str(initial)}
         staging = Path(tempfile.mkdtemp(prefix=FINAL_STAGING, dir=folder))
         try:
             with disk_full_errors(folder, what, needed):
-                self.model.save_pretrained(staging, state_dict=state_dict)
+                self.model.save_pretrained(staging, state_dict=state_dict, **converted)
                 self.tokenizer.save_pretrained(staging)
                 self.config.save(staging / RUN_CONFIG)
                 atomic_write_json(staging / RUN_INFO, info)
@@ -516,6 +569,22 @@ class FineTuner:
             if p.is_file() and (p.name.startswith("tokenizer") or p.name in TOKENIZER_EXTRAS)
         )
         return weights + tokenizer + 2**20  # config, run info, results
+
+
+INITIAL_ADAPTER = "initial_adapter"
+
+
+def save_initial_adapter(model: Any, output_dir: Path) -> Path:
+    """A PiSSA/OLoRA adapter as it started (PEFT converts the trained one against it)."""
+    folder = output_dir / INITIAL_ADAPTER
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True  # saved as is, not converted
+    try:
+        model.save_pretrained(folder)
+    finally:
+        config.init_lora_weights = init
+    return folder
 
 
 def peak_memory_mb() -> float:

@@ -441,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("config", help="A run config with eval_path.")
     compare.add_argument(
-        "--methods", default=None, help="Comma-separated methods (default: every method)."
+        "--methods",
+        default=None,
+        help="Comma-separated methods (default: every method); also lora+, pissa, olora and "
+        "neftune (LoRA with that extra).",
     )
     compare.add_argument(
         "--tokens",

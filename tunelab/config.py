@@ -28,6 +28,8 @@ CHAT_FORMATS = ("auto", "chat", "plain")
 REPORT_SINKS = ("tensorboard", "mlflow", "wandb")
 # tunelab.training.families.PIECES (kept here so the config needs no torch import)
 FAST_PATH_PIECES = ("attention", "loss", "rotary", "norm", "lora_forward", "dropout")
+INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa", "olora")
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")  # as in training.objectives
 METHODS = (
     "lora",
     "dora",
@@ -308,6 +310,48 @@ class FineTuningConfig:
         False, "Run model code shipped with a hub model (off unless you trust its author)."
     )
 
+    # --- method extras ---
+    loraplus_lr_ratio: float | None = _f(
+        None,
+        "LoRA+: the B matrices learn this many times faster than learning_rate (16 is the "
+        "paper's usual value); null: off. lora, dora and qlora only.",
+    )
+    init_lora_weights: str = _f(
+        "default",
+        "How LoRA starts (PEFT's init_lora_weights): default (B = 0), gaussian, pissa or olora "
+        "(the adapter starts from the weights' principal / QR directions and the base keeps "
+        "the rest; the saved adapter is converted back to plain LoRA on the original base).",
+        choices=INIT_LORA_WEIGHTS,
+    )
+    neftune_noise_alpha: float | None = _f(
+        None,
+        "NEFTune: uniform noise of this scale (5 is typical) on the input embeddings while "
+        "training with objective sft; never at evaluation or generation. null: off.",
+    )
+
+    # --- objective (preference tuning: training.objectives) ---
+    objective: str = _f(
+        "sft",
+        "Training objective: sft (next-token loss), or preference tuning on prompt/chosen/"
+        "rejected data with dpo (TRL's sigmoid loss), ipo, orpo, simpo; kto on "
+        "prompt/completion/label data. dpo, ipo and kto score against the base model.",
+        choices=OBJECTIVES,
+    )
+    beta: float = _f(
+        0.1,
+        "Preference strength: DPO/IPO/KTO's KL weight, SimPO's reward scale, ORPO's odds-ratio "
+        "weight (TRL's beta; 0.1 is TRL's DPO default, SimPO often uses 2.0).",
+    )
+    label_smoothing: float = _f(
+        0.0, "dpo/simpo: assumed share of flipped preference labels (conservative DPO), [0, 0.5)."
+    )
+    simpo_gamma: float = _f(0.5, "simpo: target reward margin (TRL's simpo_gamma).")
+    cpo_alpha: float = _f(
+        0.0, "simpo: weight of the chosen answers' NLL added to the loss (0: pure SimPO)."
+    )
+    desirable_weight: float = _f(1.0, "kto: loss weight of answers labelled true.")
+    undesirable_weight: float = _f(1.0, "kto: loss weight of answers labelled false.")
+
     def __post_init__(self) -> None:
         validate(self)
 
@@ -457,6 +501,68 @@ def validate(config: FineTuningConfig) -> None:
             "config keys 'prompt_template' and 'completion_template' go together: set both "
             "(e.g. prompt_template: 'What does {term} mean?', completion_template: "
             "'{definition}') or neither."
+        )
+
+    # method extras
+    lora_family = c.method in ("lora", "dora", "qlora")
+    if c.loraplus_lr_ratio is not None:
+        _check(
+            c.loraplus_lr_ratio > 0,
+            "loraplus_lr_ratio",
+            c.loraplus_lr_ratio,
+            "null (off) or a positive ratio (16 is usual)",
+        )
+        _check(
+            lora_family,
+            "loraplus_lr_ratio",
+            c.loraplus_lr_ratio,
+            f"null with method {c.method} (LoRA+ speeds up LoRA's B matrices)",
+        )
+    if c.init_lora_weights != "default":
+        _check(
+            lora_family,
+            "init_lora_weights",
+            c.init_lora_weights,
+            f"default with method {c.method} (it sets how LoRA adapters start)",
+        )
+        if c.init_lora_weights in ("pissa", "olora"):
+            _check(
+                c.method != "qlora",
+                "init_lora_weights",
+                c.init_lora_weights,
+                "default or gaussian with qlora (pissa/olora rewrite base weights that are "
+                "quantised)",
+            )
+            _check(
+                c.objective not in ("dpo", "ipo", "kto"),
+                "init_lora_weights",
+                c.init_lora_weights,
+                f"default or gaussian with objective {c.objective}: "
+                "its reference is the base with the adapter off, which pissa/olora change",
+            )
+    if c.neftune_noise_alpha is not None:
+        _check(
+            c.neftune_noise_alpha > 0,
+            "neftune_noise_alpha",
+            c.neftune_noise_alpha,
+            "null (off) or positive (5 is typical)",
+        )
+        _check(
+            c.objective == "sft",
+            "neftune_noise_alpha",
+            c.neftune_noise_alpha,
+            f"null with objective {c.objective} (NEFTune is an SFT technique)",
+        )
+
+    # objective
+    _check(c.beta > 0 and math.isfinite(c.beta), "beta", c.beta, "a positive number")
+    _check(0 <= c.label_smoothing < 0.5, "label_smoothing", c.label_smoothing, "in [0, 0.5)")
+    for key in ("cpo_alpha", "desirable_weight", "undesirable_weight"):
+        _check(getattr(c, key) >= 0, key, getattr(c, key), "zero or positive")
+    if c.label_smoothing and c.objective not in ("dpo", "simpo"):
+        raise TunelabError(
+            f"config key 'label_smoothing' applies to objective dpo or simpo, not "
+            f"{c.objective!r} (TRL has no smoothing for it); set label_smoothing: 0."
         )
 
     # data preparation

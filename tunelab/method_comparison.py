@@ -28,6 +28,13 @@ DEFAULT_METHODS = (
     "prefix_tuning",
     "full",
 )
+# the method extras, compared as variants of LoRA: name -> the config keys they set
+VARIANTS = {
+    "lora+": ["method=lora", "loraplus_lr_ratio=16"],
+    "pissa": ["method=lora", "init_lora_weights=pissa"],
+    "olora": ["method=lora", "init_lora_weights=olora"],
+    "neftune": ["method=lora", "neftune_noise_alpha=5"],
+}
 COLUMNS = ("method", "trainable", "share", "peak MiB", "tokens/s", "train tokens", "eval loss")
 
 
@@ -58,10 +65,11 @@ def compare_methods(
     overrides = list(overrides or [])
     methods = list(methods or DEFAULT_METHODS)
     for method in methods:
-        if method not in METHODS:
+        if method not in METHODS and method not in VARIANTS:
+            known = [*METHODS, *VARIANTS]
             raise TunelabError(
-                f"unknown method {method!r}; choose from {', '.join(METHODS)}."
-                f"{did_you_mean(method, METHODS)}"
+                f"unknown method {method!r}; choose from {', '.join(known)}."
+                f"{did_you_mean(method, known)}"
             )
     base = load_config(config_path, overrides)
     if not base.eval_path:
@@ -90,8 +98,7 @@ def compare_methods(
             "train",
             str(config_path),
             *[a for o in overrides for a in ("--set", o)],
-            "--set",
-            f"method={method}",
+            *[a for o in VARIANTS.get(method, [f"method={method}"]) for a in ("--set", o)],
             "--set",
             f"max_steps={steps}",
             "--set",

@@ -234,6 +234,7 @@ def peft_config_for(
             bias="none",
             use_rslora=config.use_rslora,
             use_dora=method == "dora",
+            init_lora_weights=_lora_init(config),
             rank_pattern=dict(config.rank_pattern),
             alpha_pattern=dict(config.alpha_pattern),
             modules_to_save=modules_to_save,
@@ -318,6 +319,11 @@ def keep_4bit_format(model: Any) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def _lora_init(config: FineTuningConfig) -> bool | str:
+    """PEFT's init_lora_weights for the config (True: PEFT's default, B = 0)."""
+    return True if config.init_lora_weights == "default" else config.init_lora_weights
 
 
 def apply_method(

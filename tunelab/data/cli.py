@@ -61,6 +61,21 @@ def add_data_commands(subparsers: Any) -> argparse.ArgumentParser:
     _add_set(prepare)
     prepare.set_defaults(func=prepare_command)
 
+    pairs = commands.add_parser(
+        "pairs",
+        help="Make preference pairs: the data's answer as chosen, a model's own as rejected.",
+    )
+    pairs.add_argument("source", help="Prompt/completion data, or a run config (.yaml).")
+    pairs.add_argument("--model", required=True, help="Run folder or model that answers.")
+    pairs.add_argument("--out", required=True, help="Pairs file (.jsonl); resumed if it exists.")
+    pairs.add_argument("--max-new-tokens", type=int, default=128)
+    pairs.add_argument("--batch-size", type=int, default=8)
+    pairs.add_argument("--temperature", type=float, default=0.7)
+    pairs.add_argument("--limit", type=int, help="Pair only the first N rows.")
+    pairs.add_argument("--seed", type=int, default=0)
+    _add_set(pairs)
+    pairs.set_defaults(func=pairs_command)
+
     preview = commands.add_parser(
         "preview", help="Show rendered examples with the tokens the loss covers highlighted."
     )
@@ -92,6 +107,21 @@ def _tokenizer(config: FineTuningConfig) -> Any:
     from tunelab.models import load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model(config.model_name), config.trust_remote_code)
+
+
+def pairs_command(args: argparse.Namespace) -> int:
+    from tunelab.preference_pairs import make_pairs
+
+    counts = make_pairs(
+        _config(args.source, args.set), args.model, args.out, args.max_new_tokens,
+        args.batch_size, args.temperature, seed=args.seed, limit=args.limit,
+    )  # fmt: skip
+    print(
+        f"{counts['written']} pairs written to {counts['out']} ({counts['already_there']} were "
+        f"there, {counts['skipped']} answers equal to the reference skipped); rejected answers "
+        f"by {counts['rejected_model']}."
+    )
+    return 0
 
 
 def inspect_command(args: argparse.Namespace) -> int:

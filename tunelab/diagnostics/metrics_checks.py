@@ -14,6 +14,7 @@ from typing import Any
 
 from tunelab.diagnostics.divergence import divergence_advice, divergence_evidence
 from tunelab.diagnostics.findings import Finding
+from tunelab.diagnostics.preference_checks import preference_findings
 
 Record = dict[str, Any]
 
@@ -378,4 +379,5 @@ def metrics_findings(
     findings += check_overfitting(train, evals, config)
     findings += check_no_eval(evals)
     findings += check_grad_spikes(train, config)
+    findings += preference_findings(train, config)
     return findings

@@ -12,8 +12,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from tunelab.evaluation.lm_eval_adapter import run_lm_eval
 
         return run_lm_eval(args.target, args.lm_eval, limit=args.limit, out=args.out)
-    from tunelab.evaluation.run import evaluate_run
+    from tunelab.evaluation.preference import (
+        evaluate_preference_run,
+        format_preference_table,
+        is_preference_run,
+    )
+    from tunelab.evaluation.run import evaluate_run, resolve_run_dir
 
+    if is_preference_run(resolve_run_dir(args.target)[0]):
+        report = evaluate_preference_run(
+            args.target, args.eval_path, args.sft_run, args.limit, args.batch_size,
+            args.precision, args.out,
+        )  # fmt: skip
+        print(format_preference_table(report))
+        return 0
     results = evaluate_run(
         args.target,
         args.eval_path,
@@ -111,6 +123,10 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--judge-model", help="The model name the judge endpoint serves.")
     parser.add_argument("--out", help="Folder for the report (default: the run folder).")
+    parser.add_argument(
+        "--sft-run", metavar="RUN",
+        help="Preference runs: also score this SFT run folder on the held-out pairs.",
+    )  # fmt: skip
     parser.add_argument(
         "--lm-eval", metavar="TASKS",
         help="Run EleutherAI lm-eval TASKS (comma-separated) on the run instead (optional extra).",

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 
 from tunelab.config import FineTuningConfig
 from tunelab.errors import TunelabError
+from tunelab.training import preference
 from tunelab.training.attention import use_packed_attention
 from tunelab.training.batching import Row, collate, loss_tokens, plan_epoch
 from tunelab.training.checkpoint import (
@@ -42,6 +43,7 @@ from tunelab.training.guards import catch_interrupt, nan_diagnosis
 from tunelab.training.logging import MetricsLog, Progress, read_metrics
 from tunelab.training.lora_forward import lean_lora_forward
 from tunelab.training.loss import causal_lm_loss_sum, release_scratch, stock_loss
+from tunelab.training.neftune import neftune
 from tunelab.training.norm import fast_rms_norm
 from tunelab.training.optim import build_optimizer
 from tunelab.training.precision import backward_precision, grad_scaler, mixed_precision
@@ -62,6 +64,7 @@ class EvalResult:
     loss: float
     perplexity: float
     tokens: int
+    metrics: dict[str, float] = field(default_factory=dict)  # preference: TRL-named rewards
 
 
 @torch.no_grad()
@@ -187,6 +190,7 @@ def training_mode(model: Any, config: FineTuningConfig) -> Iterator[FastPathPlan
                     plan.fast[name], plan.why[name] = False, _NOTHING_TO_SWITCH[name]
             if not plan.fast["loss"]:
                 stack.enter_context(stock_loss())
+            stack.enter_context(neftune(model, config.neftune_noise_alpha))
             yield plan
     finally:
         release_scratch()
@@ -298,6 +302,17 @@ def _fit(
     divergence = None
     vocab_size = _vocab_size(model)
 
+    if preference.needs_reference(config):  # once, before any step changes the model
+        reference_started = time.perf_counter()
+        frozen = preference.frozen_reference(model) if state["step"] == 0 else None
+        forwards = preference.attach_reference_logps(
+            model, [train_rows, eval_rows or []], run_dir / preference.REFERENCE_CACHE,
+            pad_token_id, config.batch_size, device, precision, frozen,
+        )  # fmt: skip
+        del frozen
+        state["reference_seconds"] = time.perf_counter() - reference_started
+        say(world, f"Reference log-probabilities: {forwards} forwards run, the rest cached in "
+            f"{run_dir / preference.REFERENCE_CACHE}.")  # fmt: skip
     initial = None
     if eval_rows and state["step"] == 0:  # the untrained adapter is the identity: base model
         initial = _evaluate(model, eval_rows, config, pad_token_id, device, precision, world)
@@ -318,16 +333,27 @@ def _fit(
         started = time.perf_counter()
 
         # --- the step: forward/backward, all-reduce, clip, update ---
+        step_metrics: dict[str, float] = {}
         mine = shard(micro_batches, world)
-        # sharded layers gather their weights in every forward and backward, collectives: at an
-        # epoch's short last step every process runs as many, the idle ones on a batch whose
-        # loss counts zero
-        idle = -(-len(micro_batches) // world.size) - len(mine) if sharded else 0
-        step_loss, step_loss_tokens = accumulate_gradients(
-            model, mine, pad_token_id, device, precision,
-            step_loss_tokens=sum(loss_tokens(rows) for rows in micro_batches), scaler=scaler,
-            idle_batches=[micro_batches[0]] * idle,
-        )  # fmt: skip
+        if config.objective == "sft":
+            # sharded layers gather their weights in every forward and backward, collectives:
+            # at an epoch's short last step every process runs as many, the idle ones on a
+            # batch whose loss counts zero
+            idle = -(-len(micro_batches) // world.size) - len(mine) if sharded else 0
+            step_loss, step_loss_tokens = accumulate_gradients(
+                model, mine, pad_token_id, device, precision,
+                step_loss_tokens=sum(loss_tokens(rows) for rows in micro_batches), scaler=scaler,
+                idle_batches=[micro_batches[0]] * idle,
+            )  # fmt: skip
+        else:  # preference objectives: the loss is a mean over the step's pairs / answers
+            step_loss, stats = preference.accumulate_preference_gradients(
+                model, mine, config, pad_token_id, device, precision,
+                step_units=sum(preference.count_units(rows) for rows in micro_batches),
+                step_chosen_tokens=sum(preference.chosen_tokens(rows) for rows in micro_batches),
+                scaler=scaler,
+            )  # fmt: skip
+            step_loss_tokens = sum(loss_tokens(rows) for rows in micro_batches)
+            step_metrics = stats.metrics()
         step_loss = all_reduce_sum(step_loss, world)
         all_reduce_gradients(params, world)
         if scaler is not None:
@@ -389,6 +415,7 @@ def _fit(
                     "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else None,
                     "tokens": state["tokens"],
                     "tokens_per_second": round(step_tokens / seconds, 2),
+                    **{k: round(v, 6) for k, v in step_metrics.items()},
                 }
             )
         if progress is not None:
@@ -481,10 +508,23 @@ def _evaluate(
     precision: str,
     world: World,
 ) -> EvalResult:
+    if config.objective != "sft":
+        loss, metrics = preference.evaluate_preference(
+            model,
+            rows,
+            config,
+            pad_token_id,
+            device,
+            precision,  # type: ignore[arg-type]
+        )
+        return EvalResult(loss, math.exp(min(loss, 50.0)), sum(len(r) for r in rows), metrics)
     return evaluate(model, rows, config.batch_size, pad_token_id, device, precision, world)
 
 
 def _eval_record(step: int, result: EvalResult) -> dict[str, Any]:
+    if result.metrics:  # preference: a perplexity of the objective would mean nothing
+        metrics = {f"eval_{k}": round(v, 6) for k, v in result.metrics.items()}
+        return {"step": step, "eval_loss": round(result.loss, 6), **metrics}
     return {
         "step": step,
         "eval_loss": round(result.loss, 6),
@@ -525,6 +565,8 @@ def _results(
     }
     if state["skipped_steps"]:
         results["skipped_steps"] = state["skipped_steps"]
+    if "reference_seconds" in state:  # the reference model's one pass, outside the steps
+        results["reference_seconds"] = round(state["reference_seconds"], 3)
     if stopped_early:
         results["stopped_early_at_step"] = state["step"]
     if initial is not None:
@@ -535,6 +577,9 @@ def _results(
             eval_perplexity=round(eval_result.perplexity, 4),
             best_eval_loss=round(state["best_eval_loss"], 6),
         )
+        results.update({f"eval_{k}": round(v, 6) for k, v in eval_result.metrics.items()})
+    if initial is not None and initial.metrics:
+        results.update({f"initial_eval_{k}": round(v, 6) for k, v in initial.metrics.items()})
     return results
 
 

@@ -13,28 +13,45 @@ import torch
 from tunelab.config import FineTuningConfig
 
 
-def parameter_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups of the trainable parameters: matrices with ``weight_decay``, and
-    biases, norm weights and other 1-D tensors without."""
-    decay, no_decay = [], []
+def parameter_groups(
+    model: Any,
+    weight_decay: float,
+    learning_rate: float | None = None,
+    loraplus_lr_ratio: float | None = None,
+) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: matrices with ``weight_decay``, and biases,
+    norm weights and other 1-D tensors without. With ``loraplus_lr_ratio`` (LoRA+), LoRA's B
+    matrices get a group of their own at ``learning_rate`` times the ratio: B starts at zero
+    and, the paper shows, learns best with a much larger step than A."""
+    decay, no_decay, lora_b = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         lowered = name.lower()
         if param.ndim < 2 or lowered.endswith(".bias") or "norm" in lowered:
             no_decay.append(param)
+        elif loraplus_lr_ratio and ".lora_b." in lowered:
+            lora_b.append(param)
         else:
             decay.append(param)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if lora_b:
+        assert learning_rate is not None and loraplus_lr_ratio is not None
+        groups.append(
+            {"params": lora_b, "weight_decay": weight_decay,
+             "lr": learning_rate * loraplus_lr_ratio}
+        )  # fmt: skip
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: Any, config: FineTuningConfig) -> tuple[torch.optim.Optimizer, str]:
     """The configured optimizer and a sentence saying which implementation runs."""
-    groups = parameter_groups(model, config.weight_decay)
+    groups = parameter_groups(
+        model, config.weight_decay, config.learning_rate, config.loraplus_lr_ratio
+    )
     device = next(p for g in groups for p in g["params"]).device
     if config.optimizer == "adamw_8bit":
         optimizer, note = _adamw_8bit(groups, config.learning_rate, device)

@@ -98,8 +98,9 @@ class Reporters:
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training and eval loss (left) and learning rate (right) against the step, as a PNG;
-    None when there is nothing to draw."""
+    """Training and eval loss (left), learning rate (middle) and, for preference objectives,
+    the rewards and their accuracy (right) against the step, as a PNG; None when there is
+    nothing to draw."""
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     if not train and not evals:
@@ -111,7 +112,21 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
 
     from tunelab.files import save_figure
 
-    figure, (loss_axis, lr_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    rewards = [r for r in train if "rewards/margins" in r]
+    figure, axes = plt.subplots(1, 3 if rewards else 2, figsize=(15 if rewards else 10, 4))
+    loss_axis, lr_axis = axes[0], axes[1]
+    if rewards:  # preference objectives: TRL's reward curves, accuracy on its own scale
+        reward_axis = axes[2]
+        steps = [r["step"] for r in rewards]
+        for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            reward_axis.plot(steps, [r.get(name) for r in rewards], label=name)
+        reward_axis.set(xlabel="optimizer step", ylabel="reward", title="Rewards")
+        reward_axis.legend()
+        if any("rewards/accuracies" in r for r in rewards):
+            accuracy_axis = reward_axis.twinx()
+            accuracy_axis.plot(steps, [r.get("rewards/accuracies") for r in rewards], ":",
+                               color="black", label="rewards/accuracies")  # fmt: skip
+            accuracy_axis.set(ylabel="accuracy", ylim=(0, 1))
     if train:
         loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
         lr_axis.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")

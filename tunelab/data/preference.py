@@ -1,0 +1,419 @@
+"""Preference data in TRL's conventions: read, check, clean, deduplicate, tokenize.
+
+Paired rows (DPO, IPO, ORPO, SimPO) are ``prompt``/``chosen``/``rejected``: plain strings, or
+conversations (lists of ``{"role", "content"}`` messages). Without a ``prompt`` column the
+prompt of a conversation is the messages that ``chosen`` and ``rejected`` share from the start
+(TRL's implicit prompt). KTO rows are unpaired ``prompt``/``completion``/``label`` (a
+boolean: was the completion good?); paired rows given to KTO become one good and one bad
+completion each, as TRL's ``unpair_preference_dataset`` does.
+
+Every bad row stops the run with one line: where it is, what was expected, what to do.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunelab.config import FineTuningConfig
+from tunelab.data import cleaning, privacy
+from tunelab.data.dedup import exact_key
+from tunelab.data.loading import load_records
+from tunelab.data.schema import Example
+from tunelab.data.tokenize import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    _tokenize_with_spans,
+    as_messages,
+    chat_spans,
+)
+from tunelab.errors import TunelabError
+from tunelab.training.objectives import PAIRED
+
+Messages = list[dict[str, str]]
+Text = str | Messages
+
+
+@dataclass
+class PreferenceExample:
+    """One checked row: a prompt and its answers (chosen/rejected, or KTO's completion)."""
+
+    origin: str
+    prompt: Text
+    chosen: Text | None = None
+    rejected: Text | None = None
+    completion: Text | None = None
+    label: bool | None = None
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+    def texts(self) -> list[str]:
+        parts = [self.prompt, self.chosen, self.rejected, self.completion]
+        return [t for p in parts if p is not None for t in _strings(p)]
+
+    def map_texts(self, fn: Any) -> PreferenceExample:
+        def edit(value: Text | None) -> Text | None:
+            if value is None:
+                return None
+            if isinstance(value, str):
+                return fn(value)
+            return [{**m, "content": fn(m["content"])} for m in value]
+
+        return PreferenceExample(
+            self.origin,
+            edit(self.prompt) or "",
+            edit(self.chosen),
+            edit(self.rejected),
+            edit(self.completion),
+            self.label,
+        )
+
+
+def _strings(value: Text) -> list[str]:
+    return [value] if isinstance(value, str) else [m["content"] for m in value]
+
+
+def _bad(origin: str, problem: str, fix: str) -> TunelabError:
+    return TunelabError(f"{origin}: {problem}. {fix}")
+
+
+def _text(row: dict[str, Any], key: str, origin: str) -> Text:
+    value = row[key]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        for m in value:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise _bad(
+                    origin,
+                    f"'{key}' holds a message without a string 'role' and 'content' ({m!r})",
+                    'Each message must be {"role": ..., "content": "..."}',
+                )
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise _bad(
+        origin,
+        f"'{key}' is {type(value).__name__} ({repr(value)[:60]}), expected a string or a list "
+        "of {role, content} messages",
+        f"Fix the row's '{key}'",
+    )
+
+
+def parse_row(row: dict[str, Any], origin: str, objective: str) -> list[PreferenceExample]:
+    """The checked example(s) of one raw row (two for a paired row read for KTO)."""
+    paired_keys = {"chosen", "rejected"} & row.keys()
+    if objective == "kto" and "completion" in row:
+        return [_unpaired(row, origin)]
+    if not paired_keys:
+        if "completion" in row and "label" in row:
+            raise _bad(
+                origin,
+                f"objective {objective} needs prompt/chosen/rejected rows, this row is KTO's "
+                "prompt/completion/label",
+                "Use objective: kto for unpaired data, or give chosen and rejected answers",
+            )
+        raise _bad(
+            origin,
+            f"expected 'chosen' and 'rejected' columns, found {sorted(row)}",
+            "Preference rows are {prompt, chosen, rejected} (TRL's format); make pairs from "
+            "prompt/completion data with 'tunelab data pairs'",
+        )
+    for key in ("chosen", "rejected"):
+        if key not in row or row[key] is None or row[key] == "" or row[key] == []:
+            raise _bad(
+                origin,
+                f"the '{key}' answer is missing or empty",
+                "Give every row both answers, or remove the row",
+            )
+    chosen, rejected = _text(row, "chosen", origin), _text(row, "rejected", origin)
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise _bad(
+            origin,
+            "'chosen' and 'rejected' differ in type (one text, one conversation)",
+            "Give both as strings or both as lists of messages",
+        )
+    if "prompt" in row and row["prompt"] is not None:
+        prompt = _text(row, "prompt", origin)
+        if isinstance(prompt, str) != isinstance(chosen, str):
+            raise _bad(
+                origin,
+                "'prompt' and the answers differ in type (text vs conversation)",
+                "Give prompt, chosen and rejected in the same form",
+            )
+    elif isinstance(chosen, list):
+        assert isinstance(rejected, list)
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            raise _bad(
+                origin,
+                "without a 'prompt' column the prompt is what 'chosen' and 'rejected' share from "
+                "the start, but their first messages differ (prompt not shared)",
+                "Give a 'prompt' column, or start both conversations with the same turns",
+            )
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if not chosen or not rejected:
+            raise _bad(
+                origin,
+                "one conversation is the other's start: an answer is empty",
+                "Give each conversation its own final answer",
+            )
+    else:
+        raise _bad(
+            origin,
+            "plain-text 'chosen'/'rejected' without a 'prompt' column",
+            "Add the prompt column (an implicit prompt is read from conversations only)",
+        )
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(answer, list) and answer[-1]["role"] != "assistant":
+            raise _bad(
+                origin,
+                f"the '{name}' conversation does not end with an assistant turn",
+                "End each answer with the assistant's message",
+            )
+    if chosen == rejected:
+        raise _bad(
+            origin,
+            "'chosen' and 'rejected' are identical, so there is nothing to prefer",
+            "Remove the row or give it a worse 'rejected' answer",
+        )
+    if objective == "kto":
+        return [
+            PreferenceExample(f"{origin} (chosen)", prompt, completion=chosen, label=True),
+            PreferenceExample(f"{origin} (rejected)", prompt, completion=rejected, label=False),
+        ]
+    return [PreferenceExample(origin, prompt, chosen=chosen, rejected=rejected)]
+
+
+def _unpaired(row: dict[str, Any], origin: str) -> PreferenceExample:
+    for key in ("prompt", "completion", "label"):
+        if key not in row or row[key] is None:
+            raise _bad(
+                origin,
+                f"KTO rows need prompt, completion and label; '{key}' is missing",
+                f"Add '{key}' to the row",
+            )
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise _bad(
+            origin,
+            f"'label' is {label!r} ({type(label).__name__}), expected a boolean",
+            "Write true for a good completion and false for a bad one",
+        )
+    prompt, completion = _text(row, "prompt", origin), _text(row, "completion", origin)
+    if isinstance(prompt, str) != isinstance(completion, str):
+        raise _bad(
+            origin,
+            "'prompt' and 'completion' differ in type (text vs conversation)",
+            "Give both as strings or both as lists of messages",
+        )
+    if not _strings(completion) or not "".join(_strings(completion)).strip():
+        raise _bad(origin, "the 'completion' is empty", "Give a completion or remove the row")
+    return PreferenceExample(origin, prompt, completion=completion, label=label)
+
+
+def load_preference_examples(path: str, config: FineTuningConfig) -> list[PreferenceExample]:
+    records = load_records(path, config.data_format, config.txt_split)
+    return [e for r in records for e in parse_row(r.row, r.origin, config.objective)]
+
+
+@dataclass
+class PreparedPreference:
+    train: list[PreferenceExample]
+    eval: list[PreferenceExample]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def clean_preference(
+    examples: list[PreferenceExample], config: FineTuningConfig, edits: Counter[str]
+) -> list[PreferenceExample]:
+    c = config
+    steps: list[tuple[str, Any]] = []
+    if c.unicode_normalization != "none":
+        steps.append(("unicode", lambda t: cleaning.normalize_unicode(t, c.unicode_normalization)))
+    if c.clean_rules:
+        rules = cleaning.parse_rules(c.clean_rules)
+        steps.append(("rules", lambda t: cleaning.apply_rules(t, rules)))
+    if c.strip_html:
+        steps.append(("html", cleaning.strip_html))
+    if c.fold_whitespace:
+        steps.append(("whitespace", cleaning.fold_whitespace))
+    if c.pii_redact:
+        steps.append(("pii", lambda t: privacy.redact(t)[0]))
+    out = []
+    for example in examples:
+        for name, fn in steps:
+            edited = example.map_texts(fn)
+            if edited.texts() != example.texts():
+                edits[name] += 1
+            example = edited
+        out.append(example)
+    return out
+
+
+def _key(example: PreferenceExample) -> str:
+    parts = [example.prompt, example.chosen, example.rejected, example.completion, example.label]
+    return exact_key(repr(parts))
+
+
+def prepare_preference(config: FineTuningConfig) -> PreparedPreference:
+    """Read, check, clean, deduplicate and split the preference data, with a manifest of what
+    was done (counts, duplicates, eval leakage), as the SFT data stage reports."""
+    c = config
+    loaded = load_preference_examples(c.dataset_path, c)
+    if not loaded:
+        raise TunelabError(f"{c.dataset_path} holds no rows. Add preference rows to it.")
+    edits: Counter[str] = Counter()
+    train = clean_preference(loaded, c, edits)
+    held_out: list[PreferenceExample] = []
+    if c.eval_path:
+        held_out = clean_preference(load_preference_examples(c.eval_path, c), c, Counter())
+    duplicates = 0
+    if c.dedup_exact:
+        seen: set[str] = set()
+        kept = []
+        for example in train:
+            key = _key(example)
+            duplicates += key in seen
+            if key not in seen:
+                kept.append(example)
+            seen.add(key)
+        train = kept
+    if not c.eval_path and c.eval_split > 0:
+        order = list(range(len(train)))
+        random.Random(c.seed).shuffle(order)
+        count = max(1, round(len(train) * c.eval_split))
+        chosen_for_eval = set(order[:count])
+        held_out = [e for i, e in enumerate(train) if i in chosen_for_eval]
+        train = [e for i, e in enumerate(train) if i not in chosen_for_eval]
+    # a held-out prompt also trained on makes the held-out accuracy a training accuracy
+    eval_prompts = {exact_key(repr(e.prompt)) for e in held_out}
+    leaked = [e for e in train if exact_key(repr(e.prompt)) in eval_prompts]
+    if c.drop_eval_leaks:
+        train = [e for e in train if exact_key(repr(e.prompt)) not in eval_prompts]
+    if not train:
+        raise TunelabError(f"no preference rows left for training in {c.dataset_path}.")
+    conversational = sum(e.conversational for e in train)
+    manifest = {
+        "objective": c.objective,
+        "loaded": len(loaded),
+        "edited": dict(edits),
+        "exact_duplicates_dropped": duplicates,
+        "train": len(train),
+        "eval": len(held_out),
+        "conversational": conversational,
+        "plain": len(train) - conversational,
+        "leakage": {
+            "prompts_in_eval": len(leaked),
+            "dropped": len(leaked) if c.drop_eval_leaks else 0,
+            "examples": [e.origin for e in leaked[:5]],
+        },
+    }
+    if c.objective == "kto":
+        manifest["desirable"] = sum(bool(e.label) for e in train)
+        manifest["undesirable"] = len(train) - manifest["desirable"]
+    return PreparedPreference(train, held_out, manifest)
+
+
+def format_preference_summary(manifest: dict[str, Any]) -> str:
+    leak = manifest["leakage"]
+    lines = [
+        f"Preference data ({manifest['objective']}): {manifest['loaded']} rows read, "
+        f"{manifest['exact_duplicates_dropped']} duplicates dropped, {manifest['train']} for "
+        f"training, {manifest['eval']} held out "
+        f"({manifest['conversational']} conversations, {manifest['plain']} plain).",
+    ]
+    if manifest["edited"]:
+        edited = ", ".join(f"{k} {v}" for k, v in manifest["edited"].items())
+        lines.append(f"  cleaned (rows changed per step): {edited}")
+    if leak["prompts_in_eval"]:
+        lines.append(
+            f"  warning: {leak['prompts_in_eval']} training rows share their prompt with a "
+            f"held-out row (first: {leak['examples'][0]}); "
+            + ("dropped." if leak["dropped"] else "set drop_eval_leaks: true to drop them.")
+        )
+    return "\n".join(lines)
+
+
+def _tokenize_answer(
+    prompt: Text,
+    answer: Text,
+    tokenizer: Any,
+    max_length: int,
+    chat: bool,
+    system_prompt: str | None,
+) -> TokenizedExample:
+    """Prompt and answer as one sequence; only the answer's tokens are in the loss."""
+    if isinstance(prompt, list) or chat:
+        prompt_messages = (
+            prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        )
+        answer_messages = (
+            answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
+        )
+        messages = as_messages(
+            Example("", messages=prompt_messages + answer_messages), system_prompt
+        )
+        first_answer = len(messages) - len(answer_messages)
+        text, spans = chat_spans(tokenizer, messages)
+        # only the answer's turns: a multi-turn prompt's assistant turns are context, not scored
+        prompt_text = tokenizer.apply_chat_template(
+            messages[:first_answer], tokenize=False, add_generation_prompt=True
+        )
+        spans = [span for span in spans if span[0] >= len(prompt_text)]
+        return _tokenize_with_spans(tokenizer, text, spans, max_length)
+    assert isinstance(answer, str)
+    text = prompt + answer + (tokenizer.eos_token or "")
+    return _tokenize_with_spans(tokenizer, text, [(len(prompt), len(text))], max_length)
+
+
+def tokenize_preference(
+    examples: list[PreferenceExample],
+    tokenizer: Any,
+    max_length: int,
+    chat: bool,
+    system_prompt: str | None = None,
+) -> list[Any]:
+    """Units for training.preference: chosen/rejected pairs, or KTO completions each with the
+    previous example's completion as its KL sequence (TRL's mismatched pairs)."""
+    from tunelab.training.preference import Unit
+
+    def encode(prompt: Text, answer: Text, origin: str) -> TokenizedExample:
+        tokenized = _tokenize_answer(prompt, answer, tokenizer, max_length, chat, system_prompt)
+        if all(label == IGNORE_INDEX for label in tokenized.labels[1:]):
+            raise TunelabError(
+                f"{origin}: the answer has no tokens left within max_length {max_length}. Raise "
+                "max_length or shorten the prompt."
+            )
+        return tokenized
+
+    units = []
+    for i, e in enumerate(examples):
+        if e.completion is not None:
+            previous = examples[i - 1].completion if len(examples) > 1 else e.completion
+            assert previous is not None
+            if isinstance(previous, str) != isinstance(e.prompt, str):
+                previous = e.completion
+            sides = {
+                "completion": encode(e.prompt, e.completion, e.origin),
+                "kl": _tokenize_answer(
+                    e.prompt, previous, tokenizer, max_length, chat, system_prompt
+                ),
+            }
+            units.append(Unit(i, sides, e.origin, desirable=e.label))
+        else:
+            assert e.chosen is not None and e.rejected is not None
+            sides = {
+                "chosen": encode(e.prompt, e.chosen, e.origin),
+                "rejected": encode(e.prompt, e.rejected, e.origin),
+            }
+            units.append(Unit(i, sides, e.origin))
+    return units
+
+
+def is_preference(config: FineTuningConfig) -> bool:
+    return config.objective in PAIRED or config.objective == "kto"

@@ -1,0 +1,154 @@
+"""Held-out preference accuracy and reward margin of base, SFT and preference-tuned models.
+
+For each held-out pair every system scores both answers (summed log-probability of the
+answer tokens, as DPO does). Two views:
+
+- ``logp_accuracy`` / ``logp_margin``: how often the system itself finds the chosen answer
+  more likely than the rejected one, and by how much (nats) - comparable across all systems;
+- ``reward_accuracy`` / ``reward_margin``: TRL's ``rewards/accuracies`` and
+  ``rewards/margins``, the implicit DPO reward ``beta * (log p_system - log p_base)`` of the
+  chosen answer over the rejected one; 0 for the base model by definition.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.files import atomic_write_json, atomic_write_text
+
+
+@torch.no_grad()
+def pair_logps(
+    model: Any, units: list[Any], batch_size: int = 8
+) -> tuple[list[float], list[float]]:
+    """(chosen, rejected) summed answer log-probabilities of each unit, in unit order."""
+    from tunelab.training.logprobs import sequence_logprobs
+    from tunelab.training.preference import _batch, pack_units
+
+    device = str(next(model.parameters()).device)
+    rows = pack_units(units, 512)
+    scores: dict[tuple[int, str], float] = {}
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        batch, index, sequences = _batch(rows[start : start + batch_size], 0, device)
+        sums, _ = sequence_logprobs(model, batch, index, len(sequences))
+        for sequence, value in zip(sequences, sums.tolist(), strict=True):
+            scores[(sequence.unit, sequence.side)] = value
+    order = [u.index for u in units]
+    return [scores[(i, "chosen")] for i in order], [scores[(i, "rejected")] for i in order]
+
+
+def _summary(
+    chosen: list[float], rejected: list[float], base: tuple[list[float], list[float]] | None,
+    beta: float,
+) -> dict[str, float]:  # fmt: skip
+    n = len(chosen)
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    out = {
+        "pairs": n,
+        "logp_accuracy": round(sum(m > 0 for m in margins) / n, 4),
+        "logp_margin": round(sum(margins) / n, 4),
+    }
+    if base is not None:
+        base_margins = [c - r for c, r in zip(*base, strict=True)]
+        rewards = [beta * (m - b) for m, b in zip(margins, base_margins, strict=True)]
+        out["reward_accuracy"] = round(sum(r > 0 for r in rewards) / n, 4)
+        out["reward_margin"] = round(sum(rewards) / n, 4)
+    return out
+
+
+def evaluate_preference_run(
+    target: str | Path,
+    eval_path: str | Path | None = None,
+    sft_run: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Score held-out pairs with the base model, the SFT run ``sft_run`` (when given) and
+    the tuned run; writes eval_preference.json and eval_preference.md to ``out_dir`` (default:
+    the run folder) and returns the report (``systems``: name -> summary)."""
+    from tunelab.data.preference import (
+        clean_preference,
+        load_preference_examples,
+        tokenize_preference,
+    )
+    from tunelab.evaluation.run import resolve_run_dir
+    from tunelab.generation import load_for_inference
+
+    folder, config = resolve_run_dir(target)
+    path = str(eval_path or config.eval_path or "")
+    if not path:
+        raise TunelabError(
+            f"no held-out pairs: pass --eval-path FILE (prompt/chosen/rejected rows); the run's "
+            f"config {folder}/tunelab_config.yaml has no eval_path."
+        )
+    paired = type(config)(**{**config.to_dict(), "objective": "dpo", "label_smoothing": 0.0})
+    examples = clean_preference(load_preference_examples(path, paired), paired, Counter())
+    examples = examples[:limit] if limit else examples
+    if not examples:
+        raise TunelabError(f"{path} holds no preference pairs to evaluate.")
+    loaded = load_for_inference(str(folder), precision=precision)
+    units = tokenize_preference(
+        examples, loaded.tokenizer, config.max_length, loaded.chat, loaded.system_prompt
+    )
+    model = loaded.model
+    with model.disable_adapter():
+        base = pair_logps(model, units, batch_size)
+    systems = {"base": _summary(*base, None, config.beta)}
+    if sft_run is not None:
+        sft = load_for_inference(str(sft_run), precision=precision)
+        systems["sft"] = _summary(*pair_logps(sft.model, units, batch_size), base, config.beta)
+        del sft
+    systems["tuned"] = _summary(*pair_logps(model, units, batch_size), base, config.beta)
+    out = Path(out_dir or folder)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"eval_path": path, "objective": config.objective, "beta": config.beta,
+              "systems": systems}  # fmt: skip
+    atomic_write_json(out / "eval_preference.json", report)
+    atomic_write_text(out / "eval_preference.md", format_preference_table(report))
+    return report
+
+
+def format_preference_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Held-out preference pairs ({report['eval_path']})",
+        "",
+        "| system | pairs | log-prob accuracy | log-prob margin | reward accuracy | "
+        "reward margin |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in report["systems"].items():
+        lines.append(
+            f"| {name} | {s['pairs']} | {s['logp_accuracy']:.1%} | {s['logp_margin']:.3f} | "
+            + (
+                f"{s['reward_accuracy']:.1%} | {s['reward_margin']:.3f} |"
+                if "reward_margin" in s
+                else "- | - |"
+            )  # fmt: skip
+        )
+    lines.append("")
+    lines.append(
+        f"Rewards are TRL's: beta ({report['beta']}) x the log-prob margin's gain over the base."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def is_preference_run(folder: Path) -> bool:
+    import yaml
+
+    config = Path(folder) / "tunelab_config.yaml"
+    if not config.is_file():
+        return False
+    return (yaml.safe_load(config.read_text()) or {}).get("objective", "sft") != "sft"
+
+
+def print_preference_table(report_path: Path) -> None:
+    print(format_preference_table(json.loads(report_path.read_text())))
