@@ -10,9 +10,20 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.lm_eval_adapter import lm_eval_arguments, lm_eval_model_args
 
 
+def saved_adapter_files(folder):
+    """A whole (tiny) adapter weights file and tokenizer config: run folders are checked for
+    a complete save before anything is built from them."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_A": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
+    (folder / "tokenizer_config.json").write_text("{}")
+
+
 def test_run_folder_becomes_hf_model_args_with_peft(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
+    saved_adapter_files(run)
     (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/m/base"}))
     assert lm_eval_model_args(run) == (
         f"pretrained=/m/base,peft={run.resolve()},tokenizer={run.resolve()},dtype=float32"
@@ -39,11 +50,13 @@ def test_lm_eval_errors(tmp_path):
     with pytest.raises(TunelabError, match="neither an adapter .* nor a model"):
         lm_eval_model_args(tmp_path)
     (tmp_path / "adapter_config.json").write_text("{}")
+    saved_adapter_files(tmp_path)
     with pytest.raises(TunelabError, match="no base_model_name_or_path"):
         lm_eval_model_args(tmp_path)
     odd = tmp_path / "a,b"
     odd.mkdir()
     (odd / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/m"}))
+    saved_adapter_files(odd)
     with pytest.raises(TunelabError, match="contains ',' or '='"):
         lm_eval_model_args(odd)
     with pytest.raises(TunelabError, match="--lm-eval needs task names"):
