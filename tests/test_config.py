@@ -52,7 +52,7 @@ def test_unknown_key_suggests_the_closest(tmp_path):
         load_config(path)
     with pytest.raises(
         TunelabError,
-        match=r"--set: unknown config key 'learning_rat'.*"
+        match=r"--set learning_rat=1: unknown config key 'learning_rat'.*"
         r"'learning_rate'",
     ):
         load_config(write(tmp_path, "{}"), ["learning_rat=1"])
@@ -124,9 +124,60 @@ def test_numbers_in_exponent_form_are_numbers_in_a_file_as_with_set(tmp_path):
     assert load_config(path, ["learning_rate=3e-4"]).learning_rate == 0.0003
     assert parse_override("rank_pattern={v_proj: 16}") == ("rank_pattern", {"v_proj": 16})
     assert parse_override("max_grad_norm=2e0") == ("max_grad_norm", 2.0)
-    # a quoted value stays a string, and what looks like a word stays one
-    assert parse_override("system_prompt='1e-4'") == ("system_prompt", "1e-4")
+    # a text key takes the value as written, number-like or not
+    assert parse_override("system_prompt=1e-4") == ("system_prompt", "1e-4")
     assert parse_override("system_prompt=1e") == ("system_prompt", "1e")
+
+
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        # YAML would cut a comment, read a dict, a bool or strip the quotes and trailing space
+        ("system_prompt=You are the #1 support bot for ACME", "system_prompt",
+         "You are the #1 support bot for ACME"),
+        ("system_prompt=# hello", "system_prompt", "# hello"),
+        ("system_prompt=yes", "system_prompt", "yes"),
+        ("system_prompt='quoted'", "system_prompt", "'quoted'"),
+        ("system_prompt=", "system_prompt", ""),
+        ("system_prompt=null", "system_prompt", None),  # a nullable text key: exactly null
+        ("system_prompt=~", "system_prompt", None),
+        ("system_prompt=nullish", "system_prompt", "nullish"),
+        ("prompt_template=Question: {question} Answer: ", "prompt_template",
+         "Question: {question} Answer: "),
+        ("completion_template={def}", "completion_template", "{def}"),
+        ("output_dir=2024", "output_dir", "2024"),
+        # other types keep YAML
+        ("packing=yes", "packing", True),
+        ("lora_r=16", "lora_r", 16),
+        ("target_modules=[q_proj, v_proj]", "target_modules", ["q_proj", "v_proj"]),
+    ],
+)  # fmt: skip
+def test_set_takes_a_text_value_literally(override, key, expected):
+    assert parse_override(override) == (key, expected)
+
+
+def test_set_text_values_reach_the_config(tmp_path):
+    path = write(tmp_path, "dataset_path: d.jsonl\nsystem_prompt: from the file\n")
+    c = load_config(
+        path,
+        [
+            "system_prompt=You are the #1 support bot for ACME",
+            "prompt_template=Question: {def} Answer: ",
+            "completion_template={answer}",
+        ],
+    )
+    assert c.system_prompt == "You are the #1 support bot for ACME"
+    assert (c.prompt_template, c.completion_template) == ("Question: {def} Answer: ", "{answer}")
+    assert load_config(path, ["system_prompt=null"]).system_prompt is None
+
+
+def test_a_wrong_set_value_blames_the_set_not_the_file(tmp_path):
+    path = write(tmp_path, "dataset_path: d.jsonl\nlora_r: 8\n")
+    with pytest.raises(TunelabError) as err:
+        load_config(path, ["lora_r=eight"])
+    message = str(err.value)
+    assert message.startswith("--set lora_r=eight: 'lora_r' is 'eight'"), message
+    assert str(path) not in message
 
 
 def test_a_saved_config_with_exponent_numbers_resumes_and_is_read_by_doctor(tmp_path):

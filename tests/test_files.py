@@ -331,6 +331,39 @@ def test_generate_names_a_missing_adapter(run_copy):
         load_for_inference(str(run_copy))
 
 
+def test_generate_names_a_saved_config_cut_at_a_line_boundary(run_copy):
+    # still valid YAML, but its last keys are gone: the manifest's size gives it away, instead
+    # of defaults silently standing in for the missing keys
+    from tunelab.generation import load_for_inference
+    from tunelab.runs import check_run_files
+
+    config = run_copy / "tunelab_config.yaml"
+    lines = config.read_text().splitlines(keepends=True)
+    config.write_text("".join(lines[: len(lines) // 2]))
+    written = json.loads((run_copy / MANIFEST).read_text())["files"]["tunelab_config.yaml"]
+    with pytest.raises(TunelabError) as caught:
+        load_for_inference(str(run_copy))
+    message = str(caught.value)
+    assert f"{config} is {config.stat().st_size} bytes but tunelab wrote {written}" in message
+    assert "cut off or edited" in message and "--resume" in message
+    (run_copy / MANIFEST).unlink()  # a run from before manifests: nothing to compare with
+    check_run_files(run_copy)
+
+
+def test_check_run_files_names_an_edited_saved_config_but_not_a_repointed_adapter(run_copy):
+    from tunelab.runs import check_run_files
+
+    adapter_config = run_copy / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = str(run_copy / "moved-base")  # the user's own edit
+    adapter_config.write_text(json.dumps(settings))
+    check_run_files(run_copy)
+    config = run_copy / "tunelab_config.yaml"
+    config.write_text(config.read_text().replace("max_steps: 4", "max_steps: 40"))
+    with pytest.raises(TunelabError, match=r"tunelab_config.yaml is \d+ bytes but tunelab wrote"):
+        check_run_files(run_copy)
+
+
 def test_doctor_reports_damaged_files_instead_of_a_traceback(run_copy):
     from tunelab.diagnostics.run_report import diagnose_run
 

@@ -260,3 +260,119 @@ def test_init_refuses_a_folder_and_says_what_force_replaces(tmp_path, capsys):
     assert existing.read_text() == "learning_rate: 1.0e-4\n"
     assert main(["init", str(existing), "--force"]) == 0
     assert f"Replacing {existing} (--force)." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dataset_path": "missing.jsonl"}, "dataset_path .*missing.jsonl does not exist"),
+        ({"dataset_path": "bad.jsonl"}, r"bad.jsonl:1: not valid JSON"),
+        ({"target_modules": ["self_attn"]}, "'target_modules' holds 'self_attn'"),
+        ({"model_name": "/nonexist"}, "model '/nonexist' is not a local folder"),
+    ],
+    ids=["missing-dataset", "bad-json", "bad-target-modules", "missing-model"],
+)
+def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused_at_start(
+    trained_run, make_config, tmp_path, capsys, overrides, message
+):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": \n')
+    before = {p.name: p.read_bytes() for p in trained_run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    paths = {k: str(tmp_path / v) for k, v in overrides.items() if str(v).endswith(".jsonl")}
+    config = make_config(**{**overrides, **paths})
+    with pytest.raises(TunelabError, match=message):
+        FineTuner(config).train(overwrite=True)
+    assert "Replacing" not in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in trained_run.iterdir() if p.is_file()} == before
+    assert (trained_run / "adapter_model.safetensors").is_file()
+    assert (trained_run / "results.json").is_file()
+
+
+def test_merge_overwrite_keeps_the_old_merge_when_the_base_fails_to_load(
+    trained_run, tmp_path, capsys
+):
+    merged = tmp_path / "merged"
+    assert main(["merge", str(trained_run), str(merged)]) == 0
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+    adapter_config = trained_run / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text())
+    adapter_config.write_text(json.dumps({**settings, "base_model_name_or_path": "/nonexist"}))
+    from tunelab.ownership import record_files
+
+    record_files(trained_run, "run", [adapter_config])  # as if tunelab wrote it: not "edited"
+    capsys.readouterr()
+    assert main(["merge", str(trained_run), str(merged), "--overwrite"]) == 2
+    captured = capsys.readouterr()
+    assert "could not load model '/nonexist'" in captured.err
+    assert "Replacing" not in captured.out
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
+
+
+def _project_with_run_names(folder: Path) -> Path:
+    """A user's project holding files that merely bear names a run writes."""
+    folder.mkdir()
+    (folder / "README.md").write_text("# My readme\n")
+    (folder / "tunelab_config.yaml").write_text("x\n")
+    (folder / "metrics.jsonl").write_text("{}\n")
+    (folder / "config.json").write_text("{}\n")
+    (folder / "results.json").write_text("{}\n")
+    return folder
+
+
+def test_overwrite_never_takes_a_project_for_an_old_run(make_config, tmp_path):
+    from tunelab.ownership import folder_kind
+
+    project = _project_with_run_names(tmp_path / "proj")
+    before = {p.name: p.read_text() for p in project.iterdir()}
+    assert folder_kind(project) is None  # the names alone do not make an old run
+    with pytest.raises(TunelabError, match=r"did not write \(.*README.md"):
+        FineTuner(make_config(output_dir=str(project))).train(overwrite=True)
+    assert {p.name: p.read_text() for p in project.iterdir()} == before
+
+
+def test_an_old_runs_readme_is_never_tunelabs(tmp_path):
+    from tunelab.ownership import folder_kind, prepare_output_folder, split_owned
+
+    run = tmp_path / "old-run"  # written before manifests: the names and contents tunelab writes
+    run.mkdir()
+    (run / "tunelab_config.yaml").write_text(yaml.safe_dump({"model_name": "m", "max_steps": 2}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (run / "results.json").write_text("{}\n")
+    (run / "README.md").write_text("# notes on this run\n")
+    assert folder_kind(run) == "run"
+    owned, other = split_owned(run, "run")
+    assert other == ["README.md"] and "README.md" not in owned
+    with pytest.raises(TunelabError, match=r"did not write \(README.md\)"):
+        prepare_output_folder(run, "run", True, "output_dir")
+    assert (run / "README.md").read_text() == "# notes on this run\n"
+    assert (run / "results.json").is_file()
+
+
+def test_overwrite_refuses_a_file_edited_since_tunelab_wrote_it(tmp_path, capsys):
+    from tunelab.ownership import (
+        check_output_files,
+        finish_output_folder,
+        prepare_output_folder,
+        split_owned,
+    )
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tunelab_config.yaml").write_text("model_name: m\n")
+    (run / "results.json").write_text("{}\n")
+    (run / "data").mkdir()
+    (run / "data" / "train.jsonl").write_text('{"text": "a"}\n')
+    finish_output_folder(run / "data", "data")
+    finish_output_folder(run, "run")
+    (run / "tunelab_config.yaml").write_text("model_name: m\nlearning_rate: 0.5\n")  # the user's
+    (run / "data" / "train.jsonl").write_text('{"text": "mine"}\n')
+    owned, other = split_owned(run, "run")
+    assert other == ["data/train.jsonl", "tunelab_config.yaml"]
+    assert "results.json" in owned
+    with pytest.raises(TunelabError, match=r"did not write \(data/train.jsonl, tunelab_config"):
+        prepare_output_folder(run, "run", True, "output_dir")
+    assert (run / "tunelab_config.yaml").read_text().endswith("learning_rate: 0.5\n")
+    assert (run / "data" / "train.jsonl").read_text() == '{"text": "mine"}\n'
+    with pytest.raises(TunelabError, match="tunelab_config.yaml, which tunelab did not write"):
+        check_output_files(run, ["tunelab_config.yaml"], "report")
+    check_output_files(run, ["results.json"], "report")  # unchanged: still tunelab's

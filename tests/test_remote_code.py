@@ -163,6 +163,26 @@ def test_the_warning_prints_before_any_custom_code_runs(custom, make_config, tmp
     assert warning < out.index("CUSTOM CODE IMPORTED"), out
 
 
+def test_export_of_a_trusted_run_warns_before_its_base_code_runs(
+    custom, make_config, tmp_path, capsys
+):
+    folder, marker, prompts = custom
+    run = tmp_path / "trusted-run"
+    config = make_config(
+        model_name=str(folder), trust_remote_code=True, max_steps=1, output_dir=str(run)
+    )
+    FineTuner(config).train()
+    marker.unlink()
+    from tunelab import models
+
+    models._WARNED_REMOTE_CODE.clear()  # a fresh process, as `tunelab export` is
+    capsys.readouterr()
+    main(["export", str(run), "--out", str(tmp_path / "m.gguf"), "--no-check"])
+    out = capsys.readouterr().out
+    assert marker.exists() and prompts == []
+    assert out.index("warning: trust_remote_code is on") < out.index("CUSTOM CODE IMPORTED"), out
+
+
 def test_generate_runs_custom_code_only_with_the_flag(custom, capsys):
     folder, marker, prompts = custom
     argv = ["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,24 @@ def test_a_template_error_names_the_template(tokenizer):
         render_prompt(tokenizer, "hello", chat=True)
     assert "Conversation roles must alternate" in str(err.value)
     assert str(tokenizer.name_or_path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "template, kind",
+    [
+        ("{{ 1/0 }}", "ZeroDivisionError"),
+        ("{{ messages|int + 'a' }}", "TypeError"),
+        ("{{ messages[99].content }}", "UndefinedError|IndexError|failed"),
+    ],
+    ids=["division by zero", "type error", "index"],
+)
+def test_a_template_failing_at_run_time_is_a_named_error(tokenizer, template, kind):
+    tokenizer.chat_template = template
+    with pytest.raises(TunelabError) as err:
+        render_prompt(tokenizer, "hello", chat=True)
+    message = str(err.value)
+    assert str(tokenizer.name_or_path) in message and "\n" not in message
+    assert re.search(kind, message), message
 
 
 TEMPLATES = {

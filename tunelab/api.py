@@ -45,11 +45,13 @@ from tunelab.models import (
 )
 from tunelab.ownership import (
     MANIFEST,
+    check_output_folder,
     check_separate,
     finish_output_folder,
     folder_kind,
     foreign_files,
     prepare_output_folder,
+    split_owned,
 )
 from tunelab.training.batching import Row, pack_examples, single_rows
 
@@ -59,6 +61,7 @@ RESULTS = "results.json"
 FINAL_STAGING = ".final-save-"  # the final save's temporary folder inside the run folder
 TOKENIZER_EXTRAS = {"vocab.json", "merges.txt", "special_tokens_map.json", "chat_template.jinja"}
 TOKENIZED_FORMAT = 2  # bump when the tokenized cache's layout or rendering changes
+RESUME_HINT = ", --resume to continue that run"  # the refusal of a non-empty output_dir
 
 
 # keys a resumed run may change: how long it runs and what it reports, not what it learns
@@ -139,12 +142,14 @@ def check_resumable(output_dir: Path, config: FineTuningConfig, processes: int =
 def check_output_dir(
     output_dir: Path, overwrite: bool, resume: bool, config: FineTuningConfig | None = None
 ) -> list[str]:
-    """Make ``output_dir`` ready for a run; returns the files in it that are not tunelab's
-    (a resumed run leaves them alone and out of its manifest).
+    """Refuse an ``output_dir`` this run cannot use, deleting nothing; returns the files in it
+    that are not tunelab's (a resumed run leaves them alone and out of its manifest).
 
-    A new run needs an empty or new folder; ``overwrite`` removes only the files tunelab wrote
-    there (see ``tunelab.ownership``); ``resume`` needs a tunelab run. The folder can never be
-    or contain the run's inputs (data, eval data, a local base model). Raises TunelabError.
+    A new run needs an empty or new folder, or ``overwrite`` and a folder holding only what
+    tunelab wrote (see ``tunelab.ownership``; ``start_output_dir`` removes those files once the
+    run's data and model have passed their checks); ``resume`` needs a tunelab run. The folder
+    can never be or contain the run's inputs (data, eval data, a local base model). Raises
+    TunelabError.
     """
     if config is not None:
         check_separate(output_dir, run_inputs(config), "output_dir")
@@ -161,10 +166,22 @@ def check_output_dir(
                 "it. Drop --resume and choose an empty or new output_dir."
             )
         return foreign_files(output_dir, "run")
-    prepare_output_folder(
-        output_dir, "run", overwrite, "output_dir", hint=", --resume to continue that run"
-    )
+    check_output_folder(output_dir, "run", overwrite, "output_dir", hint=RESUME_HINT)
     return []
+
+
+def start_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Remove the old run's files from ``output_dir`` (``overwrite``; checked again, in case
+    the folder changed meanwhile) and start the new run's manifest."""
+    prepare_output_folder(output_dir, "run", overwrite, "output_dir", hint=RESUME_HINT)
+
+
+def replaced_bytes(output_dir: Path) -> int:
+    """The bytes of the files tunelab wrote in ``output_dir``: space an overwrite frees."""
+    if not output_dir.is_dir():
+        return 0
+    owned, _ = split_owned(output_dir, "run")
+    return sum((output_dir / name).lstat().st_size for name in owned)
 
 
 def run_inputs(config: FineTuningConfig) -> dict[str, str | None]:
@@ -424,6 +441,8 @@ class FineTuner:
                 print(f"Warning: {warning}")
         if sharded:
             check_shardable(self.config.method)
+        # every refusal (the folder, the data, the model, the space) comes before an overwrite
+        # deletes the old run's files: a run refused at start costs nothing
         foreign: list[str] = []
         if main_process:
             foreign = check_output_dir(output_dir, overwrite, resume, self.config)
@@ -436,9 +455,12 @@ class FineTuner:
             eval_dataset = self.eval_rows()
         if self.model is None:
             self.prepare_model(total_steps(len(train_dataset), self.config, world.size))
-        output_dir.mkdir(parents=True, exist_ok=True)
         if main_process:  # a full disk found now, not after the training it would waste
-            ensure_free_space(output_dir, self.final_save_bytes(), "the trained model")
+            freed = replaced_bytes(output_dir) if overwrite and not resume else 0
+            ensure_free_space(output_dir, self.final_save_bytes() - freed, "the trained model")
+            if not resume:
+                start_output_dir(output_dir, overwrite)
+        output_dir.mkdir(parents=True, exist_ok=True)
         if main_process:
             self.config.save(output_dir / RUN_CONFIG)
         if self.prepared is not None and main_process:  # what the data stage did

@@ -132,9 +132,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out or run_dir / f"{run_dir.name}-{args.type}.gguf")
     trust = run_trust_remote_code(run_dir)
     check_gguf_target(out, run_dir, args.overwrite)  # before the minutes a merge takes
-    if args.format == "ollama":  # refuse an untranslatable template before the slow part
-        from tunelab.shipping.ollama import chat_settings, translate_chat_template
+    if args.format == "ollama":  # refuse before writing anything, and before the slow part
+        from tunelab.shipping.ollama import (
+            chat_settings,
+            check_modelfile_target,
+            translate_chat_template,
+        )
 
+        check_modelfile_target(out.parent / "Modelfile")
         tokenizer, system_prompt = chat_settings(run_dir)
         translate_chat_template(tokenizer, system_prompt)
     with tempfile.TemporaryDirectory(prefix="tunelab-export-") as scratch:

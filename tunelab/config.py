@@ -626,13 +626,23 @@ def validate(config: FineTuningConfig) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split a ``key=value`` override; the value is read as YAML (so 1e-4, true, [a, b] work)."""
+    """Split a ``key=value`` override.
+
+    For a text key (its type is ``str`` or ``str | None``: prompts, templates, names, paths) the
+    value is taken literally, exactly as written after the first ``=``: ``#``, ``:``, ``{...}``,
+    quotes, ``yes`` and trailing spaces all stay part of it. The one exception is a key that may
+    be null: a value of exactly ``null`` or ``~`` sets it to null. Every other key's value is
+    read as YAML 1.2 (so ``1e-4``, ``true``, ``[a, b]`` work).
+    """
     if "=" not in text:
         raise TunelabError(
             f"--set expects key=value, got {text!r}. Example: --set learning_rate=1e-4"
         )
     key, raw = text.split("=", 1)
     key = key.strip()
+    text_key, nullable = _text_field(_HINTS.get(key))
+    if text_key:
+        return key, None if nullable and raw in ("null", "~") else raw
     try:
         value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -640,19 +650,30 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _text_field(hint: Any) -> tuple[bool, bool]:
+    """(whether the field holds text, whether it may be null) for a field's type hint."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        inner = [a for a in args if a is not type(None)]
+        return inner == [str], type(None) in args
+    return hint is str, False
+
+
 def config_from_dict(
     values: dict[str, Any], source: str = "config", overrides: list[str] | None = None
 ) -> FineTuningConfig:
-    """Build a validated config from a mapping plus ``key=value`` overrides."""
+    """Build a validated config from a mapping plus ``key=value`` overrides. A wrong override
+    is blamed on ``--set key=value``, not on the file it overrides."""
     merged = dict(values)
-    for text in overrides or []:
-        key, value = parse_override(text)
-        merged[key] = value
-        source_of = "--set"
-        _check_known(key, source_of)
+    sources: dict[str, str] = {}
     for key in merged:
         _check_known(key, source)
-    typed = {k: _coerce(k, v, _HINTS[k], source) for k, v in merged.items()}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _check_known(key, f"--set {text}")
+        merged[key] = value
+        sources[key] = f"--set {text}"
+    typed = {k: _coerce(k, v, _HINTS[k], sources.get(k, source)) for k, v in merged.items()}
     return FineTuningConfig(**typed)
 
 

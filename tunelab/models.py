@@ -227,7 +227,10 @@ def run_trust_remote_code(run_dir: str | Path) -> bool:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False  # unreadable: the safe choice
-    return isinstance(values, dict) and values.get("trust_remote_code") is True
+    trusted = isinstance(values, dict) and values.get("trust_remote_code") is True
+    if trusted:  # said here, before any load of the run or its base can import their code
+        warn_remote_code(str(values.get("model_name") or run_dir), True)
+    return trusted
 
 
 def load_model_config(location: str, trust_remote_code: bool = False) -> Any:

@@ -7,7 +7,10 @@ anything else; a file tunelab did not write is never replaced. Outputs are also 
 inputs: an output can never be an input or contain one.
 
 Folders written before manifests existed (and runs interrupted before their manifest was
-completed) are recognised by the names tunelab writes for that kind of output, nothing more.
+completed) are recognised by the names tunelab writes for that kind of output, nothing more; a
+folder without a manifest counts as an old run only when its saved config and metrics read as
+tunelab writes them. A listed file whose size differs from the manifest's was changed after
+tunelab wrote it (the user edited it), so it is no longer tunelab's either.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ _MODEL_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
     "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
-    "tokenizer.model", "added_tokens.json", "run_info.json", "tunelab_config.yaml", "README.md",
+    "tokenizer.model", "added_tokens.json", "run_info.json", "tunelab_config.yaml",
 )  # fmt: skip
+# README.md is not among them: tunelab writes none, and a project's README is the user's.
 KNOWN_NAMES: dict[str, tuple[str, ...]] = {
     "run": _MODEL_FILES
     + (
@@ -88,6 +92,43 @@ def _matches_known(relative: str, kind: str) -> bool:
     return any(fnmatch.fnmatch(relative, pattern) for pattern in KNOWN_NAMES.get(kind, ()))
 
 
+def _recorded(folder: Path, files: dict[str, Any], prefix: str = "") -> dict[str, bool]:
+    """Each manifest entry (as ``prefix``/name), and whether the file is still the size tunelab
+    recorded; one that differs was edited (or replaced) since, and is no longer tunelab's."""
+    still = {}
+    for relative, size in files.items():
+        try:
+            same = (folder / relative).lstat().st_size == size
+        except OSError:
+            same = False  # gone: nothing to delete
+        still[f"{prefix}{relative}"] = same
+    return still
+
+
+def _holds_saved_config(folder: Path) -> bool:
+    """Whether ``folder``'s tunelab_config.yaml is one tunelab saved: a mapping of config keys
+    (a user's file of that name, or a stray line, is not)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((folder / "tunelab_config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and "model_name" in config
+
+
+def _first_record(path: Path) -> Any:
+    """The first line of a JSON-lines file, parsed (None when it has none or is not JSON)."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    return json.loads(line)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return None
+
+
 def folder_kind(folder: str | Path) -> str | None:
     """The kind of tunelab output a folder holds ('run', 'merge', 'data', ...), or None."""
     folder = Path(folder)
@@ -96,13 +137,15 @@ def folder_kind(folder: str | Path) -> str | None:
         return str(manifest.get("kind"))
     # a run written before manifests: tunelab saved its config first, then a checkpoint's
     # state or, at the end, run_info.json; a lone tunelab_config.yaml or checkpoints/ is not
-    # enough (a user's project may hold either)
-    if not (folder / "tunelab_config.yaml").is_file():
+    # enough (a user's project may hold either), nor are files that merely bear those names:
+    # the config must read as one tunelab saved, and metrics.jsonl as tunelab's step records
+    if not (folder / "tunelab_config.yaml").is_file() or not _holds_saved_config(folder):
         return None
-    trained_here = (folder / "metrics.jsonl").is_file() or any(
-        folder.glob("checkpoints/*/trainer_state.json")
-    )
-    if trained_here:
+    metrics = folder / "metrics.jsonl"
+    if metrics.is_file():
+        record = _first_record(metrics)
+        return "run" if isinstance(record, dict) and "step" in record else None
+    if any(folder.glob("checkpoints/*/trainer_state.json")):
         return "run"
     # a merged model: merge copies the run's config and run_info.json next to the weights
     if (folder / "run_info.json").is_file() and (folder / "config.json").is_file():
@@ -113,30 +156,35 @@ def folder_kind(folder: str | Path) -> str | None:
 def split_owned(folder: str | Path, kind: str) -> tuple[list[str], list[str]]:
     """(files tunelab wrote, other files) in ``folder``, for an output of ``kind``.
 
-    A file is tunelab's when the manifest lists it, or, for a folder without a complete
-    manifest, when its name is one tunelab writes for that kind. A subfolder with a manifest
-    of its own (e.g. prepared data inside a run) answers for its own files.
+    A file is tunelab's when the manifest lists it with the size it still has, or, for a folder
+    without a complete manifest, when its name is one tunelab writes for that kind. A subfolder
+    with a manifest of its own (e.g. prepared data inside a run) answers for its own files.
+    Everything else (a user's file, a listed file the user has since edited) is "other".
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
-    listed = set(manifest["files"]) if manifest else set()
     by_name = manifest is None or not manifest.get("complete", False)
     if manifest is None and folder_kind(folder) != kind and kind != "model-cache":
         # a folder that is not a tunelab output of this kind owns nothing (tunelab's own cache
         # folders, named by tunelab, are the exception)
-        by_name = False  # a folder that is not a tunelab output of this kind owns nothing
+        by_name = False
+    recorded = _nested_recorded(folder)
+    if manifest is not None:
+        recorded.update(_recorded(folder, manifest["files"]))
     owned, other = [], []
-    nested = _nested_owned(folder)
     for relative in _files_in(folder):
-        if relative in listed or relative in nested or (by_name and _matches_known(relative, kind)):
-            owned.append(relative)
+        if relative in recorded:  # a listed file is judged by its size, never by its name
+            mine = recorded[relative]
         else:
-            other.append(relative)
+            mine = by_name and _matches_known(relative, kind)
+        (owned if mine else other).append(relative)
     return owned, other
 
 
-def _nested_owned(folder: Path) -> set[str]:
-    owned: set[str] = set()
+def _nested_recorded(folder: Path) -> dict[str, bool]:
+    """What the manifests of ``folder``'s subfolders list (see ``_recorded``), with those
+    manifests themselves."""
+    recorded: dict[str, bool] = {}
     for manifest_path in folder.rglob(MANIFEST):
         sub = manifest_path.parent
         if sub == folder:
@@ -145,9 +193,9 @@ def _nested_owned(folder: Path) -> set[str]:
         if manifest is None:
             continue
         prefix = sub.relative_to(folder).as_posix()
-        owned.add(f"{prefix}/{MANIFEST}")
-        owned.update(f"{prefix}/{name}" for name in manifest["files"])
-    return owned
+        recorded[f"{prefix}/{MANIFEST}"] = True
+        recorded.update(_recorded(sub, manifest["files"], f"{prefix}/"))
+    return recorded
 
 
 def _listing(names: list[str], limit: int = 5) -> str:
@@ -170,37 +218,59 @@ def prepare_output_folder(
     anything else is refused with those files named. ``what`` names the folder in messages
     (e.g. 'output_dir'); ``hint`` adds another way out to the refusal. The folder's manifest
     is started (incomplete). Raises TunelabError.
+
+    A command that can still fail after choosing its folder (reading its data, loading a
+    model) calls ``check_output_folder`` first and this only once those have passed, so a
+    refused command never costs the old output.
     """
+    folder = Path(folder)
+    owned = check_output_folder(folder, kind, overwrite, what, option, hint)
+    if owned:
+        print(f"Replacing {len(owned)} file(s) tunelab wrote in {folder}.")
+        remove_owned(folder, owned)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_manifest(folder, kind, {}, complete=False)
+    return folder
+
+
+def check_output_folder(
+    folder: str | Path,
+    kind: str,
+    overwrite: bool,
+    what: str,
+    option: str = "--overwrite",
+    hint: str = "",
+) -> list[str]:
+    """The refusals of ``prepare_output_folder``, deleting and creating nothing: returns the
+    files tunelab wrote in ``folder`` that ``overwrite`` will replace (none for a missing or
+    empty folder). Raises TunelabError."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise TunelabError(
             f"{what} {folder} is a file, not a folder. Choose a folder path for {what}."
         )
     present = _files_in(folder) if folder.is_dir() else []
-    if present:  # a folder holding only a manifest is an output that wrote nothing yet
-        current = folder_kind(folder)
-        if current is not None and current != kind:
-            raise TunelabError(
-                f"{what} {folder} holds a tunelab {current} output, not a {kind}; tunelab will "
-                f"not replace it with a {kind}. Choose another folder for {what}."
-            )
-        owned, other = split_owned(folder, kind)
-        if not overwrite:
-            raise TunelabError(
-                f"{what} {folder} is not empty (it holds {_listing(present) or MANIFEST}). Pass "
-                f"{option} to replace the {len(owned)} file(s) tunelab wrote there{hint}, or "
-                "choose another folder."
-            )
-        if other:
-            raise TunelabError(
-                f"{what} {folder} holds files tunelab did not write ({_listing(other)}), so "
-                f"{option} will not delete it. Move those files out, or choose another folder."
-            )
-        print(f"Replacing {len(owned)} file(s) tunelab wrote in {folder}.")
-        remove_owned(folder, owned)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_manifest(folder, kind, {}, complete=False)
-    return folder
+    if not present:  # a folder holding only a manifest is an output that wrote nothing yet
+        return []
+    current = folder_kind(folder)
+    if current is not None and current != kind:
+        raise TunelabError(
+            f"{what} {folder} holds a tunelab {current} output, not a {kind}; tunelab will "
+            f"not replace it with a {kind}. Choose another folder for {what}."
+        )
+    owned, other = split_owned(folder, kind)
+    if not overwrite:
+        raise TunelabError(
+            f"{what} {folder} is not empty (it holds {_listing(present) or MANIFEST}). Pass "
+            f"{option} to replace the {len(owned)} file(s) tunelab wrote there{hint}, or "
+            "choose another folder."
+        )
+    if other:
+        raise TunelabError(
+            f"{what} {folder} holds files tunelab did not write ({_listing(other)}), so "
+            f"{option} will not delete it. Move those files out, or choose another folder."
+        )
+    return owned
 
 
 def remove_owned(folder: Path, owned: Iterable[str]) -> None:
@@ -278,14 +348,14 @@ def check_output_files(
     files will be replaced. ``names`` are relative to ``folder``."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    listed = set(manifest["files"]) if manifest else set()
+    recorded = _recorded(folder, manifest["files"]) if manifest else {}
     legacy_run = manifest is None and folder_kind(folder) == "run"
     replaced, refused = [], []
     for name in names:
         path = folder / name
         if not (path.exists() or path.is_symlink()):
             continue
-        if name in listed or (legacy_run and _matches_known(name, "run")):
+        if recorded.get(name) or (legacy_run and _matches_known(name, "run")):
             replaced.append(name)
         else:
             refused.append(name)

@@ -344,6 +344,18 @@ def render_chat(
         ) from None
     except RecursionError:
         raise TunelabError(f"{template_source(tokenizer)} recursed too deeply.") from None
+    except MemoryError:
+        raise TunelabError(
+            f"{template_source(tokenizer)} ran out of memory while rendering; it may be "
+            "malicious. Replace its chat_template.jinja."
+        ) from None
+    except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError) as exc:
+        # the template's own expressions failing at run time ({{ 1/0 }}, 'a' + 1, ...)
+        raise TunelabError(
+            f"{template_source(tokenizer)} failed while rendering ({type(exc).__name__}: "
+            f"{str(exc)[:200]}). The template has a bug, or expects messages in another shape; "
+            "fix or replace its chat_template.jinja, or use chat_format: plain."
+        ) from None
     if not isinstance(rendered, str):
         rendered = str(rendered)
     has_content = any(str(m.get("content") or "").strip() for m in messages)

@@ -28,6 +28,7 @@ from tunelab import FineTuner
 from tunelab.config import load_config
 from tunelab.evaluation.preference import evaluate_preference_run, format_preference_table
 from tunelab.generation import generate, load_for_inference
+from tunelab.library_noise import silence_library_noise
 from tunelab.preference_pairs import make_pairs
 from tunelab.shipping.merge import merge_run
 
@@ -35,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
+    silence_library_noise()  # as the tunelab command does: third-party notices stay out
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pairs", type=int, default=96, help="Training terms to pair.")
     parser.add_argument("--heldout", type=int, default=32, help="Held-out terms to pair.")

@@ -21,11 +21,13 @@ from tunelab.config import load_config
 from tunelab.data.prepare import prepare_examples
 from tunelab.evaluation.run import evaluate_run
 from tunelab.generation import generate, load_for_inference
+from tunelab.library_noise import silence_library_noise
 
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
+    silence_library_noise()  # as the tunelab command does: third-party notices stay out
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--terms", type=int, default=4, help="Held-out terms to show.")

@@ -47,7 +47,9 @@ def run_capped(code: str, tmp_path: Path) -> str:
         "except BaseException as exc:\n"
         "    print('RAW', type(exc).__name__, exc)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # pyarrow's default allocator (mimalloc) reserves 1 GiB of address space on first use, which
+    # RLIMIT_AS counts though it is never touched; the system allocator counts what is used
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ARROW_DEFAULT_MEMORY_POOL": "system"}
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
         cwd=tmp_path,
@@ -170,6 +172,55 @@ def test_parquet_and_saved_dataset_check_rows_before_reading(tmp_path):
         with pytest.raises(TunelabError, match="max_rows"):
             load_records(path, limits=ReadLimits(max_rows=5))
         assert len(load_records(path, limits=ReadLimits(max_rows=10))) == 10
+
+
+def parquet_bomb(path: Path, rows: int, size: int, *, arrow_schema: bool) -> Path:
+    """A Parquet file of a few hundred bytes whose ``rows`` rows each hold ``size`` bytes once
+    decoded: one dictionary value repeated, zstd-compressed. Without the stored Arrow schema it
+    reads back as plain strings; with it, as a dictionary column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    value = pa.array(["a" * size], pa.large_string())
+    column = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), value)
+    pq.write_table(pa.table({"text": column}), path, compression="zstd", store_schema=arrow_schema)
+    return path
+
+
+@pytest.mark.parametrize("arrow_schema", [False, True], ids=["strings", "dictionary"])
+def test_parquet_decompression_bomb_stops_at_max_data_bytes(tmp_path, arrow_schema):
+    # 40 rows of 40 MB (1.6 GB decoded) in a file of under a kilobyte; the rows read are kept,
+    # so max_data_bytes is lowered (as for the gzip bomb) to leave the cap room for them
+    path = parquet_bomb(tmp_path / "h.parquet", 40, 40 << 20, arrow_schema=arrow_schema)
+    assert path.stat().st_size < 4096
+    code = prepare_code(path, max_row_bytes=64 << 20, max_data_bytes=256 << 20)
+    assert_named_error(run_capped(code, tmp_path), "h.parquet#", "max_data_bytes")
+
+
+def test_parquet_rows_are_checked_before_they_become_python(tmp_path):
+    path = parquet_bomb(tmp_path / "h.parquet", 3, 5000, arrow_schema=True)
+    with pytest.raises(TunelabError) as err:
+        load_records(path, limits=ReadLimits(max_row_bytes=4000))
+    assert f"{path}#0" in str(err.value) and "max_row_bytes" in str(err.value)
+    with pytest.raises(TunelabError, match=r"h\.parquet#2: the data at .* max_data_bytes"):
+        load_records(path, limits=ReadLimits(max_data_bytes=12_000))
+    assert len(load_records(path, limits=ReadLimits(max_data_bytes=15_000))) == 3
+
+
+def test_running_out_of_memory_names_the_file_and_the_limits(tmp_path, monkeypatch):
+    import tunelab.data.loading as loading
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n')
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(loading, "_load_jsonl", exhausted)
+    with pytest.raises(TunelabError) as err:
+        load_records(path)
+    message = str(err.value)
+    assert str(path) in message and "max_data_bytes" in message and "max_row_bytes" in message
 
 
 def test_a_folder_shares_one_byte_budget(tmp_path):

@@ -148,3 +148,15 @@ def test_a_users_modelfile_is_never_replaced(tiny_model_dir, tmp_path):
     with pytest.raises(TunelabError, match="not written by tunelab"):
         write_modelfile(tmp_path / "m.gguf", tokenizer, None, mine)
     assert mine.read_text() == "FROM llama3\n"
+
+
+def test_export_refuses_a_users_modelfile_before_writing_the_gguf(tiny_model_dir, tmp_path, capsys):
+    # all or nothing: the user's Modelfile is found before the GGUF file is written
+    out = tmp_path / "e" / "tiny.gguf"
+    out.parent.mkdir()
+    (out.parent / "Modelfile").write_text("FROM my\n")
+    argv = ["export", str(tiny_model_dir), "--format", "ollama", "--type", "f16"]
+    assert main([*argv, "--no-check", "--out", str(out), "--overwrite"]) == 2
+    assert "Modelfile exists and was not written by tunelab" in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in out.parent.iterdir()) == ["Modelfile"]
+    assert (out.parent / "Modelfile").read_text() == "FROM my\n"

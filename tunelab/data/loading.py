@@ -228,7 +228,8 @@ def load_records(
     budget = _Budget(limits, path)
     if path.is_dir():
         if file_format == "arrow" or _is_saved_dataset(path):
-            return _load_saved_dataset(path, splits, budget)
+            with _out_of_memory(path, limits):
+                return _load_saved_dataset(path, splits, budget)
         return _load_folder(path, file_format, txt_split, budget)
     if not is_regular(path) and str(path) not in _snapshots():
         with snapshot_pipes([path], limits):
@@ -484,6 +485,28 @@ def _sniff(first: str) -> str:
 def _load_file(
     path: Path, file_format: str | None, txt_split: str, budget: _Budget
 ) -> list[Record]:
+    with _out_of_memory(path, budget.limits):
+        return _read_file(path, file_format, txt_split, budget)
+
+
+@contextlib.contextmanager
+def _out_of_memory(path: Path, limits: ReadLimits) -> Iterator[None]:
+    """A MemoryError while reading becomes an error that names the file and the limits: the
+    limits allow more than this machine (or its memory cap) can hold."""
+    try:
+        yield
+    except MemoryError:
+        raise TunelabError(
+            f"{path}: ran out of memory reading the data, within the limits max_data_bytes "
+            f"({limits.max_data_bytes:,}), max_row_bytes ({limits.max_row_bytes:,}) and "
+            f"max_rows ({limits.max_rows:,}). Lower them to what this machine can hold (e.g. "
+            "--set max_data_bytes=500000000), or split the data into smaller files."
+        ) from None
+
+
+def _read_file(
+    path: Path, file_format: str | None, txt_split: str, budget: _Budget
+) -> list[Record]:
     fmt = file_format or _format_from_name(path)
     if fmt == "arrow":
         raise TunelabError(
@@ -678,34 +701,71 @@ def _load_csv(path: Path, budget: _Budget, delimiter: str) -> list[Record]:
     return records
 
 
+# rows decoded at once from Parquet: a batch of rows each under max_row_bytes stays under this
+_PARQUET_BATCH_BYTES = 128 << 20
+
+
 def _load_parquet(path: Path, budget: _Budget, data: bytes | None = None) -> list[Record]:
+    """Rows of a Parquet file, decoded a few at a time: each batch's decoded size is counted
+    against max_data_bytes and each row against max_row_bytes before it becomes Python objects,
+    since a file of a few hundred bytes can decode to gigabytes (repeated values compress to
+    nothing) and the footer's sizes are the writer's claim, not the truth."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    limits = budget.limits
+    batch_rows = max(1, min(1024, _PARQUET_BATCH_BYTES // max(1, limits.max_row_bytes)))
+    records: list[Record] = []
     try:
         parquet = pq.ParquetFile(io.BytesIO(data) if data is not None else _readable(path))
         meta = parquet.metadata
-        # the footer says how big the rows are once decoded: check before decoding them
-        if budget.rows + meta.num_rows > budget.limits.max_rows:
+        # the footer's counts refuse an honest oversized file before any decoding
+        if budget.rows + meta.num_rows > limits.max_rows:
             budget.rows += meta.num_rows - 1
             budget.row(f"{path}#{meta.num_rows - 1}")  # raises, naming max_rows
-        if data is None:
-            budget.spend(
-                sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)),
-                str(path),
-            )
-        table = parquet.read()
+        claimed = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if budget.bytes + claimed > limits.max_data_bytes:
+            budget.spend(claimed, str(path))  # raises, naming max_data_bytes
+        for batch in parquet.iter_batches(batch_size=batch_rows, use_threads=False):
+            origins = [f"{path}#{len(records) + i}" for i in range(batch.num_rows)]
+            for where, size in zip(origins, _parquet_row_sizes(batch), strict=True):
+                budget.row(where)
+                if size > limits.max_row_bytes:
+                    raise _row_too_long(where, size, limits)
+                budget.spend(size, where)
+            # every row is checked, in decoded bytes, before any becomes Python objects
+            records.extend(map(Record, batch.to_pylist(), origins))
+            del batch
     except (pa.ArrowException, OSError, ValueError) as exc:
+        if isinstance(exc, MemoryError):  # pyarrow's ArrowMemoryError is one
+            raise
         raise TunelabError(
             f"{path}: not a readable Parquet file ({exc}). Write it again (e.g. with "
             "pandas' to_parquet or datasets' to_parquet)."
         ) from None
-    records = []
-    for i, row in enumerate(table.to_pylist()):
-        budget.row(f"{path}#{i}")
-        _check_row(row, f"{path}#{i}", budget.limits)
-        records.append(Record(row, f"{path}#{i}"))
     return records
+
+
+def _parquet_row_sizes(batch: Any) -> list[int]:
+    """The decoded size of every row of an Arrow record batch: string and binary values by
+    length, other columns by the Arrow bytes each row references."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    sizes = [0] * batch.num_rows
+    for column in batch.columns:
+        if pa.types.is_dictionary(column.type):
+            column = column.dictionary_decode()
+        text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                pa.types.is_large_binary)  # fmt: skip
+        if any(is_text(column.type) for is_text in text):
+            lengths = pc.binary_length(column).fill_null(0).to_pylist()
+        elif pa.types.is_primitive(column.type):  # numbers, booleans, dates: a fixed width
+            lengths = [max(1, column.type.bit_width // 8)] * len(column)
+        else:
+            lengths = [column.slice(i, 1).nbytes for i in range(len(column))]
+        sizes = [a + b for a, b in zip(sizes, lengths, strict=True)]
+    return sizes
 
 
 def _load_txt(path: Path, budget: _Budget, txt_split: str) -> list[Record]:

@@ -9,7 +9,12 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.files import staged_folder, tensor_bytes
-from tunelab.ownership import check_separate, finish_output_folder, prepare_output_folder
+from tunelab.ownership import (
+    check_output_folder,
+    check_separate,
+    finish_output_folder,
+    prepare_output_folder,
+)
 from tunelab.runs import check_run_files
 
 MERGEABLE = ("LORA", "ADALORA", "IA3")
@@ -51,10 +56,12 @@ def merge_run(
     base = adapter_config["base_model_name_or_path"]
     local_base = base if base and Path(base).expanduser().exists() else None
     check_separate(out_dir, {"run_dir": run_dir, "the base model": local_base}, "out_dir")
+    # refused now, but an old merge is removed only once the new one is made (_merge_into):
+    # a base or adapter that fails to load leaves it whole
+    check_output_folder(out_dir, "merge", overwrite, "out_dir")
     created = not Path(out_dir).exists()
-    prepare_output_folder(out_dir, "merge", overwrite, "out_dir")
     try:
-        _merge_into(run_dir, Path(out_dir), base, max_shard_size)
+        _merge_into(run_dir, Path(out_dir), base, max_shard_size, overwrite)
     except BaseException:
         if created:  # a merge that failed leaves no folder it made (only its manifest is there)
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -62,7 +69,9 @@ def merge_run(
     return Path(out_dir)
 
 
-def _merge_into(run_dir: Path, out_dir: Path, base: str, max_shard_size: str) -> None:
+def _merge_into(
+    run_dir: Path, out_dir: Path, base: str, max_shard_size: str, overwrite: bool
+) -> None:
     import torch
 
     from tunelab.models import load_adapter, load_model, run_trust_remote_code
@@ -75,6 +84,7 @@ def _merge_into(run_dir: Path, out_dir: Path, base: str, max_shard_size: str) ->
     if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # the run added tokens
     merged = load_adapter(model, run_dir).merge_and_unload()
+    prepare_output_folder(out_dir, "merge", overwrite, "out_dir")  # checked again, then cleared
     # written beside and renamed: a full disk or a crash never leaves a half model folder
     needed = tensor_bytes(merged) + sum(p.stat().st_size for p in run_dir.glob("tokenizer*"))
     with staged_folder(out_dir, "the merged model", needed) as staging:

@@ -245,16 +245,28 @@ def chat_settings(folder: str | Path) -> tuple[Any, str | None]:
     return load_tokenizer(str(folder), run_trust_remote_code(folder)), info.get("system_prompt")
 
 
-def write_modelfile(
-    gguf_file: Path, tokenizer: Any, system_prompt: str | None, out_file: Path
-) -> Path:
-    """Write an Ollama Modelfile for ``gguf_file`` (referenced by its name, so keep the two
-    together); raises TunelabError when the chat template cannot be translated."""
+def check_modelfile_target(out_file: Path) -> None:
+    """Refuse a Modelfile path that holds a file tunelab did not write (a user's Modelfile is
+    never replaced); export checks this before writing the GGUF file, so a refusal leaves
+    nothing half-written."""
+    if out_file.is_symlink() or out_file.is_dir():
+        raise TunelabError(
+            f"{out_file} exists and is not a Modelfile tunelab wrote; move it away or export "
+            "with --out into another folder."
+        )
     if out_file.exists() and not out_file.read_text(errors="replace").startswith(_HEADER):
         raise TunelabError(
             f"{out_file} exists and was not written by tunelab; move it away or export with "
             "--out into another folder."
         )
+
+
+def write_modelfile(
+    gguf_file: Path, tokenizer: Any, system_prompt: str | None, out_file: Path
+) -> Path:
+    """Write an Ollama Modelfile for ``gguf_file`` (referenced by its name, so keep the two
+    together); raises TunelabError when the chat template cannot be translated."""
+    check_modelfile_target(out_file)
     family, template = translate_chat_template(tokenizer, system_prompt)
     system = system_prompt or default_system_prompt(tokenizer)
     lines = [f"{_HEADER}; chat template family: {family}", f"FROM ./{gguf_file.name}"]
