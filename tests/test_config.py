@@ -211,6 +211,7 @@ def test_a_saved_config_with_exponent_numbers_resumes_and_is_read_by_doctor(tmp_
         ({"eval_path": "e.jsonl", "eval_split": 0.1}, "'eval_split' (0.1) is ignored because"),
         ({"max_steps": 3, "save_steps": 10}, "'save_steps' (10) is beyond max_steps (3)"),
         ({"max_steps": 3, "warmup_steps": 3}, "never reaches the peak learning rate"),
+        ({"max_steps": 3, "num_epochs": 5}, "'num_epochs' (5) has no effect: max_steps (3)"),
         ({"mlflow_tracking_uri": "file:/x"}, "without 'mlflow' in report_to"),
         ({"system_prompt": "Be brief.", "chat_format": "plain"}, "'system_prompt' has no effect"),
         ({"drop_eval_leaks": True}, "'drop_eval_leaks' only acts on a separate eval_path"),

@@ -63,7 +63,7 @@ def _report(results: dict, output_dir: str) -> None:
             f"Eval loss {results['eval_loss']:.4f}, perplexity "
             f"{results['eval_perplexity']:.2f}{change}"
         )
-    print(f"Run folder: {output_dir}")
+    print(f"Run folder: {visible(str(output_dir))}")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202

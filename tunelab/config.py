@@ -841,6 +841,11 @@ def ineffective_settings(config: FineTuningConfig) -> list[str]:
             "early_stopping_patience; set both or neither."
         )
     if c.max_steps is not None:
+        if c.num_epochs != _default("num_epochs"):
+            out.append(
+                f"config key 'num_epochs' ({c.num_epochs}) has no effect: max_steps "
+                f"({c.max_steps}) sets the length of the run. Remove one of the two."
+            )
         for key in ("save_steps", "eval_steps"):
             every = getattr(c, key)
             if every is not None and every > c.max_steps:

@@ -164,6 +164,18 @@ def test_cache_hit_skips_cleaning(tmp_path, monkeypatch):
     )
 
 
+def test_the_same_bytes_under_another_name_are_reported_under_that_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    first = write_jsonl(tmp_path / "d.jsonl", rows())
+    prepare_examples(config_for(first, data_cache=True))
+    (tmp_path / "other").mkdir()
+    renamed = tmp_path / "other" / "renamed.jsonl"
+    renamed.write_bytes(Path(first).read_bytes())
+    again = prepare_examples(config_for(renamed, data_cache=True))
+    # previews and row errors name the file the user passed, never a cached one's name
+    assert all(e.origin.startswith(str(renamed)) for e in again.train), again.train[0].origin
+
+
 def test_empty_after_filtering_names_steps(tmp_path):
     path = write_jsonl(
         tmp_path / "d.jsonl", [{"text": "ab"}, {"text": "hello world"}, {"text": "hello world"}]

@@ -472,6 +472,11 @@ def content_hash(config: FineTuningConfig, tokenizer: Any, inputs: dict[str, Any
     key = {
         "version": DATA_VERSION,
         "inputs": {split: [f["sha256"] for f in files] for split, files in inputs.items()},
+        # examples carry their file:line origin into previews and error messages, so the same
+        # bytes under another name are prepared again rather than reported under the old name
+        "origins": {
+            split: [str(f.get("path", "")) for f in files] for split, files in inputs.items()
+        },
         "settings": settings,
         "tokenizer": _tokenizer_name(tokenizer),
         "vocab": len(tokenizer) if tokenizer is not None else None,
