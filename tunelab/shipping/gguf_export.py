@@ -291,15 +291,7 @@ def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict[str, Any]:
             "byte-level BPE tokenizers (GPT-2, Llama-3, SmolLM style) to GGUF. Use llama.cpp's "
             "convert_hf_to_gguf.py on the merged folder."
         )
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["content"]: t for t in data.get("added_tokens", [])}
-    for content, token in added.items():
-        vocab[content] = token["id"]
-    if max(vocab.values()) >= vocab_size:
-        raise TunelabError(
-            f"{path}: token id {max(vocab.values())} is outside the model's vocab_size "
-            f"{vocab_size} (config.json); resize the embeddings to the tokenizer before export."
-        )
+    vocab, added = _vocab_with_added(path, data, vocab_size)
     # llama.cpp wants one token per embedding row; rows no token uses get a placeholder
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [_UNUSED] * vocab_size
@@ -316,6 +308,23 @@ def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict[str, Any]:
         "merges": merges,
         "pre": _pre_tokenizer_name(path, data.get("pre_tokenizer"), data.get("normalizer")),
     }
+
+
+def _vocab_with_added(
+    path: Path, data: dict[str, Any], vocab_size: int
+) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """tokenizer.json's vocabulary with its added tokens (token -> id), and the added tokens
+    by content; TunelabError when an id does not fit the model's embedding rows."""
+    vocab: dict[str, int] = dict(data["model"]["vocab"])
+    added = {t["content"]: t for t in data.get("added_tokens", [])}
+    for content, token in added.items():
+        vocab[content] = token["id"]
+    if max(vocab.values()) >= vocab_size:
+        raise TunelabError(
+            f"{path}: token id {max(vocab.values())} is outside the model's vocab_size "
+            f"{vocab_size} (config.json); resize the embeddings to the tokenizer before export."
+        )
+    return vocab, added
 
 
 def _sentencepiece_metadata(path: Path, data: dict[str, Any], vocab_size: int) -> dict[str, Any]:
@@ -345,15 +354,7 @@ def _sentencepiece_metadata(path: Path, data: dict[str, Any], vocab_size: int) -
             "(no Metaspace pre-tokenizer or Replace normalizer); llama.cpp would split it "
             "differently. Use llama.cpp's convert_hf_to_gguf.py on the merged folder."
         )
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["content"]: t for t in data.get("added_tokens", [])}
-    for content, token in added.items():
-        vocab[content] = token["id"]
-    if max(vocab.values()) >= vocab_size:
-        raise TunelabError(
-            f"{path}: token id {max(vocab.values())} is outside the model's vocab_size "
-            f"{vocab_size} (config.json); resize the embeddings to the tokenizer before export."
-        )
+    vocab, added = _vocab_with_added(path, data, vocab_size)
     rank = {}
     for index, merge in enumerate(model.get("merges", [])):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge

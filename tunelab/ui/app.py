@@ -203,16 +203,19 @@ def create_app(root: str | Path = ".") -> FastAPI:
         runs = [run_state(path, space.jobs) for path in run_folders(space.root, space.jobs)]
         return page(request, "runs.html", runs=runs)
 
-    @app.get("/run")
-    def run_page(request: Request, path: str) -> Response:
-        folder = space.allowed(path)
+    def run_view(request: Request, folder: Path, findings: Any) -> Response:
+        """The run page: its state and ship jobs, with the doctor's findings when asked."""
         return page(
             request,
             "run.html",
             run=run_state(folder, space.jobs),
             jobs=_ship_jobs(space, folder),
-            findings=None,
+            findings=findings,
         )
+
+    @app.get("/run")
+    def run_page(request: Request, path: str) -> Response:
+        return run_view(request, space.allowed(path), None)
 
     @app.get("/api/run")
     def run_api(path: str) -> Response:
@@ -240,13 +243,7 @@ def create_app(root: str | Path = ".") -> FastAPI:
         from tunelab.diagnostics.run_report import diagnose_run
 
         folder = space.allowed(path)
-        return page(
-            request,
-            "run.html",
-            run=run_state(folder, space.jobs),
-            jobs=_ship_jobs(space, folder),
-            findings=diagnose_run(folder),
-        )
+        return run_view(request, folder, diagnose_run(folder))
 
     @app.get("/compare")
     def compare_page(request: Request, path: list[str] | None = Query(None)) -> Response:  # noqa: B008
