@@ -16,7 +16,6 @@ from tunelab.config import FineTuningConfig
 from tunelab.errors import TunelabError, did_you_mean
 
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")
-LORA_FAMILY = ("lora", "dora", "qlora", "adalora")
 REGEX_PREFIX = "re:"
 
 
@@ -345,11 +344,6 @@ def apply_method(
         keep_4bit_format(model)
     peft_config = peft_config_for(model, config, tokenizer_path, total_steps)
     return get_peft_model(model, peft_config, autocast_adapter_dtype=True)
-
-
-def apply_lora(model: Any, config: FineTuningConfig) -> Any:
-    """LoRA with the config's settings (``apply_method`` for any method)."""
-    return apply_method(model, config)
 
 
 @contextlib.contextmanager

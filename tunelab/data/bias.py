@@ -27,7 +27,6 @@ from typing import Any
 from tunelab.data.schema import Example
 from tunelab.errors import TunelabError
 
-MITIGATIONS = ("none", "counterfactual", "rebalance")
 FLAG_MIN_MENTIONS = 3  # an example naming one group this often, and no other, is flagged
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 # 'her' is 'his' before a noun ('her book') and 'him' elsewhere ('gave it to her')

@@ -27,7 +27,6 @@ PRESETS: dict[str, list[str]] = {
     ],
 }
 RULE_SEPARATOR = " => "
-UNICODE_FORMS = ("NFC", "NFKC", "none")
 
 _HTML_ELEMENTS = (
     "a|abbr|b|blockquote|body|br|caption|center|cite|code|dd|del|div|dl|dt|em|font|h[1-6]|head|"

@@ -30,7 +30,6 @@ from tunelab.data.tokenize import (
     chat_spans,
 )
 from tunelab.errors import TunelabError
-from tunelab.training.objectives import PAIRED
 
 Messages = list[dict[str, str]]
 Text = str | Messages
@@ -413,7 +412,3 @@ def tokenize_preference(
             }
             units.append(Unit(i, sides, e.origin))
     return units
-
-
-def is_preference(config: FineTuningConfig) -> bool:
-    return config.objective in PAIRED or config.objective == "kto"

@@ -14,7 +14,6 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
-PII_TYPES = ("api_key", "bearer_token", "secret", "email", "credit_card", "ip_address", "phone")
 PLACEHOLDERS = {
     "api_key": "[API_KEY]",
     "bearer_token": "[TOKEN]",

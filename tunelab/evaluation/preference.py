@@ -12,7 +12,6 @@ answer tokens, as DPO does). Two views:
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -148,7 +147,3 @@ def is_preference_run(folder: Path) -> bool:
     if not config.is_file():
         return False
     return (yaml.safe_load(config.read_text()) or {}).get("objective", "sft") != "sft"
-
-
-def print_preference_table(report_path: Path) -> None:
-    print(format_preference_table(json.loads(report_path.read_text())))

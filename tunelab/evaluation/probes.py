@@ -27,7 +27,6 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.metrics import tokens
 from tunelab.evaluation.systems import EvalItem
 
-PROBE_KINDS = ("held-out", "reworded", "verbatim")
 KNOWLEDGE_KINDS = ("reworded", "verbatim")
 PLACEHOLDERS = ("subject", "question")
 DEFAULT_TEMPLATES = (

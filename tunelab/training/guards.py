@@ -43,10 +43,6 @@ def catch_interrupt() -> Iterator[Interrupt]:
         signal.signal(signal.SIGINT, previous)
 
 
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)
-
-
 def nan_diagnosis(
     step: int,
     lr: float,

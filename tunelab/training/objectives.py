@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from tunelab.config import OBJECTIVES as OBJECTIVES  # re-exported: the one list
 
-PAIRED = ("dpo", "ipo", "orpo", "simpo")
 WITH_REFERENCE = ("dpo", "ipo", "kto")
 # objectives that score answers by their mean token log-probability instead of the sum
 LENGTH_NORMALISED = ("ipo", "orpo", "simpo")

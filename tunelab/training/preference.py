@@ -31,7 +31,6 @@ from tunelab.training.batching import Row, collate
 from tunelab.training.logprobs import sequence_logprobs
 from tunelab.training.objectives import (
     LENGTH_NORMALISED,
-    PAIRED,
     WITH_REFERENCE,
     Settings,
     kto_losses,
@@ -383,7 +382,3 @@ def attach_reference_logps(
 
 def needs_reference(config: FineTuningConfig) -> bool:
     return config.objective in WITH_REFERENCE
-
-
-def is_paired(config: FineTuningConfig) -> bool:
-    return config.objective in PAIRED

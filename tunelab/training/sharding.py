@@ -26,8 +26,6 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 
-SHARDING = ("none", "fsdp")
-
 
 def wants_fsdp(sharding: str) -> bool:
     """`sharding: fsdp`, or `accelerate launch` with its FSDP plugin (ACCELERATE_USE_FSDP)."""
