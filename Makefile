@@ -1,4 +1,4 @@
-# Targets match the README's commands.
+# Targets match the README's commands. lint needs the test extra (mypy reads torch's types).
 .PHONY: install demo test test-fast lint
 
 install:
@@ -14,4 +14,4 @@ test-fast:
 	python -m pytest -m "not slow"
 
 lint:
-	ruff check tunelab tests benchmarks examples && ruff format --check tunelab tests benchmarks
+	ruff check tunelab tests benchmarks examples && ruff format --check tunelab tests benchmarks && mypy

@@ -731,7 +731,7 @@ def starter_config_text() -> str:
             spec.default_factory()
             if spec.default_factory is not dataclasses.MISSING
             else spec.default
-        )  # type: ignore[misc]
+        )
         if name == "dataset_path":
             default = "data/train.jsonl"
         lines.append(f"# {spec.metadata['help']}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from tunelab.config import FineTuningConfig
 from tunelab.errors import TunelabError, did_you_mean
@@ -272,7 +272,7 @@ def peft_config_for(
             modules_to_save=modules_to_save,
         )
     if method == "prompt_tuning":
-        init = {}
+        init: dict[str, Any] = {}
         if config.prompt_init_text:
             init = {
                 "prompt_tuning_init": peft.PromptTuningInit.TEXT,
@@ -320,9 +320,17 @@ def keep_4bit_format(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _lora_init(config: FineTuningConfig) -> bool | str:
-    """PEFT's init_lora_weights for the config (True: PEFT's default, B = 0)."""
-    return True if config.init_lora_weights == "default" else config.init_lora_weights
+_LORA_INITS: dict[str, Literal[True, "gaussian", "pissa", "olora"]] = {
+    "default": True,  # PEFT's default, B = 0
+    "gaussian": "gaussian",
+    "pissa": "pissa",
+    "olora": "olora",
+}
+
+
+def _lora_init(config: FineTuningConfig) -> Literal[True, "gaussian", "pissa", "olora"]:
+    """PEFT's init_lora_weights for the config (config.INIT_LORA_WEIGHTS names the choices)."""
+    return _LORA_INITS[config.init_lora_weights]
 
 
 def apply_method(

@@ -207,7 +207,7 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _load_failures() -> tuple[type[BaseException], ...]:
+def _load_failures() -> tuple[type[Exception], ...]:
     import pickle
 
     from safetensors import SafetensorError
@@ -321,7 +321,8 @@ def load_model(
     except _load_failures() as exc:
         raise _load_error(location, exc) from None
     if quantization_config is None:
-        model = model.to(device)
+        # transformers' typing of the wrapped .to takes the model as its first argument
+        model = model.to(device)  # type: ignore[arg-type]
     return model.eval()
 
 

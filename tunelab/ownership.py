@@ -19,7 +19,7 @@ import fnmatch
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,8 @@ def split_owned(folder: str | Path, kind: str) -> tuple[list[str], list[str]]:
     recorded = _nested_recorded(folder)
     if manifest is not None:
         recorded.update(_recorded(folder, manifest["files"]))
-    owned, other = [], []
+    owned: list[str] = []
+    other: list[str] = []
     for relative in _files_in(folder):
         if relative in recorded:  # a listed file is judged by its size, never by its name
             mine = recorded[relative]
@@ -372,7 +373,7 @@ def _resolved(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def check_separate(output: str | Path, inputs: dict[str, str | Path | None], what: str) -> None:
+def check_separate(output: str | Path, inputs: Mapping[str, str | Path | None], what: str) -> None:
     """Refuse an output that is one of the inputs or contains one (deleting or rewriting it
     would destroy the input), and an output inside an input folder (the data stage would read
     it back). ``inputs`` maps a name for the message (e.g. 'dataset_path') to a path; names

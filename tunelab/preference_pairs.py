@@ -107,7 +107,7 @@ def make_pairs(
     with out.open("a", encoding="utf-8") as handle:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            options = dict(max_new_tokens=max_new_tokens, do_sample=True,
+            options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=True,
                            temperature=temperature, top_p=top_p, seed=seed + start,
                            batch_size=batch_size)  # fmt: skip
             plain = [p for _, p, _ in batch if isinstance(p, str)]
@@ -123,6 +123,7 @@ def make_pairs(
                 if not answer.strip() or exact_key(answer) == exact_key(reference):
                     skipped += 1  # not a pair: nothing to prefer
                     continue
+                row: dict[str, Any]
                 if isinstance(prompt, str):
                     row = {"prompt": prompt, "chosen": reference, "rejected": answer}
                 else:

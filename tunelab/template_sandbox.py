@@ -228,7 +228,7 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
 
 
 def _limited_namespace(namespace: type) -> type:
-    class LimitedNamespace(namespace):  # type: ignore[valid-type, misc]
+    class LimitedNamespace(namespace):
         tunelab_limited = True
 
         def __setitem__(self, name: str, value: Any) -> None:
@@ -270,11 +270,13 @@ def _install() -> None:
             # transformers' own builder (extensions, globals, filters), our environment class
             with _build_lock:
                 original = ctu.ImmutableSandboxedEnvironment
-                ctu.ImmutableSandboxedEnvironment = LimitedSandbox
+                # swapping the class transformers builds with is the point: mypy refuses
+                # assigning to a class name, which this deliberately does
+                ctu.ImmutableSandboxedEnvironment = LimitedSandbox  # type: ignore[misc]
                 try:
                     template = build(source)
                 finally:
-                    ctu.ImmutableSandboxedEnvironment = original
+                    ctu.ImmutableSandboxedEnvironment = original  # type: ignore[misc]
             if not isinstance(getattr(template, "environment", None), LimitedSandbox):
                 raise TunelabError(
                     "this transformers version builds its chat-template sandbox in a way "

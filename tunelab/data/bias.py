@@ -113,7 +113,8 @@ def bias_report(examples: list[Example], lists: WordLists, keep: int = 10) -> di
     """Mentions and examples per group, imbalance ratio per dimension, flagged examples."""
     mentions: dict[str, Counter[str]] = {d: Counter() for d in lists.groups}
     example_counts: dict[str, Counter[str]] = {d: Counter() for d in lists.groups}
-    with_terms, flagged = 0, []
+    with_terms = 0
+    flagged: list[dict[str, Any]] = []
     for example in examples:
         found = find_terms("\n".join(example.texts()), lists)
         if not found:
@@ -138,14 +139,14 @@ def bias_report(examples: list[Example], lists: WordLists, keep: int = 10) -> di
                 )
     dimensions = {}
     for dimension, groups in lists.groups.items():
-        counts = {g: mentions[dimension][g] for g in groups}
-        low, high = min(counts.values()), max(counts.values())
+        totals = {g: mentions[dimension][g] for g in groups}
+        low, high = min(totals.values()), max(totals.values())
         dimensions[dimension] = {
-            "mentions": counts,
+            "mentions": totals,
             "examples": {g: example_counts[dimension][g] for g in groups},
             "imbalance_ratio": round(high / low, 3) if low else None,
-            "absent": [g for g, n in counts.items() if n == 0],
-            "most": max(counts, key=counts.__getitem__) if high else None,
+            "absent": [g for g, n in totals.items() if n == 0],
+            "most": max(totals, key=totals.__getitem__) if high else None,
         }
     return {
         "examples": len(examples),

@@ -81,7 +81,7 @@ def shingle_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     take = np.repeat(starts[:-1][long_docs], counts[long_docs]) + _ranges(counts[long_docs])
     positions = np.repeat(offsets[:-1][long_docs], counts[long_docs]) + _ranges(counts[long_docs])
     hashes[positions] = grams[take].astype(np.uint32)
-    for index in np.flatnonzero(~long_docs):
+    for index in np.flatnonzero(~long_docs).tolist():
         short = " ".join(_WORD.findall(unicodedata.normalize("NFKC", texts[index]).casefold()))
         hashes[offsets[index]] = zlib.crc32(("\x00" + short).encode("utf-8"))
     return hashes, offsets

@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tunelab.errors import TunelabError, did_you_mean
 
@@ -350,7 +350,7 @@ _FIX = {
 
 
 @contextlib.contextmanager
-def _open_stream(path: Path) -> Iterator[tuple[IO[bytes], str | None]]:
+def _open_stream(path: Path) -> Iterator[tuple[io.BufferedIOBase, str | None]]:
     """The decompressed bytes of ``path`` as a buffered stream, and the compression's name."""
     with open(_readable(path), "rb") as raw:
         kind = _compression(raw.read(6), path.name)
@@ -359,7 +359,7 @@ def _open_stream(path: Path) -> Iterator[tuple[IO[bytes], str | None]]:
             yield raw, None
             return
         if kind == "gzip":
-            stream: IO[bytes] = gzip.GzipFile(fileobj=raw)
+            stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw)
         elif kind == "bzip2":
             stream = bz2.BZ2File(raw)
         elif kind == "xz":
@@ -372,7 +372,7 @@ def _open_stream(path: Path) -> Iterator[tuple[IO[bytes], str | None]]:
                     f"{path}: is zstd-compressed, which needs the 'zstandard' package. Install "
                     "it with: pip install zstandard (or decompress the file with 'zstd -d')."
                 ) from None
-            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))  # type: ignore[arg-type]
+            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
         with stream:
             yield stream, kind
 

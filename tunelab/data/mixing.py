@@ -83,7 +83,7 @@ def mix_training_data(
         ]
         parts.append((GENERAL, replay_share, general, round(total * replay_share)))
     mixed = list(primary)
-    report_sources = [
+    report_sources: list[dict[str, Any]] = [
         {"path": "dataset_path", "weight": round(primary_share, 4), "available": len(primary),
          "used": len(primary), "repeated": 0},
     ]  # fmt: skip

@@ -297,7 +297,7 @@ def prepare_preference(config: FineTuningConfig) -> PreparedPreference:
     if not train:
         raise TunelabError(f"no preference rows left for training in {c.dataset_path}.")
     conversational = sum(e.conversational for e in train)
-    manifest = {
+    manifest: dict[str, Any] = {
         "objective": c.objective,
         "loaded": len(loaded),
         "edited": dict(edits),

@@ -149,7 +149,8 @@ class Tally:
     def edit(
         self, name: str, examples: list[Example], fn: Callable[[Example], Example]
     ) -> list[Example]:
-        start, out, changed, samples = time.perf_counter(), [], 0, []
+        samples: list[dict[str, str]] = []
+        start, out, changed = time.perf_counter(), [], 0
         for example in examples:
             edited = fn(example)
             if edited.texts() != example.texts():
@@ -169,7 +170,9 @@ class Tally:
     def filter(
         self, name: str, examples: list[Example], reason_of: Callable[[int, Example], str | None]
     ) -> list[Example]:
-        start, kept, reasons, samples = time.perf_counter(), [], Counter(), []
+        samples: list[dict[str, str]] = []
+        reasons: Counter[str] = Counter()
+        start, kept = time.perf_counter(), []
         for index, example in enumerate(examples):
             reason = reason_of(index, example)
             if reason is None:
@@ -298,7 +301,8 @@ def _count_empty_turns(examples: list[Example], tally: Tally) -> None:
     """Count the empty assistant turns of chats that have other answers: tokenize leaves them
     out of the loss (an empty reply is not an answer), and the report says how many, as it
     says how many empty completions were dropped."""
-    start, turns, samples = time.perf_counter(), 0, []
+    samples: list[dict[str, str]] = []
+    start, turns = time.perf_counter(), 0
     for example in examples:
         empty = [i for i, m in enumerate(example.messages or []) if is_empty_answer(m)]
         turns += len(empty)
@@ -412,7 +416,7 @@ def token_lengths(examples: list[Example], tokenizer: Any, config: FineTuningCon
         return []
     chat = uses_chat_template(tokenizer, config.chat_format)
     texts = [_rendered(e, tokenizer, chat, config.system_prompt) for e in examples]
-    lengths = []
+    lengths: list[int] = []
     for start in range(0, len(texts), 2048):
         encoded = tokenizer(texts[start : start + 2048], add_special_tokens=False)["input_ids"]
         lengths.extend(len(ids) for ids in encoded)

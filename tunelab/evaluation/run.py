@@ -12,6 +12,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ class EvalResults:
         }
 
 
-def parse_systems(text: str | list[str]) -> list[str]:
+def parse_systems(text: str | Sequence[str]) -> list[str]:
     names = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
     names = [n for n in names if n]
     for name in names:
@@ -226,7 +227,7 @@ def key_terms(
     them (FOLDOC does), else up to five of its rarest words over the training documents
     (IDF of at least ``rare``; four letters or more, not stop words)."""
     if raw_reference:
-        braced = []
+        braced: list[str] = []
         for match in _BRACED.findall(raw_reference):
             term = " ".join(match.split())
             if metrics.normalize(term) and term.lower() not in (t.lower() for t in braced):
@@ -333,7 +334,7 @@ def parse_probes(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 def evaluate_run(
     run_dir: str | Path,
     eval_path: str | Path | None = None,
-    systems: str | list[str] = SYSTEMS,
+    systems: str | Sequence[str] = SYSTEMS,
     limit: int | None = None,
     k: int = 3,
     retriever: str = "bm25",
@@ -629,7 +630,8 @@ class _adapter:  # noqa: N801 (used as a context manager, reads like one)
     """Switch the run's adapter off for base-model systems (and on again after)."""
 
     def __init__(self, model: Any, enabled: bool) -> None:
-        self.model, self.enabled, self.context = model, enabled, None
+        self.model, self.enabled = model, enabled
+        self.context: Any = None  # disable_adapter()'s context while the adapter is off
 
     def __enter__(self) -> None:
         if not self.enabled and hasattr(self.model, "disable_adapter"):

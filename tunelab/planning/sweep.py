@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -153,6 +153,10 @@ def parse_spec(section: Any, source: str = "sweep") -> SweepSpec:
     return spec
 
 
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_param(key: str, space: Any, source: str) -> None:
     if key not in FIELDS:
         raise TunelabError(
@@ -171,8 +175,7 @@ def _check_param(key: str, space: Any, source: str) -> None:
             raise TunelabError(f"{source}: params.{key}.choices must be a non-empty list.")
         return
     low, high = space.get("low"), space.get("high")
-    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high))
-    if not numbers or not low < high:
+    if not (_is_number(low) and _is_number(high)) or not low < high:
         raise TunelabError(
             f"{source}: params.{key} needs numbers low < high (got low {low!r}, high {high!r}); "
             "or give choices: [...]."

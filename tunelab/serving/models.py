@@ -78,8 +78,9 @@ def load_pool(targets: list[str], precision: str = "fp32", device: str | None = 
     if models:
         loaded = load_for_inference(models[0], precision, device=device)
         name = Path(loaded.source).name or models[0]
-        served = {name: _served(name, BASE_ADAPTER, loaded)}
-        return ModelPool(loaded.model, served, _context_length(loaded.model))
+        return ModelPool(
+            loaded.model, {name: _served(name, BASE_ADAPTER, loaded)}, _context_length(loaded.model)
+        )
 
     bases = {str(run): _run_base(run) for run in runs}
     if len(set(bases.values())) > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ class AdapterSet:
     (PEFT's ``cat`` combination, exact for LoRA adapters of any ranks).
     """
 
-    def __init__(self, adapters: dict[str, str | Path], precision: str = "fp32") -> None:
+    def __init__(self, adapters: Mapping[str, str | Path], precision: str = "fp32") -> None:
         from tunelab.device import choose_placement
         from tunelab.models import (
             add_adapter,

@@ -355,7 +355,7 @@ def _sentencepiece_metadata(path: Path, data: dict[str, Any], vocab_size: int) -
             "differently. Use llama.cpp's convert_hf_to_gguf.py on the merged folder."
         )
     vocab, added = _vocab_with_added(path, data, vocab_size)
-    rank = {}
+    rank: dict[str, int] = {}
     for index, merge in enumerate(model.get("merges", [])):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
         rank.setdefault(left + right, index)

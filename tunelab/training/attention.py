@@ -171,7 +171,11 @@ def stacked_layout(position_ids: torch.Tensor, heads: int, kv_heads: int) -> Sta
     query_take, query_back, query_padding = gather_and_back(query_parts, heads)
     key_take, key_back, _ = gather_and_back(key_parts, kv_heads)
     return StackedLayout(
-        *(t.to(device) for t in (query_take, query_back, query_padding, key_take, key_back)),
+        query_take.to(device),
+        query_back.to(device),
+        query_padding.to(device),
+        key_take.to(device),
+        key_back.to(device),
         buckets,
     )
 
@@ -191,7 +195,7 @@ class _Regroup(torch.autograd.Function):
     outputs are dropped and, being after every real token, no real query attends to them."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         forward_index: torch.Tensor,
@@ -202,7 +206,7 @@ class _Regroup(torch.autograd.Function):
         return x.index_select(0, forward_index)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         out = grad.index_select(0, ctx.backward_index)
         if ctx.keep is not None:
             # a multiply: a bool mask's masked_fill is an unvectorised loop on a CPU (5x slower)
@@ -281,7 +285,9 @@ def packed_attention_forward(
             attended = _MatmulAttention.apply(q, k, v, scaling, sliding_window)
         else:
             attended = F.scaled_dot_product_attention(
-                *(t.transpose(1, 2) for t in (q, k, v)),
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
                 attn_mask=_window_mask(longest, sliding_window, q.device) if windowed else None,
                 dropout_p=dropout,
                 scale=scaling,
@@ -379,7 +385,7 @@ class _MatmulAttention(torch.autograd.Function):
     softmax gradient on them directly."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         q: torch.Tensor,
         k: torch.Tensor,
@@ -402,7 +408,7 @@ class _MatmulAttention(torch.autograd.Function):
         return _unstack_groups(output, sequences, length)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         q_b, k_b, v_b, weights = ctx.saved_tensors
         # the gradient can arrive in another dtype (fp32 weights under autocast)
         grad = grad.to(weights.dtype)
@@ -430,7 +436,7 @@ class _StackedMatmulAttention(torch.autograd.Function):
     forward and backward 415 -> 322 ms (2% of a training step), results identical to the bit."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         q_rows: torch.Tensor,
         k_rows: torch.Tensor,
@@ -452,7 +458,7 @@ class _StackedMatmulAttention(torch.autograd.Function):
         return out.index_select(0, layout.query_back)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         queries, keys, values, *saved = ctx.saved_tensors
         layout = ctx.layout
         grad_out = grad.to(queries.dtype).index_select(0, layout.query_take)

@@ -8,6 +8,7 @@ never a target, so no example is trained to predict the start of the next.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +69,7 @@ def single_rows(examples: list[TokenizedExample], origins: list[str] | None = No
     return [_row_of(e, origins[i] if origins else None) for i, e in enumerate(examples)]
 
 
-def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Stack rows into tensors; shorter rows are padded at the end with positions that keep
     counting, so padding only ever follows real tokens and is never attended to by them."""
     width = max(len(r) for r in rows)

@@ -36,8 +36,8 @@ def keep_mask(
     seeded runs are reproducible and resuming restores them."""
     threshold = keep_threshold(p)
     if device.type != "cpu":
-        draws = torch.empty(shape, dtype=torch.int16, device=device).random_(-32768, 32768)
-        return (draws >= threshold).to(dtype)
+        bits = torch.empty(shape, dtype=torch.int16, device=device).random_(-32768, 32768)
+        return (bits >= threshold).to(dtype)
     count = shape.numel()
     seed = int(torch.randint(0, 2**62, ()))
     words = np.random.SFC64(seed).random_raw(-(-count // 4))

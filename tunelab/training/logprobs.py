@@ -25,7 +25,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     incoming gradient, and no logits are kept for it."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, block: int
     ) -> torch.Tensor:
         picked = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -44,7 +44,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         return picked
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_output.to(grad_hidden.dtype)[:, None], None, None, None
 

@@ -515,7 +515,7 @@ def _evaluate(
             config,
             pad_token_id,
             device,
-            precision,  # type: ignore[arg-type]
+            precision,
         )
         return EvalResult(loss, math.exp(min(loss, 50.0)), sum(len(r) for r in rows), metrics)
     return evaluate(model, rows, config.batch_size, pad_token_id, device, precision, world)

@@ -73,7 +73,7 @@ def lean_lora_forward(model: Any) -> AbstractContextManager[int]:
     PEFT's own forward whenever the layer is merged, disabled, switched to another adapter or
     called with extra arguments); yields how many were switched, and restores them after."""
 
-    def make_forward(module: nn.Module) -> Any:
+    def make_forward(module: Any) -> Any:  # a PEFT LoRA layer: its adapters are read by name
         if not _eligible(module):
             return None
         original = module.forward

@@ -126,7 +126,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     cache over its passes, and writes the gradient of the logits back over them in place."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -190,7 +190,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None
 

@@ -126,7 +126,7 @@ def _batch(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[Sequence]]:
     batch = collate(rows, pad_token_id)
     index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
-    sequences = []
+    sequences: list[Sequence] = []
     for r, row in enumerate(rows):
         for sequence in row.sequences:
             index[r, sequence.start : sequence.end] = len(sequences)

@@ -29,16 +29,14 @@ class _Rotary(torch.autograd.Function):
     """``x * cos + rotate_half(x) * sin`` for ``cos`` and ``sin`` whose two halves are equal."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         cos, sin = cos[..., :half], sin[..., :half]
         ctx.save_for_backward(cos, sin)
         return _rotate(x, cos, sin, 1)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         cos, sin = ctx.saved_tensors
         # the transpose of the rotation: the same with the angle's sign flipped
         return _rotate(grad, cos, sin, -1), None, None

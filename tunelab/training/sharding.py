@@ -18,13 +18,16 @@ collective), so the accumulation must split evenly and evaluation pads the short
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def wants_fsdp(sharding: str) -> bool:
@@ -73,9 +76,9 @@ def shard_model(model: nn.Module, device: str = "cpu") -> int:
             "declares no _no_split_modules). Use sharding: none."
         )
     for layer in layers:
-        fully_shard(layer)
-        layer.set_gradient_divide_factor(1.0)
-        layer.set_force_sum_reduction_for_comms(True)
+        sharded = fully_shard(layer)  # the same module, now also an FSDPModule
+        sharded.set_gradient_divide_factor(1.0)
+        sharded.set_force_sum_reduction_for_comms(True)
     model.to(device)  # the sharded layers are there already; embeddings, head, buffers follow
     return len(layers)
 
@@ -86,7 +89,7 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def is_dtensor(tensor: Any) -> bool:
+def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
