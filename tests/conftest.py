@@ -29,6 +29,42 @@ CORPUS = [
     "What does compiler mean? What is a byte? Define kernel.",
 ] * 4
 
+# the tiny model's width, shared by the tiny models of other families and tokenizers
+TINY_SIZES = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
+)
+
+# term -> definition: the prompt/completion data of most tests (see ``qa_rows``)
+DEFINITIONS = {
+    "compiler": "A program that translates source code into machine code.",
+    "byte": "Eight bits.",
+    "kernel": "The core of an operating system.",
+    "recursion": "When a function calls itself.",
+    "TCP": "A reliable, connection-oriented transport protocol.",
+    "linked list": "Nodes that each point to the next node.",
+}
+
+# term -> (a right answer, a wrong one): the preference pairs of the preference tests
+PREFERENCE_TERMS = {
+    "compiler": ("translates source code", "bakes bread daily"),
+    "byte": ("eight bits", "a small dog"),
+    "kernel": ("core of an operating system", "a corn seed only"),
+    "recursion": ("a function calls itself", "a bicycle race"),
+    "cache": ("a fast store of data", "a pirate treasure"),
+    "loop": ("code that repeats", "a rope knot"),
+    "bus": ("wires that carry data", "a yellow vehicle"),
+    "stack": ("last in first out list", "a pile of hay"),
+}
+
+
+def preference_pairs(template: str, count: int = len(PREFERENCE_TERMS)) -> list[dict]:
+    """{prompt, chosen, rejected} rows of the first ``count`` terms, the prompt
+    ``template.format(term)``."""
+    return [
+        {"prompt": template.format(term), "chosen": good, "rejected": bad}
+        for term, (good, bad) in list(PREFERENCE_TERMS.items())[:count]
+    ]
+
 
 def build_tiny_model(folder: Path, with_pad_token: bool = False, vocab_size: int = 384) -> Path:
     """Write a tiny Llama (2 layers, width 64) and a trained BPE tokenizer into ``folder``."""
@@ -57,11 +93,8 @@ def build_tiny_model(folder: Path, with_pad_token: bool = False, vocab_size: int
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY_SIZES,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -72,6 +105,18 @@ def build_tiny_model(folder: Path, with_pad_token: bool = False, vocab_size: int
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def spread_weights(model, seed: int, std: float = 0.3) -> None:
+    """Redraw every weight matrix of ``model`` from N(0, std) after seeding torch with
+    ``seed``: the tiny model's initial weights answer every prompt with the same token."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0, std)
 
 
 @pytest.fixture(scope="session")
@@ -94,23 +139,30 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def tiny_run_config(model_dir: Path, dataset: Path, output_dir: Path, /, **settings):
+    """A config for a fast fp32 run of the tiny model (batches of 2, 64 tokens) on
+    ``dataset``; ``settings`` add or override keys."""
+    from tunelab.config import FineTuningConfig
+
+    values = dict(
+        model_name=str(model_dir),
+        dataset_path=str(dataset),
+        output_dir=str(output_dir),
+        batch_size=2,
+        max_length=64,
+        precision="fp32",
+    )
+    return FineTuningConfig(**{**values, **settings})
+
+
 @pytest.fixture
 def qa_rows() -> list[dict]:
-    terms = {
-        "compiler": "A program that translates source code into machine code.",
-        "byte": "Eight bits.",
-        "kernel": "The core of an operating system.",
-        "recursion": "When a function calls itself.",
-        "TCP": "A reliable, connection-oriented transport protocol.",
-        "linked list": "Nodes that each point to the next node.",
-    }
-    return [{"term": t, "definition": d} for t, d in terms.items()]
+    return [{"term": t, "definition": d} for t, d in DEFINITIONS.items()]
 
 
 @pytest.fixture
 def make_config(tmp_path, tiny_model_dir, qa_rows):
     """A config for a fast run on the tiny model with prompt/completion data in tmp_path."""
-    from tunelab.config import FineTuningConfig
 
     def make(**overrides):
         train = write_jsonl(
@@ -122,15 +174,9 @@ def make_config(tmp_path, tiny_model_dir, qa_rows):
             * 4,
         )
         values = dict(
-            model_name=str(tiny_model_dir),
-            dataset_path=str(train),
-            output_dir=str(tmp_path / "run"),
             learning_rate=3e-3,
             max_steps=6,
-            batch_size=2,
             gradient_accumulation_steps=2,
-            max_length=64,
-            precision="fp32",
             logging_steps=1,
             lora_dropout=0.0,
             # the rows repeat on purpose (more steps per epoch); deduplication is tested in
@@ -139,6 +185,6 @@ def make_config(tmp_path, tiny_model_dir, qa_rows):
             dedup_near_threshold=None,
         )
         values.update(overrides)
-        return FineTuningConfig(**values)
+        return tiny_run_config(tiny_model_dir, train, tmp_path / "run", **values)
 
     return make

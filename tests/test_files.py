@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import tiny_run_config, write_jsonl
 
 from tunelab.errors import TunelabError
 from tunelab.ownership import MANIFEST
@@ -38,21 +39,16 @@ def leftovers(folder: Path) -> list[str]:
 def finished_run(tmp_path_factory, tiny_model_dir):
     """A finished tiny LoRA run (checkpoints every 2 steps), copied fresh for each test."""
     from tunelab.api import FineTuner
-    from tunelab.config import FineTuningConfig
 
     folder = tmp_path_factory.mktemp("finished")
     rows = [{"prompt": f"What is {i}?", "completion": f"It is {i}."} for i in range(12)]
-    data = folder / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = FineTuningConfig(
-        model_name=str(tiny_model_dir),
-        dataset_path=str(data),
-        output_dir=str(folder / "run"),
+    data = write_jsonl(folder / "train.jsonl", rows)
+    config = tiny_run_config(
+        tiny_model_dir,
+        data,
+        folder / "run",
         max_steps=4,
         save_steps=2,
-        batch_size=2,
-        max_length=64,
-        precision="fp32",
         logging_steps=1,
         plot=False,
         data_cache=False,

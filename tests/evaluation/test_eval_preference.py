@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 
-from conftest import write_jsonl
+from conftest import preference_pairs, write_jsonl
 
 from tunelab.api import FineTuner
 from tunelab.cli import main
 from tunelab.config import FineTuningConfig
 
-TERMS = {
-    "compiler": ("translates source code", "bakes bread daily"),
-    "byte": ("eight bits", "a small dog"),
-    "kernel": ("core of an operating system", "a corn seed only"),
-    "recursion": ("a function calls itself", "a bicycle race"),
-    "cache": ("a fast store of data", "a pirate treasure"),
-    "loop": ("code that repeats", "a rope knot"),
-}
-
 
 def test_eval_reports_base_sft_and_tuned_preference_accuracy(tmp_path, tiny_model_dir, capsys):
-    pairs = [{"prompt": f"What is a {t}?", "chosen": g, "rejected": b}
-             for t, (g, b) in TERMS.items()]  # fmt: skip
+    pairs = preference_pairs("What is a {}?", count=6)
     held_out = [{**p, "prompt": p["prompt"].replace("What is a", "Define")} for p in pairs]
     train = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     held = write_jsonl(tmp_path / "held.jsonl", held_out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from conftest import DEFINITIONS
 
 from tunelab.errors import TunelabError
 from tunelab.evaluation.metrics import tokens
@@ -16,15 +17,6 @@ from tunelab.evaluation.probes import (
     subject_of,
 )
 from tunelab.evaluation.systems import EvalItem, PromptBuilder
-
-DEFINITIONS = {
-    "compiler": "A program that translates source code into machine code.",
-    "byte": "Eight bits.",
-    "kernel": "The core of an operating system.",
-    "recursion": "When a function calls itself.",
-    "TCP": "A reliable, connection-oriented transport protocol.",
-    "linked list": "Nodes that each point to the next node.",
-}
 
 
 def pool() -> list[EvalItem]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import spread_weights
 
 from tunelab.evaluation.scoring import reference_losses, timed_generation
 from tunelab.evaluation.shared_pass import prepare, score_and_generate
@@ -39,15 +40,8 @@ def texts(tokenizer):
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    import torch
-
     loaded = load_for_inference(str(tiny_model_dir), precision="fp32")
-    # larger random weights: the tiny model's initial ones repeat one token whatever the prompt
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in loaded.model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.3)
+    spread_weights(loaded.model, seed=0)
     return loaded
 
 

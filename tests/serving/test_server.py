@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import spread_weights, tiny_run_config, write_jsonl
 
 
 def train_run(base: Path, folder: Path, seed: int, system_prompt: str | None = None) -> Path:
     from tunelab.api import FineTuner
-    from tunelab.config import FineTuningConfig
 
     rows = [
         {"prompt": f"What does {term} mean?", "completion": answer}
@@ -25,15 +24,12 @@ def train_run(base: Path, folder: Path, seed: int, system_prompt: str | None = N
             ("compiler", "A program that translates source code."),
         ]
     ] * 4
-    config = FineTuningConfig(
-        model_name=str(base),
-        dataset_path=str(write_jsonl(folder.parent / f"{folder.name}.jsonl", rows)),
-        output_dir=str(folder),
+    config = tiny_run_config(
+        base,
+        write_jsonl(folder.parent / f"{folder.name}.jsonl", rows),
+        folder,
         learning_rate=2e-2,
         max_steps=6,
-        batch_size=2,
-        max_length=64,
-        precision="fp32",
         lora_dropout=0.0,
         dedup_exact=False,
         dedup_near_threshold=None,
@@ -48,17 +44,12 @@ def train_run(base: Path, folder: Path, seed: int, system_prompt: str | None = N
 def lively_base(tmp_path_factory) -> Path:
     """The tiny model with larger random weights: the shared fixture's answers are all new
     lines, which would make every comparison of answers pass."""
-    import torch
     from conftest import build_tiny_model
     from transformers import AutoModelForCausalLM
 
     folder = build_tiny_model(tmp_path_factory.mktemp("serve-base") / "model")
     model = AutoModelForCausalLM.from_pretrained(folder)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.ndim == 2:
-                parameter.normal_(0, 0.3)
+    spread_weights(model, seed=1)
     model.save_pretrained(folder)
     return folder
 

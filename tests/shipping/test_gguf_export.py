@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SIZES
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig
 
 from tunelab.api import FineTuner
@@ -121,11 +122,8 @@ SHAPES = {
     ),
     "mistral": MistralConfig(
         vocab_size=384,
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY_SIZES,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         sliding_window=None,
         tie_word_embeddings=False,
     ),

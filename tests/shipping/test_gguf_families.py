@@ -7,6 +7,7 @@ import shutil
 import gguf
 import pytest
 import torch
+from conftest import TINY_SIZES
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.shipping.gguf_export import end_of_turn_id, export_gguf
@@ -28,11 +29,8 @@ def family_config(family, tokenizer):
 
     common = dict(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY_SIZES,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import CORPUS
+from conftest import CORPUS, TINY_SIZES
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -45,13 +45,7 @@ def sentencepiece_model(folder, style):
     )
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
+        vocab_size=len(tokenizer), **TINY_SIZES, num_hidden_layers=1, tie_word_embeddings=True
     )
     shutil.rmtree(folder, ignore_errors=True)
     LlamaForCausalLM(config).save_pretrained(folder)

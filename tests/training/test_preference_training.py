@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import preference_pairs, write_jsonl
 
 from tunelab.api import FineTuner
 from tunelab.config import FineTuningConfig
@@ -16,28 +16,10 @@ from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
 from tunelab.training import preference
 from tunelab.training.preference import Unit, attach_reference_logps, pack_units
 
-TERMS = {
-    "compiler": ("translates source code", "bakes bread daily"),
-    "byte": ("eight bits", "a small dog"),
-    "kernel": ("core of an operating system", "a corn seed only"),
-    "recursion": ("a function calls itself", "a bicycle race"),
-    "cache": ("a fast store of data", "a pirate treasure"),
-    "loop": ("code that repeats", "a rope knot"),
-    "bus": ("wires that carry data", "a yellow vehicle"),
-    "stack": ("last in first out list", "a pile of hay"),
-}
-
-
-def _pairs(template: str) -> list[dict]:
-    return [
-        {"prompt": template.format(term), "chosen": good, "rejected": bad}
-        for term, (good, bad) in TERMS.items()
-    ]
-
 
 def _config(tmp_path, tiny_model_dir, **overrides) -> FineTuningConfig:
-    train = write_jsonl(tmp_path / "pairs.jsonl", _pairs("What is a {}?"))
-    held_out = write_jsonl(tmp_path / "held_out.jsonl", _pairs("Define {} please."))
+    train = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs("What is a {}?"))
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", preference_pairs("Define {} please."))
     values = dict(
         model_name=str(tiny_model_dir), dataset_path=str(train), eval_path=str(held_out),
         output_dir=str(tmp_path / "run"), objective="dpo", beta=0.5, learning_rate=5e-3,

@@ -80,6 +80,18 @@ def _bad(origin: str, problem: str, fix: str) -> TunelabError:
     return TunelabError(f"{origin}: {problem}. {fix}")
 
 
+def _texts_alike(row: dict[str, Any], first: str, second: str, origin: str) -> tuple[Text, Text]:
+    """The two columns' texts; refused unless both are strings or both are conversations."""
+    a, b = _text(row, first, origin), _text(row, second, origin)
+    if isinstance(a, str) != isinstance(b, str):
+        raise _bad(
+            origin,
+            f"'{first}' and '{second}' differ in type (one text, one conversation)",
+            "Give both as strings or both as lists of messages",
+        )
+    return a, b
+
+
 def _text(row: dict[str, Any], key: str, origin: str) -> Text:
     value = row[key]
     if isinstance(value, str):
@@ -127,13 +139,7 @@ def parse_row(row: dict[str, Any], origin: str, objective: str) -> list[Preferen
                 f"the '{key}' answer is missing or empty",
                 "Give every row both answers, or remove the row",
             )
-    chosen, rejected = _text(row, "chosen", origin), _text(row, "rejected", origin)
-    if isinstance(chosen, str) != isinstance(rejected, str):
-        raise _bad(
-            origin,
-            "'chosen' and 'rejected' differ in type (one text, one conversation)",
-            "Give both as strings or both as lists of messages",
-        )
+    chosen, rejected = _texts_alike(row, "chosen", "rejected", origin)
     if "prompt" in row and row["prompt"] is not None:
         prompt = _text(row, "prompt", origin)
         if isinstance(prompt, str) != isinstance(chosen, str):
@@ -203,13 +209,7 @@ def _unpaired(row: dict[str, Any], origin: str) -> PreferenceExample:
             f"'label' is {label!r} ({type(label).__name__}), expected a boolean",
             "Write true for a good completion and false for a bad one",
         )
-    prompt, completion = _text(row, "prompt", origin), _text(row, "completion", origin)
-    if isinstance(prompt, str) != isinstance(completion, str):
-        raise _bad(
-            origin,
-            "'prompt' and 'completion' differ in type (text vs conversation)",
-            "Give both as strings or both as lists of messages",
-        )
+    prompt, completion = _texts_alike(row, "prompt", "completion", origin)
     if not _strings(completion) or not "".join(_strings(completion)).strip():
         raise _bad(origin, "the 'completion' is empty", "Give a completion or remove the row")
     return PreferenceExample(origin, prompt, completion=completion, label=label)
