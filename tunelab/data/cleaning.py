@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
+from typing import Literal
 
 from tunelab.errors import TunelabError, did_you_mean
 from tunelab.text_safety import drop_controls
@@ -80,7 +81,9 @@ def apply_rules(text: str, rules: list[Rule]) -> str:
     return text
 
 
-def normalize_unicode(text: str, form: str = "NFC") -> str:
+def normalize_unicode(
+    text: str, form: Literal["NFC", "NFD", "NFKC", "NFKD", "none"] = "NFC"
+) -> str:
     """Unicode normal form (NFKC also folds look-alikes such as 'ﬁ' and full-width letters);
     zero-width and byte-order marks go, since they are invisible but split tokens."""
     if form != "none":
