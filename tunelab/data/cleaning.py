@@ -81,13 +81,20 @@ def apply_rules(text: str, rules: list[Rule]) -> str:
     return text
 
 
-def normalize_unicode(
-    text: str, form: Literal["NFC", "NFD", "NFKC", "NFKD", "none"] = "NFC"
-) -> str:
+_NORMAL_FORMS: dict[str, Literal["NFC", "NFD", "NFKC", "NFKD"]] = {
+    "NFC": "NFC",
+    "NFD": "NFD",
+    "NFKC": "NFKC",
+    "NFKD": "NFKD",
+}
+
+
+def normalize_unicode(text: str, form: str = "NFC") -> str:
     """Unicode normal form (NFKC also folds look-alikes such as 'ﬁ' and full-width letters);
-    zero-width and byte-order marks go, since they are invisible but split tokens."""
+    zero-width and byte-order marks go, since they are invisible but split tokens. ``form``
+    is one of unicodedata's four forms or 'none'."""
     if form != "none":
-        text = unicodedata.normalize(form, text)
+        text = unicodedata.normalize(_NORMAL_FORMS[form], text)
     return text.translate(_INVISIBLE)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -47,6 +47,7 @@ from tunelab.training.neftune import neftune
 from tunelab.training.norm import fast_rms_norm
 from tunelab.training.optim import build_optimizer
 from tunelab.training.precision import backward_precision, grad_scaler, mixed_precision
+from tunelab.training.preference import PreferenceRow
 from tunelab.training.reporting import CURVES, Reporters, plot_curves
 from tunelab.training.rotary import fast_rotary
 from tunelab.training.schedule import lr_factor, warmup_steps_for
@@ -306,7 +307,8 @@ def _fit(
         reference_started = time.perf_counter()
         frozen = preference.frozen_reference(model) if state["step"] == 0 else None
         forwards = preference.attach_reference_logps(
-            model, [train_rows, eval_rows or []], run_dir / preference.REFERENCE_CACHE,
+            model, cast(list[list[PreferenceRow]], [train_rows, eval_rows or []]),
+            run_dir / preference.REFERENCE_CACHE,
             pad_token_id, config.batch_size, device, precision, frozen,
         )  # fmt: skip
         del frozen
@@ -348,8 +350,10 @@ def _fit(
         else:  # preference objectives: the loss is a mean over the step's pairs / answers
             step_loss, stats = preference.accumulate_preference_gradients(
                 model, mine, config, pad_token_id, device, precision,
-                step_units=sum(preference.count_units(rows) for rows in micro_batches),
-                step_chosen_tokens=sum(preference.chosen_tokens(rows) for rows in micro_batches),
+                step_units=sum(preference.count_units(cast(list[PreferenceRow], rows))
+                               for rows in micro_batches),
+                step_chosen_tokens=sum(preference.chosen_tokens(cast(list[PreferenceRow], rows))
+                                       for rows in micro_batches),
                 scaler=scaler,
             )  # fmt: skip
             step_loss_tokens = sum(loss_tokens(rows) for rows in micro_batches)
@@ -364,7 +368,7 @@ def _fit(
             else _clip(params, config.max_grad_norm)
         )
         finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-        lr = scheduler.get_last_lr()[0]
+        lr = float(scheduler.get_last_lr()[0])  # typed float | Tensor: a float here
         if finite:
             if scaler is not None:
                 scaler.step(optimizer)
@@ -511,7 +515,7 @@ def _evaluate(
     if config.objective != "sft":
         loss, metrics = preference.evaluate_preference(
             model,
-            rows,
+            cast(list[PreferenceRow], rows),  # a preference objective's rows (pack_units)
             config,
             pad_token_id,
             device,
