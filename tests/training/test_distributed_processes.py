@@ -17,7 +17,7 @@ from tunelab.errors import TunelabError
 from tunelab.training.distributed import World, global_batch_note
 from tunelab.training.sharding import check_shardable, wants_fsdp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_config(make_config, tmp_path, name, **overrides):
