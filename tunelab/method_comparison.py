@@ -16,7 +16,7 @@ from tunelab.config import METHODS, load_config
 from tunelab.errors import TunelabError, did_you_mean
 from tunelab.files import atomic_write_json, atomic_write_text, read_json_file
 from tunelab.methods import PROMPT_METHODS
-from tunelab.runs import damaged_run_fix
+from tunelab.run_folder import damaged_run_fix, results_path
 
 DEFAULT_METHODS = (
     "lora",
@@ -113,7 +113,7 @@ def compare_methods(
             )
             print(f"   failed: {rows[-1]['error']}")
             continue
-        results = read_json_file(run_dir / "results.json", damaged_run_fix(run_dir))
+        results = read_json_file(results_path(run_dir), damaged_run_fix(run_dir))
         rows.append(
             {
                 "method": method,

@@ -218,14 +218,11 @@ def _load_failures() -> tuple[type[BaseException], ...]:
 def run_trust_remote_code(run_dir: str | Path) -> bool:
     """The trust_remote_code a run was trained with (its saved config; False when absent), so
     that merge, export, generate and doctor make the same choice the user made for training."""
-    path = Path(run_dir) / "tunelab_config.yaml"
-    if not path.is_file():
-        return False
-    import yaml
+    from tunelab.run_folder import read_saved_config
 
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        values = read_saved_config(run_dir)
+    except (OSError, TunelabError):
         return False  # unreadable: the safe choice
     trusted = isinstance(values, dict) and values.get("trust_remote_code") is True
     if trusted:  # said here, before any load of the run or its base can import their code
