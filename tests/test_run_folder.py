@@ -45,16 +45,17 @@ def lines(records: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
 
 
-def test_a_torn_last_line_is_skipped_with_a_warning_by_every_reader(tmp_path, caplog):
+def test_a_torn_last_line_is_skipped_with_a_warning_by_every_reader(tmp_path, capsys):
     # a crash while the last line was written: the curve before it still stands
     folder = make_run(tmp_path / "run", lines(RECORDS) + '{"step": 3, "lo')
-    with caplog.at_level(logging.WARNING):
-        seen = every_reader(folder)
+    seen = every_reader(folder)
     expected = [(1, 2.5), (2, 2.25)]
     assert seen == {name: expected for name in seen}
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == len(seen)
-    assert all(f"{folder / 'metrics.jsonl'}:4 is cut off" in w for w in warnings), warnings
+    assert all(
+        w.startswith(f"warning: {folder / 'metrics.jsonl'}:4 is cut off") for w in warnings
+    ), warnings
 
 
 def test_a_bad_line_in_the_middle_names_file_and_line_in_every_reader(tmp_path):
@@ -79,14 +80,13 @@ def test_a_line_that_is_json_but_not_an_object_is_refused(tmp_path):
         read_metrics(folder)
 
 
-def test_resume_drops_a_torn_line_through_the_same_reader(tmp_path, caplog):
+def test_resume_drops_a_torn_line_through_the_same_reader(tmp_path, capsys):
     from tunelab.run_folder import read_metrics
     from tunelab.training.logging import MetricsLog
 
     folder = make_run(tmp_path / "run", lines(RECORDS) + '{"step": 3, "lo')
-    with caplog.at_level(logging.WARNING):
-        MetricsLog(folder / "metrics.jsonl", resume_step=1)
-    assert "metrics.jsonl:4 is cut off" in caplog.text
+    MetricsLog(folder / "metrics.jsonl", resume_step=1)
+    assert "metrics.jsonl:4 is cut off" in capsys.readouterr().err
     assert read_metrics(folder) == RECORDS[:1]
 
 
@@ -147,3 +147,34 @@ def test_a_command_whose_module_fails_to_import_stays_listed_and_names_the_fix(
     assert missing_package_hint(missing).endswith("pip install 'tunelab[sweep]'")
     missing = ModuleNotFoundError("No module named 'somepkg'", name="somepkg.sub")
     assert missing_package_hint(missing).endswith("pip install somepkg")
+
+
+def test_library_notes_go_through_logging_and_can_be_silenced(tmp_path, capsys):
+    # a notebook or program embedding tunelab decides where its notes go
+    from tunelab.ownership import prepare_output_folder, record_files
+
+    folder = tmp_path / "out"
+    prepare_output_folder(folder, "data", False, "--out")
+    (folder / "train.jsonl").write_text("{}\n")
+    record_files(folder, "data", [folder / "train.jsonl"])
+    prepare_output_folder(folder, "data", True, "--out")
+    assert capsys.readouterr().out == f"Replacing 1 file(s) tunelab wrote in {folder}.\n"
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tunelab_logger = logging.getLogger("tunelab")
+    tunelab_logger.addHandler(handler)
+    tunelab_logger.setLevel(logging.WARNING)  # the user's choice: warnings only
+    try:
+        (folder / "train.jsonl").write_text("{}\n")
+        record_files(folder, "data", [folder / "train.jsonl"])
+        prepare_output_folder(folder, "data", True, "--out")
+        tunelab_logger.setLevel(logging.INFO)
+        (folder / "train.jsonl").write_text("{}\n")
+        record_files(folder, "data", [folder / "train.jsonl"])
+        prepare_output_folder(folder, "data", True, "--out")
+    finally:
+        tunelab_logger.removeHandler(handler)
+        tunelab_logger.setLevel(logging.INFO)
+    assert [r.name for r in records] == ["tunelab.ownership"]
+    assert records[0].getMessage() == f"Replacing 1 file(s) tunelab wrote in {folder}."

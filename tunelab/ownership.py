@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable
@@ -38,6 +39,8 @@ from tunelab.run_folder import (
     read_saved_config,
 )
 
+logger = logging.getLogger(__name__)
+
 MANIFEST = ".tunelab-manifest.json"
 MANIFEST_FORMAT = 1
 
@@ -49,6 +52,7 @@ _MODEL_FILES = (
     "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", RUN_INFO, CONFIG,
 )  # fmt: skip
+
 # README.md is not among them: tunelab writes none, and a project's README is the user's.
 KNOWN_NAMES: dict[str, tuple[str, ...]] = {
     "run": _MODEL_FILES
@@ -234,7 +238,7 @@ def prepare_output_folder(
     folder = Path(folder)
     owned = check_output_folder(folder, kind, overwrite, what, option, hint)
     if owned:
-        print(f"Replacing {len(owned)} file(s) tunelab wrote in {folder}.")
+        logger.info("Replacing %d file(s) tunelab wrote in %s.", len(owned), folder)
         remove_owned(folder, owned)
     folder.mkdir(parents=True, exist_ok=True)
     write_manifest(folder, kind, {}, complete=False)
@@ -373,7 +377,7 @@ def check_output_files(
             "so it will not replace them. Move them, or choose another folder (--out)."
         )
     if replaced and announce:
-        print(f"Replacing {_listing(replaced)} in {folder} (written by tunelab earlier).")
+        logger.info("Replacing %s in %s (written by tunelab earlier).", _listing(replaced), folder)
 
 
 def _resolved(path: str | Path) -> Path:

@@ -12,7 +12,6 @@ answer tokens, as DPO does). Two views:
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -146,7 +145,3 @@ def is_preference_run(folder: Path) -> bool:
     from tunelab.run_folder import read_saved_config
 
     return read_saved_config(folder).get("objective", "sft") != "sft"
-
-
-def print_preference_table(report_path: Path) -> None:
-    print(format_preference_table(json.loads(report_path.read_text())))

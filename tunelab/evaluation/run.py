@@ -8,6 +8,7 @@ share weights, tokenizer and chat template exactly.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import time
@@ -27,6 +28,8 @@ from tunelab.evaluation.systems import (
     to_items,
 )
 from tunelab.run_folder import ADAPTER_CONFIG, CONFIG, read_metrics, read_results
+
+logger = logging.getLogger(__name__)
 
 # answer metrics in [0, 1] (shown as points out of 100) and the reference loss (nats, lower wins)
 ANSWER_METRICS = ("exact_match", "token_f1", "rouge_l", "chrf", "term_score", "semantic", "judge")
@@ -373,7 +376,7 @@ def evaluate_run(
     from tunelab.generation import load_for_inference
 
     started = time.perf_counter()
-    progress = progress or (lambda line: print(line, flush=True))
+    progress = progress or logger.info
     chosen = parse_systems(systems)
     if few_shot_choice not in FEW_SHOT_CHOICES:
         raise TunelabError(

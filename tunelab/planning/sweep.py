@@ -21,6 +21,7 @@ interrupted sweep resumes and several workers or machines can join one study.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ import yaml
 from tunelab.config import FIELDS, FineTuningConfig, config_from_dict, validate
 from tunelab.errors import TunelabError, did_you_mean
 from tunelab.yaml_numbers import load_yaml
+
+logger = logging.getLogger(__name__)
+
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -298,7 +302,7 @@ def run_sweep(
             trial.set_user_attr("error", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
         trial.set_user_attr("run_dir", str(folder))
-        print(f"trial {trial.number}: {values}")
+        logger.info("trial %d: %s", trial.number, values)
 
         def on_eval(step: int, loss: float) -> None:
             if step == 0 or not math.isfinite(loss):
