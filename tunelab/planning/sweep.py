@@ -366,11 +366,7 @@ def summarise(study: Any, base: FineTuningConfig, spec: SweepSpec, storage: str)
 
 def write_plots(study: Any, out: Path) -> list[Path]:
     """Optimisation history and parameter importance as PNGs (matplotlib, offline)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from tunelab.figures import new_figure
     from tunelab.files import save_figure
 
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -378,7 +374,8 @@ def write_plots(study: Any, out: Path) -> list[Path]:
     if not complete:
         return written
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure((6, 4))
+    ax = fig.subplots()
     numbers = [t.number for t in complete]
     values = [t.value for t in complete]
     best = [min(values[: i + 1]) for i in range(len(values))]
@@ -388,16 +385,15 @@ def write_plots(study: Any, out: Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     written.append(save_figure(fig, out / "optimization_history.png"))
-    plt.close(fig)
     importances = parameter_importance(study)
     if importances:
-        fig, ax = plt.subplots(figsize=(6, 0.6 * len(importances) + 1.5))
+        fig = new_figure((6, 0.6 * len(importances) + 1.5))
+        ax = fig.subplots()
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names])
         ax.set(xlabel="importance (fANOVA)", title="Parameter importance")
         fig.tight_layout()
         written.append(save_figure(fig, out / "param_importance.png"))
-        plt.close(fig)
     return written
 
 
