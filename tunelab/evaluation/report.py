@@ -192,7 +192,7 @@ def html_report(results: Any, shown: int = 8) -> str:
         probes=probes_html(data),
         forgetting=[
             {"system": name, "perplexity": f"{f['perplexity']:.2f}", "tokens": f["tokens"]}
-            for name, f in data["forgetting"].items()
+            for name, f in (data["forgetting"] or {}).items()
         ],
         loss_chart=loss_chart(results.training),
         systems=systems,
