@@ -144,7 +144,7 @@ def candidate_pairs(
     with lsh.insertion_session() as session:
         for index, signature in enumerate(signatures):
             session.insert(index, signature, check_duplication=False)
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     for j, signature in enumerate(signatures):
         pairs.extend((i, j) for i in sorted(lsh.query(signature)) if i < j)
     return pairs

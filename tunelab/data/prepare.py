@@ -396,7 +396,7 @@ def token_lengths(examples: list[Example], tokenizer: Any, config: FineTuningCon
         render_example(e, tokenizer, chat, config.system_prompt, answer_spans=False, bos=bos)[0]
         for e in examples
     ]
-    lengths = []
+    lengths: list[int] = []
     for start in range(0, len(texts), 2048):
         encoded = tokenizer(texts[start : start + 2048], add_special_tokens=False)["input_ids"]
         lengths.extend(len(ids) for ids in encoded)

@@ -69,7 +69,8 @@ def _chrf_metric(max_order: int, beta: float) -> Any:
     from sacrebleu.metrics import CHRF
 
     # chrF, not chrF++: no word n-grams; whitespace removed, as in the paper
-    return CHRF(char_order=max_order, word_order=0, beta=beta)
+    # sacrebleu annotates beta as int but computes with it as a number (beta ** 2)
+    return CHRF(char_order=max_order, word_order=0, beta=beta)  # type: ignore[arg-type]
 
 
 def rouge_l(answer: str, reference: str) -> float:
