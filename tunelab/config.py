@@ -555,6 +555,15 @@ def validate(config: FineTuningConfig) -> None:
         )
 
     # objective
+    if c.objective != "sft":
+        for key in ("dataset_mix", "replay_general_share"):
+            _check(
+                not getattr(c, key),
+                key,
+                getattr(c, key),
+                f"unset with objective {c.objective} (it mixes extra SFT text into the training "
+                "set; preference rows come from dataset_path alone)",
+            )
     _check(c.beta > 0 and math.isfinite(c.beta), "beta", c.beta, "a positive number")
     _check(0 <= c.label_smoothing < 0.5, "label_smoothing", c.label_smoothing, "in [0, 0.5)")
     for key in ("cpo_alpha", "desirable_weight", "undesirable_weight"):
@@ -794,6 +803,18 @@ _IGNORED_BY_METHOD: dict[str, tuple[str, ...]] = {
 }
 
 
+# SFT data keys the preference data stage does not use (the rest of the data keys it applies)
+_SFT_DATA_KEYS = (
+    "data_schema",
+    "prompt_template",
+    "completion_template",
+    "min_tokens",
+    "max_tokens",
+    "bias_wordlists",
+    "bias_mitigation",
+)
+
+
 def _default(name: str) -> Any:
     spec = FIELDS[name]
     if spec.default_factory is not dataclasses.MISSING:
@@ -871,6 +892,17 @@ def ineffective_settings(config: FineTuningConfig) -> list[str]:
             "config key 'bias_rebalance_dimension' has no effect unless bias_mitigation is "
             "rebalance."
         )
+    if c.objective != "sft":
+        # the preference data stage (data.preference) reads TRL's formats and filters on
+        # characters, not tokens; these SFT data keys do not reach it
+        unused = [
+            f"{n} ({getattr(c, n)!r})" for n in _SFT_DATA_KEYS if getattr(c, n) != _default(n)
+        ]
+        if unused:
+            out.append(
+                f"config key(s) {', '.join(unused)} have no effect with objective "
+                f"{c.objective} (they act on SFT data); remove them."
+            )
     if c.system_prompt and c.chat_format == "plain":
         out.append(
             "config key 'system_prompt' has no effect with chat_format plain (the prompt and "
