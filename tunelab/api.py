@@ -455,7 +455,7 @@ class FineTuner:
             eval_dataset = self.eval_rows()
         if self.model is None:
             self.prepare_model(total_steps(len(train_dataset), self.config, world.size))
-        self._initialise_adapters(train_dataset, resume)
+        self.initialise_adapters(train_dataset, resume)
         if main_process:  # a full disk found now, not after the training it would waste
             freed = replaced_bytes(output_dir) if overwrite and not resume else 0
             ensure_free_space(output_dir, self.final_save_bytes() - freed, "the trained model")
@@ -503,7 +503,7 @@ class FineTuner:
         finish_output_folder(output_dir, "run", foreign)
         return results
 
-    def _initialise_adapters(self, rows: list[Row], resume: bool) -> None:
+    def initialise_adapters(self, rows: list[Row], resume: bool = False) -> None:
         """EVA (from ``rows``) and LoftQ (from the original weights) set the adapters after
         PEFT made them. EVA runs on a resumed run too: its ranks give the adapters the shapes
         the checkpoint holds (it is deterministic), and the checkpoint's weights then replace
