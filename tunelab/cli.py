@@ -458,8 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--methods",
         default=None,
-        help="Comma-separated methods (default: every method); also lora+, pissa, olora and "
-        "neftune (LoRA with that extra).",
+        help="Comma-separated methods (default: every method); also lora+, pissa, olora, eva, "
+        "loftq and neftune (LoRA with that extra; loftq on qlora).",
     )
     compare.add_argument(
         "--tokens",
