@@ -385,7 +385,7 @@ def prepare_preference(config: FineTuningConfig) -> PreparedPreference:
             "(min_chars, max_chars, the garbage ratios, dedup_near_threshold)."
         )
     conversational = sum(e.conversational for e in train)
-    manifest = {
+    manifest: dict[str, Any] = {
         "objective": c.objective,
         "sft_only": [k for k in ("data_cache", "bias_report") if getattr(c, k)],
         "loaded": len(loaded),
