@@ -454,6 +454,7 @@ class FineTuner:
             eval_dataset = self.eval_rows()
         if self.model is None:
             self.prepare_model(total_steps(len(train_dataset), self.config, world.size))
+        self.initialise_adapters(train_dataset, resume)
         if main_process:  # a full disk found now, not after the training it would waste
             freed = replaced_bytes(output_dir) if overwrite and not resume else 0
             ensure_free_space(output_dir, self.final_save_bytes() - freed, "the trained model")
@@ -500,6 +501,25 @@ class FineTuner:
         self.save_model(state_dict=whole, results=results)
         finish_output_folder(output_dir, "run", foreign)
         return results
+
+    def initialise_adapters(self, rows: list[Row], resume: bool = False) -> None:
+        """EVA (from ``rows``) and LoftQ (from the original weights) set the adapters after
+        PEFT made them. EVA runs on a resumed run too: its ranks give the adapters the shapes
+        the checkpoint holds (it is deterministic), and the checkpoint's weights then replace
+        its values; LoftQ's values would be replaced, so it is skipped there."""
+        from tunelab.lora_init import eva_batches, initialize_eva, initialize_loftq
+
+        init = self.config.init_lora_weights
+        if init == "eva":
+            device = next(self.model.parameters()).device
+            batches = eva_batches(
+                rows, self.config.batch_size, self.tokenizer.pad_token_id, str(device)
+            )
+            print(initialize_eva(self.model, batches, self.config))
+            print(format_trainable(self.model))  # the ranks may have moved between layers
+        elif init == "loftq" and not resume:
+            assert self.model_location is not None
+            print(initialize_loftq(self.model, self.model_location))
 
     def eval_rows(self) -> list[Row] | None:
         if self.config.objective != "sft":
