@@ -87,7 +87,7 @@ def test_two_gloo_processes_match_one_process(make_config, tmp_path):
         "gradient_accumulation_steps 1 x 2 processes."
     )
     assert pair.stdout.count(note) == 1, pair.stdout  # once, by rank 0
-    for start in ("Data: 24 rows loaded", "Device cpu", "Trainable parameters:"):
+    for start in ("Data: 24 rows loaded", "Device ", "Trainable parameters:"):
         assert pair.stdout.count(start) == 1, pair.stdout  # every process loads; rank 0 says so
     assert "would idle" not in pair.stdout + pair.stderr
     a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
