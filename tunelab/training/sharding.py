@@ -18,7 +18,7 @@ collective), so the accumulation must split evenly and evaluation pads the short
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -112,9 +112,9 @@ def shard_model(model: nn.Module, device: str = "cpu") -> int:
             "declares no _no_split_modules). Use sharding: none."
         )
     for layer in layers:
-        fsdp.fully_shard(layer)
-        layer.set_gradient_divide_factor(1.0)
-        layer.set_force_sum_reduction_for_comms(True)
+        sharded = fsdp.fully_shard(layer)  # the same module, now also an FSDPModule
+        sharded.set_gradient_divide_factor(1.0)
+        sharded.set_force_sum_reduction_for_comms(True)
     model.to(device)  # the sharded layers are there already; embeddings, head, buffers follow
     return len(layers)
 
@@ -144,7 +144,8 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
         if p.grad is None:
             continue
         if is_dtensor(p.grad):
-            local += p.grad.to_local().double().pow(2).sum().to(device)
+            shard = cast(Any, p.grad).to_local()  # a DTensor's part on this process
+            local += shard.double().pow(2).sum().to(device)
         else:
             whole += p.grad.double().pow(2).sum().to(device)
     dist.all_reduce(local)
