@@ -18,7 +18,7 @@ collective), so the accumulation must split evenly and evaluation pads the short
 from __future__ import annotations
 
 import os
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -144,8 +144,7 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
         if p.grad is None:
             continue
         if is_dtensor(p.grad):
-            shard = cast(Any, p.grad).to_local()  # a DTensor's part on this process
-            local += shard.double().pow(2).sum().to(device)
+            local += p.grad.to_local().double().pow(2).sum().to(device)
         else:
             whole += p.grad.double().pow(2).sum().to(device)
     dist.all_reduce(local)
