@@ -4,7 +4,9 @@
 #      gradients equal stock transformers, bf16 training, generation and merge, every family;
 #   2. a short throughput comparison against TRL's packed bf16 SFTTrainer on CUDA, on the
 #      Qwen3-0.6B and Gemma-3-270M shapes (random weights; tokenizer: SmolLM2's when it is
-#      installed, else the test suite's tiny BPE one, so no download is needed).
+#      installed, else the test suite's tiny BPE one, so no download is needed);
+#   3. where the machine has 2 GPUs or more: two processes under torchrun, one GPU each (NCCL),
+#      matching one process (data parallel and FSDP); skipped with a message on one GPU.
 # Usage: bash benchmarks/gpu_check.sh    (needs the test and bench extras: pytest, trl, psutil)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,3 +45,14 @@ fi
 timeout 150 python benchmarks/train_throughput.py --device cuda --systems trl,tunelab \
     --shapes qwen3-0.6b,gemma3-270m --steps 6 --batch 4 --max-length 512 --heldout 4 \
     --cooldown 0 "${tokenizer_args[@]}"
+
+echo "== 3. two processes, one GPU each (torchrun, NCCL)"
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -lt 2 ]; then
+    echo "gpu_check: skipped, $gpus GPU here; two processes need a GPU each (2 or more GPUs)."
+else
+    # the processes tests launch torchrun --nproc_per_node 2: on a GPU machine each process takes
+    # cuda:LOCAL_RANK and they join over NCCL (the tests' names say gloo: their CPU run)
+    timeout 420 python -m pytest tests/test_training_processes.py -q -x -p no:cacheprovider \
+        -k "two_gloo_processes_match_one_process or fsdp_over_two_gloo_processes"
+fi

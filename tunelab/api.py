@@ -56,6 +56,7 @@ from tunelab.ownership import (
 from tunelab.run_folder import CONFIG as RUN_CONFIG
 from tunelab.run_folder import DATA_MANIFEST, RESULTS, RUN_INFO
 from tunelab.training.batching import Row, pack_examples, single_rows
+from tunelab.training.distributed import print_once
 
 FINAL_STAGING = ".final-save-"  # the final save's temporary folder inside the run folder
 TOKENIZER_EXTRAS = {"vocab.json", "merges.txt", "special_tokens_map.json", "chat_template.jinja"}
@@ -217,7 +218,7 @@ class FineTuner:
             modules = model_modules(model_config, self.config.trust_remote_code)
             note = resolve_target_modules(self.config, model_config.model_type, modules)
             if note:
-                print(note, flush=True)
+                print_once(note, flush=True)
             check_target_modules(self.config, modules)
             self.model_location = location
             self.tokenizer = load_tokenizer(location, self.config.trust_remote_code)
@@ -243,7 +244,7 @@ class FineTuner:
             note = f"{c.quantization_bits}-bit base, compute in {self.placement.precision}"
         else:
             note = self.placement.reason
-        print(f"Device {self.placement.device}, precision {self.placement.precision} ({note})")
+        print_once(f"Device {self.placement.device}, precision {self.placement.precision} ({note})")
         model = load_model(
             self.model_location,
             dtype,
@@ -258,12 +259,12 @@ class FineTuner:
             added = tokenizer.add_tokens([t for t in c.add_tokens if t not in vocabulary])
             if added:
                 model.resize_token_embeddings(len(tokenizer))
-                print(f"Added {added} new tokens to the tokenizer and the embeddings.")
+                print_once(f"Added {added} new tokens to the tokenizer and the embeddings.")
         import torch
 
         torch.manual_seed(c.seed)  # adapter initialisation is part of a reproducible run
         self.model = apply_method(model, c, self.model_location, total_steps)
-        print(format_trainable(self.model))
+        print_once(format_trainable(self.model))
         return self.model
 
     def ineffective_settings(self, several_processes: bool = False) -> list[str]:
@@ -310,7 +311,7 @@ class FineTuner:
             return self._preference_rows(dataset)
         if dataset is None:
             self.prepared = prepare_examples(self.config, self.load_tokenizer())
-            print(format_summary(self.prepared.manifest))
+            print_once(format_summary(self.prepared.manifest))
             return self.rows(self.prepared.train, self.prepared.manifest.get("content_hash"))
         return self.rows(self.examples_from(dataset, text_column))
 
@@ -328,7 +329,7 @@ class FineTuner:
             examples = self.preference.eval if self.preference is not None else []
         elif dataset is None:
             self.preference = prepare_preference(self.config)
-            print(format_preference_summary(self.preference.manifest))
+            print_once(format_preference_summary(self.preference.manifest))
             examples = self.preference.train
         else:
             rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
@@ -396,7 +397,7 @@ class FineTuner:
             "loss_tokens": sum(t.num_loss_tokens for t in tokenized),
         }
         if truncated:
-            print(
+            print_once(
                 f"Note: {truncated} of {len(tokenized)} examples were truncated at max_length "
                 f"{c.max_length} tokens."
             )
@@ -406,7 +407,7 @@ class FineTuner:
         if self.config.packing and self.config.method in PROMPT_METHODS:
             # PEFT prepends virtual tokens per sequence and ignores position_ids, so packed
             # examples would see each other: one example per row instead
-            print(f"Note: packing is off for {self.config.method} (one example per row).")
+            print_once(f"Note: packing is off for {self.config.method} (one example per row).")
             self.config.packing = False
         if self.config.packing:
             return pack_examples(tokenized, self.config.max_length, origins)
@@ -454,6 +455,7 @@ class FineTuner:
             eval_dataset = self.eval_rows()
         if self.model is None:
             self.prepare_model(total_steps(len(train_dataset), self.config, world.size))
+        self.initialise_adapters(train_dataset, resume)
         if main_process:  # a full disk found now, not after the training it would waste
             freed = replaced_bytes(output_dir) if overwrite and not resume else 0
             ensure_free_space(output_dir, self.final_save_bytes() - freed, "the trained model")
@@ -500,6 +502,25 @@ class FineTuner:
         self.save_model(state_dict=whole, results=results)
         finish_output_folder(output_dir, "run", foreign)
         return results
+
+    def initialise_adapters(self, rows: list[Row], resume: bool = False) -> None:
+        """EVA (from ``rows``) and LoftQ (from the original weights) set the adapters after
+        PEFT made them. EVA runs on a resumed run too: its ranks give the adapters the shapes
+        the checkpoint holds (it is deterministic), and the checkpoint's weights then replace
+        its values; LoftQ's values would be replaced, so it is skipped there."""
+        from tunelab.lora_init import eva_batches, initialize_eva, initialize_loftq
+
+        init = self.config.init_lora_weights
+        if init == "eva":
+            device = next(self.model.parameters()).device
+            batches = eva_batches(
+                rows, self.config.batch_size, self.tokenizer.pad_token_id, str(device)
+            )
+            print(initialize_eva(self.model, batches, self.config))
+            print(format_trainable(self.model))  # the ranks may have moved between layers
+        elif init == "loftq" and not resume:
+            assert self.model_location is not None
+            print(initialize_loftq(self.model, self.model_location))
 
     def eval_rows(self) -> list[Row] | None:
         if self.config.objective != "sft":

@@ -58,13 +58,23 @@ def _report(results: dict, output_dir: str) -> None:
     )
     for warning in results.get("warnings", []):
         print(f"Warning: {warning}")
-    if "eval_loss" in results:
+    if "eval_perplexity" in results:
         before = results.get("initial_eval_loss")
         change = f" (base model: {before:.4f})" if before is not None else ""
         print(
             f"Eval loss {results['eval_loss']:.4f}, perplexity "
             f"{results['eval_perplexity']:.2f}{change}"
         )
+    elif "eval_loss" in results:  # a preference run: TRL's reward metrics, no perplexity
+        from tunelab.training.preference import format_eval_metrics
+
+        line = format_eval_metrics(results["eval_loss"], results, prefix="eval_")
+        if "initial_eval_loss" in results:
+            base = format_eval_metrics(
+                results["initial_eval_loss"], results, prefix="initial_eval_"
+            )
+            line += f" (base model: {base.removeprefix('eval ')})"
+        print(line[0].upper() + line[1:])
     print(f"Run folder: {visible(str(output_dir))}")
 
 
@@ -450,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--methods",
         default=None,
-        help="Comma-separated methods (default: every method); also lora+, pissa, olora and "
-        "neftune (LoRA with that extra).",
+        help="Comma-separated methods (default: every method); also lora+, pissa, olora, eva, "
+        "loftq and neftune (LoRA with that extra; loftq on qlora).",
     )
     compare.add_argument(
         "--tokens",

@@ -39,11 +39,14 @@ def cpu_bf16_features() -> list[str]:
 
 
 def choose_placement(precision: str = "auto", device: str | None = None) -> Placement:
-    """CUDA when present; bf16 where the hardware runs it natively, else fp32."""
+    """CUDA when present; bf16 where the hardware runs it natively, else fp32. Under torchrun
+    with several processes, each process's GPU is the one its LOCAL_RANK names (cuda:N)."""
     import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
+    from tunelab.training.distributed import local_device
+
+    device = local_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.startswith("cuda"):
         bf16_ok = torch.cuda.is_bf16_supported()
         if precision == "auto":
             chosen = "bf16" if bf16_ok else "fp16"

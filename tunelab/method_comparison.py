@@ -37,6 +37,8 @@ VARIANTS = {
     "lora+": ["method=lora", "loraplus_lr_ratio=16"],
     "pissa": ["method=lora", "init_lora_weights=pissa"],
     "olora": ["method=lora", "init_lora_weights=olora"],
+    "eva": ["method=lora", "init_lora_weights=eva"],
+    "loftq": ["method=qlora", "quantization_bits=4", "init_lora_weights=loftq"],
     "neftune": ["method=lora", "neftune_noise_alpha=5"],
 }
 COLUMNS = ("method", "trainable", "share", "peak MiB", "tokens/s", "train tokens", "eval loss")

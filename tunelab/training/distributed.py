@@ -16,17 +16,22 @@ import atexit
 import gc
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
+
+from tunelab.errors import TunelabError
 
 
 @dataclass
 class World:
     rank: int = 0
     size: int = 1
+    # where this process's collectives take their tensors: NCCL reduces only tensors on the
+    # process's own GPU, gloo CPU tensors
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -37,24 +42,78 @@ class World:
         return self.size > 1
 
 
+def launched_processes() -> int:
+    """How many processes torchrun / accelerate launch started (WORLD_SIZE; 1 without them)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this process prints a run's start lines: rank 0, or the only process. Read from
+    the launcher's RANK, so it holds before the process group is joined."""
+    return launched_processes() <= 1 or int(os.environ.get("RANK", "0")) == 0
+
+
+def print_once(*args: Any, **kwargs: Any) -> None:
+    """print, on the main process only: under torchrun every process loads the same data and
+    model, and each start line would otherwise appear once per process."""
+    if is_main_process():
+        print(*args, **kwargs)
+
+
+def local_device(device: str) -> str:
+    """This process's device. Under torchrun / accelerate launch with several processes,
+    ``"cuda"`` is the GPU numbered LOCAL_RANK (``"cuda:1"`` on local rank 1), made the current
+    CUDA device first, as torch.distributed's documentation does before init_process_group:
+    NCCL, FSDP's device mesh and tensors made on ``"cuda"`` then use it, not GPU 0. Any other
+    device (``"cpu"``, an explicit ``"cuda:N"``) is returned as it is.
+
+    Raises TunelabError when LOCAL_RANK names a GPU this process cannot see.
+    """
+    if str(device) != "cuda" or launched_processes() <= 1 or "LOCAL_RANK" not in os.environ:
+        return device
+    rank, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    if rank >= count:
+        raise TunelabError(
+            f"this process is LOCAL_RANK {rank} of a launch over several processes, but it sees "
+            f"{count} GPU(s): each process needs a GPU of its own. Launch at most {count} "
+            f"processes per machine (torchrun --nproc_per_node {count}), or check "
+            "CUDA_VISIBLE_DEVICES."
+        )
+    torch.cuda.set_device(rank)
+    return f"cuda:{rank}"
+
+
 def init_world(device: str) -> World:
     """Join the process group that torchrun/accelerate describe in the environment
-    (WORLD_SIZE, RANK, MASTER_ADDR...); a single process when they are absent."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR...); a single process when they are absent.
+
+    On CUDA each process binds to its own GPU (local_device) and joins over NCCL; on the CPU
+    over gloo. A group someone else initialized (accelerate's PartialState) is used as it is.
+    """
+    if launched_processes() <= 1:
         return World()
+    device = local_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if str(device).startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
+        if str(device).startswith("cuda"):
+            dist.init_process_group("nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group("gloo")
         atexit.register(leave_world)
-    return World(dist.get_rank(), dist.get_world_size())
+    return current_world()
 
 
 def current_world() -> World:
     """The process group joined by init_world, or a single process when there is none."""
     if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size())
+        return World(dist.get_rank(), dist.get_world_size(), _collective_device())
     return World()
+
+
+def _collective_device() -> torch.device:
+    """NCCL's tensors live on this process's GPU (the current one, set by local_device)."""
+    if "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def leave_world() -> None:
@@ -94,23 +153,18 @@ def global_batch_note(batch_size: int, accumulation: int, world: World) -> str |
     )
 
 
-def local_device(device: str) -> str:
-    """Each process on its own GPU (LOCAL_RANK), as torchrun arranges."""
-    if str(device) == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
-
-
-def all_reduce_sum(value: float | int, world: World, device: str = "cpu") -> float:
+def all_reduce_sum(value: float | int, world: World) -> float:
+    """``value`` summed over the processes (in float64, on the world's device)."""
     if not world.active:
         return value
-    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=world.device)
     dist.all_reduce(tensor)
     return float(tensor)
 
 
 def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:
-    """Sum each trainable parameter's gradient over the processes (one flat buffer)."""
+    """Sum each trainable parameter's gradient over the processes (one flat fp32 buffer on the
+    world's device)."""
     if not world.active:
         return
     from tunelab.training.sharding import is_dtensor
@@ -120,12 +174,12 @@ def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    flat = torch.cat([g.reshape(-1).to(world.device, torch.float32) for g in grads])
     dist.all_reduce(flat)
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        p.grad = flat[offset : offset + n].view_as(p).to(p.device, p.dtype)
         offset += n
 
 

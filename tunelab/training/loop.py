@@ -320,8 +320,7 @@ def _fit(
     if eval_rows and state["step"] == 0:  # the untrained adapter is the identity: base model
         initial = _evaluate(model, eval_rows, config, pad_token_id, device, precision, world)
         record(_eval_record(0, initial))
-        say(world, f"step 0: eval loss {initial.loss:.4f}, perplexity {initial.perplexity:.2f} "
-            "(base model)", progress)  # fmt: skip
+        say(world, f"step 0: {_eval_line(initial)} (base model)", progress)
     model.train()
     while state["step"] < steps:
         step = state["step"]
@@ -438,8 +437,7 @@ def _fit(
             )
             stopped_early = _track_best(state, eval_result.loss, config)
             record(_eval_record(state["step"], eval_result))
-            say(world, f"step {state['step']}: eval loss {eval_result.loss:.4f}, perplexity "
-                f"{eval_result.perplexity:.2f}", progress)  # fmt: skip
+            say(world, f"step {state['step']}: {_eval_line(eval_result)}", progress)
             if on_eval is not None:
                 on_eval(state["step"], eval_result.loss)
         save_now = (end_of_epoch and config.save_each_epoch) or (
@@ -526,6 +524,12 @@ def _evaluate(
     return evaluate(model, rows, config.batch_size, pad_token_id, device, precision, world)
 
 
+def _eval_line(result: EvalResult) -> str:
+    if result.metrics:  # preference: TRL's reward metrics, not a perplexity of the objective
+        return preference.format_eval_metrics(result.loss, result.metrics)
+    return f"eval loss {result.loss:.4f}, perplexity {result.perplexity:.2f}"
+
+
 def _eval_record(step: int, result: EvalResult) -> dict[str, Any]:
     if result.metrics:  # preference: a perplexity of the objective would mean nothing
         metrics = {f"eval_{k}": round(v, 6) for k, v in result.metrics.items()}
@@ -579,9 +583,10 @@ def _results(
     if eval_result is not None:
         results.update(
             eval_loss=round(eval_result.loss, 6),
-            eval_perplexity=round(eval_result.perplexity, 4),
             best_eval_loss=round(state["best_eval_loss"], 6),
         )
+        if not eval_result.metrics:  # preference runs report their reward metrics instead
+            results["eval_perplexity"] = round(eval_result.perplexity, 4)
         results.update({f"eval_{k}": round(v, 6) for k, v in eval_result.metrics.items()})
     if initial is not None and initial.metrics:
         results.update({f"initial_eval_{k}": round(v, 6) for k, v in initial.metrics.items()})

@@ -36,7 +36,41 @@ def wants_fsdp(sharding: str) -> bool:
     return sharding == "fsdp" or from_accelerate
 
 
+def _fsdp() -> Any:
+    """torch's FSDP2 module: torch.distributed.fsdp from torch 2.6 on; under
+    torch.distributed._composable.fsdp in 2.5 (None when neither is there)."""
+    try:
+        import torch.distributed.fsdp as fsdp
+
+        if hasattr(fsdp, "fully_shard"):
+            return fsdp
+        import torch.distributed._composable.fsdp as composable
+
+        return composable
+    except ImportError:
+        return None
+
+
+def fsdp_unavailable() -> str | None:
+    """Why this torch cannot shard as tunelab does (None when it can). The update stays the one
+    a single process makes only with summed, undivided gradient reductions (FSDP2's
+    set_gradient_divide_factor and set_force_sum_reduction_for_comms, both from torch 2.8)."""
+    fsdp = _fsdp()
+    module = getattr(fsdp, "FSDPModule", None)
+    if module is None or not hasattr(module, "set_force_sum_reduction_for_comms"):
+        return (
+            f"sharding: fsdp needs torch 2.8 or later (FSDP2's sum-only gradient reductions, "
+            f"which keep the update equal to one process's); this is torch {torch.__version__}. "
+            "Upgrade torch, or use sharding: none (every process holds the whole model)."
+        )
+    return None
+
+
 def check_shardable(method: str) -> None:
+    """Refuse at start what sharding: fsdp cannot do: QLoRA, or a torch before 2.8."""
+    reason = fsdp_unavailable()
+    if reason:
+        raise TunelabError(reason)
     if method == "qlora":
         raise TunelabError(
             "sharding: fsdp cannot split QLoRA's 4-bit base weights (bitsandbytes' packed "
@@ -62,12 +96,15 @@ def shard_model(model: nn.Module, device: str = "cpu") -> int:
     On GPUs the model comes loaded in CPU memory (api.prepare_model), so a GPU never holds more
     than its shards, the whole embeddings and head, and the layers being gathered.
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    reason = fsdp_unavailable()
+    if reason:
+        raise TunelabError(reason)
+    fsdp = _fsdp()
 
     if str(device).startswith("cuda"):
         torch.cuda.set_device(device)  # FSDP's default mesh puts the shards on this GPU
     if is_sharded(model):  # trained before in this process (FineTuner.train called again)
-        return sum(1 for m in model.modules() if isinstance(m, FSDPModule))
+        return sum(1 for m in model.modules() if isinstance(m, fsdp.FSDPModule))
     classes = layer_classes(model)
     layers = [m for m in model.modules() if type(m).__name__ in classes]
     if not layers:
@@ -76,7 +113,7 @@ def shard_model(model: nn.Module, device: str = "cpu") -> int:
             "declares no _no_split_modules). Use sharding: none."
         )
     for layer in layers:
-        sharded = fully_shard(layer)  # the same module, now also an FSDPModule
+        sharded = fsdp.fully_shard(layer)  # the same module, now also an FSDPModule
         sharded.set_gradient_divide_factor(1.0)
         sharded.set_force_sum_reduction_for_comms(True)
     model.to(device)  # the sharded layers are there already; embeddings, head, buffers follow
@@ -84,9 +121,8 @@ def shard_model(model: nn.Module, device: str = "cpu") -> int:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    module = getattr(_fsdp(), "FSDPModule", None)
+    return module is not None and any(isinstance(m, module) for m in model.modules())
 
 
 def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
@@ -99,17 +135,19 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """The global L2 norm of the gradients, sharded or whole: each process's shards are
     disjoint, so their squared sums add up in one all-reduce; whole gradients (already
     all-reduced, the same everywhere) count once."""
-    # on the gradients' device: NCCL reduces only GPU tensors
-    device = next((p.grad.device for p in params if p.grad is not None), torch.device("cpu"))
+    from tunelab.training.distributed import current_world
+
+    # on this process's collective device (its GPU under NCCL), even when it holds no gradient
+    device = current_world().device
     local = torch.zeros((), dtype=torch.float64, device=device)
     whole = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
         if p.grad is None:
             continue
         if is_dtensor(p.grad):
-            local += p.grad.to_local().double().pow(2).sum()
+            local += p.grad.to_local().double().pow(2).sum().to(device)
         else:
-            whole += p.grad.double().pow(2).sum()
+            whole += p.grad.double().pow(2).sum().to(device)
     dist.all_reduce(local)
     return (local + whole).sqrt()
 
