@@ -7,7 +7,13 @@ import dataclasses
 import pytest
 
 from tunelab.api import FineTuner
-from tunelab.config import FineTuningConfig, ineffective_settings
+from tunelab.config import (
+    FineTuningConfig,
+    config_from_dict,
+    config_notes,
+    ineffective_settings,
+    load_config,
+)
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
@@ -24,14 +30,34 @@ def test_a_prompt_method_run_resumes_with_its_own_config(make_config, tmp_path, 
     assert results["steps"] == 6
 
 
-def test_packing_is_decided_in_validation_with_a_warning():
-    config = FineTuningConfig(method="prompt_tuning", packing=True)
-    assert config.packing is False
-    warnings = ineffective_settings(config)
-    assert any("packing" in w and "prompt_tuning" in w for w in warnings), warnings
-    assert not any("packing" in w for w in ineffective_settings(FineTuningConfig()))
+def test_packing_is_decided_in_validation_with_a_warning_where_the_user_set_it(tmp_path):
+    # left at its default: a note; written in the config (tunelab init writes every key): a
+    # warning naming the key, why, and what to write instead
+    by_default = config_from_dict({"method": "prompt_tuning"})
+    assert by_default.packing is False
+    assert not any("packing" in w for w in ineffective_settings(by_default))
+    assert config_notes(by_default) == [
+        "packing is false in this run (method prompt_tuning prepends its virtual tokens to "
+        "each sequence and ignores position_ids, so packed examples would see each other: one "
+        "example per row)."
+    ]
+    path = tmp_path / "run.yaml"
+    path.write_text("method: prefix_tuning\npacking: true\n")
+    written = load_config(path)
+    assert written.packing is False and config_notes(written) == []
+    [warning] = [w for w in ineffective_settings(written) if "packing" in w]
+    assert warning.startswith(
+        "config key 'packing' (True) cannot take effect: method prefix_tuning"
+    )
+    assert warning.endswith("packing is False in this run. Set packing: false to say so.")
+    # written as false: nothing to say
+    quiet = config_from_dict({"method": "prompt_tuning", "packing": False})
+    assert config_notes(quiet) == [] and not any(
+        "packing" in w for w in ineffective_settings(quiet)
+    )
     # a derived config is validated again and keeps the decided value
-    assert dataclasses.replace(config, lora_r=4).packing is False
+    assert dataclasses.replace(written, lora_r=4).packing is False
+    assert config_from_dict({"packing": True}).packing is True  # other methods pack
 
 
 def test_the_config_cannot_change_after_validation():

@@ -31,6 +31,7 @@ Sharding = Literal["none", "fsdp"]
 OnNan = Literal["stop", "skip"]
 ChatFormat = Literal["auto", "chat", "plain"]
 DataSchema = Literal["auto", "text", "prompt_completion", "instruction", "messages", "sharegpt"]
+DataFormat = Literal["jsonl", "json", "csv", "tsv", "parquet", "txt", "arrow"]
 TxtSplit = Literal["blank_line", "line", "file"]
 UnicodeForm = Literal["NFC", "NFKC", "none"]
 BiasMitigation = Literal["none", "counterfactual", "rebalance"]
@@ -47,6 +48,8 @@ QuantizationBits = Literal[4, 8]
 SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 CHAT_FORMATS: tuple[str, ...] = typing.get_args(ChatFormat)
+DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
+TXT_SPLITS: tuple[str, ...] = typing.get_args(TxtSplit)
 REPORT_SINKS: tuple[str, ...] = typing.get_args(ReportSink)
 FAST_PATH_PIECES: tuple[str, ...] = typing.get_args(FastPathPiece)
 INIT_LORA_WEIGHTS: tuple[str, ...] = typing.get_args(InitLoraWeights)
@@ -303,7 +306,7 @@ class FineTuningConfig:
     system_prompt: str | None = _f(None, "System message for chat-rendered examples.", stage="data")
 
     # --- data preparation ---
-    data_format: str | None = _f(
+    data_format: DataFormat | None = _f(
         None,
         "Format of dataset_path/eval_path: jsonl, json, csv, tsv, parquet, txt, or arrow (a "
         "datasets save_to_disk folder); null detects it from the extension and content.",
@@ -991,6 +994,52 @@ def yaml_text(value: Any) -> str:
         return ""
     dumped = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
     return dumped.removesuffix("...").strip()
+
+
+def type_text(name: str) -> str:
+    """A key's type in a few characters for ``--help``: ``int``, ``float|null``, ``a|b|c``."""
+
+    def text(hint: Any) -> str:
+        origin = typing.get_origin(hint)
+        if origin in (types.UnionType, typing.Union):
+            return "|".join("null" if a is type(None) else text(a) for a in typing.get_args(hint))
+        if origin is Literal:
+            return "|".join(map(str, typing.get_args(hint)))
+        if origin is list:
+            return f"list of {text(typing.get_args(hint)[0])}"
+        if origin is dict:
+            return f"mapping to {text(typing.get_args(hint)[1])}"
+        return getattr(hint, "__name__", str(hint))
+
+    return text(_HINTS[name])
+
+
+def stage_keys() -> dict[str, list[str]]:
+    """``{stage: [key, ...]}`` in STAGES' order, the keys in the schema's order."""
+    return {
+        stage: [name for name, spec in FIELDS.items() if spec.metadata["stage"] == stage]
+        for stage in STAGES
+    }
+
+
+def keys_help(width: int = 100) -> str:
+    """Every config key by stage, with its type, default and documentation (``train --help``)."""
+    import textwrap
+
+    lines = ["config keys (in the YAML file, or --set KEY=VALUE), by stage:"]
+    for stage, names in stage_keys().items():
+        lines += ["", f"{STAGES[stage]}:"]
+        for name in names:
+            default = yaml_text(_default(name)) or "''"
+            resumable = ", may change on --resume" if FIELDS[name].metadata["resumable"] else ""
+            lines.append(f"  {name} ({type_text(name)}; default {default}{resumable})")
+            lines += textwrap.wrap(
+                FIELDS[name].metadata["help"],
+                width,
+                initial_indent="      ",
+                subsequent_indent="      ",
+            )
+    return "\n".join(lines)
 
 
 def starter_config_text() -> str:
