@@ -574,13 +574,13 @@ INITIAL_ADAPTER = "initial_adapter"
 def save_initial_adapter(model: Any, output_dir: Path) -> Path:
     """A PiSSA/OLoRA adapter as it started (PEFT converts the trained one against it)."""
     folder = output_dir / INITIAL_ADAPTER
-    config = model.peft_config["default"]
-    init = config.init_lora_weights
-    config.init_lora_weights = True  # saved as is, not converted
+    peft_config = model.peft_config["default"]
+    init = peft_config.init_lora_weights
+    peft_config.init_lora_weights = True  # saved as is, not converted
     try:
         model.save_pretrained(folder)
     finally:
-        config.init_lora_weights = init
+        peft_config.init_lora_weights = init
     return folder
 
 
