@@ -64,3 +64,29 @@ def test_the_config_cannot_change_after_validation():
     config = FineTuningConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.packing = False  # type: ignore[misc]
+
+
+def test_a_run_whose_family_decided_target_modules_resumes(make_config, tmp_path, tiny_model_dir):
+    # GPT-2 has no q_proj/v_proj: the default target_modules become c_attn once the model is
+    # known (a new config, saved with the run); resuming with the same config must compare
+    # like with like
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from tunelab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    base = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=128)
+    )
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    FineTuner(make_config(model_name=str(base), max_steps=2, save_steps=1)).train()
+    saved = (tmp_path / "run" / "tunelab_config.yaml").read_text()
+    assert "target_modules:\n- c_attn\n" in saved
+    (tmp_path / "run" / "results.json").unlink()
+    again = make_config(model_name=str(base), max_steps=3, save_steps=1)
+    assert again.target_modules == ["q_proj", "v_proj"]
+    assert FineTuner(again).train(resume=True)["steps"] == 3

@@ -207,8 +207,8 @@ class FineTuner:
 
         ``total_steps`` is needed only by AdaLoRA, whose rank pruning follows the schedule.
         """
+        tokenizer = self.load_tokenizer()  # first: it may decide target_modules (a new config)
         c = self.config
-        tokenizer = self.load_tokenizer()
         assert self.model_location is not None
         dtype = self.placement.dtype
         quantization = None

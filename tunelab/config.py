@@ -618,10 +618,17 @@ def _check_choices(name: str, value: Any) -> None:
             continue
         if all(isinstance(a, int) for a in allowed):
             _check(False, name, value, " or ".join(map(str, allowed)))
-        named = f"names {item!r}, which is not allowed" if isinstance(value, list) else ""
+        hint = did_you_mean(str(item), allowed)
+        if isinstance(value, list):
+            _check(
+                False,
+                name,
+                value,
+                f"a list drawn from {', '.join(allowed)} ('{item}' is not one.{hint})",
+            )
         raise TunelabError(
-            f"config key '{name}' {named or f'is {value!r}'}; allowed values are "
-            f"{', '.join(map(repr, allowed))}.{did_you_mean(str(item), allowed)}"
+            f"config key '{name}' is {value!r}; allowed values are "
+            f"{', '.join(map(repr, allowed))}.{hint}"
         )
 
 
