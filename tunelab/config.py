@@ -620,11 +620,9 @@ def _check_choices(name: str, value: Any) -> None:
             _check(False, name, value, " or ".join(map(str, allowed)))
         hint = did_you_mean(str(item), allowed)
         if isinstance(value, list):
-            _check(
-                False,
-                name,
-                value,
-                f"a list drawn from {', '.join(allowed)} ('{item}' is not one.{hint})",
+            raise TunelabError(
+                f"config key '{name}' names {item!r}; allowed: {', '.join(allowed)} "
+                f"({item!r} is not one.{hint}). Change '{name}' in the config or with --set."
             )
         raise TunelabError(
             f"config key '{name}' is {value!r}; allowed values are "
