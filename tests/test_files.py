@@ -442,9 +442,9 @@ def test_resume_names_a_damaged_checkpoint_file(name, run_copy):
     from tunelab.api import FineTuner
     from tunelab.config import load_config
 
-    config = load_config(run_copy / "tunelab_config.yaml")
-    config.output_dir = str(run_copy)
-    config.max_steps = 6
+    config = load_config(
+        run_copy / "tunelab_config.yaml", [f"output_dir={run_copy}", "max_steps=6"]
+    )
     latest = sorted((run_copy / "checkpoints").iterdir())[-1]
     cut(latest / name)
     with pytest.raises(TunelabError) as caught:
@@ -458,9 +458,9 @@ def test_resume_over_a_torn_last_metrics_line(run_copy):
     from tunelab.config import load_config
     from tunelab.run_folder import read_metrics
 
-    config = load_config(run_copy / "tunelab_config.yaml")
-    config.output_dir = str(run_copy)
-    config.max_steps = 5
+    config = load_config(
+        run_copy / "tunelab_config.yaml", [f"output_dir={run_copy}", "max_steps=5"]
+    )
     with (run_copy / "metrics.jsonl").open("a") as file:
         file.write('{"step": 5, "lo')  # a crash in the middle of a line
     FineTuner(config).train(resume=True)

@@ -96,8 +96,9 @@ def test_output_dir_inside_the_data_folder_or_holding_the_data_is_refused(make_c
     assert not (data_folder / "run").exists()
     # the data file lives in the folder given as output_dir
     (data_folder / "tunelab_config.yaml").write_text("method: lora\n")
-    holding = make_config(dataset_path=str(data_folder / "train.jsonl"))
-    holding.output_dir = str(data_folder)
+    holding = make_config(
+        dataset_path=str(data_folder / "train.jsonl"), output_dir=str(data_folder)
+    )
     with pytest.raises(TunelabError, match="contains the input dataset_path"):
         FineTuner(holding).train(overwrite=True)
     assert (data_folder / "train.jsonl").is_file()

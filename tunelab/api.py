@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import FineTuningConfig
+from tunelab.config import RESUMABLE_KEYS, FineTuningConfig, config_notes
 from tunelab.data.prepare import PreparedData, format_summary, prepare_examples
 from tunelab.data.schema import Example, to_example
 from tunelab.data.tokenize import tokenize_examples, uses_chat_template
@@ -26,14 +27,13 @@ from tunelab.files import (
     tensor_bytes,
 )
 from tunelab.methods import (
-    PROMPT_METHODS,
     apply_method,
     check_target_modules,
     count_parameters,
+    family_target_modules,
     format_trainable,
     method_step_hooks,
     quantization_config,
-    resolve_target_modules,
 )
 from tunelab.models import (
     cache_dir,
@@ -64,30 +64,6 @@ TOKENIZED_FORMAT = 2  # bump when the tokenized cache's layout or rendering chan
 RESUME_HINT = ", --resume to continue that run"  # the refusal of a non-empty output_dir
 
 
-# keys a resumed run may change: how long it runs and what it reports, not what it learns
-RESUMABLE_CHANGES = {
-    "max_steps",
-    "num_epochs",
-    "logging_steps",
-    "eval_steps",
-    "save_steps",
-    "eval_path",
-    "output_dir",
-    # training strategy: when to evaluate, save, stop and report
-    "eval_each_epoch",
-    "save_each_epoch",
-    "save_total_limit",
-    "early_stopping_patience",
-    "early_stopping_threshold",
-    "report_to",
-    "mlflow_tracking_uri",
-    "plot",
-    "on_nan",
-    # how the processes hold the model, not what they compute: checkpoints are whole either way
-    "sharding",
-}
-
-
 def check_resumable(output_dir: Path, config: FineTuningConfig, processes: int = 1) -> None:
     """Refuse to resume a run with settings that would make it a different run.
 
@@ -108,7 +84,7 @@ def check_resumable(output_dir: Path, config: FineTuningConfig, processes: int =
     changed = [
         key
         for key in current
-        if key not in RESUMABLE_CHANGES
+        if key not in RESUMABLE_KEYS
         and key != accumulation
         and key in saved
         and saved[key] != current[key]
@@ -216,9 +192,10 @@ class FineTuner:
             location = resolve_model(self.config.model_name)
             model_config = load_model_config(location, self.config.trust_remote_code)
             modules = model_modules(model_config, self.config.trust_remote_code)
-            note = resolve_target_modules(self.config, model_config.model_type, modules)
-            if note:
-                print_once(note, flush=True)
+            family = family_target_modules(self.config, model_config.model_type, modules)
+            if family:  # decided by the model, so after validation: a new config
+                self.config = dataclasses.replace(self.config, target_modules=family[0])
+                print_once(family[1], flush=True)
             check_target_modules(self.config, modules)
             self.model_location = location
             self.tokenizer = load_tokenizer(location, self.config.trust_remote_code)
@@ -230,8 +207,8 @@ class FineTuner:
 
         ``total_steps`` is needed only by AdaLoRA, whose rank pruning follows the schedule.
         """
+        tokenizer = self.load_tokenizer()  # first: it may decide target_modules (a new config)
         c = self.config
-        tokenizer = self.load_tokenizer()
         assert self.model_location is not None
         dtype = self.placement.dtype
         quantization = None
@@ -404,12 +381,7 @@ class FineTuner:
         return self._pack(tokenized, [e.origin for e in examples])
 
     def _pack(self, tokenized: list[Any], origins: list[str] | None = None) -> list[Row]:
-        if self.config.packing and self.config.method in PROMPT_METHODS:
-            # PEFT prepends virtual tokens per sequence and ignores position_ids, so packed
-            # examples would see each other: one example per row instead
-            print_once(f"Note: packing is off for {self.config.method} (one example per row).")
-            self.config.packing = False
-        if self.config.packing:
+        if self.config.packing:  # off for prompt methods (config.effective_values)
             return pack_examples(tokenized, self.config.max_length, origins)
         return single_rows(tokenized, origins)
 
@@ -437,6 +409,8 @@ class FineTuner:
         if note and main_process:
             print(note)
         if main_process:  # before the model loads: what this run will not do
+            for decided in config_notes(c):
+                print(f"Note: {decided}")
             for warning in self.ineffective_settings(world.active):
                 print(f"Warning: {warning}")
         if sharded:
@@ -447,6 +421,7 @@ class FineTuner:
         if main_process:
             foreign = check_output_dir(output_dir, overwrite, resume, self.config)
         if resume:
+            self.load_tokenizer()  # the config's model-dependent values decided first
             check_resumable(output_dir, self.config, world.size)
         if train_dataset is None:
             train_dataset = self.prepare_dataset()
@@ -619,13 +594,13 @@ INITIAL_ADAPTER = "initial_adapter"
 def save_initial_adapter(model: Any, output_dir: Path) -> Path:
     """A PiSSA/OLoRA adapter as it started (PEFT converts the trained one against it)."""
     folder = output_dir / INITIAL_ADAPTER
-    config = model.peft_config["default"]
-    init = config.init_lora_weights
-    config.init_lora_weights = True  # saved as is, not converted
+    peft_config = model.peft_config["default"]
+    init = peft_config.init_lora_weights
+    peft_config.init_lora_weights = True  # saved as is, not converted
     try:
         model.save_pretrained(folder)
     finally:
-        config.init_lora_weights = init
+        peft_config.init_lora_weights = init
     return folder
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tunelab.config import PRECISIONS
 from tunelab.errors import TunelabError
 from tunelab.text_safety import visible
 
@@ -289,7 +290,7 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
         default="fp32",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=PRECISIONS,
         help="Inference precision (fp32 matches plain transformers exactly).",
     )
 
@@ -320,12 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="Replace an existing file.")
     init.set_defaults(func=cmd_init)
 
+    from tunelab.config import keys_help
+
     train = sub.add_parser(
         "train",
         help="Fine-tune a model as a config describes.",
         description="Fine-tune with the configured method (LoRA by default); writes the "
         "adapter, tokenizer, "
         "config, metrics.jsonl and results.json to output_dir.",
+        epilog=keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", help="YAML config (see 'tunelab init').")
     train.add_argument(
@@ -414,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--precision",
         default="fp32",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=PRECISIONS,
         help="Inference precision (fp32 answers match 'tunelab generate').",
     )
     serve.add_argument(

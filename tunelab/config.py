@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -22,35 +22,77 @@ from tunelab.yaml_numbers import load_yaml
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-SCHEDULERS = ("linear", "cosine", "constant")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CHAT_FORMATS = ("auto", "chat", "plain")
-REPORT_SINKS = ("tensorboard", "mlflow", "wandb")
+# The allowed values of a key are its Literal type: validation, ``--help``, ``tunelab init``,
+# the web form and the CLI's choices all read them from here.
+Scheduler = Literal["linear", "cosine", "constant"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Optimizer = Literal["adamw", "adamw_8bit"]
+Sharding = Literal["none", "fsdp"]
+OnNan = Literal["stop", "skip"]
+ChatFormat = Literal["auto", "chat", "plain"]
+DataSchema = Literal["auto", "text", "prompt_completion", "instruction", "messages", "sharegpt"]
+DataFormat = Literal["jsonl", "json", "csv", "tsv", "parquet", "txt", "arrow"]
+TxtSplit = Literal["blank_line", "line", "file"]
+UnicodeForm = Literal["NFC", "NFKC", "none"]
+BiasMitigation = Literal["none", "counterfactual", "rebalance"]
+ReportSink = Literal["tensorboard", "mlflow", "wandb"]
 # tunelab.training.families.PIECES (kept here so the config needs no torch import)
-FAST_PATH_PIECES = ("attention", "loss", "rotary", "norm", "lora_forward", "dropout")
-INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa", "olora", "eva", "loftq")
-OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")  # as in training.objectives
-METHODS = (
-    "lora",
-    "dora",
-    "qlora",
-    "prompt_tuning",
-    "prefix_tuning",
-    "ia3",
-    "adalora",
-    "full",
-)
+FastPathPiece = Literal["attention", "loss", "rotary", "norm", "lora_forward", "dropout"]
+InitLoraWeights = Literal["default", "gaussian", "pissa", "olora", "eva", "loftq"]
+Objective = Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto"]  # as in training.objectives
+Method = Literal[
+    "lora", "dora", "qlora", "prompt_tuning", "prefix_tuning", "ia3", "adalora", "full"
+]
+QuantizationBits = Literal[4, 8]
+
+SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+CHAT_FORMATS: tuple[str, ...] = typing.get_args(ChatFormat)
+DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
+TXT_SPLITS: tuple[str, ...] = typing.get_args(TxtSplit)
+REPORT_SINKS: tuple[str, ...] = typing.get_args(ReportSink)
+FAST_PATH_PIECES: tuple[str, ...] = typing.get_args(FastPathPiece)
+INIT_LORA_WEIGHTS: tuple[str, ...] = typing.get_args(InitLoraWeights)
+OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
+METHODS: tuple[str, ...] = typing.get_args(Method)
+# PEFT prepends their virtual tokens to each sequence and ignores position_ids
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")
+
+# The stages of a run, in the order ``--help`` and the web form list their keys.
+STAGES = {
+    "model": "Model: the base model and how it loads",
+    "data": "Data: loading, rendering, cleaning and splitting (the data cache key)",
+    "method": "Method: the adapter and what it trains",
+    "objective": "Objective: the loss (preference tuning)",
+    "training": "Training: optimisation and the run's length",
+    "evaluation": "Evaluation: held-out loss, early stopping and tunelab eval",
+    "output": "Output: the run folder, checkpoints and metric sinks",
+}
 
 
-def _f(default: Any, help: str, **choices: Any) -> Any:
-    """A dataclass field with its help text (and allowed values) kept beside the default."""
-    metadata = {"help": help, **choices}
+def _f(
+    default: Any, help: str, *, stage: str, resumable: bool = False, data: bool | None = None
+) -> Any:
+    """A dataclass field with its schema beside the default.
+
+    ``help`` is the key's one documentation; ``stage`` is a key of STAGES; ``resumable``: a
+    resumed run may change the key (how long it runs and what it reports, not what it learns);
+    ``data``: the data stage reads the key, so it is part of the prepared data's cache key
+    (every key of the data stage unless said otherwise).
+    """
+    assert stage in STAGES, stage
+    metadata = {
+        "help": help,
+        "stage": stage,
+        "resumable": resumable,
+        "data": stage == "data" if data is None else data,
+    }
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FineTuningConfig:
     """Everything a fine-tuning run needs, flat and typed (the seed's names first)."""
 
@@ -59,255 +101,408 @@ class FineTuningConfig:
         DEFAULT_MODEL,
         "Base model: 'smollm2-135m-instruct' (shipped with tunelab), a local transformers "
         "folder, a .gguf file, or a hub id.",
+        stage="model",
     )
-    dataset_path: str = _f("", "Training data: a file (.jsonl, .json, .csv, .txt, ...) or folder.")
-    output_dir: str = _f("outputs/run", "Run folder: adapter, tokenizer, config, metrics, results.")
-    lora_r: int = _f(8, "LoRA rank (the adapter's inner dimension).")
-    lora_alpha: int = _f(32, "LoRA scaling numerator: updates are scaled by lora_alpha / lora_r.")
-    lora_dropout: float = _f(0.1, "Dropout on the LoRA input during training.")
+    dataset_path: str = _f(
+        "", "Training data: a file (.jsonl, .json, .csv, .txt, ...) or folder.", stage="data"
+    )
+    output_dir: str = _f(
+        "outputs/run",
+        "Run folder: adapter, tokenizer, config, metrics, results.",
+        stage="output",
+        resumable=True,
+    )
+    lora_r: int = _f(8, "LoRA rank (the adapter's inner dimension).", stage="method")
+    lora_alpha: int = _f(
+        32, "LoRA scaling numerator: updates are scaled by lora_alpha / lora_r.", stage="method"
+    )
+    lora_dropout: float = _f(0.1, "Dropout on the LoRA input during training.", stage="method")
     target_modules: list[str] = _f(
-        ["q_proj", "v_proj"], "Module names that get adapters, or ['all-linear']."
+        ["q_proj", "v_proj"],
+        "Module names that get adapters, or ['all-linear'].",
+        stage="method",
     )
-    learning_rate: float = _f(3e-4, "Peak learning rate of AdamW.")
-    num_epochs: int = _f(3, "Passes over the training data (ignored when max_steps is set).")
+    learning_rate: float = _f(3e-4, "Peak learning rate of AdamW.", stage="training")
+    num_epochs: int = _f(
+        3,
+        "Passes over the training data (ignored when max_steps is set).",
+        stage="training",
+        resumable=True,
+    )
     batch_size: int = _f(
         4,
         "Sequences per micro-batch, per process (rows of max_length tokens when packing); the "
         "global batch is batch_size x gradient_accumulation_steps x processes.",
+        stage="training",
     )
-    max_length: int = _f(512, "Longest sequence in tokens; longer examples are truncated.")
+    max_length: int = _f(
+        512,
+        "Longest sequence in tokens; longer examples are truncated.",
+        stage="training",
+        data=True,
+    )
 
     # --- training strategy ---
     # 1, not the seed's 4: a packed row carries several examples, so 4 rows of 512 tokens are
     # about the real tokens of the seed's 4 x 4 padded examples (~2,000 vs ~1,600 on FOLDOC);
     # with 4 the packed default made 5x fewer updates per epoch and ended 2.7% higher in loss
     gradient_accumulation_steps: int = _f(
-        1, "Micro-batches per optimizer step (raise it when packing is off or rows are short)."
+        1,
+        "Micro-batches per optimizer step (raise it when packing is off or rows are short).",
+        stage="training",
     )
-    warmup_ratio: float = _f(0.1, "Share of the optimizer steps spent warming the rate up.")
-    lr_scheduler: str = _f("linear", "Learning-rate schedule after warm-up.", choices=SCHEDULERS)
-    max_steps: int | None = _f(None, "Optimizer steps to run; overrides num_epochs when set.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 turns clipping off).")
-    precision: str = _f(
+    warmup_ratio: float = _f(
+        0.1, "Share of the optimizer steps spent warming the rate up.", stage="training"
+    )
+    lr_scheduler: Scheduler = _f(
+        "linear", "Learning-rate schedule after warm-up.", stage="training"
+    )
+    max_steps: int | None = _f(
+        None,
+        "Optimizer steps to run; overrides num_epochs when set.",
+        stage="training",
+        resumable=True,
+    )
+    weight_decay: float = _f(0.0, "AdamW weight decay.", stage="training")
+    max_grad_norm: float = _f(
+        1.0, "Gradient clipping norm (0 turns clipping off).", stage="training"
+    )
+    precision: Precision = _f(
         "auto",
         "Compute precision; auto picks bf16 where the CPU/GPU supports it.",
-        choices=PRECISIONS,
+        stage="training",
     )
     packing: bool = _f(
-        True, "Pack several examples into each row (attention stays inside each example)."
+        True,
+        "Pack several examples into each row (attention stays inside each example).",
+        stage="training",
     )
-    seed: int = _f(42, "Random seed for initialisation, shuffling and dropout.")
-    logging_steps: int = _f(10, "Optimizer steps between metric lines in metrics.jsonl.")
-    eval_path: str | None = _f(None, "Held-out data evaluated during and after training.")
-    eval_steps: int | None = _f(None, "Evaluate every N optimizer steps (and always at the end).")
-    save_steps: int | None = _f(None, "Checkpoint every N optimizer steps (and at each epoch end).")
+    seed: int = _f(
+        42, "Random seed for initialisation, shuffling and dropout.", stage="training", data=True
+    )
+    logging_steps: int = _f(
+        10, "Optimizer steps between metric lines in metrics.jsonl.", stage="output", resumable=True
+    )
+    eval_path: str | None = _f(
+        None, "Held-out data evaluated during and after training.", stage="data", resumable=True
+    )
+    eval_steps: int | None = _f(
+        None,
+        "Evaluate every N optimizer steps (and always at the end).",
+        stage="evaluation",
+        resumable=True,
+    )
+    save_steps: int | None = _f(
+        None,
+        "Checkpoint every N optimizer steps (and at each epoch end).",
+        stage="output",
+        resumable=True,
+    )
     warmup_steps: int | None = _f(
-        None, "Warm-up length in optimizer steps; overrides warmup_ratio when set."
+        None,
+        "Warm-up length in optimizer steps; overrides warmup_ratio when set.",
+        stage="training",
     )
-    optimizer: str = _f(
+    optimizer: Optimizer = _f(
         "adamw",
         "adamw (fused/foreach torch AdamW) or adamw_8bit (bitsandbytes 8-bit state, falls back "
         "to adamw with a message where bitsandbytes cannot run it).",
-        choices=("adamw", "adamw_8bit"),
+        stage="training",
     )
     gradient_checkpointing: bool = _f(
-        False, "Recompute activations in the backward pass: less memory, about 30% more compute."
+        False,
+        "Recompute activations in the backward pass: less memory, about 30% more compute.",
+        stage="training",
     )
     fast_path: bool = _f(
         True,
         "Use tunelab's faster training pieces where they are proven equal for the model's "
         "family (false: transformers' and PEFT's own code throughout, for debugging).",
+        stage="training",
     )
-    fast_path_disable: list[str] = _f(
+    fast_path_disable: list[FastPathPiece] = _f(
         [],
         "Pieces of the fast path to run stock: attention, loss, rotary, norm, lora_forward, "
         "dropout (see docs/training.md; `tunelab train` prints which run fast).",
+        stage="training",
     )
-    sharding: str = _f(
+    sharding: Sharding = _f(
         "none",
         "Several processes (torchrun / accelerate launch): none (each holds the whole model) or "
         "fsdp (decoder layers split across them with FSDP2; accelerate's FSDP plugin sets it).",
-        choices=("none", "fsdp"),
+        stage="training",
+        resumable=True,
     )
-    eval_each_epoch: bool = _f(True, "Evaluate at the end of every epoch (with eval data).")
-    save_each_epoch: bool = _f(True, "Checkpoint at the end of every epoch.")
+    eval_each_epoch: bool = _f(
+        True,
+        "Evaluate at the end of every epoch (with eval data).",
+        stage="evaluation",
+        resumable=True,
+    )
+    save_each_epoch: bool = _f(
+        True, "Checkpoint at the end of every epoch.", stage="output", resumable=True
+    )
     save_total_limit: int = _f(
-        2, "Checkpoints kept: the newest this many, plus the one with the best eval loss."
+        2,
+        "Checkpoints kept: the newest this many, plus the one with the best eval loss.",
+        stage="output",
+        resumable=True,
     )
     early_stopping_patience: int | None = _f(
-        None, "Stop when the eval loss has not improved for this many evaluations (null: off)."
+        None,
+        "Stop when the eval loss has not improved for this many evaluations (null: off).",
+        stage="evaluation",
+        resumable=True,
     )
     early_stopping_threshold: float = _f(
-        0.0, "An eval loss must beat the best by more than this to count as an improvement."
+        0.0,
+        "An eval loss must beat the best by more than this to count as an improvement.",
+        stage="evaluation",
+        resumable=True,
     )
-    report_to: list[str] = _f(
+    report_to: list[ReportSink] = _f(
         [],
         "Extra metric sinks: tensorboard (event files in the run folder), mlflow, wandb "
         "(Weights & Biases; files in <output_dir>/wandb, WANDB_MODE=offline keeps them local).",
+        stage="output",
+        resumable=True,
     )
     mlflow_tracking_uri: str | None = _f(
-        None, "MLflow tracking URI; null uses a local file store in <output_dir>/mlruns."
+        None,
+        "MLflow tracking URI; null uses a local file store in <output_dir>/mlruns.",
+        stage="output",
+        resumable=True,
     )
-    plot: bool = _f(True, "Write training_curves.png (loss and learning rate) at the end.")
-    on_nan: str = _f(
+    plot: bool = _f(
+        True,
+        "Write training_curves.png (loss and learning rate) at the end.",
+        stage="output",
+        resumable=True,
+    )
+    on_nan: OnNan = _f(
         "stop",
         "A NaN/infinite loss or gradient: stop (the last good checkpoint stays) or skip the step.",
-        choices=("stop", "skip"),
+        stage="training",
+        resumable=True,
     )
 
     # --- data rendering ---
-    chat_format: str = _f(
+    chat_format: ChatFormat = _f(
         "auto",
         "How prompt/completion data is rendered: 'chat' wraps it in the model's chat template, "
         "'plain' joins the strings, 'auto' uses chat when the model has a template.",
-        choices=CHAT_FORMATS,
+        stage="data",
     )
     prompt_template: str | None = _f(
-        None, "Build the prompt from any columns, e.g. 'What does {term} mean?'."
+        None,
+        "Build the prompt from any columns, e.g. 'What does {term} mean?'.",
+        stage="data",
     )
     completion_template: str | None = _f(
-        None, "Build the completion from any columns, e.g. '{definition}'."
+        None,
+        "Build the completion from any columns, e.g. '{definition}'.",
+        stage="data",
     )
-    system_prompt: str | None = _f(None, "System message for chat-rendered examples.")
+    system_prompt: str | None = _f(None, "System message for chat-rendered examples.", stage="data")
 
     # --- data preparation ---
-    data_format: str | None = _f(
+    data_format: DataFormat | None = _f(
         None,
         "Format of dataset_path/eval_path: jsonl, json, csv, tsv, parquet, txt, or arrow (a "
         "datasets save_to_disk folder); null detects it from the extension and content.",
+        stage="data",
     )
-    data_schema: str = _f(
+    data_schema: DataSchema = _f(
         "auto",
         "Row layout: text, prompt_completion, instruction, messages, sharegpt, or auto (from "
         "the columns); prompt_template/completion_template map any other columns.",
-        choices=("auto", "text", "prompt_completion", "instruction", "messages", "sharegpt"),
+        stage="data",
     )
-    txt_split: str = _f(
+    txt_split: TxtSplit = _f(
         "blank_line",
         "What one document of a .txt file is: a blank-line separated block, a line, or the file.",
-        choices=("blank_line", "line", "file"),
+        stage="data",
     )
-    unicode_normalization: str = _f(
+    unicode_normalization: UnicodeForm = _f(
         "NFC",
         "Unicode normal form applied to all text (NFKC also folds look-alike characters).",
-        choices=("NFC", "NFKC", "none"),
+        stage="data",
     )
     fold_whitespace: bool = _f(
-        True, "Collapse runs of spaces, trailing spaces and extra blank lines."
+        True,
+        "Collapse runs of spaces, trailing spaces and extra blank lines.",
+        stage="data",
     )
     clean_rules: list[str] = _f(
         [],
         "Regex rewrites applied in order: 'pattern => replacement' (Python re, \\1 for groups) "
         "or a preset name ('foldoc' removes FOLDOC's {links}, <tags>, dates and source notes).",
+        stage="data",
     )
-    strip_html: bool = _f(True, "Remove HTML tags (keeping their text) and decode &entities;.")
+    strip_html: bool = _f(
+        True, "Remove HTML tags (keeping their text) and decode &entities;.", stage="data"
+    )
     pii_redact: bool = _f(
         True,
         "Replace e-mail addresses, phone numbers, IP addresses, card numbers and API keys with "
         "placeholders such as [EMAIL] (they are always counted and reported).",
+        stage="data",
     )
-    min_chars: int = _f(1, "Drop examples with fewer characters than this (after cleaning).")
+    min_chars: int = _f(
+        1, "Drop examples with fewer characters than this (after cleaning).", stage="data"
+    )
     max_chars: int | None = _f(
-        None, "Drop examples with more characters than this (null: no limit)."
+        None,
+        "Drop examples with more characters than this (null: no limit).",
+        stage="data",
     )
-    min_tokens: int = _f(0, "Drop examples with fewer tokens than this (needs the tokenizer).")
+    min_tokens: int = _f(
+        0, "Drop examples with fewer tokens than this (needs the tokenizer).", stage="data"
+    )
     max_tokens: int | None = _f(
         None,
         "Drop examples longer than this many tokens instead of truncating them at max_length.",
+        stage="data",
     )
     max_nonprintable_ratio: float | None = _f(
-        0.05, "Drop examples whose share of control/unprintable characters is higher (null: off)."
+        0.05,
+        "Drop examples whose share of control/unprintable characters is higher (null: off).",
+        stage="data",
     )
     min_alpha_ratio: float | None = _f(
-        0.25, "Drop examples (of 20+ characters) whose share of letters is lower (null: off)."
+        0.25,
+        "Drop examples (of 20+ characters) whose share of letters is lower (null: off).",
+        stage="data",
     )
     max_repeated_ngram_ratio: float | None = _f(
-        0.5, "Drop examples (of 20+ words) whose share of repeated word 3-grams is higher."
+        0.5,
+        "Drop examples (of 20+ words) whose share of repeated word 3-grams is higher.",
+        stage="data",
     )
-    dedup_exact: bool = _f(True, "Drop examples equal to an earlier one (ignoring case/spacing).")
+    dedup_exact: bool = _f(
+        True, "Drop examples equal to an earlier one (ignoring case/spacing).", stage="data"
+    )
     dedup_near_threshold: float | None = _f(
         0.8,
         "Drop near duplicates: examples whose word 3-gram Jaccard similarity to an earlier one "
         "is at least this (MinHash/LSH); null turns it off.",
+        stage="data",
     )
     eval_split: float = _f(
         0.0,
         "Without eval_path, hold out this fraction of the training data for evaluation "
         "(e.g. 0.1), chosen by seed.",
+        stage="data",
     )
     drop_eval_leaks: bool = _f(
         False,
         "Drop training examples equal or near-equal to an eval example (always reported).",
+        stage="data",
     )
-    bias_report: bool = _f(True, "Count demographic terms per group and flag one-sided examples.")
+    bias_report: bool = _f(
+        True, "Count demographic terms per group and flag one-sided examples.", stage="data"
+    )
     bias_wordlists: list[str] = _f(
-        [], "Extra word-list JSON files for the bias report (same shape as the shipped ones)."
+        [],
+        "Extra word-list JSON files for the bias report (same shape as the shipped ones).",
+        stage="data",
     )
-    bias_mitigation: str = _f(
+    bias_mitigation: BiasMitigation = _f(
         "none",
         "counterfactual adds copies with paired terms swapped (he/she, ...); rebalance "
         "resamples examples of under-represented groups of bias_rebalance_dimension.",
-        choices=("none", "counterfactual", "rebalance"),
+        stage="data",
     )
     bias_rebalance_dimension: str = _f(
-        "gender", "The word-list dimension that rebalance evens out."
+        "gender",
+        "The word-list dimension that rebalance evens out.",
+        stage="data",
     )
     data_cache: bool = _f(
-        True, "Reuse prepared data from $TUNELAB_CACHE/data when inputs and settings are unchanged."
+        True,
+        "Reuse prepared data from $TUNELAB_CACHE/data when inputs and settings are unchanged.",
+        stage="data",
+        data=False,
     )
     dataset_mix: dict[str, float] = _f(
         {},
         "Extra training sources and their share of the training set, e.g. "
         "{data/forum.jsonl: 0.2}; dataset_path keeps the rest (see docs/data.md, mixing).",
+        stage="data",
     )
     replay_general_share: float = _f(
         0.0,
         "Share of the training set that is general prose replayed against forgetting (e.g. "
         "0.1); tunelab eval's forgetting check then reads only prose that was not replayed.",
+        stage="data",
     )
     probe_templates: list[str] = _f(
         [],
         "tunelab eval's knowledge probes: questions that reword a training item, using "
         "{subject} (what it asks about, e.g. 'Explain what {subject} is.') or {question}; "
         "empty: the default set in tunelab/evaluation/probes.py.",
+        stage="evaluation",
     )
     max_data_bytes: int = _f(
         1 << 30,
         "Refuse a data path holding more bytes than this (after decompression; counts a "
         "folder's files together): a guard against devices, endless pipes and zip bombs.",
+        stage="data",
     )
     max_row_bytes: int = _f(
-        16 << 20, "Refuse a data row (a line, a text block, a field) longer than this in bytes."
+        16 << 20,
+        "Refuse a data row (a line, a text block, a field) longer than this in bytes.",
+        stage="data",
     )
-    max_rows: int = _f(1_000_000, "Refuse a data path holding more rows than this.")
+    max_rows: int = _f(1_000_000, "Refuse a data path holding more rows than this.", stage="data")
     drop_control_chars: bool = _f(
         True,
         "Remove control characters (C0/C1, e.g. terminal escape sequences) from the data, "
         "keeping tab and newline; the report counts the examples changed.",
+        stage="data",
     )
 
     # --- method ---
-    method: str = _f(
+    method: Method = _f(
         "lora",
         "Adaptation method: lora, dora, qlora (4/8-bit base), prompt_tuning, prefix_tuning, "
         "ia3, adalora, or full fine-tuning.",
-        choices=METHODS,
+        stage="method",
     )
-    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale updates by alpha/sqrt(r).")
-    rank_pattern: dict[str, int] = _f({}, "Per-module LoRA rank overrides, e.g. {v_proj: 16}.")
-    alpha_pattern: dict[str, int] = _f({}, "Per-module LoRA alpha overrides, e.g. {v_proj: 64}.")
-    quantization_bits: int = _f(4, "qlora: base weights in 4-bit NF4 (double quantised) or 8-bit.")
-    num_virtual_tokens: int = _f(20, "prompt_tuning / prefix_tuning: learned virtual tokens.")
+    use_rslora: bool = _f(
+        False, "Rank-stabilised LoRA: scale updates by alpha/sqrt(r).", stage="method"
+    )
+    rank_pattern: dict[str, int] = _f(
+        {}, "Per-module LoRA rank overrides, e.g. {v_proj: 16}.", stage="method"
+    )
+    alpha_pattern: dict[str, int] = _f(
+        {}, "Per-module LoRA alpha overrides, e.g. {v_proj: 64}.", stage="method"
+    )
+    quantization_bits: QuantizationBits = _f(
+        4, "qlora: base weights in 4-bit NF4 (double quantised) or 8-bit.", stage="method"
+    )
+    num_virtual_tokens: int = _f(
+        20, "prompt_tuning / prefix_tuning: learned virtual tokens.", stage="method"
+    )
     prompt_init_text: str | None = _f(
-        None, "prompt_tuning: initialise the virtual tokens from this text instead of randomly."
+        None,
+        "prompt_tuning: initialise the virtual tokens from this text instead of randomly.",
+        stage="method",
     )
-    adalora_init_r: int = _f(12, "adalora: starting rank, pruned towards lora_r during training.")
-    train_embeddings: bool = _f(False, "Also train the input embeddings (needed for add_tokens).")
-    train_lm_head: bool = _f(False, "Also train the output layer (LM head).")
-    add_tokens: list[str] = _f([], "New tokens to add to the tokenizer (embeddings are resized).")
+    adalora_init_r: int = _f(
+        12, "adalora: starting rank, pruned towards lora_r during training.", stage="method"
+    )
+    train_embeddings: bool = _f(
+        False, "Also train the input embeddings (needed for add_tokens).", stage="method"
+    )
+    train_lm_head: bool = _f(False, "Also train the output layer (LM head).", stage="method")
+    add_tokens: list[str] = _f(
+        [], "New tokens to add to the tokenizer (embeddings are resized).", stage="method"
+    )
     trust_remote_code: bool = _f(
-        False, "Run model code shipped with a hub model (off unless you trust its author)."
+        False,
+        "Run model code shipped with a hub model (off unless you trust its author).",
+        stage="model",
     )
 
     # --- method extras ---
@@ -315,8 +510,9 @@ class FineTuningConfig:
         None,
         "LoRA+: the B matrices learn this many times faster than learning_rate (16 is the "
         "paper's usual value); null: off. lora, dora and qlora only.",
+        stage="method",
     )
-    init_lora_weights: str = _f(
+    init_lora_weights: InitLoraWeights = _f(
         "default",
         "How LoRA starts (PEFT's init_lora_weights): default (B = 0), gaussian, pissa or olora "
         "(the adapter starts from the weights' principal / QR directions and the base keeps "
@@ -324,44 +520,70 @@ class FineTuningConfig:
         "eva (A from the principal directions of each layer's inputs on the training data, "
         "ranks redistributed; B = 0), or loftq (qlora, 4-bit: the adapter starts as the "
         "low-rank part of the quantisation error).",
-        choices=INIT_LORA_WEIGHTS,
+        stage="method",
     )
     eva_rho: float = _f(
         2.0,
         "init_lora_weights eva: a layer may take up to lora_r x eva_rho of the total rank "
         "budget (1: every layer keeps lora_r).",
+        stage="method",
     )
     neftune_noise_alpha: float | None = _f(
         None,
         "NEFTune: uniform noise of this scale (5 is typical) on the input embeddings while "
         "training with objective sft; never at evaluation or generation. null: off.",
+        stage="method",
     )
 
     # --- objective (preference tuning: training.objectives) ---
-    objective: str = _f(
+    objective: Objective = _f(
         "sft",
         "Training objective: sft (next-token loss), or preference tuning on prompt/chosen/"
         "rejected data with dpo (TRL's sigmoid loss), ipo, orpo, simpo; kto on "
         "prompt/completion/label data. dpo, ipo and kto score against the base model.",
-        choices=OBJECTIVES,
+        stage="objective",
     )
     beta: float = _f(
         0.1,
         "Preference strength: DPO/IPO/KTO's KL weight, SimPO's reward scale, ORPO's odds-ratio "
         "weight (TRL's beta; 0.1 is TRL's DPO default, SimPO often uses 2.0).",
+        stage="objective",
     )
     label_smoothing: float = _f(
-        0.0, "dpo/simpo: assumed share of flipped preference labels (conservative DPO), [0, 0.5)."
+        0.0,
+        "dpo/simpo: assumed share of flipped preference labels (conservative DPO), [0, 0.5).",
+        stage="objective",
     )
-    simpo_gamma: float = _f(0.5, "simpo: target reward margin (TRL's simpo_gamma).")
+    simpo_gamma: float = _f(
+        0.5, "simpo: target reward margin (TRL's simpo_gamma).", stage="objective"
+    )
     cpo_alpha: float = _f(
-        0.0, "simpo: weight of the chosen answers' NLL added to the loss (0: pure SimPO)."
+        0.0,
+        "simpo: weight of the chosen answers' NLL added to the loss (0: pure SimPO).",
+        stage="objective",
     )
-    desirable_weight: float = _f(1.0, "kto: loss weight of answers labelled true.")
-    undesirable_weight: float = _f(1.0, "kto: loss weight of answers labelled false.")
+    desirable_weight: float = _f(
+        1.0, "kto: loss weight of answers labelled true.", stage="objective"
+    )
+    undesirable_weight: float = _f(
+        1.0, "kto: loss weight of answers labelled false.", stage="objective"
+    )
 
     def __post_init__(self) -> None:
+        # frozen: the values are decided here, once (typed, checked, made effective), and a
+        # changed config is a new one (dataclasses.replace validates it again)
+        for name in FIELDS:
+            object.__setattr__(
+                self, name, _coerce(name, getattr(self, name), _HINTS[name], "config")
+            )
         validate(self)
+        # {key: (the value asked for, why it cannot be, whether the user wrote it)}
+        adjusted = {}
+        for key, (value, why) in effective_values(self).items():
+            asked = getattr(self, key)
+            adjusted[key] = (asked, why, asked != _default(key))
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "_adjusted", adjusted)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> FineTuningConfig:
@@ -379,10 +601,62 @@ class FineTuningConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(FineTuningConfig)}
 _HINTS = typing.get_type_hints(FineTuningConfig)
+# what the data stage reads: the prepared data's cache key (tunelab.data.prepare)
+DATA_KEYS = tuple(name for name, spec in FIELDS.items() if spec.metadata["data"])
+# what a resumed run may change (tunelab.api.check_resumable)
+RESUMABLE_KEYS = frozenset(name for name, spec in FIELDS.items() if spec.metadata["resumable"])
+
+
+def choices_of(name: str) -> tuple[Any, ...] | None:
+    """The allowed values of a key (of each item, for a list), read from its Literal type;
+    None for a key that takes any value of its type."""
+    hint = _HINTS[name]
+    if typing.get_origin(hint) is list:
+        hint = typing.get_args(hint)[0]
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    return None
+
+
+def _check_choices(name: str, value: Any) -> None:
+    allowed = choices_of(name)
+    if allowed is None:
+        return
+    for item in value if isinstance(value, list) else [value]:
+        if item in allowed:
+            continue
+        if all(isinstance(a, int) for a in allowed):
+            _check(False, name, value, " or ".join(map(str, allowed)))
+        hint = did_you_mean(str(item), allowed)
+        if isinstance(value, list):
+            raise TunelabError(
+                f"config key '{name}' names {item!r}; allowed: {', '.join(allowed)} "
+                f"({item!r} is not one.{hint}). Change '{name}' in the config or with --set."
+            )
+        raise TunelabError(
+            f"config key '{name}' is {value!r}; allowed values are "
+            f"{', '.join(map(repr, allowed))}.{hint}"
+        )
+
+
+def effective_values(config: FineTuningConfig) -> dict[str, tuple[Any, str]]:
+    """Values validation decides otherwise than the config asks, ``{key: (value, why)}``;
+    the config holds the decided value from then on, and ``ineffective_settings`` warns."""
+    c = config
+    out: dict[str, tuple[Any, str]] = {}
+    if c.packing and c.method in PROMPT_METHODS:
+        out["packing"] = (
+            False,
+            f"method {c.method} prepends its virtual tokens to each sequence and ignores "
+            "position_ids, so packed examples would see each other: one example per row",
+        )
+    return out
 
 
 def _type_name(hint: Any) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         return " or ".join(_type_name(a) for a in inner) + " (or null)"
@@ -405,6 +679,8 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
         f"{source}: '{key}' is {value!r} ({type(value).__name__}), expected {_type_name(hint)}. "
         f"Fix the value of '{key}'."
     )
+    if origin is Literal:  # the type of its values here; validate checks the values
+        return _coerce(key, value, type(typing.get_args(hint)[0]), source)
     if origin is list:
         if isinstance(value, str):
             value = [value]
@@ -448,15 +724,8 @@ def _check(condition: bool, key: str, value: Any, allowed: str) -> None:
 def validate(config: FineTuningConfig) -> None:
     """Reject impossible values before any heavy work (model-dependent checks live in methods)."""
     c = config
-    for name, spec in FIELDS.items():
-        value = getattr(c, name)
-        setattr(c, name, _coerce(name, value, _HINTS[name], "config"))
-        allowed = spec.metadata.get("choices")
-        if allowed and value not in allowed:
-            raise TunelabError(
-                f"config key '{name}' is {value!r}; allowed values are "
-                f"{', '.join(map(repr, allowed))}.{did_you_mean(str(value), allowed)}"
-            )
+    for name in FIELDS:
+        _check_choices(name, getattr(c, name))
     _check(c.lora_r >= 1, "lora_r", c.lora_r, "a whole number of at least 1 (8 is typical)")
     _check(c.lora_alpha > 0, "lora_alpha", c.lora_alpha, "positive (often 2-4 x lora_r)")
     _check(0 <= c.lora_dropout < 1, "lora_dropout", c.lora_dropout, "in [0, 1)")
@@ -483,17 +752,9 @@ def validate(config: FineTuningConfig) -> None:
     _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "zero or positive")
     _check(c.max_grad_norm >= 0, "max_grad_norm", c.max_grad_norm, "zero (off) or positive")
     _check(c.logging_steps >= 1, "logging_steps", c.logging_steps, "at least 1")
-    for piece in c.fast_path_disable:
-        if piece not in FAST_PATH_PIECES:
-            raise TunelabError(
-                f"config key 'fast_path_disable' names {piece!r}, which is not a piece of the "
-                f"fast path; allowed: {', '.join(FAST_PATH_PIECES)}."
-                f"{did_you_mean(piece, FAST_PATH_PIECES)}"
-            )
     _check(c.eval_steps is None or c.eval_steps >= 1, "eval_steps", c.eval_steps, "null or >= 1")
     _check(c.save_steps is None or c.save_steps >= 1, "save_steps", c.save_steps, "null or >= 1")
     # method
-    _check(c.quantization_bits in (4, 8), "quantization_bits", c.quantization_bits, "4 or 8")
     _check(c.num_virtual_tokens >= 1, "num_virtual_tokens", c.num_virtual_tokens, "at least 1")
     if c.method == "adalora":
         _check(c.adalora_init_r >= c.lora_r, "adalora_init_r", c.adalora_init_r, ">= lora_r")
@@ -653,14 +914,6 @@ def validate(config: FineTuningConfig) -> None:
         c.early_stopping_threshold,
         "zero or positive",
     )
-    for sink in c.report_to:
-        _check(
-            sink in REPORT_SINKS,
-            "report_to",
-            c.report_to,
-            f"a list drawn from {', '.join(REPORT_SINKS)} ('{sink}' is not one."
-            f"{did_you_mean(sink, REPORT_SINKS)})",
-        )
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -694,14 +947,20 @@ def _text_field(hint: Any) -> tuple[bool, bool]:
         args = typing.get_args(hint)
         inner = [a for a in args if a is not type(None)]
         return inner == [str], type(None) in args
+    if typing.get_origin(hint) is Literal:  # a choice of words is text; of numbers is not
+        return all(isinstance(a, str) for a in typing.get_args(hint)), False
     return hint is str, False
 
 
 def config_from_dict(
-    values: dict[str, Any], source: str = "config", overrides: list[str] | None = None
+    values: dict[str, Any],
+    source: str = "config",
+    overrides: list[str] | None = None,
+    folder: Path | None = None,
 ) -> FineTuningConfig:
     """Build a validated config from a mapping plus ``key=value`` overrides. A wrong override
-    is blamed on ``--set key=value``, not on the file it overrides."""
+    is blamed on ``--set key=value``, not on the file it overrides. With ``folder`` (the config
+    file's own), relative data, output and local model paths are read from there."""
     merged = dict(values)
     sources: dict[str, str] = {}
     for key in merged:
@@ -712,7 +971,32 @@ def config_from_dict(
         merged[key] = value
         sources[key] = f"--set {text}"
     typed = {k: _coerce(k, v, _HINTS[k], sources.get(k, source)) for k, v in merged.items()}
-    return FineTuningConfig(**typed)
+    if folder is not None:
+        typed = _resolve_paths(typed, folder)
+    config = FineTuningConfig(**typed)
+    # a value the user wrote that validation overrode is warned about (ineffective_settings);
+    # one left at its default only noted (config_notes)
+    adjusted = {key: (asked, why, key in typed) for key, (asked, why, _) in _adjusted(config)}
+    object.__setattr__(config, "_adjusted", adjusted)
+    return config
+
+
+def _resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``values`` with relative data, output and local model paths read from ``folder``."""
+
+    def resolved(value: str) -> str:
+        return value if Path(value).is_absolute() else str((folder / value).resolve())
+
+    out = dict(values)
+    for key in ("dataset_path", "eval_path", "output_dir"):
+        if out.get(key):
+            out[key] = resolved(out[key])
+    if out.get("dataset_mix"):
+        out["dataset_mix"] = {resolved(p): share for p, share in out["dataset_mix"].items()}
+    model = Path(out.get("model_name", DEFAULT_MODEL))
+    if not model.is_absolute() and (folder / model).exists():
+        out["model_name"] = str(folder / model)
+    return out
 
 
 def _check_known(key: str, source: str) -> None:
@@ -745,20 +1029,61 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> FineTun
         raise TunelabError(
             f"{path}: expected a mapping of 'key: value' lines, found {type(values).__name__}."
         )
-    config = config_from_dict(values, source=str(path), overrides=overrides)
-    base = path.resolve().parent
-    for key in ("dataset_path", "eval_path", "output_dir"):
-        value = getattr(config, key)
-        if value and not Path(value).is_absolute():
-            setattr(config, key, str((base / value).resolve()))
-    config.dataset_mix = {
-        str(path if Path(path).is_absolute() else (base / path).resolve()): weight
-        for path, weight in config.dataset_mix.items()
+    return config_from_dict(values, str(path), overrides, folder=path.resolve().parent)
+
+
+def yaml_text(value: Any) -> str:
+    """One config value as the YAML a user would type (``null``, ``[q_proj, v_proj]``)."""
+    if value == "":
+        return ""
+    dumped = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return dumped.removesuffix("...").strip()
+
+
+def type_text(name: str) -> str:
+    """A key's type in a few characters for ``--help``: ``int``, ``float|null``, ``a|b|c``."""
+
+    def text(hint: Any) -> str:
+        origin = typing.get_origin(hint)
+        if origin in (types.UnionType, typing.Union):
+            return "|".join("null" if a is type(None) else text(a) for a in typing.get_args(hint))
+        if origin is Literal:
+            return "|".join(map(str, typing.get_args(hint)))
+        if origin is list:
+            return f"list of {text(typing.get_args(hint)[0])}"
+        if origin is dict:
+            return f"mapping to {text(typing.get_args(hint)[1])}"
+        return getattr(hint, "__name__", str(hint))
+
+    return text(_HINTS[name])
+
+
+def stage_keys() -> dict[str, list[str]]:
+    """``{stage: [key, ...]}`` in STAGES' order, the keys in the schema's order."""
+    return {
+        stage: [name for name, spec in FIELDS.items() if spec.metadata["stage"] == stage]
+        for stage in STAGES
     }
-    model = Path(config.model_name)
-    if not model.is_absolute() and (base / model).exists():
-        config.model_name = str(base / model)
-    return config
+
+
+def keys_help(width: int = 100) -> str:
+    """Every config key by stage, with its type, default and documentation (``train --help``)."""
+    import textwrap
+
+    lines = ["config keys (in the YAML file, or --set KEY=VALUE), by stage:"]
+    for stage, names in stage_keys().items():
+        lines += ["", f"{STAGES[stage]}:"]
+        for name in names:
+            default = yaml_text(_default(name)) or "''"
+            resumable = ", may change on --resume" if FIELDS[name].metadata["resumable"] else ""
+            lines.append(f"  {name} ({type_text(name)}; default {default}{resumable})")
+            lines += textwrap.wrap(
+                FIELDS[name].metadata["help"],
+                width,
+                initial_indent="      ",
+                subsequent_indent="      ",
+            )
+    return "\n".join(lines)
 
 
 def starter_config_text() -> str:
@@ -773,8 +1098,8 @@ def starter_config_text() -> str:
         if name == "dataset_path":
             default = "data/train.jsonl"
         lines.append(f"# {spec.metadata['help']}")
-        if spec.metadata.get("choices"):
-            lines.append(f"# one of: {', '.join(spec.metadata['choices'])}")
+        if choices_of(name):
+            lines.append(f"# one of: {', '.join(map(str, choices_of(name) or ()))}")
         dumped = yaml.safe_dump({name: default}, default_flow_style=True, width=1000).strip()
         lines.append(dumped[1:-1] if dumped.startswith("{") else dumped)
         lines.append("")
@@ -851,12 +1176,31 @@ def _default(name: str) -> Any:
     return spec.default
 
 
+def _adjusted(config: FineTuningConfig) -> list[tuple[str, tuple[Any, str, bool]]]:
+    """The keys validation set otherwise than asked (FineTuningConfig.__post_init__)."""
+    return list(getattr(config, "_adjusted", {}).items())
+
+
+def config_notes(config: FineTuningConfig) -> list[str]:
+    """What validation decided for keys the user left at their default (printed at start)."""
+    return [
+        f"{key} is {yaml_text(getattr(config, key))} in this run ({why})."
+        for key, (_, why, written) in _adjusted(config)
+        if not written
+    ]
+
+
 def ineffective_settings(config: FineTuningConfig) -> list[str]:
     """Settings changed from their default that cannot take effect in this run, one sentence
     each (what is ignored and why, and what to do); printed as warnings when training starts,
     before the model loads. Checks that need the hardware or the process count are in api."""
     c = config
-    out = []
+    out = [
+        f"config key '{key}' ({asked!r}) cannot take effect: {why}; {key} is "
+        f"{getattr(c, key)!r} in this run. Set {key}: {yaml_text(getattr(c, key))} to say so."
+        for key, (asked, why, written) in _adjusted(c)
+        if written
+    ]
     changed = [n for n in _IGNORED_BY_METHOD[c.method] if getattr(c, n) != _default(n)]
     if changed:
         keys = ", ".join(f"{n} ({getattr(c, n)!r})" for n in changed)

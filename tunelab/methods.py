@@ -13,10 +13,10 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
+from tunelab.config import PROMPT_METHODS as PROMPT_METHODS  # re-exported: the one list
 from tunelab.config import FineTuningConfig
 from tunelab.errors import TunelabError, did_you_mean
 
-PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")
 REGEX_PREFIX = "re:"
 
 
@@ -50,20 +50,19 @@ FAMILY_ATTENTION_TARGETS = {
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
 
 
-def resolve_target_modules(
+def family_target_modules(
     config: FineTuningConfig, model_type: str | None, module_names: Iterable[str]
-) -> str | None:
+) -> tuple[list[str], str] | None:
     """Where ``config.target_modules`` is the default q_proj/v_proj and the model has neither,
-    set it to the family's attention projections (FAMILY_ATTENTION_TARGETS) and return a note
-    saying so; None when nothing changed (check_target_modules then reports what is missing)."""
+    the family's attention projections (FAMILY_ATTENTION_TARGETS) and a note saying so; None
+    when the configured ones stay (check_target_modules then reports what is missing)."""
     if config.target_modules != DEFAULT_TARGETS or config.method in PROMPT_METHODS:
         return None
     suffixes = set(linear_module_suffixes(module_names))
     family = FAMILY_ATTENTION_TARGETS.get(model_type or "")
     if set(DEFAULT_TARGETS) & suffixes or family is None or not set(family) <= suffixes:
         return None
-    config.target_modules = list(family)
-    return (
+    return list(family), (
         f"target_modules: {model_type} has no q_proj/v_proj; using its attention projection "
         f"{', '.join(family)} (set target_modules in the config to choose others)."
     )

@@ -19,6 +19,7 @@ A new family is one line in CASES. TUNELAB_TEST_DEVICE=cuda runs the matrix on a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,13 +308,14 @@ def test_bf16_run_trains_then_generates_and_merges_like_peft(built, tmp_path):
     "case", [c for c in CASES if "q_proj" not in c.targets], ids=lambda c: c.model_type
 )
 def test_default_target_modules_become_the_family_attention_projections(case, tokenizer):
-    from tunelab.methods import check_target_modules, resolve_target_modules
+    from tunelab.methods import check_target_modules, family_target_modules
     from tunelab.models import model_modules
 
     modules = model_modules(_config(case, tokenizer))
     config = FineTuningConfig(model_name="family")
     assert config.target_modules == ["q_proj", "v_proj"]
-    note = resolve_target_modules(config, case.model_type, modules)
-    assert config.target_modules == list(case.targets)
+    targets, note = family_target_modules(config, case.model_type, modules)
+    assert targets == list(case.targets)
+    config = dataclasses.replace(config, target_modules=targets)  # the config is frozen
     assert f"{case.model_type} has no q_proj/v_proj" in note
     check_target_modules(config, modules)  # the chosen ones exist and take an adapter

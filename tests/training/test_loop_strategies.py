@@ -1,6 +1,7 @@
 """Training strategies on the tiny model: schedules, clipping, decay groups, evaluation and
 checkpoint policies, early stopping, metric sinks, NaN handling, precision, full fine-tuning."""
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -46,7 +47,7 @@ def test_optimizer_is_fused_adamw_or_8bit(tiny_model_dir):
     config = FineTuningConfig(model_name=str(tiny_model_dir), weight_decay=0.01)
     optimizer, note = build_optimizer(model, config)
     assert isinstance(optimizer, torch.optim.AdamW) and note == "AdamW (fused)"
-    config.optimizer = "adamw_8bit"
+    config = dataclasses.replace(config, optimizer="adamw_8bit")
     optimizer, note = build_optimizer(model, config)
     try:
         import bitsandbytes  # noqa: F401
@@ -74,7 +75,7 @@ def test_clipping_bounds_the_gradient_norm():
 
 def test_eval_every_n_steps_and_not_each_epoch(make_config, tmp_path):
     config = make_config(max_steps=5, eval_steps=2, eval_each_epoch=False)
-    config.eval_path = config.dataset_path
+    config = dataclasses.replace(config, eval_path=config.dataset_path)
     results = FineTuner(config).train()
     evals = [m for m in metrics(tmp_path / "run") if "eval_loss" in m]
     assert [m["step"] for m in evals] == [0, 2, 4, 5]
@@ -94,7 +95,7 @@ def test_early_stopping_and_keeping_last_k_plus_best(make_config, tmp_path):
         early_stopping_threshold=0.05,  # tiny gains do not count, so patience runs out
         learning_rate=1e-3,
     )
-    config.eval_path = config.dataset_path
+    config = dataclasses.replace(config, eval_path=config.dataset_path)
     results = FineTuner(config).train()
     stopped = results["stopped_early_at_step"]
     assert 3 <= stopped < 20 and results["steps"] == stopped
@@ -109,7 +110,7 @@ def test_tensorboard_mlflow_and_curves_png(make_config, tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard package is not installed")
     pytest.importorskip("mlflow", reason="the mlflow package is not installed")
     config = make_config(max_steps=3, report_to=["tensorboard", "mlflow"])
-    config.eval_path = config.dataset_path
+    config = dataclasses.replace(config, eval_path=config.dataset_path)
     FineTuner(config).train()
     run = tmp_path / "run"
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -262,7 +263,7 @@ def test_wandb_offline_logs_the_metrics(make_config, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = make_config(max_steps=3, report_to=["wandb"])
-    config.eval_path = config.dataset_path
+    config = dataclasses.replace(config, eval_path=config.dataset_path)
     FineTuner(config).train()
     run = tmp_path / "run"
     files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -7,6 +7,7 @@ prints them without a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def pairs_command(args: argparse.Namespace) -> int:
 def inspect_command(args: argparse.Namespace) -> int:
     config = _config(args.source, args.set)
     if args.model:
-        config.model_name = args.model
+        config = dataclasses.replace(config, model_name=args.model)
     check_separate(args.out, _inputs(config), "--out")
     check_output_files(args.out, REPORT_FILES, "data inspect")
     is_config = args.source.lower().endswith(_CONFIG_SUFFIXES)

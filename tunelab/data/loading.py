@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.config import DATA_FORMATS, TXT_SPLITS
 from tunelab.errors import TunelabError, did_you_mean
 
-FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "txt", "arrow")
-TXT_SPLITS = ("blank_line", "line", "file")
+FORMATS = DATA_FORMATS  # the config's data_format values
+
 _SUFFIXES = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",

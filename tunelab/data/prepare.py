@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.config import FineTuningConfig
+from tunelab.config import DATA_KEYS, FineTuningConfig
 from tunelab.data import bias, cleaning, dedup, privacy
 from tunelab.data.loading import (
     ReadLimits,
@@ -47,43 +47,6 @@ __all__ = ["PreparedData", "format_summary", "load_examples", "prepare_examples"
 DATA_VERSION = 3  # bump when a change to this stage changes what it produces
 SAMPLES_PER_STEP = 3
 SAMPLE_CHARS = 300
-# the config keys that decide what this stage produces (and so the cache key)
-DATA_KEYS = (
-    "dataset_path",
-    "eval_path",
-    "data_format",
-    "data_schema",
-    "txt_split",
-    "prompt_template",
-    "completion_template",
-    "unicode_normalization",
-    "fold_whitespace",
-    "clean_rules",
-    "strip_html",
-    "pii_redact",
-    "min_chars",
-    "max_chars",
-    "min_tokens",
-    "max_tokens",
-    "max_nonprintable_ratio",
-    "min_alpha_ratio",
-    "max_repeated_ngram_ratio",
-    "dedup_exact",
-    "dedup_near_threshold",
-    "eval_split",
-    "drop_eval_leaks",
-    "bias_report",
-    "bias_wordlists",
-    "bias_mitigation",
-    "bias_rebalance_dimension",
-    "seed",
-    "max_length",
-    "chat_format",
-    "system_prompt",
-    "dataset_mix",
-    "replay_general_share",
-    "drop_control_chars",
-)
 # a row this many times longer than max_length (in tokens, at ~4 characters a token) is mostly
 # truncated away: worth a word before training on it
 LONG_ROW_FACTOR = 8

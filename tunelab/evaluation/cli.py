@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from tunelab.config import PRECISIONS
 from tunelab.evaluation.systems import FEW_SHOT_CHOICES, SYSTEMS
 
 
@@ -90,7 +91,7 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
         "batches answer more questions per read.",
     )  # fmt: skip
     parser.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        "--precision", choices=PRECISIONS, default="auto",
         help="auto: bf16 where the CPU/GPU runs it natively, else fp32.",
     )  # fmt: skip
     parser.add_argument(

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tunelab.config import DEFAULT_MODEL
 from tunelab.errors import TunelabError, did_you_mean
@@ -233,8 +233,9 @@ def _first_layer_prefix(names: list[str]) -> str:
 def _check_targets(targets: list[str], modules: dict[str, Any], model: str, method: str) -> None:
     """The training check (methods.check_target_modules): names the model has, and layers an
     adapter can wrap, not blocks (PEFT would fail on them with a traceback)."""
-    from tunelab.config import FineTuningConfig
+    from tunelab.config import FineTuningConfig, Method
     from tunelab.methods import check_target_modules
 
-    config = FineTuningConfig(model_name=model, method=method, target_modules=targets)
+    # the caller checked method against ESTIMATE_METHODS, a subset of the config's Method
+    config = FineTuningConfig(model_name=model, method=cast(Method, method), target_modules=targets)
     check_target_modules(config, modules, key="--target-modules")

@@ -3,64 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
-from tunelab.planning.memory import OPTIMIZER_BYTES, TrainingSetup
+from tunelab.planning.memory import TrainingSetup
+
+
+def estimate_keys() -> list[str]:
+    """The run config keys an estimate reads: TrainingSetup's fields that are config keys."""
+    from tunelab.config import FIELDS
+
+    return [f.name for f in dataclasses.fields(TrainingSetup) if f.name in FIELDS]
 
 
 def setup_values(config: Any) -> dict[str, Any]:
     """The TrainingSetup values a run config fixes (what ``tunelab estimate CONFIG`` uses)."""
-    values = dict(
-        method=config.method,
-        lora_r=config.lora_r,
-        target_modules=list(config.target_modules),
-        lora_dropout=config.lora_dropout,
-        batch_size=config.batch_size,
-        max_length=config.max_length,
-        gradient_checkpointing=config.gradient_checkpointing,
-        optimizer=config.optimizer,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        quantization_bits=config.quantization_bits,
-    )
-    if config.precision != "auto":
-        values["precision"] = config.precision
+    values = {key: getattr(config, key) for key in estimate_keys()}
+    values["target_modules"] = list(values["target_modules"])
+    if values["precision"] == "auto":  # the estimate's own default: bf16, the usual GPU case
+        del values["precision"]
     return values
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
+    from tunelab.config import config_from_dict, load_config
+    from tunelab.errors import TunelabError
     from tunelab.planning.architecture import ESTIMATE_METHODS
     from tunelab.planning.estimate import format_estimate, run_estimate
 
-    values = dict(
-        method=args.method,
-        lora_r=args.lora_r,
-        target_modules=args.target_modules,
-        lora_dropout=args.lora_dropout,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        optimizer=args.optimizer,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        devices=args.devices,
-        sharding=args.sharding,
-        loss_fraction=args.loss_fraction,
-        quantization_bits=args.quantization_bits,
-    )
-    model = args.model
-    if args.config:  # a run config supplies the model and its training settings
-        from tunelab.config import load_config
-        from tunelab.errors import TunelabError
-
+    # the options are the run config's keys: given ones override the config (or the defaults)
+    given = {key: getattr(args, key) for key in estimate_keys() if getattr(args, key) is not None}
+    if args.config:
         config = load_config(args.config, args.set)
-        if config.method not in ESTIMATE_METHODS:
-            raise TunelabError(
-                f"{args.config}: method {config.method!r} has no estimate; estimates cover "
-                f"{', '.join(ESTIMATE_METHODS)}."
-            )
-        values.update(setup_values(config))
-        model = model or config.model_name
+        config = dataclasses.replace(config, **given) if given else config
+    else:
+        config = config_from_dict(given, source="tunelab estimate", overrides=args.set)
+    if config.method not in ESTIMATE_METHODS:
+        raise TunelabError(
+            f"{args.config or 'tunelab estimate'}: method {config.method!r} has no estimate; "
+            f"estimates cover {', '.join(ESTIMATE_METHODS)}."
+        )
+    values = setup_values(config)
+    values.update(devices=args.devices, loss_fraction=args.loss_fraction)
+    model = args.model or (config.model_name if args.config else None)
     from tunelab.config import DEFAULT_MODEL
 
     estimate = run_estimate(
@@ -74,6 +60,32 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     )
     print(json.dumps(estimate.as_dict(), indent=2) if args.json else format_estimate(estimate))
     return 0
+
+
+def add_config_options(
+    parser: argparse.ArgumentParser, keys: list[str], choices: dict[str, tuple[Any, ...]]
+) -> None:
+    """One ``--key-name`` option per config key, typed, documented and limited to the choices
+    the schema gives (narrowed by ``choices``); an option left out is None."""
+    from tunelab.config import FIELDS, _default, choices_of, type_text, yaml_text
+
+    for key in keys:
+        hint = type_text(key)
+        allowed = choices.get(key) or choices_of(key)
+        options: dict[str, Any] = {"default": None, "dest": key}
+        if hint == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        elif hint.startswith("list of"):
+            options["nargs"] = "+"
+        else:
+            options["type"] = {"int": int, "float": float}.get(hint.split("|")[0], str)
+            if allowed:
+                options["type"] = type(allowed[0])
+                options["choices"] = allowed
+        default = yaml_text(_default(key))
+        doc = FIELDS[key].metadata["help"].replace("%", "%%")  # argparse formats help with %
+        options["help"] = f"{doc} (config key {key}; default: {default})"
+        parser.add_argument("--" + key.replace("_", "-"), **options)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -129,22 +141,16 @@ def add_planning_commands(subparsers: argparse._SubParsersAction) -> None:
         + "), a model folder, a config.json, or a hub id already in the local cache.",
     )
     est.add_argument("model", nargs="?", help="Model (default: the config's, or tunelab's).")
-    est.add_argument("--config", help="A tunelab run config to take the settings from.")
-    est.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    est.add_argument(
+        "--config",
+        help="A tunelab run config to take the settings from (the options below override it).",
+    )
+    est.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="Set any config key."
+    )
     est.add_argument("--config-json", help="The model's config.json (for hub ids offline).")
-    est.add_argument("--method", default="lora", choices=ESTIMATE_METHODS)
-    est.add_argument("--lora-r", type=int, default=8)
-    est.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"])
-    est.add_argument("--lora-dropout", type=float, default=0.1)
-    est.add_argument("--batch-size", type=int, default=4)
-    est.add_argument("--max-length", type=int, default=512)
-    est.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
-    est.add_argument("--gradient-checkpointing", action="store_true")
-    est.add_argument("--optimizer", default="adamw", choices=tuple(OPTIMIZER_BYTES))
-    est.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    est.add_argument("--devices", type=int, default=1)
-    est.add_argument("--sharding", default="none", choices=("none", "fsdp"))
-    est.add_argument("--quantization-bits", type=int, default=4, choices=(4, 8))
+    add_config_options(est, estimate_keys(), {"method": ESTIMATE_METHODS})
+    est.add_argument("--devices", type=int, default=1, help="Processes training together.")
     est.add_argument(
         "--loss-fraction",
         type=float,

@@ -30,7 +30,7 @@ from typing import Any, TypeGuard
 
 import yaml
 
-from tunelab.config import FIELDS, FineTuningConfig, config_from_dict, validate
+from tunelab.config import FIELDS, FineTuningConfig, config_from_dict
 from tunelab.errors import TunelabError, did_you_mean
 from tunelab.yaml_numbers import load_yaml
 
@@ -103,14 +103,7 @@ def load_sweep(config_path: str | Path, space_path: str | Path | None = None) ->
             f"{path} has no 'sweep:' section and no --space file was given. Add a section like "
             "'sweep: {params: {learning_rate: {low: 1.0e-5, high: 1.0e-3, log: true}}}'."
         )
-    base = config_from_dict(values, source=str(path))
-    folder = path.resolve().parent
-    for key in ("dataset_path", "eval_path", "output_dir"):  # as load_config resolves them
-        value = getattr(base, key)
-        if value and not Path(value).is_absolute():
-            setattr(base, key, str((folder / value).resolve()))
-    if not Path(base.model_name).is_absolute() and (folder / base.model_name).exists():
-        base.model_name = str(folder / base.model_name)
+    base = config_from_dict(values, source=str(path), folder=path.resolve().parent)
     return base, parse_spec(section, source)
 
 
@@ -212,9 +205,7 @@ def suggest(trial: Any, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def trial_config(base: FineTuningConfig, values: dict[str, Any], folder: Path) -> FineTuningConfig:
-    config = dataclasses.replace(base, **values, output_dir=str(folder))
-    validate(config)
-    return config
+    return dataclasses.replace(base, **values, output_dir=str(folder))  # validated again
 
 
 def _sampler(optuna: Any, spec: SweepSpec) -> Any:

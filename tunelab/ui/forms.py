@@ -1,27 +1,32 @@
 """The config form: built from the config schema, read back through the CLI's own parsing.
 
 Every field of ``FineTuningConfig`` becomes one input holding its value as YAML (what a config
-file or ``--set`` takes); the groups are the stage comments in ``tunelab/config.py``. Values go
-back through ``parse_override`` and ``config_from_dict``, so a wrong value fails with the very
-message ``tunelab train --set`` prints.
+file or ``--set`` takes), grouped by the stage each field declares (``config.STAGES``), with a
+list of the values its Literal type allows. Values go back through ``parse_override`` and
+``config_from_dict``, so a wrong value fails with the very message ``tunelab train --set``
+prints.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from tunelab.config import FIELDS, FineTuningConfig, config_from_dict, parse_override
+from tunelab.config import (
+    FIELDS,
+    STAGES,
+    FineTuningConfig,
+    _default,
+    choices_of,
+    config_from_dict,
+    parse_override,
+    stage_keys,
+    yaml_text,
+)
 from tunelab.errors import TunelabError
-
-_GROUP_LINE = re.compile(r"^\s*# --- (.+?) ---\s*$")
-TITLES = {"the seed's fields": "model, data and LoRA basics"}
-_FIELD_LINE = re.compile(r"^\s*(\w+): .*= _f\(")
 
 
 @dataclass
@@ -34,36 +39,12 @@ class FormField:
 
 
 def stage_groups() -> list[tuple[str, list[str]]]:
-    """[(stage title, field names)] in the order and grouping of the config's source."""
-    groups: list[tuple[str, list[str]]] = []
-    for line in inspect.getsource(FineTuningConfig).splitlines():
-        heading = _GROUP_LINE.match(line)
-        if heading:
-            groups.append((heading.group(1), []))
-            continue
-        field_line = _FIELD_LINE.match(line)
-        if field_line and field_line.group(1) in FIELDS and groups:
-            groups[-1][1].append(field_line.group(1))
-    grouped = {name for _, names in groups for name in names}
-    rest = [name for name in FIELDS if name not in grouped]
-    if rest:  # a field added without a heading still gets a place in the form
-        groups.append(("other", rest))
-    return groups
+    """[(stage title, field names)] in the order of ``config.STAGES``."""
+    return [(STAGES[stage], names) for stage, names in stage_keys().items() if names]
 
 
-def as_yaml(value: Any) -> str:
-    """One config value as the YAML a user would type (``null``, ``[q_proj, v_proj]``)."""
-    if value == "":
-        return ""
-    dumped = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    return dumped.removesuffix("...").strip()
-
-
-def default_of(name: str) -> Any:
-    spec = FIELDS[name]
-    if spec.default_factory is not dataclasses.MISSING:
-        return spec.default_factory()
-    return spec.default
+as_yaml = yaml_text  # one config value as the YAML a user would type
+default_of = _default
 
 
 def form_fields(
@@ -76,19 +57,19 @@ def form_fields(
     for title, names in stage_groups():
         fields = []
         for name in names:
-            spec = FIELDS[name]
             current = values.get(name, default_of(name))
-            choices = spec.metadata.get("choices")
+            # a list key (report_to, ...) stays a text input: a select holds one value
+            choices = None if isinstance(current, list) else choices_of(name)
             fields.append(
                 FormField(
                     name,
                     raw[name] if name in raw else as_yaml(current),
                     as_yaml(default_of(name)),
-                    spec.metadata["help"],
-                    tuple(choices) if choices else None,
+                    FIELDS[name].metadata["help"],
+                    tuple(map(str, choices)) if choices else None,
                 )
             )
-        out.append((TITLES.get(title, title), fields))
+        out.append((title, fields))
     return out
 
 
