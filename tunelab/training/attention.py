@@ -493,7 +493,7 @@ class _StackedMatmulAttention(torch.autograd.Function):
         queries = q_rows.index_select(0, layout.query_take).to(dtype)
         keys, values = (t.index_select(0, layout.key_take).to(dtype) for t in (k_rows, v_rows))
         out = torch.empty_like(queries)
-        saved = []  # each bucket's weights, and with a soft-cap its tanh after them
+        saved: list[Any] = []  # each bucket's weights, and with a soft-cap its tanh after them
         for q, k, v, o in _bucket_views(layout, queries, keys, values, out):
             _, weights, capped = _attend(q, k, v, scaling, o, window, softcap)
             saved += [weights, capped] if softcap else [weights]
