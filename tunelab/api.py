@@ -53,11 +53,10 @@ from tunelab.ownership import (
     prepare_output_folder,
     split_owned,
 )
+from tunelab.run_folder import CONFIG as RUN_CONFIG
+from tunelab.run_folder import DATA_MANIFEST, RESULTS, RUN_INFO
 from tunelab.training.batching import Row, pack_examples, single_rows
 
-RUN_CONFIG = "tunelab_config.yaml"
-RUN_INFO = "run_info.json"
-RESULTS = "results.json"
 FINAL_STAGING = ".final-save-"  # the final save's temporary folder inside the run folder
 TOKENIZER_EXTRAS = {"vocab.json", "merges.txt", "special_tokens_map.json", "chat_template.jinja"}
 TOKENIZED_FORMAT = 2  # bump when the tokenized cache's layout or rendering changes
@@ -99,10 +98,10 @@ def check_resumable(output_dir: Path, config: FineTuningConfig, processes: int =
     saved_path = output_dir / RUN_CONFIG
     if not saved_path.is_file():
         return
-    from tunelab.runs import read_saved_config
+    from tunelab.run_folder import read_saved_config
     from tunelab.training.checkpoint import latest_checkpoint, read_state
 
-    saved = read_saved_config(saved_path)
+    saved = read_saved_config(output_dir)
     current = config.to_dict()
     accumulation = "gradient_accumulation_steps"
     changed = [
@@ -464,9 +463,9 @@ class FineTuner:
         if main_process:
             self.config.save(output_dir / RUN_CONFIG)
         if self.prepared is not None and main_process:  # what the data stage did
-            atomic_write_json(output_dir / "data_manifest.json", self.prepared.manifest)
+            atomic_write_json(output_dir / DATA_MANIFEST, self.prepared.manifest)
         if self.preference is not None and main_process:
-            atomic_write_json(output_dir / "data_manifest.json", self.preference.manifest)
+            atomic_write_json(output_dir / DATA_MANIFEST, self.preference.manifest)
         if self.config.init_lora_weights in ("pissa", "olora") and main_process and not resume:
             save_initial_adapter(self.model, output_dir)
         with method_step_hooks(self.model, self.config):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.text_safety import visible
@@ -482,37 +484,76 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ui.set_defaults(func=cmd_ui)
 
-    try:
-        from tunelab.data.cli import add_data_commands
-    except ImportError:
-        pass
-    else:
-        add_data_commands(sub)
-    try:
-        from tunelab.diagnostics.cli import add_doctor_commands
-    except ImportError:
-        pass
-    else:
-        add_doctor_commands(sub)
-    try:
-        from tunelab.runs import add_runs_commands
-    except ImportError:
-        pass
-    else:
-        add_runs_commands(sub)
-    try:
-        from tunelab.evaluation.cli import add_eval_commands
-    except ImportError:
-        pass
-    else:
-        add_eval_commands(sub)
-    try:
-        from tunelab.planning.cli import add_planning_commands
-    except ImportError:
-        pass
-    else:
-        add_planning_commands(sub)
+    for names, module, register in COMMAND_GROUPS:
+        add_command_group(sub, names, module, register)
     return parser
+
+
+# The subcommands registered by their own modules: (command names, module, function).
+COMMAND_GROUPS = (
+    (("data",), "tunelab.data.cli", "add_data_commands"),
+    (("doctor",), "tunelab.diagnostics.cli", "add_doctor_commands"),
+    (("runs",), "tunelab.runs.cli", "add_runs_commands"),
+    (("eval",), "tunelab.evaluation.cli", "add_eval_commands"),
+    (("estimate", "pilot", "sweep"), "tunelab.planning.cli", "add_planning_commands"),
+)
+
+
+def add_command_group(sub: Any, names: tuple[str, ...], module: str, register: str) -> None:
+    """Register a module's subcommands; when the module cannot be imported (a package
+    missing), the commands stay listed and running one says what to install, instead of
+    argparse calling them unknown."""
+    import importlib
+
+    try:
+        add_commands = getattr(importlib.import_module(module), register)
+    except ImportError as error:
+        hint = missing_package_hint(error)
+        for name in names:
+            placeholder = sub.add_parser(name, help=f"(unavailable: {hint})", add_help=False)
+            placeholder.add_argument("rest", nargs=argparse.REMAINDER)
+            placeholder.set_defaults(func=_unavailable(name, hint))
+        return
+    add_commands(sub)
+
+
+def _unavailable(name: str, hint: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise TunelabError(f"'tunelab {name}' is unavailable: {hint}")
+
+    return run
+
+
+def missing_package_hint(error: ImportError) -> str:
+    """What failed to import and what to install: the extra of tunelab that declares the
+    package, else the package itself, else a reinstall of tunelab."""
+    missing = (error.name or "").split(".")[0]
+    what = f"importing {error.name or 'a module'} failed ({error})"
+    if not missing or missing == "tunelab":
+        return f"{what}. Reinstall tunelab (pip install --force-reinstall tunelab)."
+    extras = _extras_declaring(missing)
+    if extras:
+        return f"{what}. Install it with: pip install 'tunelab[{extras[0]}]'"
+    return f"{what}. Install it with: pip install {missing}"
+
+
+def _extras_declaring(package: str) -> list[str]:
+    """tunelab's extras (other than test) that list ``package``; [] for a core dependency."""
+    import re
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("tunelab") or []
+    except metadata.PackageNotFoundError:
+        return []
+    wanted = re.sub(r"[-_.]+", "-", package).lower()
+    extras = []
+    for requirement in requirements:
+        name = re.sub(r"[-_.]+", "-", re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0])
+        extra = re.search(r"extra\s*==\s*[\"']([^\"']+)", requirement)
+        if name.lower() == wanted and extra and extra.group(1) != "test":
+            extras.append(extra.group(1))
+    return extras
 
 
 def main(argv: list[str] | None = None) -> int:

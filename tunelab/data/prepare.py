@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,6 +33,8 @@ from tunelab.data.loading import (
 from tunelab.data.schema import Example, is_empty_answer, message_texts, to_example
 from tunelab.data.store import format_summary, read_cache, write_cache, write_prepared
 from tunelab.errors import TunelabError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PreparedData", "format_summary", "load_examples", "prepare_examples", "write_prepared"]
 
@@ -120,12 +122,11 @@ def _warn_long_rows(examples: list[Example], max_length: int) -> None:
     limit = LONG_ROW_FACTOR * max_length * CHARS_PER_TOKEN
     long = [e for e in examples if sum(len(t) for t in e.texts()) > limit]
     if long:
-        print(
-            f"warning: {len(long)} row(s) longer than {limit:,} characters (about "
+        logger.warning(
+            f"{len(long)} row(s) longer than {limit:,} characters (about "
             f"{LONG_ROW_FACTOR}x max_length={max_length} tokens), first at {long[0].origin}; "
             "training keeps only the first max_length tokens of each. Split long documents "
-            "(txt_split, or shorter rows) or raise max_length.",
-            file=sys.stderr,
+            "(txt_split, or shorter rows) or raise max_length."
         )
 
 

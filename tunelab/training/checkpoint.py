@@ -17,8 +17,8 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.files import check_safetensors, read_json_file, staged_folder, tensor_bytes
+from tunelab.run_folder import CHECKPOINTS
 
-CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tunelab.errors import TunelabError
 from tunelab.files import atomic_write_jsonl, disk_full_errors
+from tunelab.run_folder import parse_metrics_file
 
 
 class MetricsLog:
@@ -24,11 +24,8 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            kept = [
-                r
-                for r in parse_metrics(self.path, torn_end_ok=True)
-                if r.get("step", 0) <= resume_step
-            ]
+            # a line cut off by the crash is past any checkpoint: parse_metrics_file skips it
+            kept = [r for r in parse_metrics_file(self.path) if r.get("step", 0) <= resume_step]
             atomic_write_jsonl(self.path, kept)
         elif self.path.exists():
             self.path.unlink()
@@ -48,34 +45,6 @@ class MetricsLog:
                     raise
             finally:
                 os.close(descriptor)
-
-
-def parse_metrics(path: Path, torn_end_ok: bool = False) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a line that is not JSON raises TunelabError naming
-    the file and line. ``torn_end_ok``: a cut-off last line (a crash while it was written,
-    so it is past any checkpoint) is dropped instead."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if torn_end_ok and number == len(lines):
-                break
-            raise TunelabError(
-                f"{path}:{number} is not valid JSON ({line[:60]!r}): the file was cut off or "
-                "edited. Delete that line, or start the run again with --overwrite."
-            ) from None
-    return records
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return parse_metrics(path)
 
 
 class Progress:

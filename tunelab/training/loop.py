@@ -20,6 +20,7 @@ import torch
 
 from tunelab.config import FineTuningConfig
 from tunelab.errors import TunelabError
+from tunelab.run_folder import CURVES, metrics_path, read_metrics
 from tunelab.training import preference
 from tunelab.training.attention import use_packed_attention
 from tunelab.training.batching import Row, collate, loss_tokens, plan_epoch
@@ -40,14 +41,14 @@ from tunelab.training.distributed import (
 from tunelab.training.dropout import fast_adapter_dropout
 from tunelab.training.families import FastPathPlan, plan_fast_path
 from tunelab.training.guards import catch_interrupt, nan_diagnosis
-from tunelab.training.logging import MetricsLog, Progress, read_metrics
+from tunelab.training.logging import MetricsLog, Progress
 from tunelab.training.lora_forward import lean_lora_forward
 from tunelab.training.loss import causal_lm_loss_sum, release_scratch, stock_loss
 from tunelab.training.neftune import neftune
 from tunelab.training.norm import fast_rms_norm
 from tunelab.training.optim import build_optimizer
 from tunelab.training.precision import backward_precision, grad_scaler, mixed_precision
-from tunelab.training.reporting import CURVES, Reporters, plot_curves
+from tunelab.training.reporting import Reporters, plot_curves
 from tunelab.training.rotary import fast_rotary
 from tunelab.training.schedule import lr_factor, warmup_steps_for
 from tunelab.training.sharding import (
@@ -280,7 +281,7 @@ def _fit(
     log, reporters = None, None
     if main:  # only the main process writes files
         resume_step = state["step"] if checkpoint else None
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
+        log = MetricsLog(metrics_path(run_dir), resume_step=resume_step)
         reporters = Reporters(config, run_dir, state["step"])
 
     def record(values: dict[str, Any]) -> None:
@@ -467,7 +468,7 @@ def _fit(
     if reporters is not None:
         reporters.close()
     if main and config.plot:
-        plot_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / CURVES)
+        plot_curves(read_metrics(run_dir), run_dir / CURVES)
     model.eval()
     results = _results(state, per_epoch, last_loss, initial, eval_result, stopped_early)
     if divergence is not None:  # the summary says where the run ended up
