@@ -28,6 +28,7 @@ from tunelab.data.tokenize import (
     _tokenize_with_spans,
     as_messages,
     chat_spans,
+    render_chat,
 )
 from tunelab.errors import TunelabError
 from tunelab.training.objectives import PAIRED
@@ -361,8 +362,9 @@ def _tokenize_answer(
         first_answer = len(messages) - len(answer_messages)
         text, spans = chat_spans(tokenizer, messages)
         # only the answer's turns: a multi-turn prompt's assistant turns are context, not scored
-        prompt_text = tokenizer.apply_chat_template(
-            messages[:first_answer], tokenize=False, add_generation_prompt=True
+        # (rendered as chat_spans renders, under the same template limits)
+        prompt_text = render_chat(
+            tokenizer, messages[:first_answer], add_generation_prompt=True, allow_empty=True
         )
         spans = [span for span in spans if span[0] >= len(prompt_text)]
         return _tokenize_with_spans(tokenizer, text, spans, max_length)
