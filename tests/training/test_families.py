@@ -76,7 +76,6 @@ CASES = [
             "final_logit_softcapping": 1.0,
             "query_pre_attn_scalar": 16,
         },
-        stock={"attention"},
     ),
     Case(
         "gemma3_text",

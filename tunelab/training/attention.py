@@ -18,8 +18,11 @@ Longer examples go to SDPA, whose memory does not grow with the square of the le
 
 Sliding windows (Mistral, Qwen2, Gemma 2/3...: each layer's call brings its ``sliding_window``)
 are masked as transformers masks them: a query sees the keys less than ``sliding_window``
-positions behind it, counted inside its own example. Attention soft-capping is not done here
-(training.families keeps such models on their own attention).
+positions behind it, counted inside its own example. Attention soft-capping (Gemma 2's
+``attn_logit_softcapping``: each layer's call brings its ``softcap``) is computed as Gemma 2's
+eager attention computes it, ``cap * tanh(scaling * q.k / cap)`` before the mask, on the
+matmul path only (SDPA has no soft-cap), so a soft-capped model attends every bucket with
+matmuls whatever its length.
 """
 
 from __future__ import annotations
@@ -228,14 +231,15 @@ def packed_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The transformers attention interface: q (B, Hq, L, D), k/v (B, Hkv, L, D) ->
-    (B, L, Hq, D); ``sliding_window``: keys at most this many positions back minus one.
-    Falls back to plain SDPA when there is a cache or a mask (generation). Raises
-    RuntimeError for attention soft-capping, which it does not compute (the family table
-    keeps such a model on its own attention)."""
-    if softcap:
+    (B, L, Hq, D); ``sliding_window``: keys at most this many positions back minus one;
+    ``softcap``: attention logits soft-capped as Gemma 2's eager attention does. Falls back to
+    plain SDPA (eager attention when soft-capped) when there is a cache or a mask
+    (generation). Raises RuntimeError for soft-capping with attention dropout, which it does
+    not compute (the family table keeps such a model on its own attention)."""
+    if softcap and dropout:
         raise RuntimeError(
-            "tunelab's packed attention does not soft-cap attention logits; "
-            "training.families must keep this model on its own attention"
+            "tunelab's packed attention does not soft-cap attention logits with attention "
+            "dropout; training.families must keep this model on its own attention"
         )
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -243,6 +247,8 @@ def packed_attention_forward(
         causal = attention_mask is None and length > 1 and key.shape[2] == length
         if causal and sliding_window and sliding_window < length:
             attention_mask, causal = _window_mask(length, sliding_window, query.device), False
+        if softcap:
+            return _eager_softcapped(query, key, value, attention_mask, causal, scaling, softcap)
         output = F.scaled_dot_product_attention(
             query,
             key,
@@ -257,12 +263,13 @@ def packed_attention_forward(
     if position_ids.shape[0] != batch:
         position_ids = position_ids.expand(batch, -1)
     scaling = dim**-0.5 if scaling is None else scaling
-    if not dropout and query.device.type == "cpu":
+    if not dropout and (query.device.type == "cpu" or softcap):
         stacked = _cached_stacked_layout(position_ids, heads, kv_heads)
-        if max(longest for *_, longest in stacked.buckets) <= MATMUL_MAX_LENGTH:
+        longest_bucket = max(longest for *_, longest in stacked.buckets)
+        if longest_bucket <= MATMUL_MAX_LENGTH or softcap:
             # (B, H, L, D) -> (B*L*H, D) rows: a view, the projections' outputs are (B, L, H, D)
             rows = (t.transpose(1, 2).reshape(-1, dim) for t in (query, key, value))
-            output = _StackedMatmulAttention.apply(*rows, stacked, scaling, sliding_window)
+            output = _StackedMatmulAttention.apply(*rows, stacked, scaling, sliding_window, softcap)
             return output.view(batch, length, heads, dim), None
     # (B, H, L, D) -> (B*L, H, D) so that one gather picks a whole example's tokens (a view:
     # the projections' outputs are laid out (B, L, H, D) in memory)
@@ -281,8 +288,8 @@ def packed_attention_forward(
         )
         # the fixed per-sequence cost is a CPU kernel's: on a GPU, SDPA's fused kernels win
         windowed = sliding_window is not None and sliding_window < longest
-        if longest <= MATMUL_MAX_LENGTH and not dropout and q.device.type == "cpu":
-            attended = _MatmulAttention.apply(q, k, v, scaling, sliding_window)
+        if softcap or (longest <= MATMUL_MAX_LENGTH and not dropout and q.device.type == "cpu"):
+            attended = _MatmulAttention.apply(q, k, v, scaling, sliding_window, softcap)
         else:
             attended = F.scaled_dot_product_attention(
                 q.transpose(1, 2),
@@ -298,6 +305,33 @@ def packed_attention_forward(
     slots = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     output = _Regroup.apply(slots, layout.back, layout.take, layout.real)
     return output.view(batch, length, heads, dim), None
+
+
+def _eager_softcapped(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scaling: float | None,
+    softcap: float,
+) -> tuple[torch.Tensor, None]:
+    """Gemma 2's eager attention (soft-capped logits, fp32 softmax) of q (B, Hq, L, D) over
+    k/v (B, Hkv, Lk, D), for the calls packed attention does not take (a cache, a mask);
+    ``mask``: bool (True: attend) or additive; ``causal``: mask later keys. -> (B, L, Hq, D)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    if causal:
+        mask = _window_mask(query.shape[2], None, query.device)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
 
 
 def _window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -337,18 +371,26 @@ def _attend(
     scaling: float,
     out: torch.Tensor | None,
     window: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention (within ``window`` positions, when given) of stacked (S*Hkv, g*L, D)
-    queries over (S*Hkv, L, D) keys/values; returns (output, attention weights in the compute
-    dtype)."""
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Causal attention (within ``window`` positions, when given; logits soft-capped at
+    ``softcap``, when given) of stacked (S*Hkv, g*L, D) queries over (S*Hkv, L, D)
+    keys/values; returns (output, attention weights in the compute dtype, and with a
+    soft-cap the tanh of the scaled logits over the cap, which its backward needs)."""
     length = k.shape[1]
     groups = q.shape[1] // length
     bias = _causal_bias(length, groups, q.dtype, window).expand(q.shape[0], -1, -1)
-    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling)
+    capped = None
+    if softcap:
+        # Gemma 2's order, one rounding per step as its eager code: scale, cap, then the mask
+        capped = torch.bmm(q, k.transpose(1, 2)).mul_(scaling).div_(softcap).tanh_()
+        scores = (capped * softcap).add_(bias)
+    else:
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling)
     # fp32 softmax then one rounding: as exact as it gets, and quicker on a CPU than the
     # reduced-precision softmax kernel
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.bmm(weights, v, out=out), weights
+    return torch.bmm(weights, v, out=out), weights, capped
 
 
 def _attend_backward(
@@ -359,13 +401,17 @@ def _attend_backward(
     grad: torch.Tensor,
     scaling: float,
     out: tuple[torch.Tensor | None, ...] = (None, None, None),
+    capped: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`_attend`'s output for q, k and v, in the same stacked layouts."""
+    """Gradients of :func:`_attend`'s output for q, k and v, in the same stacked layouts
+    (``capped``: :func:`_attend`'s tanh of a soft-capped run)."""
     grad_q, grad_k, grad_v = out
     grad_v = torch.bmm(weights.transpose(1, 2), grad, out=grad_v)
     grad_weights = torch.bmm(grad, v.transpose(1, 2))
     # masked scores have zero weight, hence zero gradient: causality needs no extra step
     grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+    if capped is not None:  # through cap * tanh(x / cap): slope 1 - tanh^2
+        grad_scores = grad_scores.mul_(1.0 - capped * capped)
     # the scores' scaling applied to the (length x dim) products, not the (length x length)
     # gradient: fewer elements
     grad_q = torch.bmm(grad_scores, k, out=grad_q).mul_(scaling)
@@ -392,6 +438,7 @@ class _MatmulAttention(torch.autograd.Function):
         v: torch.Tensor,
         scaling: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         sequences, length, heads, dim = q.shape
         kv_heads = k.shape[2]
@@ -402,27 +449,28 @@ class _MatmulAttention(torch.autograd.Function):
         k_b, v_b = (
             t.permute(0, 2, 1, 3).reshape(sequences * kv_heads, length, dim) for t in (k, v)
         )
-        output, weights = _attend(q_b, k_b, v_b, scaling, None, window)
-        ctx.save_for_backward(q_b, k_b, v_b, weights)
+        output, weights, capped = _attend(q_b, k_b, v_b, scaling, None, window, softcap)
+        ctx.save_for_backward(q_b, k_b, v_b, weights, *([capped] if softcap else []))
         ctx.scaling, ctx.kv_heads = scaling, kv_heads
         return _unstack_groups(output, sequences, length)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        q_b, k_b, v_b, weights = ctx.saved_tensors
+        q_b, k_b, v_b, weights, *capped = ctx.saved_tensors
         # the gradient can arrive in another dtype (fp32 weights under autocast)
         grad = grad.to(weights.dtype)
         sequences = grad.shape[0]
         kv_heads, length, dim = ctx.kv_heads, k_b.shape[1], k_b.shape[2]
         grad_q, grad_k, grad_v = _attend_backward(
-            q_b, k_b, v_b, weights, _stack_groups(grad, kv_heads), ctx.scaling
-        )
+            q_b, k_b, v_b, weights, _stack_groups(grad, kv_heads), ctx.scaling,
+            capped=capped[0] if capped else None,
+        )  # fmt: skip
         grad_k, grad_v = (
             t.view(sequences, kv_heads, length, dim).permute(0, 2, 1, 3) for t in (grad_k, grad_v)
         )
         q_dtype, k_dtype, v_dtype = ctx.dtypes
         grad_q = _unstack_groups(grad_q, sequences, length)
-        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None, None
+        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None, None, None
 
 
 class _StackedMatmulAttention(torch.autograd.Function):
@@ -444,17 +492,19 @@ class _StackedMatmulAttention(torch.autograd.Function):
         layout: StackedLayout,
         scaling: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         ctx.dtypes = (q_rows.dtype, k_rows.dtype, v_rows.dtype)
         dtype = _compute_dtype(q_rows)
         queries = q_rows.index_select(0, layout.query_take).to(dtype)
         keys, values = (t.index_select(0, layout.key_take).to(dtype) for t in (k_rows, v_rows))
         out = torch.empty_like(queries)
-        saved = []
+        saved: list[Any] = []  # each bucket's weights, and with a soft-cap its tanh after them
         for q, k, v, o in _bucket_views(layout, queries, keys, values, out):
-            saved.append(_attend(q, k, v, scaling, o, window)[1])
+            _, weights, capped = _attend(q, k, v, scaling, o, window, softcap)
+            saved += [weights, capped] if softcap else [weights]
         ctx.save_for_backward(queries, keys, values, *saved)
-        ctx.layout, ctx.scaling = layout, scaling
+        ctx.layout, ctx.scaling, ctx.softcap = layout, scaling, softcap
         return out.index_select(0, layout.query_back)
 
     @staticmethod
@@ -466,12 +516,15 @@ class _StackedMatmulAttention(torch.autograd.Function):
         grad_out.index_fill_(0, layout.query_padding, 0)
         grads = [torch.empty_like(t) for t in (queries, keys, values)]
         views = _bucket_views(layout, queries, keys, values, grad_out, *grads)
-        for (q, k, v, g, *out), weights in zip(views, saved, strict=True):
-            _attend_backward(q, k, v, weights, g, ctx.scaling, tuple(out))
+        capped = saved[1::2] if ctx.softcap else [None] * len(saved)
+        per_bucket = zip(saved[::2] if ctx.softcap else saved, capped, strict=True)
+        for (q, k, v, g, *out), (weights, capped) in zip(views, per_bucket, strict=True):
+            _attend_backward(q, k, v, weights, g, ctx.scaling, tuple(out), capped)
         backs = (layout.query_back, layout.key_back, layout.key_back)
         returned = zip(grads, backs, ctx.dtypes, strict=True)
         return (
             *(t.index_select(0, back).to(dtype) for t, back, dtype in returned),
+            None,
             None,
             None,
             None,

@@ -12,8 +12,8 @@ Quirks, where they are handled:
 
 - sliding windows (Mistral, Qwen2, Gemma 2/3, Phi-3, SmolLM3, Qwen3-MoE): packed attention
   masks keys a window or more behind the query (the window comes with each layer's call);
-- attention soft-capping (Gemma 2's ``attn_logit_softcapping``): not in packed attention, so
-  that piece runs stock for such a model;
+- attention soft-capping (Gemma 2's ``attn_logit_softcapping``): in packed attention (its
+  matmul path, every bucket length); with attention dropout as well, that piece runs stock;
 - final logit soft-capping (Gemma 2/3), logit scaling (Granite's ``logits_scaling``, Cohere's
   ``logit_scale``): applied by the fused loss (:class:`tunelab.training.loss.LogitHead`);
 - attention/residual/embedding multipliers (Granite), embedding scaling (Gemma), q/k norms
@@ -58,8 +58,12 @@ def _cohere_logits(config: Any) -> tuple[float, float | None]:
 
 
 def _attention_softcap(config: Any) -> str | None:
+    # packed attention soft-caps on its matmul path, which has no attention dropout
     cap = getattr(config, "attn_logit_softcapping", None)
-    return f"attention soft-capping (attn_logit_softcapping={cap})" if cap else None
+    dropout = getattr(config, "attention_dropout", 0.0)
+    if cap and dropout:
+        return f"attention soft-capping with attention_dropout={dropout}"
+    return None
 
 
 def _no_attention_quirk(config: Any) -> str | None:
