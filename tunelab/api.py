@@ -31,7 +31,6 @@ from tunelab.methods import (
     check_target_modules,
     count_parameters,
     format_trainable,
-    method_step_hooks,
     quantization_config,
     resolve_target_modules,
 )
@@ -469,20 +468,19 @@ class FineTuner:
             atomic_write_json(output_dir / "data_manifest.json", self.preference.manifest)
         if self.config.init_lora_weights in ("pissa", "olora") and main_process and not resume:
             save_initial_adapter(self.model, output_dir)
-        with method_step_hooks(self.model, self.config):
-            results = fit(
-                self.model,
-                train_dataset,
-                eval_dataset,
-                self.config,
-                output_dir,
-                self.tokenizer.pad_token_id,
-                self.placement.device,
-                resume=resume,
-                on_eval=on_eval,
-                precision=self.placement.precision,
-                sharded=sharded,
-            )
+        results = fit(
+            self.model,
+            train_dataset,
+            eval_dataset,
+            self.config,
+            output_dir,
+            self.tokenizer.pad_token_id,
+            self.placement.device,
+            resume=resume,
+            on_eval=on_eval,
+            precision=self.placement.precision,
+            sharded=sharded,
+        )
         whole = full_state_for_saving(self.model)  # sharded: every process helps gather
         if not main_process:
             return results  # under torchrun, rank 0 alone writes the run folder
