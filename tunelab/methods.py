@@ -241,10 +241,11 @@ def peft_config_for(
             modules_to_save=modules_to_save,
         )
     if method == "adalora":
-        if total_steps < 2:
+        if total_steps < 3:  # PEFT needs a step between the warm-up and the final pruning
             raise TunelabError(
-                "method adalora needs to know the number of training steps to schedule its "
-                "rank pruning; train with data (or set max_steps of at least 2)."
+                f"method adalora needs at least 3 training steps to schedule its rank pruning "
+                f"(this run has {total_steps}); train with more data or set max_steps of at "
+                "least 3."
             )
         # prune between 10% and 70% of training, re-allocating ranks every 1% of it
         return peft.AdaLoraConfig(
