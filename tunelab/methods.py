@@ -8,8 +8,9 @@ checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -397,6 +398,23 @@ def after_optimizer_step(model: Any, step: int) -> None:
         tuner.update_and_allocate(step)
 
 
+@contextlib.contextmanager
+def whole_ranks(model: Any) -> Iterator[None]:
+    """Save AdaLoRA's matrices whole: PEFT cuts the saved ones to the rank pattern decided so
+    far, which a checkpoint cannot resume from exactly (pruned rows still train, and count in
+    the orthogonality term); the pattern goes into the checkpoint's method state instead."""
+    tuner = _adalora(model)
+    if tuner is None:
+        yield
+        return
+    config = tuner.peft_config[tuner.trainable_adapter_name]
+    pattern, config.rank_pattern = config.rank_pattern, None
+    try:
+        yield
+    finally:
+        config.rank_pattern = pattern
+
+
 def method_state(model: Any) -> dict[str, Any] | None:
     """What a method keeps outside the weights, for a checkpoint (tensors and plain data).
 
@@ -429,18 +447,14 @@ def load_method_state(
     """Put back what ``method_state`` saved in ``checkpoint`` (of optimizer step ``step``).
 
     A checkpoint written before tunelab saved it (``saved`` None) resumes AdaLoRA with fresh
-    importance averages and the rank pattern of its adapter_config.json; one past the final
-    allocation without a pattern is refused with a TunelabError (its pruning would be lost).
+    importance averages; one past the final allocation without a pattern is refused with a
+    TunelabError (its pruning would be lost).
     """
     tuner = _adalora(model)
     if tuner is None:
         return
     config = tuner.peft_config[tuner.trainable_adapter_name]
-    if saved is None:
-        from tunelab.files import read_json_file
-
-        written = read_json_file(checkpoint / "adapter_config.json", f"Delete {checkpoint}.")
-        saved = {"rank_pattern": written.get("rank_pattern") if isinstance(written, dict) else None}
+    saved = saved or {}
     allocator = tuner.rankallocator
     placed = {name: p for name, p in tuner.model.named_parameters()}
     for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
@@ -458,7 +472,7 @@ def load_method_state(
     if step >= final and not config.rank_pattern:
         raise TunelabError(
             f"checkpoint {checkpoint} is past AdaLoRA's final rank allocation (step {final}) "
-            "but holds no rank pattern (in training_state.pt or adapter_config.json), so the "
-            f"ranks it pruned cannot be kept. Delete {checkpoint} to resume from an earlier "
+            "but holds no rank pattern in its training_state.pt, so the ranks it pruned "
+            f"cannot be kept. Delete {checkpoint} to resume from an earlier "
             "checkpoint, or start the run again with --overwrite."
         )

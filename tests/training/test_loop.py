@@ -79,29 +79,35 @@ def test_a_resumed_adalora_run_continues_its_rank_schedule(make_config, tmp_path
     assert [m.get("loss") for m in metrics(interrupted)] == [m.get("loss") for m in metrics(whole)]
 
 
-def test_an_adalora_checkpoint_without_the_allocator_state_still_resumes(make_config, tmp_path):
-    """A checkpoint written before tunelab saved AdaLoRA's allocator state resumes with the
-    rank pattern of its adapter_config.json (past the final allocation, it is needed)."""
-    options = dict(method="adalora", max_steps=8, save_steps=7)
+def test_adalora_checkpoints_of_older_tunelab_resume_or_are_refused_by_name(make_config, tmp_path):
+    """Older checkpoints lack the allocator state: one from before any pruning resumes; one
+    whose adapter PEFT cut to the pruned ranks cannot, and says so (it was a RuntimeError)."""
+    options = dict(method="adalora", max_steps=8, save_steps=1, save_total_limit=10)
     FineTuner(make_config(**options)).train()
     run = tmp_path / "run"
-    checkpoint = run / "checkpoints" / "step-000007"
-    blob = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    older = tmp_path / "older"
+    shutil.copytree(run, older)
+    for late in sorted((older / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(late)
+    first = older / "checkpoints" / "step-000001"
+    blob = torch.load(first / "training_state.pt", weights_only=True)
     del blob["method_state"]
-    torch.save(blob, checkpoint / "training_state.pt")
-    unfinish(run)
-    results = FineTuner(make_config(**options)).train(resume=True)
+    torch.save(blob, first / "training_state.pt")
+    unfinish(older)
+    results = FineTuner(make_config(**options, output_dir=str(older))).train(resume=True)
     assert results["steps"] == 8
 
-    adapter_config = json.loads((checkpoint / "adapter_config.json").read_text())
-    adapter_config["rank_pattern"] = None
-    (checkpoint / "adapter_config.json").write_text(json.dumps(adapter_config))
+    # as tunelab wrote a checkpoint after a pruning: PEFT's cut adapter and its pattern
+    last = run / "checkpoints" / "step-000007"
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(run / name, last / name)
     unfinish(run)
     with pytest.raises(TunelabError) as error:
         FineTuner(make_config(**options)).train(resume=True)
-    assert f"checkpoint {checkpoint} is past AdaLoRA's final rank allocation (step 6)" in str(
-        error.value
-    )
+    message = str(error.value)
+    assert f"checkpoint {last} does not fit this model (size mismatch for " in message
+    assert "AdaLoRA adapter cut to its pruned ranks" in message
+    assert f"Delete the folder {last} to resume from the checkpoint before it" in message
 
 
 def test_trainer_state_of_an_older_run_is_read_and_a_damaged_one_named(tmp_path):

@@ -17,6 +17,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.files import check_safetensors, read_json_file, staged_folder, tensor_bytes
+from tunelab.methods import load_method_state, whole_ranks
 from tunelab.training.state import TrainState
 
 CHECKPOINTS = "checkpoints"
@@ -76,7 +77,8 @@ def save_checkpoint(
     with staged_folder(target, "a checkpoint", trainable * 3 + 2**20) as staging:
         model_state, optimizer_by_name = whole if whole is not None else (None, None)
         # PEFT: the adapter; full fine-tuning: all weights
-        model.save_pretrained(staging, state_dict=model_state)
+        with whole_ranks(model):
+            model.save_pretrained(staging, state_dict=model_state)
         blob = {
             "optimizer": optimizer.state_dict() if whole is None else None,
             "optimizer_by_name": optimizer_by_name,
@@ -113,7 +115,22 @@ def load_weights(path: Path, model: Any) -> None:
                 "by a run with an adapter method. Resume with the run's own config."
             )
         check_safetensors(adapter, damaged_checkpoint_fix(path))
-        set_peft_model_state_dict(model, _read_safetensors(adapter))
+        try:
+            set_peft_model_state_dict(model, _read_safetensors(adapter))
+        except RuntimeError as error:  # shapes that do not fit the model
+            written = read_json_file(path / "adapter_config.json", damaged_checkpoint_fix(path))
+            cut = isinstance(written, dict) and written.get("rank_pattern")
+            why = (
+                "it holds an AdaLoRA adapter cut to its pruned ranks, as tunelab's checkpoints "
+                "were before they kept the whole matrices, which cannot resume"
+                if cut
+                else "Resume with the run's own config"
+            )
+            detail = str(error).strip().splitlines()[-1].strip()[:160]
+            raise TunelabError(
+                f"checkpoint {path} does not fit this model ({detail}): {why}. "
+                + damaged_checkpoint_fix(path)
+            ) from None
         return
     files = sorted(path.glob("model*.safetensors"))
     if not files:
@@ -177,7 +194,6 @@ def load_checkpoint(
     ``weights=False`` when the weights are already in (a sharded run loads them before the
     model is split). A checkpoint from a sharded run resumes unsharded and the other way round.
     """
-    from tunelab.methods import load_method_state
     from tunelab.training.sharding import is_sharded, load_full_optimizer_state
 
     if weights:
