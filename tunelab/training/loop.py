@@ -236,23 +236,17 @@ def fit(
         model.train()
         while state.step < run.steps and not stopped_early:
             train_step(run, state, step_batches(run, train_rows, state.step), log)
-            state.eval_loss_at_step = None
             if eval_rows and eval_due(config, state.step, run):
                 last_eval = evaluate_and_log(run, eval_rows, state.step, log)
                 stopped_early = track_best(state, last_eval.loss, config)
                 if on_eval is not None:
                     on_eval(state.step, last_eval.loss)
-            unfinished = state.step < run.steps
-            if unfinished and (save_due(config, state.step, run) or interrupt.requested
-                               or stopped_early):  # fmt: skip
+            stopping = interrupt.requested or stopped_early
+            if state.step < run.steps and (save_due(config, state.step, run) or stopping):
                 saved = save(run, state)
-            if unfinished and interrupt.requested:
-                log.close_progress()
-                raise TunelabError(
-                    f"training interrupted at step {state.step} of {run.steps}; checkpoint "
-                    f"saved in {saved or run.run_dir}. Run the same command with --resume to "
-                    "continue (Python: FineTuner(config).train(resume=True))."
-                )
+                if interrupt.requested:  # Ctrl-C: stop here, resumable
+                    log.close_progress()
+                    raise interrupted(state, run, saved)
         if stopped_early:
             log.say(f"Early stopping at step {state.step}: no eval-loss improvement in "
                     f"{config.early_stopping_patience} evaluations.")  # fmt: skip
@@ -392,6 +386,7 @@ def train_step(run: Run, state: TrainState, micro_batches: list[list[Row]], log:
     state.tokens += tokens
     state.loss_tokens += sum(loss_tokens(rows) for rows in micro_batches)
     state.train_seconds += seconds
+    state.eval_loss_at_step = None  # until this step is evaluated
     epoch = round(state.step / run.per_epoch, 4)
     log.step(state.step, epoch, loss, grad_norm, lr, state.tokens, tokens / seconds, metrics)
 
@@ -421,6 +416,14 @@ def skip_step(
     state.skipped_steps += 1
     if run.scaler is not None:
         run.scaler.update()
+
+
+def interrupted(state: TrainState, run: Run, saved: Path | None) -> TunelabError:
+    return TunelabError(
+        f"training interrupted at step {state.step} of {run.steps}; checkpoint saved in "
+        f"{saved or run.run_dir}. Run the same command with --resume to continue (Python: "
+        "FineTuner(config).train(resume=True))."
+    )
 
 
 def eval_due(config: FineTuningConfig, step: int, run: Run) -> bool:
