@@ -124,7 +124,7 @@ def load_weights(path: Path, model: Any) -> None:
                 "it holds an AdaLoRA adapter cut to its pruned ranks, as tunelab's checkpoints "
                 "were before they kept the whole matrices, which cannot resume"
                 if cut
-                else "Resume with the run's own config"
+                else "it was written for another model or method; resume with the run's own config"
             )
             detail = str(error).strip().splitlines()[-1].strip()[:160]
             raise TunelabError(
@@ -196,6 +196,7 @@ def load_checkpoint(
     """
     from tunelab.training.sharding import is_sharded, load_full_optimizer_state
 
+    state = read_train_state(path)  # an edited one is refused before anything is loaded
     if weights:
         load_weights(path, model)
     try:
@@ -218,7 +219,6 @@ def load_checkpoint(
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
     if scaler is not None and "scaler" in blob:
         scaler.load_state_dict(blob["scaler"])
-    state = read_train_state(path)
     load_method_state(model, blob.get("method_state"), path, state.step)
     return state
 
