@@ -195,8 +195,8 @@ def test_errors_name_the_folder_and_the_fix(tmp_path, capsys):
     with pytest.raises(TunelabError, match="so it is not a training run"):
         diagnose_run(tmp_path / "empty")
     run = synthetic_run(tmp_path / "run", falling(4))
-    with (run / "metrics.jsonl").open("a") as file:
-        file.write('{"step": 5, "loss"\n')
+    with (run / "metrics.jsonl").open("a") as file:  # an edit: a cut line with more after it
+        file.write('{"step": 5, "loss"\n{"step": 6, "loss": 1.0}\n')
     with pytest.raises(TunelabError, match=r"metrics.jsonl:5 is not valid JSON"):
         diagnose_run(run)
     assert main(["doctor", str(tmp_path / "missing")]) == 2

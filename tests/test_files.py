@@ -189,7 +189,8 @@ def test_sweep_plots_on_a_full_disk(tmp_path, monkeypatch):
 
 
 def test_metrics_line_cut_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
-    from tunelab.training.logging import MetricsLog, read_metrics
+    from tunelab.run_folder import read_metrics
+    from tunelab.training.logging import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.jsonl")
     log.write({"step": 1, "loss": 2.5})
@@ -204,7 +205,7 @@ def test_metrics_line_cut_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
     with pytest.raises(TunelabError, match="not enough disk space for a line of metrics.jsonl"):
         log.write({"step": 2, "loss": 2.4})
     monkeypatch.undo()
-    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.5}]
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.5}]
 
 
 def test_checkpoint_cut_by_a_full_disk_leaves_the_previous_one_whole(run_copy, monkeypatch):
@@ -460,7 +461,7 @@ def test_resume_names_a_damaged_checkpoint_file(name, run_copy):
 def test_resume_over_a_torn_last_metrics_line(run_copy):
     from tunelab.api import FineTuner
     from tunelab.config import load_config
-    from tunelab.training.logging import read_metrics
+    from tunelab.run_folder import read_metrics
 
     config = load_config(run_copy / "tunelab_config.yaml")
     config.output_dir = str(run_copy)
@@ -468,7 +469,7 @@ def test_resume_over_a_torn_last_metrics_line(run_copy):
     with (run_copy / "metrics.jsonl").open("a") as file:
         file.write('{"step": 5, "lo')  # a crash in the middle of a line
     FineTuner(config).train(resume=True)
-    assert [r["step"] for r in read_metrics(run_copy / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_metrics(run_copy)] == [1, 2, 3, 4, 5]
 
 
 # --- a real full disk -------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_pissa_and_olora_runs_save_plain_lora_for_the_original_base(make_config,
         ({"method": "prompt_tuning", "init_lora_weights": "pissa"}, "default with method"),
         ({"objective": "dpo", "init_lora_weights": "pissa"}, "with objective dpo"),
         ({"objective": "dpo", "neftune_noise_alpha": 5.0}, "NEFTune is an SFT technique"),
-        ({"init_lora_weights": "loftq"}, "allowed values are 'default', 'gaussian'"),
+        ({"init_lora_weights": "corda"}, "allowed values are 'default', 'gaussian'"),
     ],
 )
 def test_extras_are_validated(values, message):

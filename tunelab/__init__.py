@@ -2,6 +2,9 @@
 
 from tunelab.config import FineTuningConfig
 from tunelab.errors import TunelabError
+from tunelab.messages import install_console_handler
+
+install_console_handler()  # notes on stdout, warnings on stderr, as logging records
 
 __version__ = "0.1.0"
 

@@ -52,11 +52,10 @@ from tunelab.ownership import (
     prepare_output_folder,
     split_owned,
 )
+from tunelab.run_folder import CONFIG as RUN_CONFIG
+from tunelab.run_folder import DATA_MANIFEST, RESULTS, RUN_INFO
 from tunelab.training.batching import Row, pack_examples, single_rows
 
-RUN_CONFIG = "tunelab_config.yaml"
-RUN_INFO = "run_info.json"
-RESULTS = "results.json"
 FINAL_STAGING = ".final-save-"  # the final save's temporary folder inside the run folder
 TOKENIZER_EXTRAS = {"vocab.json", "merges.txt", "special_tokens_map.json", "chat_template.jinja"}
 TOKENIZED_FORMAT = 2  # bump when the tokenized cache's layout or rendering changes
@@ -98,10 +97,10 @@ def check_resumable(output_dir: Path, config: FineTuningConfig, processes: int =
     saved_path = output_dir / RUN_CONFIG
     if not saved_path.is_file():
         return
-    from tunelab.runs import read_saved_config
+    from tunelab.run_folder import read_saved_config
     from tunelab.training.checkpoint import latest_checkpoint, read_state
 
-    saved = read_saved_config(saved_path)
+    saved = read_saved_config(output_dir)
     current = config.to_dict()
     accumulation = "gradient_accumulation_steps"
     changed = [
@@ -454,6 +453,7 @@ class FineTuner:
             eval_dataset = self.eval_rows()
         if self.model is None:
             self.prepare_model(total_steps(len(train_dataset), self.config, world.size))
+        self.initialise_adapters(train_dataset, resume)
         if main_process:  # a full disk found now, not after the training it would waste
             freed = replaced_bytes(output_dir) if overwrite and not resume else 0
             ensure_free_space(output_dir, self.final_save_bytes() - freed, "the trained model")
@@ -463,9 +463,9 @@ class FineTuner:
         if main_process:
             self.config.save(output_dir / RUN_CONFIG)
         if self.prepared is not None and main_process:  # what the data stage did
-            atomic_write_json(output_dir / "data_manifest.json", self.prepared.manifest)
+            atomic_write_json(output_dir / DATA_MANIFEST, self.prepared.manifest)
         if self.preference is not None and main_process:
-            atomic_write_json(output_dir / "data_manifest.json", self.preference.manifest)
+            atomic_write_json(output_dir / DATA_MANIFEST, self.preference.manifest)
         if self.config.init_lora_weights in ("pissa", "olora") and main_process and not resume:
             save_initial_adapter(self.model, output_dir)
         results = fit(
@@ -499,6 +499,25 @@ class FineTuner:
         self.save_model(state_dict=whole, results=results)
         finish_output_folder(output_dir, "run", foreign)
         return results
+
+    def initialise_adapters(self, rows: list[Row], resume: bool = False) -> None:
+        """EVA (from ``rows``) and LoftQ (from the original weights) set the adapters after
+        PEFT made them. EVA runs on a resumed run too: its ranks give the adapters the shapes
+        the checkpoint holds (it is deterministic), and the checkpoint's weights then replace
+        its values; LoftQ's values would be replaced, so it is skipped there."""
+        from tunelab.lora_init import eva_batches, initialize_eva, initialize_loftq
+
+        init = self.config.init_lora_weights
+        if init == "eva":
+            device = next(self.model.parameters()).device
+            batches = eva_batches(
+                rows, self.config.batch_size, self.tokenizer.pad_token_id, str(device)
+            )
+            print(initialize_eva(self.model, batches, self.config))
+            print(format_trainable(self.model))  # the ranks may have moved between layers
+        elif init == "loftq" and not resume:
+            assert self.model_location is not None
+            print(initialize_loftq(self.model, self.model_location))
 
     def eval_rows(self) -> list[Row] | None:
         if self.config.objective != "sft":

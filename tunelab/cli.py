@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.text_safety import visible
@@ -56,13 +58,23 @@ def _report(results: dict, output_dir: str) -> None:
     )
     for warning in results.get("warnings", []):
         print(f"Warning: {warning}")
-    if "eval_loss" in results:
+    if "eval_perplexity" in results:
         before = results.get("initial_eval_loss")
         change = f" (base model: {before:.4f})" if before is not None else ""
         print(
             f"Eval loss {results['eval_loss']:.4f}, perplexity "
             f"{results['eval_perplexity']:.2f}{change}"
         )
+    elif "eval_loss" in results:  # a preference run: TRL's reward metrics, no perplexity
+        from tunelab.training.preference import format_eval_metrics
+
+        line = format_eval_metrics(results["eval_loss"], results, prefix="eval_")
+        if "initial_eval_loss" in results:
+            base = format_eval_metrics(
+                results["initial_eval_loss"], results, prefix="initial_eval_"
+            )
+            line += f" (base model: {base.removeprefix('eval ')})"
+        print(line[0].upper() + line[1:])
     print(f"Run folder: {visible(str(output_dir))}")
 
 
@@ -448,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--methods",
         default=None,
-        help="Comma-separated methods (default: every method); also lora+, pissa, olora and "
-        "neftune (LoRA with that extra).",
+        help="Comma-separated methods (default: every method); also lora+, pissa, olora, eva, "
+        "loftq and neftune (LoRA with that extra; loftq on qlora).",
     )
     compare.add_argument(
         "--tokens",
@@ -482,37 +494,76 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ui.set_defaults(func=cmd_ui)
 
-    try:
-        from tunelab.data.cli import add_data_commands
-    except ImportError:
-        pass
-    else:
-        add_data_commands(sub)
-    try:
-        from tunelab.diagnostics.cli import add_doctor_commands
-    except ImportError:
-        pass
-    else:
-        add_doctor_commands(sub)
-    try:
-        from tunelab.runs import add_runs_commands
-    except ImportError:
-        pass
-    else:
-        add_runs_commands(sub)
-    try:
-        from tunelab.evaluation.cli import add_eval_commands
-    except ImportError:
-        pass
-    else:
-        add_eval_commands(sub)
-    try:
-        from tunelab.planning.cli import add_planning_commands
-    except ImportError:
-        pass
-    else:
-        add_planning_commands(sub)
+    for names, module, register in COMMAND_GROUPS:
+        add_command_group(sub, names, module, register)
     return parser
+
+
+# The subcommands registered by their own modules: (command names, module, function).
+COMMAND_GROUPS = (
+    (("data",), "tunelab.data.cli", "add_data_commands"),
+    (("doctor",), "tunelab.diagnostics.cli", "add_doctor_commands"),
+    (("runs",), "tunelab.runs.cli", "add_runs_commands"),
+    (("eval",), "tunelab.evaluation.cli", "add_eval_commands"),
+    (("estimate", "pilot", "sweep"), "tunelab.planning.cli", "add_planning_commands"),
+)
+
+
+def add_command_group(sub: Any, names: tuple[str, ...], module: str, register: str) -> None:
+    """Register a module's subcommands; when the module cannot be imported (a package
+    missing), the commands stay listed and running one says what to install, instead of
+    argparse calling them unknown."""
+    import importlib
+
+    try:
+        add_commands = getattr(importlib.import_module(module), register)
+    except ImportError as error:
+        hint = missing_package_hint(error)
+        for name in names:
+            placeholder = sub.add_parser(name, help=f"(unavailable: {hint})", add_help=False)
+            placeholder.add_argument("rest", nargs=argparse.REMAINDER)
+            placeholder.set_defaults(func=_unavailable(name, hint))
+        return
+    add_commands(sub)
+
+
+def _unavailable(name: str, hint: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise TunelabError(f"'tunelab {name}' is unavailable: {hint}")
+
+    return run
+
+
+def missing_package_hint(error: ImportError) -> str:
+    """What failed to import and what to install: the extra of tunelab that declares the
+    package, else the package itself, else a reinstall of tunelab."""
+    missing = (error.name or "").split(".")[0]
+    what = f"importing {error.name or 'a module'} failed ({error})"
+    if not missing or missing == "tunelab":
+        return f"{what}. Reinstall tunelab (pip install --force-reinstall tunelab)."
+    extras = _extras_declaring(missing)
+    if extras:
+        return f"{what}. Install it with: pip install 'tunelab[{extras[0]}]'"
+    return f"{what}. Install it with: pip install {missing}"
+
+
+def _extras_declaring(package: str) -> list[str]:
+    """tunelab's extras (other than test) that list ``package``; [] for a core dependency."""
+    import re
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("tunelab") or []
+    except metadata.PackageNotFoundError:
+        return []
+    wanted = re.sub(r"[-_.]+", "-", package).lower()
+    extras = []
+    for requirement in requirements:
+        name = re.sub(r"[-_.]+", "-", re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0])
+        extra = re.search(r"extra\s*==\s*[\"']([^\"']+)", requirement)
+        if name.lower() == wanted and extra and extra.group(1) != "test":
+            extras.append(extra.group(1))
+    return extras
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ CHAT_FORMATS = ("auto", "chat", "plain")
 REPORT_SINKS = ("tensorboard", "mlflow", "wandb")
 # tunelab.training.families.PIECES (kept here so the config needs no torch import)
 FAST_PATH_PIECES = ("attention", "loss", "rotary", "norm", "lora_forward", "dropout")
-INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa", "olora")
+INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa", "olora", "eva", "loftq")
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")  # as in training.objectives
 METHODS = (
     "lora",
@@ -320,8 +320,16 @@ class FineTuningConfig:
         "default",
         "How LoRA starts (PEFT's init_lora_weights): default (B = 0), gaussian, pissa or olora "
         "(the adapter starts from the weights' principal / QR directions and the base keeps "
-        "the rest; the saved adapter is converted back to plain LoRA on the original base).",
+        "the rest; the saved adapter is converted back to plain LoRA on the original base), "
+        "eva (A from the principal directions of each layer's inputs on the training data, "
+        "ranks redistributed; B = 0), or loftq (qlora, 4-bit: the adapter starts as the "
+        "low-rank part of the quantisation error).",
         choices=INIT_LORA_WEIGHTS,
+    )
+    eva_rho: float = _f(
+        2.0,
+        "init_lora_weights eva: a layer may take up to lora_r x eva_rho of the total rank "
+        "budget (1: every layer keeps lora_r).",
     )
     neftune_noise_alpha: float | None = _f(
         None,
@@ -525,21 +533,42 @@ def validate(config: FineTuningConfig) -> None:
             c.init_lora_weights,
             f"default with method {c.method} (it sets how LoRA adapters start)",
         )
-        if c.init_lora_weights in ("pissa", "olora"):
+        if c.init_lora_weights == "eva":
             _check(
-                c.method != "qlora",
+                c.method in ("lora", "qlora"),
                 "init_lora_weights",
                 c.init_lora_weights,
-                "default or gaussian with qlora (pissa/olora rewrite base weights that are "
-                "quantised)",
+                f"default, gaussian, pissa or olora with method {c.method} (eva sets up plain "
+                "LoRA adapters; use method lora or qlora)",
+            )
+        if c.init_lora_weights == "loftq":
+            _check(
+                c.method == "qlora" and c.quantization_bits == 4,
+                "init_lora_weights",
+                c.init_lora_weights,
+                "used with method qlora and quantization_bits 4 (LoftQ makes up for a 4-bit "
+                f"base's quantisation error; this run has method {c.method}"
+                + (f", quantization_bits {c.quantization_bits}" if c.method == "qlora" else "")
+                + ")",
+            )
+        if c.init_lora_weights in ("pissa", "olora", "loftq"):
+            _check(
+                c.init_lora_weights == "loftq" or c.method != "qlora",
+                "init_lora_weights",
+                c.init_lora_weights,
+                "default, gaussian, eva or loftq with qlora (pissa/olora rewrite base weights "
+                "that are quantised)",
             )
             _check(
                 c.objective not in ("dpo", "ipo", "kto"),
                 "init_lora_weights",
                 c.init_lora_weights,
-                f"default or gaussian with objective {c.objective}: "
-                "its reference is the base with the adapter off, which pissa/olora change",
+                f"default, gaussian or eva with objective {c.objective}: its reference is the "
+                "base with the adapter off, and pissa/olora/loftq start from another model",
             )
+    _check(
+        c.eva_rho >= 1 and math.isfinite(c.eva_rho), "eva_rho", c.eva_rho, "at least 1 (2 is usual)"
+    )
     if c.neftune_noise_alpha is not None:
         _check(
             c.neftune_noise_alpha > 0,
@@ -555,6 +584,15 @@ def validate(config: FineTuningConfig) -> None:
         )
 
     # objective
+    if c.objective != "sft":
+        for key in ("dataset_mix", "replay_general_share"):
+            _check(
+                not getattr(c, key),
+                key,
+                getattr(c, key),
+                f"unset with objective {c.objective} (it mixes extra SFT text into the training "
+                "set; preference rows come from dataset_path alone)",
+            )
     _check(c.beta > 0 and math.isfinite(c.beta), "beta", c.beta, "a positive number")
     _check(0 <= c.label_smoothing < 0.5, "label_smoothing", c.label_smoothing, "in [0, 0.5)")
     for key in ("cpo_alpha", "desirable_weight", "undesirable_weight"):
@@ -794,6 +832,18 @@ _IGNORED_BY_METHOD: dict[str, tuple[str, ...]] = {
 }
 
 
+# SFT data keys the preference data stage does not use (the rest of the data keys it applies)
+_SFT_DATA_KEYS = (
+    "data_schema",
+    "prompt_template",
+    "completion_template",
+    "min_tokens",
+    "max_tokens",
+    "bias_wordlists",
+    "bias_mitigation",
+)
+
+
 def _default(name: str) -> Any:
     spec = FIELDS[name]
     if spec.default_factory is not dataclasses.MISSING:
@@ -870,6 +920,21 @@ def ineffective_settings(config: FineTuningConfig) -> list[str]:
         out.append(
             "config key 'bias_rebalance_dimension' has no effect unless bias_mitigation is "
             "rebalance."
+        )
+    if c.objective != "sft":
+        # the preference data stage (data.preference) reads TRL's formats and filters on
+        # characters, not tokens; these SFT data keys do not reach it
+        unused = [
+            f"{n} ({getattr(c, n)!r})" for n in _SFT_DATA_KEYS if getattr(c, n) != _default(n)
+        ]
+        if unused:
+            out.append(
+                f"config key(s) {', '.join(unused)} have no effect with objective "
+                f"{c.objective} (they act on SFT data); remove them."
+            )
+    if c.eva_rho != _default("eva_rho") and c.init_lora_weights != "eva":
+        out.append(
+            f"config key 'eva_rho' ({c.eva_rho}) has no effect unless init_lora_weights is eva."
         )
     if c.system_prompt and c.chat_format == "plain":
         out.append(

@@ -14,7 +14,8 @@ from typing import Any
 
 from tunelab.data.tokenize import render_prompt, uses_chat_template
 from tunelab.errors import TunelabError
-from tunelab.runs import RUN_CONFIG, check_run_files
+from tunelab.run_folder import ADAPTER_CONFIG, CONFIG, read_run_info
+from tunelab.runs.checks import check_run_files
 from tunelab.template_sandbox import render_chat
 from tunelab.text_safety import visible
 
@@ -62,10 +63,9 @@ def load_for_inference(
         check_run_files(target)  # a save cut off by a full disk is named, not parsed
     if is_run_dir(target):
         folder = Path(target)
-        adapter_config = json.loads((folder / "adapter_config.json").read_text())
+        adapter_config = json.loads((folder / ADAPTER_CONFIG).read_text())
         base = adapter_config.get("base_model_name_or_path")
-        info_path = folder / "run_info.json"
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        info = read_run_info(folder)
         if not base or not (Path(base).exists() or "/" in base):
             raise TunelabError(
                 f"{folder}/adapter_config.json names base model {base!r}, which cannot be "
@@ -90,7 +90,7 @@ def load_for_inference(
             model = load_adapter(model, folder)
         chat = bool(info.get("chat", getattr(tokenizer, "chat_template", None)))
         return LoadedModel(model, tokenizer, chat, info.get("system_prompt"), str(folder))
-    if (Path(target) / RUN_CONFIG).is_file() and not (Path(target) / "config.json").exists():
+    if (Path(target) / CONFIG).is_file() and not (Path(target) / "config.json").exists():
         raise TunelabError(
             f"{target} is a tunelab run that did not finish: it has no saved model "
             "(adapter_config.json). Its training stopped or its final save failed; "
@@ -106,8 +106,7 @@ def load_for_inference(
     tokenizer = load_tokenizer(location, trust_remote_code)
     model = load_model(location, placement.dtype, trust_remote_code, device=placement.device)
     # a full fine-tuning run or a merged model keeps the chat settings it was trained with
-    info_path = Path(location) / "run_info.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_run_info(location)
     chat = info.get("chat", uses_chat_template(tokenizer, "auto"))
     return LoadedModel(model, tokenizer, bool(chat), info.get("system_prompt"), location)
 
@@ -116,7 +115,7 @@ def _run_quantization(folder: Path, dtype: Any) -> Any:
     """A QLoRA run is served on the same quantised base it trained on."""
     from tunelab.config import load_config
 
-    config_path = folder / "tunelab_config.yaml"
+    config_path = folder / CONFIG
     if not config_path.is_file():
         return None
     config = load_config(config_path)

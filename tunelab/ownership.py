@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable
@@ -25,6 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.run_folder import (
+    ADAPTER_CONFIG,
+    CHECKPOINTS,
+    CONFIG,
+    CURVES,
+    DATA_MANIFEST,
+    EVAL_REPORT_FILES,
+    METRICS,
+    RESULTS,
+    RUN_INFO,
+    read_saved_config,
+)
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = ".tunelab-manifest.json"
 MANIFEST_FORMAT = 1
@@ -35,22 +50,21 @@ _MODEL_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
     "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
-    "tokenizer.model", "added_tokens.json", "run_info.json", "tunelab_config.yaml",
+    "tokenizer.model", "added_tokens.json", RUN_INFO, CONFIG,
 )  # fmt: skip
+
 # README.md is not among them: tunelab writes none, and a project's README is the user's.
 KNOWN_NAMES: dict[str, tuple[str, ...]] = {
     "run": _MODEL_FILES
     + (
-        "checkpoints/*",
-        "metrics.jsonl",
-        "training_curves.png",
-        "results.json",
-        "data_manifest.json",
+        f"{CHECKPOINTS}/*",
+        METRICS,
+        CURVES,
+        RESULTS,
+        DATA_MANIFEST,
         "adapter_model.safetensors",
-        "adapter_config.json",
-        "eval_report.html",
-        "eval_report.md",
-        "eval_results.json",
+        ADAPTER_CONFIG,
+        *EVAL_REPORT_FILES,
         "*.gguf",
         ".*.partial",
         "tensorboard/*",
@@ -108,11 +122,9 @@ def _recorded(folder: Path, files: dict[str, Any], prefix: str = "") -> dict[str
 def _holds_saved_config(folder: Path) -> bool:
     """Whether ``folder``'s tunelab_config.yaml is one tunelab saved: a mapping of config keys
     (a user's file of that name, or a stray line, is not)."""
-    import yaml
-
     try:
-        config = yaml.safe_load((folder / "tunelab_config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        config = read_saved_config(folder)
+    except (OSError, TunelabError):
         return False
     return isinstance(config, dict) and "model_name" in config
 
@@ -139,16 +151,16 @@ def folder_kind(folder: str | Path) -> str | None:
     # state or, at the end, run_info.json; a lone tunelab_config.yaml or checkpoints/ is not
     # enough (a user's project may hold either), nor are files that merely bear those names:
     # the config must read as one tunelab saved, and metrics.jsonl as tunelab's step records
-    if not (folder / "tunelab_config.yaml").is_file() or not _holds_saved_config(folder):
+    if not (folder / CONFIG).is_file() or not _holds_saved_config(folder):
         return None
-    metrics = folder / "metrics.jsonl"
+    metrics = folder / METRICS
     if metrics.is_file():
         record = _first_record(metrics)
         return "run" if isinstance(record, dict) and "step" in record else None
-    if any(folder.glob("checkpoints/*/trainer_state.json")):
+    if any(folder.glob(f"{CHECKPOINTS}/*/trainer_state.json")):
         return "run"
     # a merged model: merge copies the run's config and run_info.json next to the weights
-    if (folder / "run_info.json").is_file() and (folder / "config.json").is_file():
+    if (folder / RUN_INFO).is_file() and (folder / "config.json").is_file():
         return "merge"
     return None
 
@@ -226,7 +238,7 @@ def prepare_output_folder(
     folder = Path(folder)
     owned = check_output_folder(folder, kind, overwrite, what, option, hint)
     if owned:
-        print(f"Replacing {len(owned)} file(s) tunelab wrote in {folder}.")
+        logger.info("Replacing %d file(s) tunelab wrote in %s.", len(owned), folder)
         remove_owned(folder, owned)
     folder.mkdir(parents=True, exist_ok=True)
     write_manifest(folder, kind, {}, complete=False)
@@ -365,7 +377,7 @@ def check_output_files(
             "so it will not replace them. Move them, or choose another folder (--out)."
         )
     if replaced and announce:
-        print(f"Replacing {_listing(replaced)} in {folder} (written by tunelab earlier).")
+        logger.info("Replacing %s in %s (written by tunelab earlier).", _listing(replaced), folder)
 
 
 def _resolved(path: str | Path) -> Path:

@@ -75,9 +75,10 @@ def test_paired_bootstrap_skips_missing_pairs():
 
 
 def test_chrf_and_rouge_l_agree_with_the_reference_implementations():
-    sacrebleu = pytest.importorskip("sacrebleu", reason="sacrebleu is not installed")
-    rouge_score = pytest.importorskip("rouge_score.rouge_scorer", reason="no rouge-score")
     import random
+
+    import sacrebleu
+    from rouge_score import rouge_scorer as rouge_score
 
     rng = random.Random(0)
     words = "compiler kernel byte code machine source program memory data stack".split()
@@ -87,3 +88,33 @@ def test_chrf_and_rouge_l_agree_with_the_reference_implementations():
         b = " ".join(rng.choices(words, k=rng.randint(3, 12)))
         assert metrics.chrf(a, b) == pytest.approx(sacrebleu.sentence_chrf(a, [b]).score / 100)
         assert metrics.rouge_l(a, b) == pytest.approx(scorer.score(b, a)["rougeL"].fmeasure)
+
+
+def test_rouge_l_reads_the_words_token_f1_reads_in_any_language():
+    # rouge-score's own tokenizer keeps ASCII letters only ("größe" -> "gr e"); ours keeps words
+    # and drops articles: LCS 3 of 3 and 4 words -> P = 1, R = 3/4, F = 6/7
+    assert metrics.rouge_l("Größe der Datei", "die Größe der Datei") == pytest.approx(6 / 7)
+    assert metrics.rouge_l("The cat", "a cat") == 1.0
+    assert metrics.rouge_l("the", "a") == 1.0 and metrics.rouge_l("", "cat") == 0.0
+
+
+def test_chrf_options_reach_sacrebleu_and_two_empty_texts_agree():
+    # bigrams only: "ab" vs "ac" -> unigram P = R = 1/2, bigram 0 -> 1/4; beta 1 gives the same
+    assert metrics.chrf("ab", "ac", max_order=2, beta=1.0) == pytest.approx(0.25)
+    assert metrics.chrf("abc", "abd", max_order=1) == pytest.approx(2 / 3)
+    assert metrics.chrf("", " ") == 1.0 and metrics.chrf("", "a") == 0.0
+
+
+def test_bootstrap_draws_the_resamples_the_report_always_drew():
+    # scipy's percentile bootstrap draws rng.integers(0, n, (samples, n)) from the seeded
+    # generator, as tunelab's own code did: the report's intervals are unchanged
+    import numpy as np
+
+    values = [0.0, 0.25, 1.0, 0.5, 0.75, 1.0, 0.0, 0.4]
+    draws = np.random.default_rng(3).integers(0, len(values), size=(500, len(values)))
+    means = np.asarray(values)[draws].mean(axis=1)
+    low, high = np.percentile(means, [5, 95])
+    interval = metrics.bootstrap_mean(values, samples=500, seed=3, level=0.9)
+    assert interval.mean == pytest.approx(np.mean(values))
+    assert (interval.low, interval.high) == pytest.approx((low, high), abs=1e-12)
+    assert metrics.bootstrap_mean([0.7, None]) == metrics.Interval(0.7, 0.7, 0.7)

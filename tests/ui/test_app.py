@@ -173,7 +173,8 @@ def test_other_host_needs_the_flag_and_warns(monkeypatch, capsys, space):
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append(options))
     assert main(["ui", str(space)]) == 0
-    assert calls[-1]["host"] == "127.0.0.1" and "warning" not in capsys.readouterr().out
+    assert calls[-1]["host"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
     assert main(["ui", str(space), "--host", "0.0.0.0", "--port", "9000"]) == 0
     assert calls[-1] == {"host": "0.0.0.0", "port": 9000, "log_level": "warning"}
-    assert "warning: listening on 0.0.0.0" in capsys.readouterr().out
+    # a warning, so on stderr (through the tunelab logger's console handler)
+    assert "warning: listening on 0.0.0.0" in capsys.readouterr().err

@@ -1,9 +1,10 @@
 """Exact and near-duplicate detection: a normalised hash, and MinHash with LSH banding.
 
 Near duplicates are measured by the Jaccard similarity of word 3-gram sets (after lower-casing
-and dropping punctuation). MinHash signatures are computed in numpy for all documents at once;
-LSH banding proposes candidate pairs, and each candidate is confirmed with its exact Jaccard
-similarity, so the reported numbers are exact and only recall depends on the hashing.
+and dropping punctuation). The shingles are hashed here, in numpy for all documents at once;
+datasketch's MinHash and MinHashLSH propose candidate pairs, and each candidate is confirmed
+with its exact Jaccard similarity, so the reported numbers are exact and only recall depends
+on the hashing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import numpy as np
 SHINGLE_WORDS = 3
 NUM_PERM = 128
 _WORD = re.compile(r"\w+")
-_SHIFT = np.uint64(32)
 
 
 def normalize_for_dedup(text: str) -> str:
@@ -96,35 +96,6 @@ def _ranges(counts: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - np.repeat(ends - counts, counts)
 
 
-def minhash_signatures(
-    hashes: np.ndarray, offsets: np.ndarray, num_perm: int = NUM_PERM, seed: int = 0
-) -> np.ndarray:
-    """A ``(documents, num_perm)`` uint32 MinHash matrix.
-
-    Each permutation is the multiply-shift hash ``(a * x + b) >> 32`` (mod 2**64, a universal
-    family that needs no division); the minimum over a
-    document's shingles is taken with ``minimum.reduceat`` on chunks of shingles so memory
-    stays bounded whatever the corpus size.
-    """
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 63, size=num_perm, dtype=np.uint64) | np.uint64(1)
-    b = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64)
-    documents = len(offsets) - 1
-    signatures = np.empty((documents, num_perm), dtype=np.uint32)
-    chunk_shingles = max(1, 4_000_000 // num_perm)
-    doc = 0
-    while doc < documents:
-        # as many whole documents as fit in one chunk (at least one)
-        end = int(np.searchsorted(offsets, offsets[doc] + chunk_shingles, side="right")) - 1
-        end = min(max(end, doc + 1), documents)
-        lo, hi = offsets[doc], offsets[end]
-        values = hashes[lo:hi].astype(np.uint64)
-        permuted = ((values[None, :] * a[:, None] + b[:, None]) >> _SHIFT).astype(np.uint32)
-        signatures[doc:end] = np.minimum.reduceat(permuted, offsets[doc:end] - lo, axis=1).T
-        doc = end
-    return signatures
-
-
 def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
     """(bands, rows per band) that catch pairs at ``threshold`` with >= 95 % probability while
     proposing as few dissimilar pairs as possible."""
@@ -138,30 +109,45 @@ def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
     return best
 
 
-def candidate_pairs(signatures: np.ndarray, threshold: float) -> np.ndarray:
-    """Unique ``(i, j)`` pairs, ``i < j``, that share at least one LSH band."""
-    documents, num_perm = signatures.shape
-    bands, rows = lsh_bands(num_perm, threshold)
-    found = []
-    mix = np.random.default_rng(1).integers(1, 1 << 63, size=rows, dtype=np.uint64) | np.uint64(1)
-    for band in range(bands):
-        block = signatures[:, band * rows : (band + 1) * rows].astype(np.uint64)
-        keys = (block * mix).sum(axis=1)  # wraps mod 2**64: one key per band
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
-        if len(same) == 0:
-            continue
-        # pair every member of a bucket with the bucket's first (lowest) document
-        group_start = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        group_of = np.searchsorted(group_start, same + 1, side="right") - 1
-        first = order[group_start[group_of]]
-        found.append(np.stack([first, order[same + 1]], axis=1))
-    if not found:
-        return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.concatenate(found)
-    pairs = np.sort(pairs, axis=1)
-    return np.unique(pairs, axis=0)
+def candidate_pairs(
+    hashes: np.ndarray,
+    offsets: np.ndarray,
+    threshold: float,
+    num_perm: int = NUM_PERM,
+    seed: int = 0,
+) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)``, ``i < j``, whose MinHash signatures (datasketch) share an LSH band,
+    in order of ``j`` then ``i``.
+
+    The shingle hashes of ``shingle_hashes`` go in as they are (``hashfunc=int``), so the
+    library permutes them but the shingles, and the exact Jaccard that confirms each pair, stay
+    tunelab's. The bands are ``lsh_bands``' choice, not datasketch's default weighting.
+    """
+    from datasketch import MinHash, MinHashLSH
+
+    documents = len(offsets) - 1
+    values = hashes.tolist()
+    bounds = offsets.tolist()
+    # one set of permutations for every document (MinHash.bulk would draw them per document)
+    first = MinHash(num_perm=num_perm, seed=seed, hashfunc=int)
+    signatures = []
+    for index in range(documents):
+        signature = MinHash(
+            num_perm=num_perm,
+            hashfunc=int,
+            permutations=first.permutations,
+            scheme=first.scheme,
+        )
+        signature.update_batch(values[bounds[index] : bounds[index + 1]])
+        signatures.append(signature)
+    lsh = MinHashLSH(num_perm=num_perm, params=lsh_bands(num_perm, threshold))
+    with lsh.insertion_session() as session:
+        for index, signature in enumerate(signatures):
+            session.insert(index, signature, check_duplication=False)
+    pairs: list[tuple[int, int]] = []
+    for j, signature in enumerate(signatures):
+        pairs.extend((i, j) for i in sorted(lsh.query(signature)) if i < j)
+    return pairs
 
 
 def jaccard(hashes: np.ndarray, offsets: np.ndarray, i: int, j: int) -> float:
@@ -178,7 +164,7 @@ def near_duplicates(
     if len(texts) < 2:
         return {}
     hashes, offsets = shingle_hashes(texts)
-    pairs = candidate_pairs(minhash_signatures(hashes, offsets, num_perm, seed), threshold)
+    pairs = candidate_pairs(hashes, offsets, threshold, num_perm, seed)
     parent = list(range(len(texts)))
 
     def root(i: int) -> int:
@@ -188,7 +174,7 @@ def near_duplicates(
         return i
 
     similarity: dict[int, tuple[int, float]] = {}
-    for i, j in pairs.tolist():
+    for i, j in pairs:
         score = jaccard(hashes, offsets, i, j)
         if score >= threshold:
             ri, rj = root(i), root(j)
@@ -219,9 +205,9 @@ def cross_matches(
         return matches
     both = texts + others
     hashes, offsets = shingle_hashes(both)
-    pairs = candidate_pairs(minhash_signatures(hashes, offsets, num_perm), threshold)
+    pairs = candidate_pairs(hashes, offsets, threshold, num_perm)
     split = len(texts)
-    for i, j in pairs.tolist():
+    for i, j in pairs:
         if i >= split or j < split or i in matches:
             continue
         score = jaccard(hashes, offsets, i, j)

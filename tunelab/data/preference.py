@@ -19,7 +19,7 @@ from typing import Any
 
 from tunelab.config import FineTuningConfig
 from tunelab.data import cleaning, privacy
-from tunelab.data.dedup import exact_key
+from tunelab.data.dedup import exact_key, near_duplicates
 from tunelab.data.loading import load_records
 from tunelab.data.schema import Example
 from tunelab.data.tokenize import (
@@ -28,6 +28,7 @@ from tunelab.data.tokenize import (
     _tokenize_with_spans,
     as_messages,
     chat_spans,
+    render_chat,
 )
 from tunelab.errors import TunelabError
 from tunelab.training.objectives import PAIRED
@@ -216,8 +217,13 @@ def _unpaired(row: dict[str, Any], origin: str) -> PreferenceExample:
     return PreferenceExample(origin, prompt, completion=completion, label=label)
 
 
-def load_preference_examples(path: str, config: FineTuningConfig) -> list[PreferenceExample]:
-    records = load_records(path, config.data_format, config.txt_split)
+def load_preference_examples(
+    path: str, config: FineTuningConfig, eval_data: bool = False
+) -> list[PreferenceExample]:
+    from tunelab.data.prepare import read_limits  # the same caps as SFT data (max_data_bytes...)
+
+    splits = ("validation", "test", "eval") if eval_data else ("train",)
+    records = load_records(path, config.data_format, config.txt_split, splits, read_limits(config))
     return [e for r in records for e in parse_row(r.row, r.origin, config.objective)]
 
 
@@ -244,6 +250,8 @@ def clean_preference(
         steps.append(("whitespace", cleaning.fold_whitespace))
     if c.pii_redact:
         steps.append(("pii", lambda t: privacy.redact(t)[0]))
+    if c.drop_control_chars:
+        steps.append(("control chars", lambda t: cleaning.drop_control_chars(t)[0]))
     out = []
     for example in examples:
         for name, fn in steps:
@@ -253,6 +261,51 @@ def clean_preference(
             example = edited
         out.append(example)
     return out
+
+
+def _taught(example: PreferenceExample) -> str | None:
+    """The prompt and the answer the model is taught to give (chosen, or a desirable KTO
+    completion), as one text; None for an answer it is taught to avoid."""
+    answer = example.chosen if example.completion is None else example.completion
+    if answer is None or example.label is False:
+        return None
+    return "\n".join(_strings(example.prompt) + _strings(answer))
+
+
+def quality_reason(example: PreferenceExample, config: FineTuningConfig) -> str | None:
+    """Why a row fails the SFT quality filters (min_chars, max_chars, the garbage ratios),
+    judged on its prompt and the answer it teaches; None when it passes. A rejected answer is
+    not judged: a repetitive or broken answer is just what a rejected one may be."""
+    text = _taught(example)
+    if text is None:
+        return None
+    if len(text) < config.min_chars:
+        return "shorter than min_chars"
+    if config.max_chars is not None and len(text) > config.max_chars:
+        return "longer than max_chars"
+    reason = cleaning.garbage_reason(
+        text,
+        config.max_nonprintable_ratio,
+        config.min_alpha_ratio,
+        config.max_repeated_ngram_ratio,
+    )
+    return f"garbage: {reason}" if reason else None
+
+
+def _similar_rejected(a: PreferenceExample, b: PreferenceExample, threshold: float) -> bool:
+    """Whether two rows' rejected answers are near-equal too (always, for KTO rows)."""
+    if a.rejected is None or b.rejected is None:
+        return True
+    texts = ["\n".join(_strings(b.rejected)), "\n".join(_strings(a.rejected))]
+    return texts[0] == texts[1] or 1 in near_duplicates(texts, threshold)
+
+
+def _near_key(example: PreferenceExample) -> str:
+    """What near-dedup compares: the prompt with the taught answer (chosen, or the KTO
+    completion with its label, so a good and a bad answer to one prompt both stay)."""
+    answer = example.chosen if example.completion is None else example.completion
+    label = "" if example.label is None else f"\n[label {example.label}]"
+    return "\n".join(_strings(example.prompt) + _strings(answer or "")) + label
 
 
 def _key(example: PreferenceExample) -> str:
@@ -271,7 +324,21 @@ def prepare_preference(config: FineTuningConfig) -> PreparedPreference:
     train = clean_preference(loaded, c, edits)
     held_out: list[PreferenceExample] = []
     if c.eval_path:
-        held_out = clean_preference(load_preference_examples(c.eval_path, c), c, Counter())
+        held_out = clean_preference(
+            load_preference_examples(c.eval_path, c, eval_data=True), c, Counter()
+        )
+    filtered: Counter[str] = Counter()
+    filtered_examples: list[str] = []
+    kept = []
+    for example in train:
+        reason = quality_reason(example, c)
+        if reason is None:
+            kept.append(example)
+            continue
+        filtered[reason] += 1
+        if len(filtered_examples) < 5:
+            filtered_examples.append(f"{example.origin} ({reason})")
+    train = kept
     duplicates = 0
     if c.dedup_exact:
         seen: set[str] = set()
@@ -283,6 +350,21 @@ def prepare_preference(config: FineTuningConfig) -> PreparedPreference:
                 kept.append(example)
             seen.add(key)
         train = kept
+    near: dict[int, tuple[int, float]] = {}
+    near_examples: list[str] = []
+    if c.dedup_near_threshold is not None:
+        near = near_duplicates([_near_key(e) for e in train], c.dedup_near_threshold)
+        # one prompt and chosen answer with two different rejected answers are two lessons
+        near = {
+            i: (k, similarity)
+            for i, (k, similarity) in near.items()
+            if _similar_rejected(train[i], train[k], c.dedup_near_threshold)
+        }
+        near_examples = [
+            f"{train[i].origin} ~ {train[k].origin} ({s:.2f})"
+            for i, (k, s) in list(near.items())[:5]
+        ]
+        train = [e for i, e in enumerate(train) if i not in near]
     if not c.eval_path and c.eval_split > 0:
         order = list(range(len(train)))
         random.Random(c.seed).shuffle(order)
@@ -296,13 +378,24 @@ def prepare_preference(config: FineTuningConfig) -> PreparedPreference:
     if c.drop_eval_leaks:
         train = [e for e in train if exact_key(repr(e.prompt)) not in eval_prompts]
     if not train:
-        raise TunelabError(f"no preference rows left for training in {c.dataset_path}.")
+        raise TunelabError(
+            f"no preference rows left for training in {c.dataset_path} ({len(loaded)} read; "
+            f"dropped: quality filters {sum(filtered.values())}, duplicates {duplicates}, "
+            f"near duplicates {len(near)}, held out {len(held_out)}, eval leaks "
+            f"{len(leaked) if c.drop_eval_leaks else 0}). Add rows or loosen those settings "
+            "(min_chars, max_chars, the garbage ratios, dedup_near_threshold)."
+        )
     conversational = sum(e.conversational for e in train)
-    manifest = {
+    manifest: dict[str, Any] = {
         "objective": c.objective,
+        "sft_only": [k for k in ("data_cache", "bias_report") if getattr(c, k)],
         "loaded": len(loaded),
         "edited": dict(edits),
+        "quality_dropped": dict(filtered),
+        "quality_examples": filtered_examples,
         "exact_duplicates_dropped": duplicates,
+        "near_duplicates_dropped": len(near),
+        "near_duplicate_examples": near_examples,
         "train": len(train),
         "eval": len(held_out),
         "conversational": conversational,
@@ -323,10 +416,28 @@ def format_preference_summary(manifest: dict[str, Any]) -> str:
     leak = manifest["leakage"]
     lines = [
         f"Preference data ({manifest['objective']}): {manifest['loaded']} rows read, "
-        f"{manifest['exact_duplicates_dropped']} duplicates dropped, {manifest['train']} for "
-        f"training, {manifest['eval']} held out "
+        f"{manifest['exact_duplicates_dropped']} duplicates and "
+        f"{manifest.get('near_duplicates_dropped', 0)} near duplicates dropped, "
+        f"{sum(manifest.get('quality_dropped', {}).values())} failed the quality filters, "
+        f"{manifest['train']} for training, {manifest['eval']} held out "
         f"({manifest['conversational']} conversations, {manifest['plain']} plain).",
     ]
+    if manifest.get("quality_dropped"):
+        reasons = ", ".join(f"{k} {v}" for k, v in manifest["quality_dropped"].items())
+        lines.append(
+            f"  dropped by the quality filters (prompt and taught answer): {reasons}; first: "
+            f"{manifest['quality_examples'][0]}"
+        )
+    if manifest.get("near_duplicates_dropped"):
+        lines.append(
+            f"  near duplicates (prompt and taught answer, dedup_near_threshold): first "
+            f"{manifest['near_duplicate_examples'][0]}"
+        )
+    if manifest.get("sft_only"):
+        lines.append(
+            f"  note: {' and '.join(manifest['sft_only'])} cover SFT data only: preference data "
+            "is read and checked again each run, without a bias report."
+        )
     if manifest["edited"]:
         edited = ", ".join(f"{k} {v}" for k, v in manifest["edited"].items())
         lines.append(f"  cleaned (rows changed per step): {edited}")
@@ -361,8 +472,9 @@ def _tokenize_answer(
         first_answer = len(messages) - len(answer_messages)
         text, spans = chat_spans(tokenizer, messages)
         # only the answer's turns: a multi-turn prompt's assistant turns are context, not scored
-        prompt_text = tokenizer.apply_chat_template(
-            messages[:first_answer], tokenize=False, add_generation_prompt=True
+        # (rendered as chat_spans renders, under the same template limits)
+        prompt_text = render_chat(
+            tokenizer, messages[:first_answer], add_generation_prompt=True, allow_empty=True
         )
         spans = [span for span in spans if span[0] >= len(prompt_text)]
         return _tokenize_with_spans(tokenizer, text, spans, max_length)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,12 +31,20 @@ from tunelab.data.loading import (
     snapshot_pipes,
 )
 from tunelab.data.schema import Example, is_empty_answer, message_texts, to_example
-from tunelab.data.store import format_summary, read_cache, write_cache, write_prepared
+from tunelab.data.store import (
+    PreparedData,
+    format_summary,
+    read_cache,
+    write_cache,
+    write_prepared,
+)
 from tunelab.errors import TunelabError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PreparedData", "format_summary", "load_examples", "prepare_examples", "write_prepared"]
 
-DATA_VERSION = 2  # bump when a change to this stage changes what it produces
+DATA_VERSION = 3  # bump when a change to this stage changes what it produces
 SAMPLES_PER_STEP = 3
 SAMPLE_CHARS = 300
 # the config keys that decide what this stage produces (and so the cache key)
@@ -82,15 +90,6 @@ LONG_ROW_FACTOR = 8
 CHARS_PER_TOKEN = 4
 
 
-@dataclass
-class PreparedData:
-    """Training and held-out examples, plus what was done to get them."""
-
-    train: list[Example]
-    eval: list[Example] | None
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-
 def load_examples(
     path: str | Path, config: FineTuningConfig, eval_data: bool = False
 ) -> list[Example]:
@@ -120,12 +119,11 @@ def _warn_long_rows(examples: list[Example], max_length: int) -> None:
     limit = LONG_ROW_FACTOR * max_length * CHARS_PER_TOKEN
     long = [e for e in examples if sum(len(t) for t in e.texts()) > limit]
     if long:
-        print(
-            f"warning: {len(long)} row(s) longer than {limit:,} characters (about "
+        logger.warning(
+            f"{len(long)} row(s) longer than {limit:,} characters (about "
             f"{LONG_ROW_FACTOR}x max_length={max_length} tokens), first at {long[0].origin}; "
             "training keeps only the first max_length tokens of each. Split long documents "
-            "(txt_split, or shorter rows) or raise max_length.",
-            file=sys.stderr,
+            "(txt_split, or shorter rows) or raise max_length."
         )
 
 
@@ -387,36 +385,31 @@ def _deduplicate(
 # --- lengths ---------------------------------------------------------------------------------
 
 
-def _rendered(example: Example, tokenizer: Any, chat: bool, system_prompt: str | None) -> str:
-    """The whole text tokenize_example renders for ``example`` (for counting tokens fast)."""
-    from tunelab.data.tokenize import as_messages, chat_spans, render_chat
-
-    eos = tokenizer.eos_token or ""
-    if example.kind == "text":
-        return (example.text or "") + eos
-    if example.kind == "messages" or chat:
-        if getattr(tokenizer, "chat_template", None):
-            messages = as_messages(example, system_prompt)
-            if any(m.get("tool_calls") for m in messages):
-                # the same check as training's, so inspect and prepare refuse such rows too
-                return chat_spans(tokenizer, messages, example.tools, example.origin)[0]
-            return render_chat(tokenizer, messages, example.tools)
-    return (example.prompt or "") + (example.completion or "") + eos
-
-
 def token_lengths(examples: list[Example], tokenizer: Any, config: FineTuningConfig) -> list[int]:
-    """Tokens per example as training renders it (chat template, EOS), untruncated."""
-    from tunelab.data.tokenize import uses_chat_template
+    """Tokens per example as training renders it (BOS, chat template, EOS), untruncated."""
+    from tunelab.data.tokenize import bos_text, render_example, uses_chat_template
 
     if not examples:
         return []
     chat = uses_chat_template(tokenizer, config.chat_format)
-    texts = [_rendered(e, tokenizer, chat, config.system_prompt) for e in examples]
-    lengths = []
+    bos = bos_text(tokenizer)
+    texts = [
+        render_example(e, tokenizer, chat, config.system_prompt, answer_spans=False, bos=bos)[0]
+        for e in examples
+    ]
+    lengths: list[int] = []
     for start in range(0, len(texts), 2048):
         encoded = tokenizer(texts[start : start + 2048], add_special_tokens=False)["input_ids"]
         lengths.extend(len(ids) for ids in encoded)
     return lengths
+
+
+def _length_key(example: Example) -> str:
+    """What an example's token count depends on, the config being fixed: its content. Not its
+    id(): an example dropped by a filter is freed, and a new one (a bias counterfactual, a
+    mixed-in row) can be given the same id and so the dropped one's length."""
+    fields = [example.text, example.prompt, example.completion, example.messages, example.tools]
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def length_stats(values: list[int], bins: int = 30) -> dict[str, Any] | None:
@@ -567,7 +560,7 @@ def _prepare(
     duplicates: list[dict[str, Any]] = []
     tallies = {"train": Tally("train"), "eval": Tally("eval")}
     counts: dict[str, Any] = {}
-    lengths_by_id: dict[int, int] = {}
+    lengths: dict[str, int] = {}  # _length_key(example) -> its token count
 
     def stage(split: str, path: str) -> list[Example]:
         tally = tallies[split]
@@ -592,11 +585,11 @@ def _prepare(
             for example, length in zip(
                 examples, token_lengths(examples, tokenizer, c), strict=True
             ):
-                lengths_by_id[id(example)] = length
+                lengths[_length_key(example)] = length
             if c.min_tokens or c.max_tokens is not None:
 
                 def by_tokens(_: int, example: Example) -> str | None:
-                    length = lengths_by_id[id(example)]
+                    length = lengths[_length_key(example)]
                     if length < c.min_tokens:
                         return "fewer than min_tokens"
                     if c.max_tokens is not None and length > c.max_tokens:
@@ -668,7 +661,7 @@ def _prepare(
         "leakage": leakage,
         "mix": mix,
         "bias": bias_section,
-        "lengths": _lengths(train, held_out, tokenizer, c, lengths_by_id),
+        "lengths": _lengths(train, held_out, tokenizer, c, lengths),
     }
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     return PreparedData(train, held_out, manifest)
@@ -744,7 +737,7 @@ def _lengths(
     held_out: list[Example] | None,
     tokenizer: Any,
     c: FineTuningConfig,
-    known: dict[int, int],
+    known: dict[str, int],
 ) -> dict[str, Any]:
     result = {}
     for split, examples in (("train", train), ("eval", held_out or [])):
@@ -754,10 +747,11 @@ def _lengths(
             "chars": length_stats([sum(len(t) for t in e.texts()) for e in examples])
         }
         if tokenizer is not None:
-            missing = [e for e in examples if id(e) not in known]
+            keys = [_length_key(e) for e in examples]
+            missing = [e for e, key in zip(examples, keys, strict=True) if key not in known]
             for example, length in zip(missing, token_lengths(missing, tokenizer, c), strict=True):
-                known[id(example)] = length
-            tokens = [known[id(e)] for e in examples]
+                known[_length_key(example)] = length
+            tokens = [known[key] for key in keys]
             truncated = sum(1 for n in tokens if n > c.max_length)
             section.update(
                 tokens=length_stats(tokens),

@@ -8,7 +8,6 @@ included, and a report must never run it.
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
@@ -189,18 +188,12 @@ def _md_lengths(manifest: dict[str, Any]) -> list[str]:
 # --- HTML -----------------------------------------------------------------------------------
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _html_table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def histogram_svg(stats: dict[str, Any], title: str, width: int = 480, height: int = 160) -> str:
     """An inline SVG bar chart of a length histogram."""
+    from markupsafe import Markup
+
+    from tunelab.html_pages import render
+
     counts = stats["histogram"]["counts"]
     edges = stats["histogram"]["edges"]
     top = max(counts) or 1
@@ -208,20 +201,26 @@ def histogram_svg(stats: dict[str, Any], title: str, width: int = 480, height: i
     bars = []
     for i, count in enumerate(counts):
         h = (height - 40) * count / top
-        x, y = 30 + i * bar, height - 20 - h
-        label = f"{edges[i]:g}-{edges[i + 1]:g}: {count}"
         bars.append(
-            f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(bar - 1, 1):.1f}" height="{h:.1f}" '
-            f'fill="#4a7bd0"><title>{_e(label)}</title></rect>'
+            {
+                "x": f"{30 + i * bar:.1f}",
+                "y": f"{height - 20 - h:.1f}",
+                "width": f"{max(bar - 1, 1):.1f}",
+                "height": f"{h:.1f}",
+                "label": f"{edges[i]:g}-{edges[i + 1]:g}: {count}",
+            }
         )
-    caption = f"{title} (n={stats['count']}, max {stats['max']})"
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-        f'aria-label="{_e(title)}"><text x="30" y="14" font-size="12">{_e(caption)}</text>'
-        + "".join(bars)
-        + f'<text x="30" y="{height - 5}" font-size="10">{edges[0]:g}</text>'
-        f'<text x="{width - 10}" y="{height - 5}" font-size="10" text-anchor="end">'
-        f"{edges[-1]:g}</text></svg>"
+    return Markup(
+        render(
+            "histogram.svg",
+            width=width,
+            height=height,
+            title=title,
+            caption=f"{title} (n={stats['count']}, max {stats['max']})",
+            bars=bars,
+            first=f"{edges[0]:g}",
+            last=f"{edges[-1]:g}",
+        ).strip()
     )
 
 
@@ -235,104 +234,69 @@ _STYLE = (
 
 
 def render_html(manifest: dict[str, Any]) -> str:
-    """The report as one HTML page; every dataset string is escaped."""
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tunelab data report</title>"
-        f"<style>{_STYLE}</style></head><body>"
-    ]
-    parts.append(f"<h1>Data report</h1><p>{_e(format_summary(manifest))}</p>")
-    parts.append("<h2>Steps</h2>")
-    parts.append(
-        _html_table(
-            ["split", "step", "result", "seconds"],
-            [
-                [s["split"], s["step"], _step_count(s), s.get("seconds", "")]
-                for s in _steps(manifest)
-            ],
-        )
-    )
-    samples = _sample_rows(manifest)
-    if samples:
-        parts.append("<h3>Example rows per step</h3>")
-        parts.append(
-            _html_table(
-                ["split", "step", "origin", "reason", "before / dropped text", "after"], samples
-            )
-        )
-    parts.append("<h2>Lengths</h2>")
+    """The report as one HTML page (tunelab/templates/data_report.html); every dataset string
+    is escaped."""
+    from markupsafe import Markup
+
+    from tunelab.html_pages import render
+
+    lengths = []
     for split, section in (manifest.get("lengths") or {}).items():
-        for unit in ("tokens", "chars"):
-            if section.get(unit):
-                parts.append(histogram_svg(section[unit], f"{split} {unit} per example"))
-        if "truncated" in section:
-            parts.append(f"<p>{_e(_truncation_line(split, section))}</p>")
-    duplicates = manifest.get("duplicates", {}).get("examples", [])
-    if duplicates:
-        parts.append("<h2>Duplicates</h2>")
-        parts.append(
-            _html_table(
-                ["kind", "origin", "duplicate of", "similarity", "text"],
-                [
-                    [d["kind"], d["origin"], d["duplicate_of"], d["similarity"], d["text"]]
-                    for d in duplicates
+        units = [u for u in ("tokens", "chars") if section.get(u)]
+        lengths.append(
+            {
+                "histograms": [
+                    histogram_svg(section[u], f"{split} {u} per example") for u in units
                 ],
-            )
+                "truncation": _truncation_line(split, section) if "truncated" in section else "",
+            }
         )
     leakage = manifest.get("leakage")
-    if leakage:
-        parts.append(f"<h2>Train/eval leakage</h2><p>{_e(_leakage_line(leakage))}</p>")
-        parts.append(
-            _html_table(
-                ["train origin", "eval origin", "similarity", "text"],
-                [
-                    [x["origin"], x["eval_origin"], x["similarity"], x["text"]]
-                    for x in leakage["examples"]
-                ],
-            )
-        )
     pii = manifest.get("pii", {})
-    parts.append("<h2>PII</h2>")
-    parts.append(
-        _html_table(
-            ["split", "type", "count"],
-            [[s, k, n] for s in ("train", "eval") for k, n in (pii.get(s) or {}).items()],
-        )
-    )
-    if pii.get("examples"):
-        parts.append(
-            _html_table(
-                ["origin", "type", "redacted context"],
-                [[x["origin"], x["type"], x["snippet"]] for x in pii["examples"]],
-            )
-        )
     bias_section = manifest.get("bias")
+    bias = None
     if bias_section:
-        parts.append("<h2>Bias</h2>")
-        for label in ("before", "after"):
-            if bias_section.get(label):
-                parts.append(
-                    f"<h3>{label.capitalize()} mitigation ({_e(bias_section['mitigation'])})</h3>"
-                )
-                parts.append(
-                    _html_table(
-                        ["dimension", "group", "mentions", "examples", "imbalance ratio"],
-                        [list(r) for r in _bias_rows(bias_section[label])],
-                    )
-                )
         flagged = bias_section["before"]["flagged"]
-        if flagged:
-            parts.append(f"<p>Flagged examples: {bias_section['before']['flagged_count']}</p>")
-            parts.append(
-                _html_table(
-                    ["origin", "dimension", "group", "terms"],
-                    [
-                        [f["origin"], f["dimension"], f["group"], ", ".join(f["terms"])]
-                        for f in flagged
-                    ],
-                )
-            )
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        bias = {
+            "sections": [
+                {
+                    "title": f"{label.capitalize()} mitigation ({bias_section['mitigation']})",
+                    "rows": [list(r) for r in _bias_rows(bias_section[label])],
+                }
+                for label in ("before", "after")
+                if bias_section.get(label)
+            ],
+            "flagged_count": bias_section["before"].get("flagged_count"),
+            "flagged": [
+                [f["origin"], f["dimension"], f["group"], ", ".join(f["terms"])] for f in flagged
+            ],
+        }
+    return render(
+        "data_report.html",
+        style=Markup(_STYLE),
+        summary=format_summary(manifest),
+        steps=[
+            [s["split"], s["step"], _step_count(s), s.get("seconds", "")] for s in _steps(manifest)
+        ],
+        samples=_sample_rows(manifest),
+        lengths=lengths,
+        duplicates=[
+            [d["kind"], d["origin"], d["duplicate_of"], d["similarity"], d["text"]]
+            for d in manifest.get("duplicates", {}).get("examples", [])
+        ],
+        leakage={
+            "line": _leakage_line(leakage),
+            "rows": [
+                [x["origin"], x["eval_origin"], x["similarity"], x["text"]]
+                for x in leakage["examples"]
+            ],
+        }
+        if leakage
+        else None,
+        pii_counts=[[s, k, n] for s in ("train", "eval") for k, n in (pii.get(s) or {}).items()],
+        pii_examples=[[x["origin"], x["type"], x["snippet"]] for x in pii.get("examples") or []],
+        bias=bias,
+    )
 
 
 def write_reports(manifest: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:

@@ -1,19 +1,29 @@
-"""Storing prepared data: the cache folder, the processed dataset with its manifest, and the
-one-line summary that ``tunelab train`` prints."""
+"""Prepared data and its storage: the cache folder, the processed dataset with its manifest,
+and the one-line summary that ``tunelab train`` prints.
+
+``PreparedData`` lives here, not in ``prepare``, so that the stage imports its store and the
+store never imports the stage (no import cycle)."""
 
 from __future__ import annotations
 
 import json
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tunelab.data.schema import Example
 from tunelab.files import atomic_write_jsonl, atomic_write_text, disk_full_errors
 
-if TYPE_CHECKING:
-    from tunelab.data.prepare import PreparedData
+
+@dataclass
+class PreparedData:
+    """Training and held-out examples, plus what was done to get them."""
+
+    train: list[Example]
+    eval: list[Example] | None
+    manifest: dict[str, Any] = field(default_factory=dict)
 
 
 # --- cache ----------------------------------------------------------------------------------
@@ -74,8 +84,6 @@ def read_cache(folder: Path) -> PreparedData | None:
     except (OSError, ValueError, KeyError):
         return None  # no cache, or a damaged one: prepare again
     manifest["cache_hit"] = True
-    from tunelab.data.prepare import PreparedData
-
     return PreparedData(train, held_out, manifest)
 
 

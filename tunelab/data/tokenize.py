@@ -155,15 +155,30 @@ def _tokenize_with_spans(
     return TokenizedExample(ids[:max_length], labels[:max_length], truncated)
 
 
-def tokenize_example(
-    example: Example, tokenizer: Any, max_length: int, chat: bool, system_prompt: str | None = None
-) -> TokenizedExample:
-    """Token ids and labels for one example (labels are ``IGNORE_INDEX`` outside the loss)."""
+def render_example(
+    example: Example,
+    tokenizer: Any,
+    chat: bool,
+    system_prompt: str | None = None,
+    answer_spans: bool = True,
+    bos: str | None = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """The whole text training tokenizes for ``example`` and the character spans of the loss.
+
+    The one rendering path: training (``tokenize_example``) and the token counts of the data
+    stage (``prepare.token_lengths``) both call it, so a count is the length training sees.
+    The text is tokenized with ``add_special_tokens=False``; a plain text starts with the BOS
+    token when the tokenizer puts one in front by itself (``bos``: that text, worked out once
+    by the caller, or None to ask the tokenizer). ``answer_spans=False`` skips locating the
+    answers of a chat (a render per turn) and returns no spans; a turn with tool calls is
+    still checked, so counting refuses what training refuses. Raises TunelabError for chat
+    data without a chat template, or a template that drops a tool call or is not prefix-stable.
+    """
     eos = tokenizer.eos_token or ""
     if example.kind == "text":
-        text = (tokenizer.bos_token or "") if _adds_bos(tokenizer) else ""
+        text = bos_text(tokenizer) if bos is None else bos
         text += (example.text or "") + eos
-        return _tokenize_with_spans(tokenizer, text, [(0, len(text))], max_length)
+        return text, [(0, len(text))]
     if example.kind == "messages" or chat:
         if not getattr(tokenizer, "chat_template", None):
             if example.kind == "messages":
@@ -172,21 +187,30 @@ def tokenize_example(
                     "none. Use a chat model or convert the data to prompt/completion."
                 )
         messages = as_messages(example, system_prompt)
-        text, spans = chat_spans(tokenizer, messages, example.tools, example.origin)
-        return _tokenize_with_spans(tokenizer, text, spans, max_length)
+        if not answer_spans and not any(m.get("tool_calls") for m in messages):
+            return render_chat(tokenizer, messages, example.tools), []
+        return chat_spans(tokenizer, messages, example.tools, example.origin)
     # plain prompt/completion: the strings are joined as they are, the answer ends with EOS
     prompt = example.prompt or ""
-    completion = example.completion or ""
-    text = prompt + completion + eos
-    return _tokenize_with_spans(tokenizer, text, [(len(prompt), len(text))], max_length)
+    text = prompt + (example.completion or "") + eos
+    return text, [(len(prompt), len(text))]
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer puts a BOS token in front by itself (Llama-2 style tokenizers do)."""
+def tokenize_example(
+    example: Example, tokenizer: Any, max_length: int, chat: bool, system_prompt: str | None = None
+) -> TokenizedExample:
+    """Token ids and labels for one example (labels are ``IGNORE_INDEX`` outside the loss)."""
+    text, spans = render_example(example, tokenizer, chat, system_prompt)
+    return _tokenize_with_spans(tokenizer, text, spans, max_length)
+
+
+def bos_text(tokenizer: Any) -> str:
+    """The BOS token's text when the tokenizer puts it in front by itself (Llama-2 style
+    tokenizers do), else "": a plain text is rendered with it, as such a model was trained."""
     if tokenizer.bos_token_id is None:
-        return False
+        return ""
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(probe) and probe[0] == tokenizer.bos_token_id
+    return (tokenizer.bos_token or "") if probe and probe[0] == tokenizer.bos_token_id else ""
 
 
 def save_tokenized(path: Path, tokenized: list[TokenizedExample]) -> None:

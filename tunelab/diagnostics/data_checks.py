@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.diagnostics.findings import Finding
+from tunelab.run_folder import DATA_MANIFEST, RESULTS
 
 MOST = 0.5  # "most examples truncated", "most compute on padding"
 NOTABLE = 0.1  # worth a note below that
@@ -63,10 +64,10 @@ def check_truncation(
         p95 = _p95(view.full_lengths) if view.full_lengths else None
         source = "re-tokenized data"
     elif isinstance(data.get("truncated_examples"), int) and data.get("examples"):
-        truncated, total, source = data["truncated_examples"], data["examples"], "results.json"
+        truncated, total, source = data["truncated_examples"], data["examples"], RESULTS
     elif isinstance(lengths.get("truncated"), int) and lengths.get("tokens"):
         truncated, total = lengths["truncated"], lengths["tokens"].get("count", 0)
-        source = "data_manifest.json"
+        source = DATA_MANIFEST
     else:
         return []
     if not total or truncated / total < NOTABLE:

@@ -26,29 +26,26 @@ from tunelab.diagnostics.findings import Finding
 from tunelab.diagnostics.metrics_checks import metrics_findings
 from tunelab.errors import TunelabError
 from tunelab.files import check_safetensors, read_json_file
-from tunelab.runs import damaged_run_fix
+from tunelab.run_folder import (
+    CONFIG,
+    DATA_MANIFEST,
+    METRICS,
+    RESULTS,
+    RUN_INFO,
+    damaged_run_fix,
+    metrics_path,
+    read_metrics,
+    read_saved_config,
+    split_metrics,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def read_run_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """Train and eval records from metrics.jsonl, or from a transformers trainer_state.json."""
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise TunelabError(
-                    f"{path}:{number} is not valid JSON ({line[:60]!r}). The file was cut off "
-                    "or edited; delete that line and run doctor again."
-                ) from None
-        train = [r for r in records if "loss" in r]
-        evals = [r for r in records if "eval_loss" in r]
-        return train, evals
+    if metrics_path(run_dir).is_file():
+        return split_metrics(read_metrics(run_dir))
     state = read_json(run_dir / "trainer_state.json")
     if state is None:
         return [], []
@@ -67,20 +64,8 @@ def _grad(record: dict) -> dict:
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "tunelab_config.yaml"
-    if not path.is_file():
-        return {}
-    import yaml
-
-    from tunelab.yaml_numbers import load_yaml
-
-    try:
-        values = load_yaml(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise TunelabError(
-            f"{path} is not valid YAML ({exc}). Restore it from your config."
-        ) from None
-    return values if isinstance(values, dict) else {}
+    """The run's saved config values ({} when it has none); see ``read_saved_config``."""
+    return read_saved_config(run_dir)
 
 
 def typed_config(values: dict[str, Any]) -> Any:
@@ -122,12 +107,12 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
     config_values = read_run_config(run_dir)
     if not train and not evals and not has_tokenizer and not config_values:
         raise TunelabError(
-            f"{run_dir} holds no metrics.jsonl, trainer_state.json, tunelab_config.yaml or "
+            f"{run_dir} holds no {METRICS}, trainer_state.json, {CONFIG} or "
             "tokenizer, so it is not a training run. Pass the output_dir of 'tunelab train'."
         )
-    results = read_json(run_dir / "results.json")
-    info = read_json(run_dir / "run_info.json") or {}
-    manifest = read_json(run_dir / "data_manifest.json") or {}
+    results = read_json(run_dir / RESULTS)
+    info = read_json(run_dir / RUN_INFO) or {}
+    manifest = read_json(run_dir / DATA_MANIFEST) or {}
     trained_by_tunelab = bool(config_values)
 
     findings: list[Finding] = list(damaged)
@@ -173,7 +158,7 @@ def _vocab_size(run_dir: Path, results: Any, config: dict[str, Any]) -> int | No
 
     name = str(config.get("model_name") or DEFAULT_MODEL)
     base = cache_dir() / "models" / DEFAULT_MODEL if name.lower() == DEFAULT_MODEL else Path(name)
-    info_base = (read_json(run_dir / "run_info.json") or {}).get("base_model")
+    info_base = (read_json(run_dir / RUN_INFO) or {}).get("base_model")
     for folder in (run_dir, Path(str(info_base or "")), base):
         values = read_json(folder / "config.json") if str(folder) not in ("", ".") else None
         if values and isinstance(values.get("vocab_size"), int):

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+
+logger = logging.getLogger(__name__)
 
 
 def lm_eval_model_args(run_dir: str | Path, dtype: str = "float32") -> str:
@@ -101,5 +104,5 @@ def run_lm_eval(
             "point it at local task YAMLs (see docs/evaluation.md)."
         )
     argv = [sys.executable, "-m", "lm_eval", *lm_eval_arguments(run_dir, tasks, limit, out)]
-    print(" ".join(argv))
+    logger.info("%s", " ".join(argv))
     return subprocess.call(argv)

@@ -1,8 +1,10 @@
-"""Answer metrics and bootstrap confidence intervals, in plain Python and numpy.
+"""Answer metrics and bootstrap confidence intervals.
 
 Every metric scores one answer against one reference in [0, 1]; a system's score is the mean
 over examples, so paired differences between systems can be bootstrapped example by example.
 Normalisation follows SQuAD: lower case, no punctuation, no articles, single spaces.
+ROUGE-L is rouge-score's, chrF sacrebleu's, the intervals scipy's; exact match and token F1
+are the SQuAD script's few lines (its only packaged form, HF evaluate, downloads the script).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -44,54 +48,48 @@ def token_f1(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _lcs_length(a: list[str], b: list[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
+class _Words:
+    """rouge-score's tokenizer interface over ``tokens``: its default keeps ASCII letters only
+    (it would drop every word of a non-English answer) and keeps articles, where ROUGE-L here
+    reads the same words as token F1."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return tokens(text)
+
+
+@lru_cache(maxsize=1)
+def _rouge_l_scorer() -> Any:
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(["rougeL"], tokenizer=_Words())
+
+
+@lru_cache(maxsize=4)
+def _chrf_metric(max_order: int, beta: float) -> Any:
+    from sacrebleu.metrics import CHRF
+
+    # chrF, not chrF++: no word n-grams; whitespace removed, as in the paper
+    # sacrebleu annotates beta as int but computes with it as a number (beta ** 2)
+    return CHRF(char_order=max_order, word_order=0, beta=beta)  # type: ignore[arg-type]
 
 
 def rouge_l(answer: str, reference: str) -> float:
-    """ROUGE-L F1: the longest common token subsequence over answer and reference lengths."""
-    predicted, expected = tokens(answer), tokens(reference)
-    if not predicted or not expected:
-        return float(predicted == expected)
-    lcs = _lcs_length(predicted, expected)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(predicted), lcs / len(expected)
-    return 2 * precision * recall / (precision + recall)
-
-
-def _char_ngrams(text: str, n: int) -> Counter[str]:
-    return Counter(text[i : i + n] for i in range(len(text) - n + 1))
+    """ROUGE-L F1 (rouge-score): the longest common token subsequence over answer and reference
+    lengths, on the words of ``tokens``. Two texts without words score 1 (both say nothing),
+    one without words 0."""
+    if not tokens(answer) or not tokens(reference):
+        return float(tokens(answer) == tokens(reference))
+    return float(_rouge_l_scorer().score(reference, answer)["rougeL"].fmeasure)
 
 
 def chrf(answer: str, reference: str, max_order: int = 6, beta: float = 2.0) -> float:
-    """chrF (Popović 2015, sacrebleu's sentence form): character n-gram precision and recall
-    for n = 1..6, averaged over n, combined as F-beta with recall weighted beta = 2.
-
-    Whitespace is removed first, as sacrebleu does; orders longer than either text are skipped.
-    """
-    hypothesis, target = "".join(answer.split()), "".join(reference.split())
-    precisions, recalls = [], []
-    for n in range(1, max_order + 1):
-        hyp, ref = _char_ngrams(hypothesis, n), _char_ngrams(target, n)
-        if not hyp or not ref:
-            continue
-        common = sum((hyp & ref).values())
-        precisions.append(common / sum(hyp.values()))
-        recalls.append(common / sum(ref.values()))
-    if not precisions:
-        return float(hypothesis == target)
-    precision, recall = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
-    if precision == 0 and recall == 0:
-        return 0.0
-    b2 = beta * beta
-    return (1 + b2) * precision * recall / (b2 * precision + recall)
+    """chrF (Popović 2015) as sacrebleu's sentence score, in [0, 1]: character n-gram
+    precision and recall for n = 1..``max_order`` (whitespace removed first), combined as
+    F-beta with recall weighted ``beta``. Two empty texts score 1 (sacrebleu says 0), as for
+    the other metrics here."""
+    if not answer.split() and not reference.split():
+        return 1.0
+    return _chrf_metric(max_order, float(beta)).sentence_score(answer, [reference]).score / 100
 
 
 def term_score(answer: str, terms: list[str]) -> float | None:
@@ -127,17 +125,29 @@ def _clean(values: list[float | None]) -> list[float]:
 def bootstrap_mean(
     values: list[float | None], samples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> Interval:
-    """Mean of ``values`` with a percentile bootstrap interval (None/NaN values are left out)."""
+    """Mean of ``values`` with a percentile bootstrap interval at ``level`` (scipy's
+    ``stats.bootstrap``, ``samples`` resamples drawn from ``default_rng(seed)``); None/NaN
+    values are left out. No values: all NaN; one value: that value three times."""
     import numpy as np
+    from scipy import stats
 
     data = np.asarray(_clean(values), dtype=np.float64)
     if data.size == 0:
         return Interval(math.nan, math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(samples, data.size))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return Interval(float(data.mean()), float(low), float(high))
+    mean = float(data.mean())
+    if data.size == 1:  # scipy refuses a single observation; every resample is that value
+        return Interval(mean, mean, mean)
+    result = stats.bootstrap(
+        (data,),
+        np.mean,
+        n_resamples=samples,
+        confidence_level=level,
+        method="percentile",  # BCa (scipy's default) is NaN for constant data, common here
+        rng=np.random.default_rng(seed),
+        vectorized=True,
+    )
+    interval = result.confidence_interval
+    return Interval(mean, float(interval.low), float(interval.high))
 
 
 def paired_bootstrap(

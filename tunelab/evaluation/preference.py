@@ -12,7 +12,6 @@ answer tokens, as DPO does). Two views:
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.files import atomic_write_json, atomic_write_text
+from tunelab.run_folder import config_path
 
 
 @torch.no_grad()
@@ -88,7 +88,7 @@ def evaluate_preference_run(
     if not path:
         raise TunelabError(
             f"no held-out pairs: pass --eval-path FILE (prompt/chosen/rejected rows); the run's "
-            f"config {folder}/tunelab_config.yaml has no eval_path."
+            f"config {config_path(folder)} has no eval_path."
         )
     paired = type(config)(**{**config.to_dict(), "objective": "dpo", "label_smoothing": 0.0})
     examples = clean_preference(load_preference_examples(path, paired), paired, Counter())
@@ -142,13 +142,6 @@ def format_preference_table(report: dict[str, Any]) -> str:
 
 
 def is_preference_run(folder: Path) -> bool:
-    import yaml
+    from tunelab.run_folder import read_saved_config
 
-    config = Path(folder) / "tunelab_config.yaml"
-    if not config.is_file():
-        return False
-    return (yaml.safe_load(config.read_text()) or {}).get("objective", "sft") != "sft"
-
-
-def print_preference_table(report_path: Path) -> None:
-    print(format_preference_table(json.loads(report_path.read_text())))
+    return read_saved_config(folder).get("objective", "sft") != "sft"

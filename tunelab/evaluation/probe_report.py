@@ -6,7 +6,6 @@ interval), so unseen items and training items asked again are never averaged tog
 
 from __future__ import annotations
 
-from html import escape
 from typing import Any
 
 from tunelab.evaluation.verdict import LABELS, PROBE_WORDS
@@ -36,32 +35,31 @@ def _cell(metric: str, interval: dict[str, float | None]) -> str:
 
 def probes_html(data: dict[str, Any]) -> str:
     """One table per knowledge probe kind, from ``EvalResults.to_json()``; empty without probes."""
-    parts = []
+    from markupsafe import Markup
+
+    from tunelab.html_pages import render
+
+    tables = []
     for kind, probe in data.get("probes", {}).items():
         shown = _shown(probe["systems"])
-        header = "".join(f"<th>{escape(LABELS[m])}</th>" for m in shown)
-        rows = []
-        for name, by_metric in probe["systems"].items():
-            cells = "".join(
-                f'<td class="num" data-probe="{escape(kind)}" data-system="{escape(name)}" '
-                f'data-metric="{m}">{escape(_cell(m, by_metric[m]))}</td>'
-                for m in shown
-            )
-            rows.append(f"<tr><th>{escape(name)}</th>{cells}</tr>")
-        parts.append(
-            f"<h3>{escape(PROBE_WORDS[kind].capitalize())}</h3><p>{probe['probes']} probes over "
-            f"{probe['training_items']} training items; a training item's score is the mean "
-            "over its probes, and intervals resample training items.</p>"
-            f'<table id="probe-{escape(kind)}"><tr><th>system</th>{header}</tr>'
-            f"{''.join(rows)}</table>"
+        rows = [
+            {
+                "system": name,
+                "cells": [{"metric": m, "text": _cell(m, by_metric[m])} for m in shown],
+            }
+            for name, by_metric in probe["systems"].items()
+        ]
+        tables.append(
+            {
+                "kind": kind,
+                "title": PROBE_WORDS[kind].capitalize(),
+                "probes": probe["probes"],
+                "training_items": probe["training_items"],
+                "labels": [LABELS[m] for m in shown],
+                "rows": rows,
+            }
         )
-    if not parts:
-        return ""
-    return (
-        "<h2>Knowledge probes: training items asked again</h2><p>Held-out items show skill and "
-        "style on questions nobody trained on; these show what each system recalls of the "
-        "training data itself (mean [95% CI]).</p>" + "".join(parts)
-    )
+    return Markup(render("probes.html", tables=tables).strip())
 
 
 def probes_markdown(data: dict[str, Any]) -> list[str]:

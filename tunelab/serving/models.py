@@ -15,6 +15,7 @@ from tunelab.data.tokenize import uses_chat_template
 from tunelab.errors import TunelabError
 from tunelab.generation import LoadedModel, is_run_dir, load_for_inference
 from tunelab.models import add_adapter, load_tokenizer, resolve_model, run_trust_remote_code
+from tunelab.run_folder import ADAPTER_CONFIG, CONFIG, read_run_info
 
 BASE_ADAPTER = None  # the adapter name under which a request runs on the bare base model
 
@@ -44,14 +45,14 @@ class ModelPool:
 
 
 def _run_base(folder: Path) -> str:
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
     return str(config.get("base_model_name_or_path"))
 
 
 def _method(folder: Path) -> str:
     from tunelab.config import load_config
 
-    path = folder / "tunelab_config.yaml"
+    path = folder / CONFIG
     return load_config(path).method if path.is_file() else "lora"
 
 
@@ -141,8 +142,7 @@ def _run_settings(folder: Path, model: Any) -> LoadedModel:
     """A run's tokenizer, chat flag and system prompt, read as ``load_for_inference`` reads
     them, on the already loaded shared ``model``."""
     tokenizer = load_tokenizer(str(folder), run_trust_remote_code(folder))
-    info_path = folder / "run_info.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_run_info(folder)
     chat = bool(info.get("chat", getattr(tokenizer, "chat_template", None)))
     return LoadedModel(model, tokenizer, chat, info.get("system_prompt"), str(folder))
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.run_folder import read_results, read_run_info
 from tunelab.shipping.merge import read_adapter_config
 
 
@@ -26,9 +26,7 @@ def describe(run_dir: str | Path, name: str | None = None) -> AdapterInfo:
     """What a run folder's adapter is: method, rank, targets, base, final eval loss."""
     folder = Path(run_dir)
     config = read_adapter_config(folder)
-    results_path = folder / "results.json"
-    # read_adapter_config checked the folder's files (runs.check_run_files)
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = read_results(folder) or {}
     targets = config.get("target_modules") or []
     return AdapterInfo(
         name=name or folder.name,
@@ -99,8 +97,7 @@ class AdapterSet:
         for name, path in rest:
             add_adapter(self.model, path, name)
         self.model.eval()
-        info_path = Path(first[1]) / "run_info.json"
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        info = read_run_info(first[1])
         self.chat = bool(info.get("chat", getattr(self.tokenizer, "chat_template", None)))
         self.system_prompt = info.get("system_prompt")
         self.active = first[0]

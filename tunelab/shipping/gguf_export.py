@@ -11,6 +11,7 @@ quantizer (llama-cpp-python). Norms and other 1-D tensors stay f32, as llama.cpp
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,9 @@ import numpy as np
 from tunelab.errors import TunelabError
 from tunelab.shipping.gguf_families import FAMILIES, Family, global_rope_theta, rope_type
 from tunelab.template_sandbox import render_chat
+
+logger = logging.getLogger(__name__)
+
 
 WRITTEN_TYPES = ("f32", "f16", "bf16", "q8_0")
 # llama.cpp's quantizer makes these from an f32 file (its LLAMA_FTYPE_MOSTLY_* names)
@@ -78,7 +82,7 @@ def export_gguf(
             "model folder (tunelab merge RUN_DIR OUT_DIR) or a run folder via tunelab export."
         )
     if check_gguf_target(out_file, folder, overwrite):
-        print(f"Replacing the GGUF file {out_file}.")
+        logger.info("Replacing the GGUF file %s.", out_file)
     from tunelab.runs import check_run_files
 
     check_run_files(folder)  # a cut-off tokenizer.json or weights file is named, not parsed

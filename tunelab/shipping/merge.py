@@ -15,7 +15,8 @@ from tunelab.ownership import (
     finish_output_folder,
     prepare_output_folder,
 )
-from tunelab.runs import check_run_files
+from tunelab.run_folder import CONFIG, RUN_INFO
+from tunelab.runs.checks import check_run_files
 
 MERGEABLE = ("LORA", "ADALORA", "IA3")
 
@@ -90,7 +91,7 @@ def _merge_into(
     with staged_folder(out_dir, "the merged model", needed) as staging:
         merged.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)
-        for name in ("run_info.json", "tunelab_config.yaml"):
+        for name in (RUN_INFO, CONFIG):
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, staging / name)
         finish_output_folder(staging, "merge")

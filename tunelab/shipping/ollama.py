@@ -236,12 +236,10 @@ def stop_strings(tokenizer: Any) -> list[str]:
 
 def chat_settings(folder: str | Path) -> tuple[Any, str | None]:
     """A run or model folder's tokenizer (chat template) and the system prompt it trained with."""
-    import json
-
     from tunelab.models import load_tokenizer, run_trust_remote_code
+    from tunelab.run_folder import read_run_info
 
-    info_path = Path(folder) / "run_info.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_run_info(folder)
     return load_tokenizer(str(folder), run_trust_remote_code(folder)), info.get("system_prompt")
 
 

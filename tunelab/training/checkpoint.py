@@ -18,9 +18,9 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.files import check_safetensors, read_json_file, staged_folder, tensor_bytes
 from tunelab.methods import load_method_state, whole_ranks
+from tunelab.run_folder import CHECKPOINTS
 from tunelab.training.state import TrainState
 
-CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -9,6 +10,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 class Interrupt:
@@ -20,13 +23,12 @@ class Interrupt:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            print("\nSecond Ctrl-C: exiting now without saving.", flush=True)
+            logger.info("\nSecond Ctrl-C: exiting now without saving.")
             os._exit(130)
         self.requested = True
-        print(
+        logger.info(
             "\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to quit "
-            "at once).",
-            flush=True,
+            "at once)."
         )
 
 

@@ -13,8 +13,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tunelab.config import FineTuningConfig
-from tunelab.errors import TunelabError
 from tunelab.files import atomic_write_jsonl, disk_full_errors
+from tunelab.run_folder import CURVES, metrics_path, parse_metrics_file, read_metrics
 
 
 class MetricsLog:
@@ -27,11 +27,8 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            kept = [
-                r
-                for r in parse_metrics(self.path, torn_end_ok=True)
-                if r.get("step", 0) <= resume_step
-            ]
+            # a line cut off by the crash is past any checkpoint: parse_metrics_file skips it
+            kept = [r for r in parse_metrics_file(self.path) if r.get("step", 0) <= resume_step]
             atomic_write_jsonl(self.path, kept)
         elif self.path.exists():
             self.path.unlink()
@@ -51,34 +48,6 @@ class MetricsLog:
                     raise
             finally:
                 os.close(descriptor)
-
-
-def parse_metrics(path: Path, torn_end_ok: bool = False) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a line that is not JSON raises TunelabError naming
-    the file and line. ``torn_end_ok``: a cut-off last line (a crash while it was written,
-    so it is past any checkpoint) is dropped instead."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if torn_end_ok and number == len(lines):
-                break
-            raise TunelabError(
-                f"{path}:{number} is not valid JSON ({line[:60]!r}): the file was cut off or "
-                "edited. Delete that line, or start the run again with --overwrite."
-            ) from None
-    return records
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return parse_metrics(path)
 
 
 class Progress:
@@ -171,7 +140,7 @@ class RunLog:
         self.steps, self.vocab_size = steps, vocab_size
         self.metrics = self.reporters = self.progress = None
         if is_main:  # only the main process writes files
-            path = self.run_dir / "metrics.jsonl"
+            path = metrics_path(self.run_dir)
             self.metrics = MetricsLog(path, resume_step=step if resumed else None)
             self.reporters = Reporters(config, self.run_dir, step)
             self.progress = Progress(steps, step)
@@ -242,10 +211,10 @@ class RunLog:
 
     def close(self) -> None:
         """Close the progress bar and the sinks; draw the curves when ``config.plot``."""
-        from tunelab.training.reporting import CURVES, plot_curves
+        from tunelab.training.reporting import plot_curves
 
         self.close_progress()
         if self.reporters is not None:
             self.reporters.close()
         if self.is_main and self.config.plot:
-            plot_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / CURVES)
+            plot_curves(read_metrics(self.run_dir), self.run_dir / CURVES)

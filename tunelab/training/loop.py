@@ -497,7 +497,7 @@ def evaluate_and_log(
         result = evaluate(run.model, rows, run.config.batch_size, run.pad_token_id, run.device,
                           run.precision, run.world)  # fmt: skip
     log.record(_eval_record(step, result))
-    log.say(f"step {step}: eval loss {result.loss:.4f}, perplexity {result.perplexity:.2f}{note}")
+    log.say(f"step {step}: {_eval_line(result)}{note}")
     return result
 
 
@@ -505,6 +505,12 @@ def _vocab_size(model: Any) -> int | None:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embeddings, "weight", None)
     return int(weight.shape[0]) if weight is not None else None
+
+
+def _eval_line(result: EvalResult) -> str:
+    if result.metrics:  # preference: TRL's reward metrics, not a perplexity of the objective
+        return preference.format_eval_metrics(result.loss, result.metrics)
+    return f"eval loss {result.loss:.4f}, perplexity {result.perplexity:.2f}"
 
 
 def _eval_record(step: int, result: EvalResult) -> dict[str, Any]:
@@ -548,9 +554,10 @@ def results_of(
     if last_eval is not None and state.best_eval_loss is not None:
         results.update(
             eval_loss=round(last_eval.loss, 6),
-            eval_perplexity=round(last_eval.perplexity, 4),
             best_eval_loss=round(state.best_eval_loss, 6),
         )
+        if not last_eval.metrics:  # preference runs report their reward metrics instead
+            results["eval_perplexity"] = round(last_eval.perplexity, 4)
         results.update({f"eval_{k}": round(v, 6) for k, v in last_eval.metrics.items()})
     if initial is not None and initial.metrics:
         results.update({f"initial_eval_{k}": round(v, 6) for k, v in initial.metrics.items()})

@@ -6,11 +6,14 @@ of 1 is its neutral value), so those go in a group without decay, as in most rec
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from tunelab.config import FineTuningConfig
+
+logger = logging.getLogger(__name__)
 
 
 def parameter_groups(
@@ -89,5 +92,5 @@ def _adamw_8bit(groups: list[dict[str, Any]], lr: float, device: torch.device) -
             f"optimizer adamw_8bit is unavailable on {device.type} ({reason}); "
             "using 32-bit AdamW instead. "
         )
-        print(f"Note: {message}")
+        logger.info("Note: %s", message)
         return None, message

@@ -280,6 +280,21 @@ def accumulate_preference_gradients(
     return total, stats
 
 
+# what a preference evaluation is summed up by, in TRL's names (KTO has no accuracy)
+EVAL_HEADLINE = ("rewards/accuracies", "rewards/margins", "kl")
+
+
+def format_eval_metrics(loss: float, metrics: dict[str, float], prefix: str = "") -> str:
+    """'eval loss 0.6931, rewards/accuracies 0.750, rewards/margins 0.0123': a preference
+    evaluation in one line (``metrics`` keyed as ``StepStats.metrics`` with ``prefix``);
+    a perplexity of a preference loss would mean nothing, so none is shown."""
+    parts = [f"eval loss {loss:.4f}"]
+    parts += [
+        f"{name} {metrics[prefix + name]:.4f}" for name in EVAL_HEADLINE if prefix + name in metrics
+    ]
+    return ", ".join(parts)
+
+
 @torch.no_grad()
 def evaluate_preference(
     model: Any,

@@ -14,8 +14,6 @@ from typing import Any
 from tunelab.config import FineTuningConfig
 from tunelab.errors import TunelabError
 
-CURVES = "training_curves.png"
-
 
 def _missing(package: str, sink: str) -> TunelabError:
     return TunelabError(
@@ -105,15 +103,13 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     evals = [r for r in records if "eval_loss" in r]
     if not train and not evals:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; safe in a server or a test
-    import matplotlib.pyplot as plt
-
+    from tunelab.figures import new_figure
     from tunelab.files import save_figure
+    from tunelab.loss_curves import Curve, draw_loss, points
 
     rewards = [r for r in train if "rewards/margins" in r]
-    figure, axes = plt.subplots(1, 3 if rewards else 2, figsize=(15 if rewards else 10, 4))
+    figure = new_figure((15 if rewards else 10, 4))
+    axes = figure.subplots(1, 3 if rewards else 2)
     loss_axis, lr_axis = axes[0], axes[1]
     if rewards:  # preference objectives: TRL's reward curves, accuracy on its own scale
         reward_axis = axes[2]
@@ -128,17 +124,11 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
                                color="black", label="rewards/accuracies")  # fmt: skip
             accuracy_axis.set(ylabel="accuracy", ylim=(0, 1))
     if train:
-        loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
         lr_axis.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
-    if evals:
-        loss_axis.plot(
-            [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval"
-        )
-    loss_axis.set(xlabel="optimizer step", ylabel="loss", title="Loss")
+    eval_curve = Curve("eval", points(evals, "eval_loss"), markers=True)
+    draw_loss(loss_axis, [Curve("train", points(train, "loss")), eval_curve])
+    loss_axis.set(title="Loss")
     loss_axis.legend()
     lr_axis.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate")
     figure.tight_layout()
-    try:
-        return save_figure(figure, path, dpi=100)
-    finally:
-        plt.close(figure)
+    return save_figure(figure, path, dpi=100)

@@ -27,6 +27,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.datastructures import UploadFile
 
 from tunelab.errors import TunelabError
+from tunelab.run_folder import config_path
 from tunelab.ui import forms
 from tunelab.ui.jobs import Jobs
 from tunelab.ui.runs_view import run_folders, run_state
@@ -229,11 +230,9 @@ def create_app(root: str | Path = ".") -> FastAPI:
     @app.post("/api/run/resume")
     def resume_run(path: str) -> Response:
         folder = space.allowed(path)
-        config = folder / "tunelab_config.yaml"
+        config = config_path(folder)
         if not config.is_file():
-            raise TunelabError(
-                f"{folder} holds no tunelab_config.yaml, so there is no run to resume."
-            )
+            raise TunelabError(f"{folder} holds no {config.name}, so there is no run to resume.")
         space.jobs.start("train", str(folder), ["train", str(config), "--resume"])
         return JSONResponse({"started": True})
 
@@ -247,7 +246,8 @@ def create_app(root: str | Path = ".") -> FastAPI:
 
     @app.get("/compare")
     def compare_page(request: Request, path: list[str] | None = Query(None)) -> Response:  # noqa: B008
-        from tunelab.runs import compare_html, load_run
+        from tunelab.runs.compare import compare_html
+        from tunelab.runs.folders import load_run
 
         chosen = [space.allowed(p) for p in (path or [])]
         report = compare_html([load_run(p) for p in chosen]) if len(chosen) >= 2 else None

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunelab.runs import RUN_CONFIG, find_runs, load_run
+from tunelab.run_folder import CONFIG, EVAL_REPORT_HTML, checkpoints_path, metrics_path
+from tunelab.runs.folders import find_runs, load_run
 from tunelab.ui.jobs import Jobs
 
 # a run with no process of ours counts as running while its metrics moved this recently
@@ -23,8 +24,7 @@ def run_folders(workspace: Path, jobs: Jobs) -> list[Path]:
 
 
 def _modified(path: Path) -> float:
-    metrics = path / "metrics.jsonl"
-    for candidate in (metrics, path / RUN_CONFIG, path):
+    for candidate in (metrics_path(path), path / CONFIG, path):
         if candidate.exists():
             return candidate.stat().st_mtime
     return 0.0
@@ -36,14 +36,14 @@ def run_state(path: Path, jobs: Jobs) -> dict[str, Any]:
     state: running, stopped (a checkpoint to resume from), finished, failed or waiting.
     """
     job = jobs.get("train", str(path))
-    has_config = (path / RUN_CONFIG).is_file()
+    has_config = (path / CONFIG).is_file()
     run = load_run(path) if has_config else None
     train = run.train if run else []
     evals = run.evals if run else []
     results = run.results if run else None
-    checkpoints = path / "checkpoints"
+    checkpoints = checkpoints_path(path)
     has_checkpoint = checkpoints.is_dir() and any(checkpoints.iterdir())
-    metrics = path / "metrics.jsonl"
+    metrics = metrics_path(path)
     if job is not None and job.running:
         state = "running"
     elif results is not None:
@@ -81,7 +81,7 @@ def run_state(path: Path, jobs: Jobs) -> dict[str, Any]:
             ],
         },
         "results": results,
-        "eval_report": str(report) if (report := path / "eval_report.html").is_file() else None,
+        "eval_report": str(report) if (report := path / EVAL_REPORT_HTML).is_file() else None,
         "log": job.log_tail() if job else "",
         "returncode": job.returncode if job else None,
     }

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+
+logger = logging.getLogger(__name__)
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -25,11 +28,11 @@ def run_ui(folder: str = ".", host: str = "127.0.0.1", port: int = 7860) -> None
             f"{folder} is not a folder. Pass the folder that holds your data and runs."
         )
     if host not in LOCAL_HOSTS:
-        print(
-            f"warning: listening on {host}, not only this machine: anyone who can reach port "
+        logger.warning(
+            f"listening on {host}, not only this machine: anyone who can reach port "
             f"{port} can read the files in {Path(folder).resolve()} and start runs. There is no "
             "login."
         )
     shown = "127.0.0.1" if host in LOCAL_HOSTS else host
-    print(f"tunelab ui: http://{shown}:{port}/ (Ctrl-C stops the app, not the runs)")
+    logger.info("tunelab ui: http://%s:%s/ (Ctrl-C stops the app, not the runs)", shown, port)
     uvicorn.run(create_app(folder), host=host, port=port, log_level="warning")

@@ -1,0 +1,114 @@
+"""The data stage counts the tokens training sees: one rendering path (BOS included), and
+lengths keyed by content, not by the id() of examples that filters free."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import write_jsonl
+from tunelab.config import FineTuningConfig
+from tunelab.data.prepare import prepare_examples, token_lengths
+from tunelab.data.schema import Example
+from tunelab.data.tokenize import bos_text, render_example, tokenize_example
+from tunelab.errors import TunelabError
+from tunelab.models import load_tokenizer
+
+EXAMPLES = [
+    Example("t:1", text="A byte is eight bits."),
+    Example("t:2", prompt="What is a byte? ", completion="Eight bits."),
+    Example(
+        "t:3",
+        messages=[
+            {"role": "user", "content": "What is a kernel?"},
+            {"role": "assistant", "content": "The core of an operating system."},
+            {"role": "user", "content": "And a shell?"},
+            {"role": "assistant", "content": "A program that runs commands."},
+        ],
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tiny_model_dir):
+    """The tiny tokenizer made to put BOS in front by itself, as Llama-2's does."""
+    from tokenizers import processors
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
+    return tokenizer
+
+
+@pytest.mark.parametrize("chat_format", ["plain", "chat"])
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_counted_lengths_equal_the_tokens_training_sees(
+    tokenizer, bos_tokenizer, chat_format, adds_bos
+):
+    tok = bos_tokenizer if adds_bos else tokenizer
+    config = FineTuningConfig(chat_format=chat_format, system_prompt="Be brief.")
+    chat = chat_format == "chat"
+    trained = [
+        len(tokenize_example(e, tok, 10_000, chat, config.system_prompt).input_ids)
+        for e in EXAMPLES
+    ]
+    assert token_lengths(EXAMPLES, tok, config) == trained
+    for example in EXAMPLES:
+        spans_off = render_example(example, tok, chat, config.system_prompt, answer_spans=False)
+        assert spans_off[0] == render_example(example, tok, chat, config.system_prompt)[0]
+
+
+def test_a_plain_text_starts_with_bos_when_the_tokenizer_adds_it(tokenizer, bos_tokenizer):
+    assert bos_text(tokenizer) == "" and bos_text(bos_tokenizer) == "<|im_start|>"
+    config = FineTuningConfig(chat_format="plain")
+    plain = token_lengths(EXAMPLES[:1], tokenizer, config)[0]
+    with_bos = token_lengths(EXAMPLES[:1], bos_tokenizer, config)[0]
+    assert with_bos == plain + 1
+    ids = tokenize_example(EXAMPLES[0], bos_tokenizer, 64, chat=False).input_ids
+    assert ids[0] == bos_tokenizer.bos_token_id and len(ids) == with_bos
+
+
+def test_counting_refuses_chat_data_without_a_template_as_training_does(tokenizer):
+    import copy
+
+    no_template = copy.deepcopy(tokenizer)
+    no_template.chat_template = None
+    config = FineTuningConfig(chat_format="auto")
+    with pytest.raises(TunelabError, match="t:3: chat data needs a chat template"):
+        tokenize_example(EXAMPLES[2], no_template, 64, chat=False)
+    with pytest.raises(TunelabError, match="t:3: chat data needs a chat template"):
+        token_lengths(EXAMPLES, no_template, config)
+
+
+def test_lengths_stay_right_when_filtered_examples_are_freed(tmp_path, tokenizer):
+    # max_tokens drops the long rows (freeing their Example objects); the counterfactual copies
+    # made afterwards are new objects that can take a freed object's id(): keyed by id, they
+    # were reported with the dropped row's length
+    short = [{"text": f"he wrote code number {i}"} for i in range(60)]
+    long = [{"text": f"document {i} " + "memory kernel stack compiler " * 30} for i in range(60)]
+    rows = [row for pair in zip(long, short, strict=True) for row in pair]
+    config = FineTuningConfig(
+        dataset_path=str(write_jsonl(tmp_path / "d.jsonl", rows)),
+        data_cache=False,
+        max_tokens=40,
+        max_length=64,
+        bias_mitigation="counterfactual",
+        min_alpha_ratio=None,
+        max_repeated_ngram_ratio=None,
+        dedup_near_threshold=None,
+    )
+    prepared = prepare_examples(config, tokenizer)
+    assert prepared.manifest["dropped"]["train"] == {"more than max_tokens": 60}
+    assert len(prepared.train) == 120  # 60 short rows and their 60 counterfactual copies
+    real = [len(tokenize_example(e, tokenizer, 10_000, False).input_ids) for e in prepared.train]
+    stats = prepared.manifest["lengths"]["train"]["tokens"]
+    assert stats["max"] == max(real) <= 40
+    assert stats["mean"] == round(sum(real) / len(real), 1)
+    assert prepared.manifest["lengths"]["train"]["truncated"] == 0
