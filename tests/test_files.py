@@ -208,6 +208,7 @@ def test_checkpoint_cut_by_a_full_disk_leaves_the_previous_one_whole(run_copy, m
     import torch
 
     import tunelab.training.checkpoint as checkpoint
+    from tunelab.training.state import TrainState
 
     before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
     model = torch.nn.Linear(2, 2)
@@ -218,7 +219,7 @@ def test_checkpoint_cut_by_a_full_disk_leaves_the_previous_one_whole(run_copy, m
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
     with pytest.raises(TunelabError, match=r"not enough disk space for a checkpoint in .*needs"):
-        checkpoint.save_checkpoint(run_copy, model, optimizer, scheduler, {"step": 9})
+        checkpoint.save_checkpoint(run_copy, model, optimizer, scheduler, TrainState(step=9))
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before
 
 

@@ -32,7 +32,6 @@ from tunelab.methods import (
     count_parameters,
     family_target_modules,
     format_trainable,
-    method_step_hooks,
     quantization_config,
 )
 from tunelab.models import (
@@ -445,20 +444,19 @@ class FineTuner:
             atomic_write_json(output_dir / DATA_MANIFEST, self.preference.manifest)
         if self.config.init_lora_weights in ("pissa", "olora") and main_process and not resume:
             save_initial_adapter(self.model, output_dir)
-        with method_step_hooks(self.model, self.config):
-            results = fit(
-                self.model,
-                train_dataset,
-                eval_dataset,
-                self.config,
-                output_dir,
-                self.tokenizer.pad_token_id,
-                self.placement.device,
-                resume=resume,
-                on_eval=on_eval,
-                precision=self.placement.precision,
-                sharded=sharded,
-            )
+        results = fit(
+            self.model,
+            train_dataset,
+            eval_dataset,
+            self.config,
+            output_dir,
+            self.tokenizer.pad_token_id,
+            self.placement.device,
+            resume=resume,
+            on_eval=on_eval,
+            precision=self.placement.precision,
+            sharded=sharded,
+        )
         whole = full_state_for_saving(self.model)  # sharded: every process helps gather
         if not main_process:
             return results  # under torchrun, rank 0 alone writes the run folder

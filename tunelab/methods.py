@@ -1,8 +1,9 @@
 """Attach an adaptation method to a base model: the PEFT family, QLoRA, or full fine-tuning.
 
 PEFT does the work; this module only maps tunelab's flat config onto PEFT's configs, checks
-names against the model early, and adds what PEFT leaves to its caller (AdaLoRA's rank
-allocation after each optimizer step).
+names against the model early, and adds what PEFT leaves to its caller (AdaLoRA's orthogonality
+term of the loss, its rank allocation after each optimizer step, and the allocator's state in a
+checkpoint).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import re
 import warnings
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 from tunelab.config import PROMPT_METHODS as PROMPT_METHODS  # re-exported: the one list
@@ -240,10 +242,11 @@ def peft_config_for(
             modules_to_save=modules_to_save,
         )
     if method == "adalora":
-        if total_steps < 2:
+        if total_steps < 3:  # PEFT needs a step between the warm-up and the final pruning
             raise TunelabError(
-                "method adalora needs to know the number of training steps to schedule its "
-                "rank pruning; train with data (or set max_steps of at least 2)."
+                f"method adalora needs at least 3 training steps to schedule its rank pruning "
+                f"(this run has {total_steps}); train with more data or set max_steps of at "
+                "least 3."
             )
         # prune between 10% and 70% of training, re-allocating ranks every 1% of it
         return peft.AdaLoraConfig(
@@ -371,47 +374,124 @@ def apply_method(
         return get_peft_model(model, peft_config, autocast_adapter_dtype=True)
 
 
-@contextlib.contextmanager
-def method_step_hooks(model: Any, config: FineTuningConfig) -> Iterator[None]:
-    """Work PEFT leaves to the training loop, run around each optimizer step.
+def _adalora(model: Any) -> Any:
+    """The PEFT AdaLoraModel inside ``model``, or None for any other method."""
+    from peft.tuners.adalora import AdaLoraModel
 
-    AdaLoRA adds an orthogonality penalty on its singular vectors before the step and
-    re-allocates ranks by importance after it; other methods need nothing.
+    tuner = getattr(model, "base_model", None)
+    return tuner if isinstance(tuner, AdaLoraModel) else None
+
+
+def method_loss_term(model: Any) -> Any:
+    """The term a method adds to the training loss (a 0-dim tensor), or None for none.
+
+    AdaLoRA: ``orth_reg_weight`` x the mean over its lora_A and lora_B matrices P of
+    ||P P^T - I||_F (lora_A, r x in) or ||P^T P - I||_F (lora_B, out x r), which keeps them
+    near-orthogonal as the SVD form assumes. It is what PEFT's AdaLoraModel.forward adds to
+    ``outputs.loss``; tunelab computes the loss itself, so the step adds it, once a step.
     """
-    if config.method != "adalora":
+    import torch
+
+    tuner = _adalora(model)
+    if tuner is None:
+        return None
+    adapter = tuner.trainable_adapter_name
+    penalty, count = torch.zeros(()), 0
+    for name, p in tuner.model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and adapter in name:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
+            penalty = penalty.to(cov.device) + torch.norm(cov - eye, p="fro")
+            count += 1
+    return tuner.peft_config[adapter].orth_reg_weight * penalty / max(count, 1)
+
+
+def after_optimizer_step(model: Any, step: int) -> None:
+    """Work PEFT leaves to the loop after an optimizer step, before the gradients are zeroed.
+
+    AdaLoRA: score the singular values by their gradients and prune ranks by the schedule of
+    ``step`` (the optimizer step just taken, from 1; the run's step, so it continues on resume).
+    """
+    tuner = _adalora(model)
+    if tuner is not None:
+        tuner.update_and_allocate(step)
+
+
+@contextlib.contextmanager
+def whole_ranks(model: Any) -> Iterator[None]:
+    """Save AdaLoRA's matrices whole: PEFT cuts the saved ones to the rank pattern decided so
+    far, which a checkpoint cannot resume from exactly (pruned rows still train, and count in
+    the orthogonality term); the pattern goes into the checkpoint's method state instead."""
+    tuner = _adalora(model)
+    if tuner is None:
         yield
         return
-    import torch
-    from torch.optim.optimizer import (
-        register_optimizer_step_post_hook,
-        register_optimizer_step_pre_hook,
-    )
-
-    tuner = model.base_model
-    adapter = tuner.trainable_adapter_name
-    weight = tuner.peft_config[adapter].orth_reg_weight
-    step = {"n": 0}
-
-    def add_orthogonality_penalty(optimizer: Any, args: Any, kwargs: Any) -> None:
-        penalty, count = 0.0, 0
-        with torch.enable_grad():
-            for name, p in tuner.model.named_parameters():
-                if ("lora_A" in name or "lora_B" in name) and adapter in name:
-                    cov = p @ p.T if "lora_A" in name else p.T @ p
-                    eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
-                    penalty = penalty + torch.norm(cov - eye, p="fro")
-                    count += 1
-            if count:
-                (weight * penalty / count).backward()
-
-    def allocate_ranks(optimizer: Any, args: Any, kwargs: Any) -> None:
-        step["n"] += 1
-        tuner.update_and_allocate(step["n"])
-
-    pre = register_optimizer_step_pre_hook(add_orthogonality_penalty)
-    post = register_optimizer_step_post_hook(allocate_ranks)
+    config = tuner.peft_config[tuner.trainable_adapter_name]
+    pattern, config.rank_pattern = config.rank_pattern, None
     try:
         yield
     finally:
-        pre.remove()
-        post.remove()
+        config.rank_pattern = pattern
+
+
+def method_state(model: Any) -> dict[str, Any] | None:
+    """What a method keeps outside the weights, for a checkpoint (tensors and plain data).
+
+    AdaLoRA: the rank allocator's importance averages and the rank pattern it decided. Sharded
+    tensors are gathered whole, so every process must call this.
+    """
+    tuner = _adalora(model)
+    if tuner is None:
+        return None
+    allocator = tuner.rankallocator
+
+    def whole(scores: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+            for k, v in scores.items()
+        }
+
+    config = tuner.peft_config[tuner.trainable_adapter_name]
+    return {
+        "ipt": whole(allocator.ipt),
+        "exp_avg_ipt": whole(allocator.exp_avg_ipt),
+        "exp_avg_unc": whole(allocator.exp_avg_unc),
+        "rank_pattern": config.rank_pattern,
+    }
+
+
+def load_method_state(
+    model: Any, saved: dict[str, Any] | None, checkpoint: Path, step: int
+) -> None:
+    """Put back what ``method_state`` saved in ``checkpoint`` (of optimizer step ``step``).
+
+    A checkpoint written before tunelab saved it (``saved`` None) resumes AdaLoRA with fresh
+    importance averages; one past the final allocation without a pattern is refused with a
+    TunelabError (its pruning would be lost).
+    """
+    tuner = _adalora(model)
+    if tuner is None:
+        return
+    config = tuner.peft_config[tuner.trainable_adapter_name]
+    saved = saved or {}
+    allocator = tuner.rankallocator
+    placed = {name: p for name, p in tuner.model.named_parameters()}
+    for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        scores = {}
+        for name, value in saved.get(key, {}).items():
+            like = placed.get(name)
+            if like is not None and hasattr(like, "device_mesh"):  # sharded: this process's part
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(like.device), like.device_mesh, like.placements)
+            scores[name] = value.to(like.device) if like is not None else value
+        setattr(allocator, key, scores)
+    config.rank_pattern = saved.get("rank_pattern")
+    final = config.total_step - config.tfinal
+    if step >= final and not config.rank_pattern:
+        raise TunelabError(
+            f"checkpoint {checkpoint} is past AdaLoRA's final rank allocation (step {final}) "
+            "but holds no rank pattern in its training_state.pt, so the ranks it pruned "
+            f"cannot be kept. Delete {checkpoint} to resume from an earlier "
+            "checkpoint, or start the run again with --overwrite."
+        )

@@ -17,7 +17,9 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.files import check_safetensors, read_json_file, staged_folder, tensor_bytes
+from tunelab.methods import load_method_state, whole_ranks
 from tunelab.run_folder import CHECKPOINTS
+from tunelab.training.state import TrainState
 
 STATE = "trainer_state.json"
 
@@ -53,39 +55,43 @@ def save_checkpoint(
     model: Any,
     optimizer: Any,
     scheduler: Any,
-    state: dict[str, Any],
+    state: TrainState,
     keep_last: int = 2,
     scaler: Any = None,
     whole: tuple[dict[str, Any] | None, dict[str, Any]] | None = None,
+    method_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically; keep the newest ``keep_last`` and the
-    best by eval loss (``state['eval_loss_at_step']`` marks a checkpoint's eval loss).
+    best by eval loss (``state.eval_loss_at_step`` marks a checkpoint's eval loss).
 
     ``whole`` is (model state, name-keyed optimizer state) gathered from sharded processes
     (sharding.py): the checkpoint then holds the same whole adapter and moments as one process's.
+    ``method_state``: what the method keeps beside its weights (methods.method_state).
     """
     parent = Path(run_dir) / CHECKPOINTS
     parent.mkdir(parents=True, exist_ok=True)
     # weights + AdamW's two moments (fp32) per trainable value, plus a margin
     trainable = tensor_bytes(model, trainable_only=_is_peft(model))
-    target = parent / f"step-{state['step']:06d}"
+    target = parent / f"step-{state.step:06d}"
     # staged_folder checks the space, writes beside, flushes and renames: whole or absent
     with staged_folder(target, "a checkpoint", trainable * 3 + 2**20) as staging:
         model_state, optimizer_by_name = whole if whole is not None else (None, None)
         # PEFT: the adapter; full fine-tuning: all weights
-        model.save_pretrained(staging, state_dict=model_state)
+        with whole_ranks(model):
+            model.save_pretrained(staging, state_dict=model_state)
         blob = {
             "optimizer": optimizer.state_dict() if whole is None else None,
             "optimizer_by_name": optimizer_by_name,
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "method_state": method_state,
         }
         if torch.cuda.is_available():
             blob["cuda_rng"] = torch.cuda.get_rng_state_all()
         if scaler is not None:
             blob["scaler"] = scaler.state_dict()
         torch.save(blob, staging / "training_state.pt")
-        (staging / STATE).write_text(json.dumps(state, indent=2))
+        (staging / STATE).write_text(json.dumps(state.to_json(), indent=2))
     keep = set(checkpoint_dirs(run_dir)[-keep_last:])
     best = best_checkpoint(run_dir)
     if best is not None:
@@ -109,7 +115,22 @@ def load_weights(path: Path, model: Any) -> None:
                 "by a run with an adapter method. Resume with the run's own config."
             )
         check_safetensors(adapter, damaged_checkpoint_fix(path))
-        set_peft_model_state_dict(model, _read_safetensors(adapter))
+        try:
+            set_peft_model_state_dict(model, _read_safetensors(adapter))
+        except RuntimeError as error:  # shapes that do not fit the model
+            written = read_json_file(path / "adapter_config.json", damaged_checkpoint_fix(path))
+            cut = isinstance(written, dict) and written.get("rank_pattern")
+            why = (
+                "it holds an AdaLoRA adapter cut to its pruned ranks, as tunelab's checkpoints "
+                "were before they kept the whole matrices, which cannot resume"
+                if cut
+                else "it was written for another model or method; resume with the run's own config"
+            )
+            detail = str(error).strip().splitlines()[-1].strip()[:160]
+            raise TunelabError(
+                f"checkpoint {path} does not fit this model ({detail}): {why}. "
+                + damaged_checkpoint_fix(path)
+            ) from None
         return
     files = sorted(path.glob("model*.safetensors"))
     if not files:
@@ -167,7 +188,7 @@ def load_checkpoint(
     scheduler: Any,
     scaler: Any = None,
     weights: bool = True,
-) -> dict[str, Any]:
+) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote; returns the trainer state (step, ...).
 
     ``weights=False`` when the weights are already in (a sharded run loads them before the
@@ -175,6 +196,7 @@ def load_checkpoint(
     """
     from tunelab.training.sharding import is_sharded, load_full_optimizer_state
 
+    state = read_train_state(path)  # an edited one is refused before anything is loaded
     if weights:
         load_weights(path, model)
     try:
@@ -197,7 +219,8 @@ def load_checkpoint(
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
     if scaler is not None and "scaler" in blob:
         scaler.load_state_dict(blob["scaler"])
-    return read_state(path)
+    load_method_state(model, blob.get("method_state"), path, state.step)
+    return state
 
 
 def damaged_checkpoint_fix(path: Path) -> str:
@@ -210,6 +233,11 @@ def damaged_checkpoint_fix(path: Path) -> str:
 def read_state(path: Path) -> dict[str, Any]:
     """A checkpoint's trainer_state.json; a damaged one raises TunelabError naming it."""
     return read_json_file(path / STATE, damaged_checkpoint_fix(path))
+
+
+def read_train_state(path: Path) -> TrainState:
+    """A checkpoint's trainer state, typed; one this version cannot read is a TunelabError."""
+    return TrainState.from_json(read_state(path), path / STATE)
 
 
 def _by_name(state: dict[str, Any], model: Any, optimizer: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 
 from tunelab.config import FineTuningConfig
 from tunelab.errors import TunelabError
-from tunelab.run_folder import CURVES, metrics_path, read_metrics
+from tunelab.methods import after_optimizer_step, method_loss_term, method_state
 from tunelab.training import preference
 from tunelab.training.attention import use_packed_attention
 from tunelab.training.batching import Row, collate, loss_tokens, plan_epoch
@@ -41,7 +41,7 @@ from tunelab.training.distributed import (
 from tunelab.training.dropout import fast_adapter_dropout
 from tunelab.training.families import FastPathPlan, plan_fast_path
 from tunelab.training.guards import catch_interrupt, nan_diagnosis
-from tunelab.training.logging import MetricsLog, Progress
+from tunelab.training.logging import RunLog, say
 from tunelab.training.lora_forward import lean_lora_forward
 from tunelab.training.loss import causal_lm_loss_sum, release_scratch, stock_loss
 from tunelab.training.neftune import neftune
@@ -49,7 +49,6 @@ from tunelab.training.norm import fast_rms_norm
 from tunelab.training.optim import build_optimizer
 from tunelab.training.precision import backward_precision, grad_scaler, mixed_precision
 from tunelab.training.preference import PreferenceRow
-from tunelab.training.reporting import Reporters, plot_curves
 from tunelab.training.rotary import fast_rotary
 from tunelab.training.schedule import lr_factor, warmup_steps_for
 from tunelab.training.sharding import (
@@ -59,6 +58,7 @@ from tunelab.training.sharding import (
     is_sharded,
     shard_model,
 )
+from tunelab.training.state import TrainState, track_best
 
 
 @dataclass
@@ -223,305 +223,292 @@ def fit(
     split the decoder layers over the processes with FSDP (training.sharding).
     """
     with training_mode(model, config) as plan, catch_interrupt() as interrupt:
-        say(init_world(device), plan.summary())
-        return _fit(
-            model, train_rows, eval_rows, config, Path(run_dir), pad_token_id, device, resume,
-            on_eval, precision, interrupt, sharded,
-        )  # fmt: skip
+        say(init_world(device).is_main, plan.summary())
+        run, state = set_up(model, config, Path(run_dir), len(train_rows), pad_token_id,
+                            device, precision, resume, sharded)  # fmt: skip
+        log = RunLog(run.run_dir, config, run.world.is_main, run.steps, state.step,
+                     run.resumed, _vocab_size(model))  # fmt: skip
+        if preference.needs_reference(config):  # once, before any step changes the model
+            state.reference_seconds = attach_reference(run, state, train_rows, eval_rows, log)
+        initial = last_eval = None
+        if eval_rows and state.step == 0:  # the untrained adapter is the identity: base model
+            initial = evaluate_and_log(run, eval_rows, 0, log, " (base model)")
+        stopped_early = False
+        model.train()
+        while state.step < run.steps and not stopped_early:
+            train_step(run, state, step_batches(run, train_rows, state.step), log)
+            if eval_rows and eval_due(config, state.step, run):
+                last_eval = evaluate_and_log(run, eval_rows, state.step, log)
+                stopped_early = track_best(state, last_eval.loss, config)
+                if on_eval is not None:
+                    on_eval(state.step, last_eval.loss)
+            stopping = interrupt.requested or stopped_early
+            if state.step < run.steps and (save_due(config, state.step, run) or stopping):
+                saved = save(run, state)
+                if interrupt.requested:  # Ctrl-C: stop here, resumable
+                    log.close_progress()
+                    raise interrupted(state, run, saved)
+        if stopped_early:
+            log.say(f"Early stopping at step {state.step}: no eval-loss improvement in "
+                    f"{config.early_stopping_patience} evaluations.")  # fmt: skip
+        log.close()
+        model.eval()
+        return results_of(state, run, log, initial, last_eval, stopped_early)
 
 
-def _fit(
+@dataclass
+class Run:
+    """What every step of one run uses and no step changes."""
+
+    model: Any
+    config: FineTuningConfig
+    run_dir: Path
+    pad_token_id: int
+    device: str
+    precision: str  # the compute precision: bf16/fp16 autocast, or fp32
+    world: World
+    sharded: bool  # decoder layers split over the processes (FSDP)
+    params: list[torch.Tensor]  # the trainable ones
+    optimizer: Any
+    scheduler: Any
+    scaler: Any  # fp16's gradient scaler, else None
+    steps: int  # optimizer steps in the whole run
+    per_epoch: int
+    resumed: bool  # from a checkpoint
+    # an epoch's batch order is a function of (seed, epoch): planned once, when it starts
+    epoch_plan: dict[int, list[list[int]]] = field(default_factory=dict)
+
+
+def set_up(
     model: Any,
-    train_rows: list[Row],
-    eval_rows: list[Row] | None,
     config: FineTuningConfig,
     run_dir: Path,
+    num_rows: int,
     pad_token_id: int,
     device: str,
-    resume: bool,
-    on_eval: Callable[[int, float], None] | None,
     precision: str,
-    interrupt: Any,
+    resume: bool,
     sharded: bool,
-) -> dict[str, Any]:
+) -> tuple[Run, TrainState]:
+    """The optimizer, schedule and processes of a run, and its state: fresh, or the latest
+    checkpoint's (weights, optimizer, schedule, RNG and the method's own state too)."""
     world = init_world(device)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if sharded:
         if checkpoint is not None:  # whole weights into the whole model, before it is split
             load_weights(checkpoint, model)
         layers = shard_model(model, device)
-        say(world, f"FSDP: {layers} decoder layers sharded over {world.size} processes.")
+        say(world.is_main, f"FSDP: {layers} decoder layers sharded over {world.size} processes.")
     torch.manual_seed(config.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer, optimizer_note = build_optimizer(model, config)
-    per_epoch = steps_per_epoch(len(train_rows), config, world.size)
-    steps = total_steps(len(train_rows), config, world.size)
+    per_epoch = steps_per_epoch(num_rows, config, world.size)
+    steps = total_steps(num_rows, config, world.size)
     warmup = warmup_steps_for(steps, config.warmup_ratio, config.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, config.lr_scheduler)
     )
     scaler = grad_scaler(device, precision)
-
-    state: dict[str, Any] = {
-        "step": 0,
-        "tokens": 0,
-        "loss_tokens": 0,
-        "train_seconds": 0.0,
-        "best_eval_loss": None,
-        "evals_without_improvement": 0,
-        "skipped_steps": 0,
-    }
+    state = TrainState()
     if checkpoint is not None:
-        state.update(
-            load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, weights=not sharded)
-        )
-        say(world, f"Resuming from {checkpoint} (step {state['step']} of {steps})")
-    state["processes"] = world.size  # what a step was: checked when resuming (api)
-    say(world, f"Optimizer: {optimizer_note}; {steps} steps, {warmup} of warm-up.")
-    main = world.is_main
-    log, reporters = None, None
-    if main:  # only the main process writes files
-        resume_step = state["step"] if checkpoint else None
-        log = MetricsLog(metrics_path(run_dir), resume_step=resume_step)
-        reporters = Reporters(config, run_dir, state["step"])
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, not sharded)
+        say(world.is_main, f"Resuming from {checkpoint} (step {state.step} of {steps})")
+    state.processes = world.size
+    say(world.is_main, f"Optimizer: {optimizer_note}; {steps} steps, {warmup} of warm-up.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = Run(model, config, run_dir, pad_token_id, device, precision, world, sharded, params,
+              optimizer, scheduler, scaler, steps, per_epoch, checkpoint is not None)  # fmt: skip
+    return run, state
 
-    def record(values: dict[str, Any]) -> None:
-        if log is not None and reporters is not None:
-            log.write(values)
-            reporters.write(values)
 
-    progress = Progress(steps, state["step"]) if main else None
-    # batch_size is per process: a step takes gradient_accumulation_steps micro-batches on each
-    accumulate = config.gradient_accumulation_steps * world.size
-    plan_cache: dict[int, list[list[int]]] = {}
-    eval_result = None
-    last_loss = float("nan")
-    stopped_early = False
-    # divergence (loss above the uniform guess or far above its start, an exploded gradient)
-    # is said once, as soon as it shows, and again in the results' warnings
-    logged_losses: list[tuple[int, float]] = []
-    logged_norms: list[tuple[int, float]] = []
-    divergence = None
-    vocab_size = _vocab_size(model)
-
-    if preference.needs_reference(config):  # once, before any step changes the model
-        reference_started = time.perf_counter()
-        frozen = preference.frozen_reference(model) if state["step"] == 0 else None
-        forwards = preference.attach_reference_logps(
-            model, cast(list[list[PreferenceRow]], [train_rows, eval_rows or []]),
-            run_dir / preference.REFERENCE_CACHE,
-            pad_token_id, config.batch_size, device, precision, frozen,
-        )  # fmt: skip
-        del frozen
-        state["reference_seconds"] = time.perf_counter() - reference_started
-        say(world, f"Reference log-probabilities: {forwards} forwards run, the rest cached in "
-            f"{run_dir / preference.REFERENCE_CACHE}.")  # fmt: skip
-    initial = None
-    if eval_rows and state["step"] == 0:  # the untrained adapter is the identity: base model
-        initial = _evaluate(model, eval_rows, config, pad_token_id, device, precision, world)
-        record(_eval_record(0, initial))
-        say(world, f"step 0: {_eval_line(initial)} (base model)", progress)
-    model.train()
-    while state["step"] < steps:
-        step = state["step"]
-        epoch, index = divmod(step, per_epoch)
-        if epoch not in plan_cache:
-            plan_cache = {epoch: plan_epoch(train_rows, config.batch_size, config.seed, epoch,
+def step_batches(run: Run, rows: list[Row], step: int) -> list[list[Row]]:
+    """The micro-batches of optimizer step ``step`` (from 0), of every process: batch_size is
+    per process, so a step takes gradient_accumulation_steps micro-batches on each."""
+    config, (epoch, index) = run.config, divmod(step, run.per_epoch)
+    if epoch not in run.epoch_plan:
+        run.epoch_plan = {epoch: plan_epoch(rows, config.batch_size, config.seed, epoch,
                                             group_by_length=not config.packing)}  # fmt: skip
-        micro_batches = [
-            [train_rows[i] for i in indices]
-            for indices in plan_cache[epoch][index * accumulate : (index + 1) * accumulate]
-        ]
-        started = time.perf_counter()
+    accumulate = config.gradient_accumulation_steps * run.world.size
+    planned = run.epoch_plan[epoch][index * accumulate : (index + 1) * accumulate]
+    return [[rows[i] for i in indices] for indices in planned]
 
-        # --- the step: forward/backward, all-reduce, clip, update ---
-        step_metrics: dict[str, float] = {}
-        mine = shard(micro_batches, world)
-        if config.objective == "sft":
-            # sharded layers gather their weights in every forward and backward, collectives:
-            # at an epoch's short last step every process runs as many, the idle ones on a
-            # batch whose loss counts zero
-            idle = -(-len(micro_batches) // world.size) - len(mine) if sharded else 0
-            step_loss, step_loss_tokens = accumulate_gradients(
-                model, mine, pad_token_id, device, precision,
-                step_loss_tokens=sum(loss_tokens(rows) for rows in micro_batches), scaler=scaler,
-                idle_batches=[micro_batches[0]] * idle,
-            )  # fmt: skip
-        else:  # preference objectives: the loss is a mean over the step's pairs / answers
-            step_loss, stats = preference.accumulate_preference_gradients(
-                model, mine, config, pad_token_id, device, precision,
-                step_units=sum(preference.count_units(cast(list[PreferenceRow], rows))
-                               for rows in micro_batches),
-                step_chosen_tokens=sum(preference.chosen_tokens(cast(list[PreferenceRow], rows))
-                                       for rows in micro_batches),
-                scaler=scaler,
-            )  # fmt: skip
-            step_loss_tokens = sum(loss_tokens(rows) for rows in micro_batches)
-            step_metrics = stats.metrics()
-        step_loss = all_reduce_sum(step_loss, world)
-        all_reduce_gradients(params, world)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = (
-            clip_gradients(params, config.max_grad_norm)
-            if sharded
-            else _clip(params, config.max_grad_norm)
-        )
-        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-        lr = float(scheduler.get_last_lr()[0])  # typed float | Tensor: a float here
-        if finite:
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+
+def train_step(run: Run, state: TrainState, micro_batches: list[list[Row]], log: RunLog) -> None:
+    """One optimizer step: forward and backward over this process's micro-batches plus the
+    method's own loss term, the gradients summed over the processes, clipped, the update;
+    then ``state`` counts it and ``log`` reports it."""
+    started = time.perf_counter()
+    config, world, model = run.config, run.world, run.model
+    mine = shard(micro_batches, world)
+    if config.objective == "sft":
+        # sharded layers gather their weights in every forward and backward, collectives: at
+        # an epoch's short last step every process runs as many, the idle ones on a batch
+        # whose loss counts zero
+        idle = -(-len(micro_batches) // world.size) - len(mine) if run.sharded else 0
+        loss, _ = accumulate_gradients(
+            model, mine, run.pad_token_id, run.device, run.precision,
+            step_loss_tokens=sum(loss_tokens(rows) for rows in micro_batches),
+            scaler=run.scaler, idle_batches=[micro_batches[0]] * idle,
+        )  # fmt: skip
+        metrics: dict[str, float] = {}
+    else:  # preference objectives: the loss is a mean over the step's pairs / answers
+        loss, stats = preference.accumulate_preference_gradients(
+            model, mine, config, run.pad_token_id, run.device, run.precision,
+            step_units=sum(preference.count_units(cast(list[PreferenceRow], rows))
+                           for rows in micro_batches),
+            step_chosen_tokens=sum(preference.chosen_tokens(cast(list[PreferenceRow], rows))
+                                   for rows in micro_batches),
+            scaler=run.scaler,
+        )  # fmt: skip
+        metrics = stats.metrics()
+    term = method_loss_term(model)  # AdaLoRA's orthogonality regularisation, once a step
+    if term is not None:
+        with backward_precision(model, run.precision):  # summed over the processes below
+            (run.scaler.scale(term) if run.scaler else term).div(world.size).backward()
+        metrics["orth_reg"] = float(term.detach())  # outside the logged loss, as in eval
+    loss = all_reduce_sum(loss, world)
+    all_reduce_gradients(run.params, world)
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    grad_norm = (clip_gradients if run.sharded else _clip)(run.params, config.max_grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        if run.scaler is not None:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
         else:
-            diagnosis = nan_diagnosis(
-                step + 1, lr, step_loss, grad_norm,
-                [o for rows in micro_batches for row in rows for o in row.origins],
-                precision, config.learning_rate,
-            )  # fmt: skip
-            if config.on_nan == "stop":
-                optimizer.zero_grad(set_to_none=True)
-                last = latest_checkpoint(run_dir)
-                kept = f" Last good checkpoint: {last}." if last else ""
-                raise TunelabError(f"training stopped: {diagnosis}{kept}")
-            say(world, f"Skipping the step: {diagnosis}", progress)
-            state["skipped_steps"] += 1
-            if scaler is not None:
-                scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        # --- bookkeeping ---
+            run.optimizer.step()
+        after_optimizer_step(model, state.step + 1)  # AdaLoRA: rank allocation by the step
+    else:
+        skip_step(run, state, micro_batches, loss, grad_norm, lr, log)
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
 
-        seconds = time.perf_counter() - started
-        step_tokens = sum(len(row) for rows in micro_batches for row in rows)
-        state["step"] += 1
-        state["tokens"] += step_tokens
-        state["loss_tokens"] += step_loss_tokens
-        state["train_seconds"] += seconds
-        last_loss = step_loss if finite else last_loss
-        if finite:
-            logged_losses.append((state["step"], step_loss))
-            logged_norms.append((state["step"], grad_norm))
-        if finite and divergence is None:
-            divergence = diverging(logged_losses, logged_norms, vocab_size, config)
-            if divergence is not None:
-                say(world, f"Warning: {divergence}", progress)
-        log_now = state["step"] % config.logging_steps == 0 or state["step"] == steps
-        if log_now:
-            record(
-                {
-                    "step": state["step"],
-                    "epoch": round(state["step"] / per_epoch, 4),
-                    "loss": round(step_loss, 6) if finite else None,
-                    "lr": lr,
-                    "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else None,
-                    "tokens": state["tokens"],
-                    "tokens_per_second": round(step_tokens / seconds, 2),
-                    **{k: round(v, 6) for k, v in step_metrics.items()},
-                }
-            )
-        if progress is not None:
-            progress.update(state["step"], last_loss, step_tokens / seconds, lr, log_now)
-
-        end_of_epoch = state["step"] % per_epoch == 0
-        state["eval_loss_at_step"] = None
-        if eval_rows and (
-            state["step"] == steps
-            or (end_of_epoch and config.eval_each_epoch)
-            or (config.eval_steps and state["step"] % config.eval_steps == 0)
-        ):
-            eval_result = _evaluate(
-                model, eval_rows, config, pad_token_id, device, precision, world
-            )
-            stopped_early = _track_best(state, eval_result.loss, config)
-            record(_eval_record(state["step"], eval_result))
-            say(world, f"step {state['step']}: {_eval_line(eval_result)}", progress)
-            if on_eval is not None:
-                on_eval(state["step"], eval_result.loss)
-        save_now = (end_of_epoch and config.save_each_epoch) or (
-            config.save_steps and state["step"] % config.save_steps == 0
-        )
-        if state["step"] < steps and (save_now or interrupt.requested or stopped_early):
-            whole = None  # sharded: every process helps gather the whole adapter and moments
-            if sharded:
-                whole = (full_state_for_saving(model), full_optimizer_state(model, optimizer))
-            if main:
-                saved = save_checkpoint(
-                    run_dir, model, optimizer, scheduler, state, config.save_total_limit, scaler,
-                    whole=whole,
-                )  # fmt: skip
-            barrier(world)
-        if interrupt.requested and state["step"] < steps:
-            if progress is not None:
-                progress.close()
-            raise TunelabError(
-                f"training interrupted at step {state['step']} of {steps}; checkpoint saved in "
-                f"{saved if main else run_dir}. Run the same command with --resume to continue "
-                "(Python: FineTuner(config).train(resume=True))."
-            )
-        if stopped_early:
-            say(world, f"Early stopping at step {state['step']}: no eval-loss improvement in "
-                f"{config.early_stopping_patience} evaluations.", progress)  # fmt: skip
-            break
-    if progress is not None:
-        progress.close()
-    if reporters is not None:
-        reporters.close()
-    if main and config.plot:
-        plot_curves(read_metrics(run_dir), run_dir / CURVES)
-    model.eval()
-    results = _results(state, per_epoch, last_loss, initial, eval_result, stopped_early)
-    if divergence is not None:  # the summary says where the run ended up
-        final = diverging(logged_losses, logged_norms, vocab_size, config)
-        results["warnings"] = [final or divergence]
-    results["vocab_size"] = vocab_size
-    return results
+    seconds = time.perf_counter() - started
+    tokens = sum(len(row) for rows in micro_batches for row in rows)
+    state.step += 1
+    state.tokens += tokens
+    state.loss_tokens += sum(loss_tokens(rows) for rows in micro_batches)
+    state.train_seconds += seconds
+    state.eval_loss_at_step = None  # until this step is evaluated
+    epoch = round(state.step / run.per_epoch, 4)
+    log.step(state.step, epoch, loss, grad_norm, lr, state.tokens, tokens / seconds, metrics)
 
 
-def diverging(
-    losses: list[tuple[int, float]],
-    grad_norms: list[tuple[int, float]],
-    vocab_size: int | None,
-    config: FineTuningConfig,
-) -> str | None:
-    """A warning naming the learning rate when the run diverges (diagnostics.divergence)."""
-    from tunelab.diagnostics.divergence import divergence_advice, divergence_evidence
+def skip_step(
+    run: Run,
+    state: TrainState,
+    micro_batches: list[list[Row]],
+    loss: float,
+    grad_norm: float,
+    lr: float,
+    log: RunLog,
+) -> None:
+    """A non-finite loss or gradient norm: stop naming the batch's examples (``on_nan:
+    stop``), or skip the update and count it (``on_nan: skip``)."""
+    diagnosis = nan_diagnosis(
+        state.step + 1, lr, loss, grad_norm,
+        [o for rows in micro_batches for row in rows for o in row.origins],
+        run.precision, run.config.learning_rate,
+    )  # fmt: skip
+    if run.config.on_nan == "stop":
+        run.optimizer.zero_grad(set_to_none=True)
+        last = latest_checkpoint(run.run_dir)
+        kept = f" Last good checkpoint: {last}." if last else ""
+        raise TunelabError(f"training stopped: {diagnosis}{kept}")
+    log.say(f"Skipping the step: {diagnosis}")
+    state.skipped_steps += 1
+    if run.scaler is not None:
+        run.scaler.update()
 
-    evidence = divergence_evidence(losses, grad_norms, vocab_size)
-    if evidence is None:
-        return None
-    advice = divergence_advice(config.learning_rate, config.method)
-    return f"training is diverging: {evidence}. {advice}"
+
+def interrupted(state: TrainState, run: Run, saved: Path | None) -> TunelabError:
+    return TunelabError(
+        f"training interrupted at step {state.step} of {run.steps}; checkpoint saved in "
+        f"{saved or run.run_dir}. Run the same command with --resume to continue (Python: "
+        "FineTuner(config).train(resume=True))."
+    )
+
+
+def eval_due(config: FineTuningConfig, step: int, run: Run) -> bool:
+    """Evaluate after the last step, each epoch (``eval_each_epoch``), every ``eval_steps``."""
+    return (
+        step == run.steps
+        or (step % run.per_epoch == 0 and config.eval_each_epoch)
+        or bool(config.eval_steps and step % config.eval_steps == 0)
+    )
+
+
+def save_due(config: FineTuningConfig, step: int, run: Run) -> bool:
+    """Save each epoch (``save_each_epoch``) and every ``save_steps``."""
+    return (step % run.per_epoch == 0 and config.save_each_epoch) or bool(
+        config.save_steps and step % config.save_steps == 0
+    )
+
+
+def save(run: Run, state: TrainState) -> Path | None:
+    """A checkpoint of the step ``state`` is at (written by the main process; returns its
+    folder there, None elsewhere)."""
+    model = run.model
+    whole = None  # sharded: every process helps gather the whole adapter and moments
+    if run.sharded:
+        whole = (full_state_for_saving(model), full_optimizer_state(model, run.optimizer))
+    extra = method_state(model)  # gathered on every process too
+    saved = None
+    if run.world.is_main:
+        saved = save_checkpoint(
+            run.run_dir, model, run.optimizer, run.scheduler, state,
+            run.config.save_total_limit, run.scaler, whole=whole, method_state=extra,
+        )  # fmt: skip
+    barrier(run.world)
+    return saved
+
+
+def attach_reference(
+    run: Run,
+    state: TrainState,
+    train_rows: list[Row],
+    eval_rows: list[Row] | None,
+    log: RunLog,
+) -> float:
+    """Preference objectives with a reference model: its log-probabilities of every row,
+    computed (or read from the run's cache) before any step changes the model; returns the
+    seconds it took."""
+    started = time.perf_counter()
+    cache = run.run_dir / preference.REFERENCE_CACHE
+    frozen = preference.frozen_reference(run.model) if state.step == 0 else None
+    forwards = preference.attach_reference_logps(
+        run.model, cast(list[list[PreferenceRow]], [train_rows, eval_rows or []]), cache,
+        run.pad_token_id,
+        run.config.batch_size, run.device, run.precision, frozen,
+    )  # fmt: skip
+    del frozen
+    seconds = time.perf_counter() - started
+    log.say(f"Reference log-probabilities: {forwards} forwards run, the rest cached in {cache}.")
+    return seconds
+
+
+def evaluate_and_log(
+    run: Run, rows: list[Row], step: int, log: RunLog, note: str = ""
+) -> EvalResult:
+    """Evaluate on ``rows``, write the metrics line and say the loss."""
+    if run.config.objective != "sft":
+        loss, metrics = preference.evaluate_preference(
+            run.model, cast(list[PreferenceRow], rows), run.config, run.pad_token_id, run.device,
+            run.precision,
+        )  # fmt: skip
+        result = EvalResult(loss, math.exp(min(loss, 50.0)), sum(len(r) for r in rows), metrics)
+    else:
+        result = evaluate(run.model, rows, run.config.batch_size, run.pad_token_id, run.device,
+                          run.precision, run.world)  # fmt: skip
+    log.record(_eval_record(step, result))
+    log.say(f"step {step}: {_eval_line(result)}{note}")
+    return result
 
 
 def _vocab_size(model: Any) -> int | None:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embeddings, "weight", None)
     return int(weight.shape[0]) if weight is not None else None
-
-
-def _evaluate(
-    model: Any,
-    rows: list[Row],
-    config: FineTuningConfig,
-    pad_token_id: int,
-    device: str,
-    precision: str,
-    world: World,
-) -> EvalResult:
-    if config.objective != "sft":
-        loss, metrics = preference.evaluate_preference(
-            model,
-            cast(list[PreferenceRow], rows),  # a preference objective's rows (pack_units)
-            config,
-            pad_token_id,
-            device,
-            precision,
-        )
-        return EvalResult(loss, math.exp(min(loss, 50.0)), sum(len(r) for r in rows), metrics)
-    return evaluate(model, rows, config.batch_size, pad_token_id, device, precision, world)
 
 
 def _eval_line(result: EvalResult) -> str:
@@ -541,66 +528,48 @@ def _eval_record(step: int, result: EvalResult) -> dict[str, Any]:
     }
 
 
-def _track_best(state: dict[str, Any], loss: float, config: FineTuningConfig) -> bool:
-    """Record an evaluation; returns whether early stopping's patience has run out."""
-    best = state["best_eval_loss"]
-    state["eval_loss_at_step"] = loss
-    if best is None or loss < best - config.early_stopping_threshold:
-        state["evals_without_improvement"] = 0
-    else:
-        state["evals_without_improvement"] += 1
-    state["best_eval_loss"] = loss if best is None else min(best, loss)
-    patience = config.early_stopping_patience
-    return patience is not None and state["evals_without_improvement"] >= patience
-
-
-def _results(
-    state: dict[str, Any],
-    per_epoch: int,
-    last_loss: float,
+def results_of(
+    state: TrainState,
+    run: Run,
+    log: RunLog,
     initial: EvalResult | None,
-    eval_result: EvalResult | None,
+    last_eval: EvalResult | None,
     stopped_early: bool,
 ) -> dict[str, Any]:
-    seconds = state["train_seconds"]
+    """The run's results (results.json, less what api adds): steps, tokens, time, losses."""
+    seconds = state.train_seconds
     results: dict[str, Any] = {
-        "steps": state["step"],
-        "epochs": round(state["step"] / per_epoch, 4),
-        "train_tokens": state["tokens"],
-        "train_loss_tokens": state["loss_tokens"],
+        "steps": state.step,
+        "epochs": round(state.step / run.per_epoch, 4),
+        "train_tokens": state.tokens,
+        "train_loss_tokens": state.loss_tokens,
         "train_runtime_seconds": round(seconds, 3),
-        "tokens_per_second": round(state["tokens"] / seconds, 2) if seconds else None,
-        "final_train_loss": round(last_loss, 6),
+        "tokens_per_second": round(state.tokens / seconds, 2) if seconds else None,
+        "final_train_loss": round(log.last_loss, 6),
     }
-    if state["skipped_steps"]:
-        results["skipped_steps"] = state["skipped_steps"]
-    if "reference_seconds" in state:  # the reference model's one pass, outside the steps
-        results["reference_seconds"] = round(state["reference_seconds"], 3)
+    if state.skipped_steps:
+        results["skipped_steps"] = state.skipped_steps
+    if state.reference_seconds is not None:  # the reference model's one pass, outside steps
+        results["reference_seconds"] = round(state.reference_seconds, 3)
     if stopped_early:
-        results["stopped_early_at_step"] = state["step"]
+        results["stopped_early_at_step"] = state.step
     if initial is not None:
         results["initial_eval_loss"] = round(initial.loss, 6)
-    if eval_result is not None:
+    if last_eval is not None and state.best_eval_loss is not None:
         results.update(
-            eval_loss=round(eval_result.loss, 6),
-            best_eval_loss=round(state["best_eval_loss"], 6),
+            eval_loss=round(last_eval.loss, 6),
+            best_eval_loss=round(state.best_eval_loss, 6),
         )
-        if not eval_result.metrics:  # preference runs report their reward metrics instead
-            results["eval_perplexity"] = round(eval_result.perplexity, 4)
-        results.update({f"eval_{k}": round(v, 6) for k, v in eval_result.metrics.items()})
+        if not last_eval.metrics:  # preference runs report their reward metrics instead
+            results["eval_perplexity"] = round(last_eval.perplexity, 4)
+        results.update({f"eval_{k}": round(v, 6) for k, v in last_eval.metrics.items()})
     if initial is not None and initial.metrics:
         results.update({f"initial_eval_{k}": round(v, 6) for k, v in initial.metrics.items()})
+    warnings = log.warnings()  # the summary says where the run ended up
+    if warnings:
+        results["warnings"] = warnings
+    results["vocab_size"] = log.vocab_size
     return results
-
-
-def say(world: World, text: str, progress: Progress | None = None) -> None:
-    """Print once (from the main process), through the progress bar when there is one."""
-    if not world.is_main:
-        return
-    if progress is not None:
-        progress.write(text)
-    else:
-        print(text, flush=True)
 
 
 def _clip(params: list[torch.Tensor], max_norm: float) -> float:
