@@ -247,8 +247,8 @@ def test_training_warns_before_the_model_loads(make_config, capsys, monkeypatch)
     monkeypatch.setattr(api, "check_output_dir", lambda *a: pytest.fail("model stage reached"))
     with pytest.raises(pytest.fail.Exception):
         tuner.train()
-    out = capsys.readouterr().out
-    ignored = "Warning: config key(s) lora_r (16), lora_dropout (0.0) have no effect with method"
-    assert ignored in out
-    assert "Warning: config key 'sharding' is fsdp, but this is one process" in out
+    err = capsys.readouterr().err  # warnings go to stderr, through the tunelab logger
+    ignored = "warning: config key(s) lora_r (16), lora_dropout (0.0) have no effect with method"
+    assert ignored in err
+    assert "warning: config key 'sharding' is fsdp, but this is one process" in err
     assert tuner.model is None

@@ -59,22 +59,22 @@ def test_training_warns_during_the_run_and_in_the_summary(make_config, tmp_path)
     path.write_text(yaml.safe_dump(config.to_dict()))
     done = cli("train", str(path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    warnings = [line for line in done.stdout.splitlines() if line.startswith("Warning: training")]
-    assert len(warnings) == 2, done.stdout  # once as it happens, once in the summary
-    during, summary = warnings
-    lines = done.stdout.splitlines()
-    assert lines.index(during) < lines.index(next(x for x in lines if x.startswith("Trained")))
+    # once as it happens (a warning, on stderr), once in the summary (the report, on stdout)
+    during = [x for x in done.stderr.splitlines() if x.startswith("warning: training")]
+    summary = [x for x in done.stdout.splitlines() if x.startswith("Warning: training")]
+    assert len(during) == 1 and len(summary) == 1, (done.stdout, done.stderr)
+    warnings = [during[0].removeprefix("warning: "), summary[0].removeprefix("Warning: ")]
     for text in warnings:
         assert "the loss of guessing uniformly over the 384-token vocabulary" in text
         assert (
             "learning_rate 1 is too high: Full fine-tuning usually trains at 1e-5 to 5e-5" in text
         )
     results = json.loads((Path(config.output_dir) / "results.json").read_text())
-    assert results["warnings"] == [summary.removeprefix("Warning: ")]
+    assert results["warnings"] == [warnings[1]]
     assert results["vocab_size"] == 384
     # the summary reports where the run ended, not only where it first went wrong
     final_loss = results["final_train_loss"]
-    assert f"loss {final_loss:.4g} at step 6" in summary
+    assert f"loss {final_loss:.4g} at step 6" in warnings[1]
 
 
 def test_a_healthy_run_gets_no_divergence_warning(make_config):
@@ -144,7 +144,7 @@ def test_issue_case_lora_at_learning_rate_half_on_the_default_model(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     done = cli("train", "config.yaml", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "Warning: training is diverging" in done.stdout, done.stdout
+    assert "warning: training is diverging" in done.stderr, done.stderr
     assert "learning_rate 0.5 is too high: LoRA usually trains at 1e-4 to 5e-4" in done.stdout
     doctor = cli("doctor", "run", cwd=tmp_path)
     assert "Training is diverging (loss_diverging)" in doctor.stdout, doctor.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -55,7 +56,7 @@ from tunelab.ownership import (
 from tunelab.run_folder import CONFIG as RUN_CONFIG
 from tunelab.run_folder import DATA_MANIFEST, RESULTS, RUN_INFO
 from tunelab.training.batching import Row, pack_examples, single_rows
-from tunelab.training.distributed import print_once
+from tunelab.training.distributed import note_once
 
 FINAL_STAGING = ".final-save-"  # the final save's temporary folder inside the run folder
 TOKENIZER_EXTRAS = {"vocab.json", "merges.txt", "special_tokens_map.json", "chat_template.jinja"}
@@ -194,7 +195,7 @@ class FineTuner:
             family = family_target_modules(self.config, model_config.model_type, modules)
             if family:  # decided by the model, so after validation: a new config
                 self.config = dataclasses.replace(self.config, target_modules=family[0])
-                print_once(family[1], flush=True)
+                note_once(family[1])
             check_target_modules(self.config, modules)
             self.model_location = location
             self.tokenizer = load_tokenizer(location, self.config.trust_remote_code)
@@ -220,7 +221,7 @@ class FineTuner:
             note = f"{c.quantization_bits}-bit base, compute in {self.placement.precision}"
         else:
             note = self.placement.reason
-        print_once(f"Device {self.placement.device}, precision {self.placement.precision} ({note})")
+        note_once(f"Device {self.placement.device}, precision {self.placement.precision} ({note})")
         model = load_model(
             self.model_location,
             dtype,
@@ -235,12 +236,12 @@ class FineTuner:
             added = tokenizer.add_tokens([t for t in c.add_tokens if t not in vocabulary])
             if added:
                 model.resize_token_embeddings(len(tokenizer))
-                print_once(f"Added {added} new tokens to the tokenizer and the embeddings.")
+                note_once(f"Added {added} new tokens to the tokenizer and the embeddings.")
         import torch
 
         torch.manual_seed(c.seed)  # adapter initialisation is part of a reproducible run
         self.model = apply_method(model, c, self.model_location, total_steps)
-        print_once(format_trainable(self.model))
+        note_once(format_trainable(self.model))
         return self.model
 
     def ineffective_settings(self, several_processes: bool = False) -> list[str]:
@@ -287,7 +288,7 @@ class FineTuner:
             return self._preference_rows(dataset)
         if dataset is None:
             self.prepared = prepare_examples(self.config, self.load_tokenizer())
-            print_once(format_summary(self.prepared.manifest))
+            note_once(format_summary(self.prepared.manifest))
             return self.rows(self.prepared.train, self.prepared.manifest.get("content_hash"))
         return self.rows(self.examples_from(dataset, text_column))
 
@@ -305,7 +306,7 @@ class FineTuner:
             examples = self.preference.eval if self.preference is not None else []
         elif dataset is None:
             self.preference = prepare_preference(self.config)
-            print_once(format_preference_summary(self.preference.manifest))
+            note_once(format_preference_summary(self.preference.manifest))
             examples = self.preference.train
         else:
             rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
@@ -373,7 +374,7 @@ class FineTuner:
             "loss_tokens": sum(t.num_loss_tokens for t in tokenized),
         }
         if truncated:
-            print_once(
+            note_once(
                 f"Note: {truncated} of {len(tokenized)} examples were truncated at max_length "
                 f"{c.max_length} tokens."
             )
@@ -406,12 +407,12 @@ class FineTuner:
         c = self.config
         note = global_batch_note(c.batch_size, c.gradient_accumulation_steps, world)
         if note and main_process:
-            print(note)
+            note_once(note)
         if main_process:  # before the model loads: what this run will not do
             for decided in config_notes(c):
-                print(f"Note: {decided}")
+                note_once(f"Note: {decided}")
             for warning in self.ineffective_settings(world.active):
-                print(f"Warning: {warning}")
+                note_once(warning, logging.WARNING)
         if sharded:
             check_shardable(self.config.method)
         # every refusal (the folder, the data, the model, the space) comes before an overwrite
@@ -489,11 +490,11 @@ class FineTuner:
             batches = eva_batches(
                 rows, self.config.batch_size, self.tokenizer.pad_token_id, str(device)
             )
-            print(initialize_eva(self.model, batches, self.config))
-            print(format_trainable(self.model))  # the ranks may have moved between layers
+            note_once(initialize_eva(self.model, batches, self.config))
+            note_once(format_trainable(self.model))  # the ranks may have moved between layers
         elif init == "loftq" and not resume:
             assert self.model_location is not None
-            print(initialize_loftq(self.model, self.model_location))
+            note_once(initialize_loftq(self.model, self.model_location))
 
     def eval_rows(self) -> list[Row] | None:
         if self.config.objective != "sft":

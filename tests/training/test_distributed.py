@@ -115,13 +115,13 @@ def test_the_gradient_norm_is_reduced_on_the_worlds_device_even_without_gradient
 def test_start_lines_are_printed_by_the_main_process_only(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    distributed.print_once("Device cpu")
+    distributed.note_once("Device cpu")
     monkeypatch.setenv("RANK", "0")
-    distributed.print_once("Trainable parameters")
+    distributed.note_once("Trainable parameters")
     assert capsys.readouterr().out == "Trainable parameters\n"
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: always
     monkeypatch.setenv("RANK", "1")
-    distributed.print_once("one")
+    distributed.note_once("one")
     assert capsys.readouterr().out == "one\n"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -56,11 +57,12 @@ def is_main_process() -> bool:
     return launched_processes() <= 1 or int(os.environ.get("RANK", "0")) == 0
 
 
-def print_once(*args: Any, **kwargs: Any) -> None:
-    """print, on the main process only: under torchrun every process loads the same data and
-    model, and each start line would otherwise appear once per process."""
+def note_once(text: str, level: int = logging.INFO) -> None:
+    """Log ``text`` on the ``tunelab.train`` logger from the main process only: under torchrun
+    every process loads the same data and model, and each start line would otherwise appear
+    once per process. Notes (INFO) show on stdout, warnings on stderr (tunelab.messages)."""
     if is_main_process():
-        print(*args, **kwargs)
+        logging.getLogger("tunelab.train").log(level, text)
 
 
 def local_device(device: str) -> str:

@@ -4,6 +4,7 @@ says as it trains."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -15,6 +16,9 @@ from tqdm.auto import tqdm
 from tunelab.config import FineTuningConfig
 from tunelab.files import atomic_write_jsonl, disk_full_errors
 from tunelab.run_folder import CURVES, metrics_path, parse_metrics_file, read_metrics
+
+# the run's console lines (tunelab.messages shows them on stdout; a program can silence them)
+LOG = logging.getLogger("tunelab.train")
 
 
 class MetricsLog:
@@ -74,17 +78,16 @@ class Progress:
             )
             self.bar.update(1)
         elif log_line:
-            print(
+            LOG.info(
                 f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_second:.0f} tok/s  "
-                f"lr {lr:.2e}",
-                flush=True,
+                f"lr {lr:.2e}"
             )
 
     def write(self, text: str) -> None:
-        if self.interactive:
+        if self.interactive:  # above the live bar, which a log line would tear
             self.bar.write(text)
         else:
-            print(text, flush=True)
+            LOG.info(text)
 
     def close(self) -> None:
         self.bar.close()
@@ -97,7 +100,7 @@ def say(is_main: bool, text: str, progress: Progress | None = None) -> None:
     if progress is not None:
         progress.write(text)
     else:
-        print(text, flush=True)
+        LOG.info(text)
 
 
 def diverging(
@@ -152,6 +155,16 @@ class RunLog:
     def say(self, text: str) -> None:
         say(self.is_main, text, self.progress)
 
+    def warn(self, text: str) -> None:
+        """A warning from the main process: on stderr as ``warning: ...`` (above the live bar
+        on a terminal, where a log line would tear it)."""
+        if not self.is_main:
+            return
+        if self.progress is not None and self.progress.interactive:
+            self.progress.bar.write(f"warning: {text}", file=sys.stderr)
+        else:
+            LOG.warning(text)
+
     def record(self, values: dict[str, Any]) -> None:
         if self.metrics is not None and self.reporters is not None:
             self.metrics.write(values)
@@ -180,7 +193,7 @@ class RunLog:
                     self.losses, self.grad_norms, self.vocab_size, self.config
                 )
                 if self.divergence is not None:
-                    self.say(f"Warning: {self.divergence}")
+                    self.warn(self.divergence)
         log_now = step % self.config.logging_steps == 0 or step == self.steps
         if log_now:
             self.record(
