@@ -81,9 +81,11 @@ def preference_examples(config: Any, path: str, limit: int | None) -> list[Any]:
             by_prompt.setdefault(repr(row.prompt), {}).setdefault(bool(row.label), row)
         examples = [
             PreferenceExample(
-                sides[True].origin, sides[True].prompt, sides[True].completion,
+                sides[True].origin,
+                sides[True].prompt,
+                sides[True].completion,
                 sides[False].completion,
-            )  # fmt: skip
+            )
             for sides in by_prompt.values()
             if True in sides and False in sides
         ]
@@ -189,9 +191,7 @@ def format_preference_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def answer_items(
-    config: Any, eval_path: str, limit: int | None
-) -> tuple[list[Any], list[Any]]:
+def answer_items(config: Any, eval_path: str, limit: int | None) -> tuple[list[Any], list[Any]]:
     """(held-out items, training pool) of a preference run for the answer evaluation: each
     row's prompt as the question and the answer it teaches as the reference (``chosen``, or a
     KTO completion labelled true; rejected and false-labelled answers are no reference). Data

@@ -531,9 +531,11 @@ def evaluate_run(
             f"  token F1 {100 * _mean(results['sft'].scores['token_f1']):.1f}"
         )
         # tables read base-side systems, then the SFT run, then the tuned ones
-        results = {name: results[name] for name in chosen if name not in TUNED_SYSTEMS} | {
-            "sft": results["sft"]
-        } | {name: results[name] for name in chosen if name in TUNED_SYSTEMS}
+        results = (
+            {name: results[name] for name in chosen if name not in TUNED_SYSTEMS}
+            | {"sft": results["sft"]}
+            | {name: results[name] for name in chosen if name in TUNED_SYSTEMS}
+        )
     preference = None
     if preference_run:
         from tunelab.evaluation.preference import score_preference
