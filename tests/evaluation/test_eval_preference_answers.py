@@ -108,6 +108,12 @@ def test_dpo_eval_without_sft_run_has_base_and_tuned(runs, capsys):
     results = json.loads((out_dir / "eval_results.json").read_text())
     assert list(results["systems"]) == ["base", "tuned"]
     assert list(results["preference"]["systems"]) == ["base", "tuned"]
+    # its own files (recorded in the folder's manifest) are replaced by the next eval
+    assert main(["eval", str(folder / "dpo"), "--eval-path", str(held), "--limit", "1",
+                 "--out", str(out_dir), *FAST]) == 0  # fmt: skip
+    assert (
+        json.loads((out_dir / "eval_preference.json").read_text())["systems"]["tuned"]["pairs"] == 1
+    )
     assert results["examples"] == 2 and len(results["preference"]["systems"]["tuned"]) == 5
 
 
@@ -149,3 +155,16 @@ def test_sft_run_option_is_refused_on_an_sft_run(runs, capsys):
                  "--sft-run", str(folder / "sft"), *FAST])  # fmt: skip
     assert code == 2
     assert "--sft-run compares a preference run" in capsys.readouterr().err
+
+
+def test_a_foreign_eval_preference_file_is_refused_before_loading(runs, capsys):
+    folder, held, _ = runs
+    out_dir = folder / "report-foreign"
+    out_dir.mkdir()
+    (out_dir / "eval_preference.md").write_text("my notes\n")
+    code = main(["eval", str(folder / "dpo"), "--eval-path", str(held), "--limit", "1",
+                 "--out", str(out_dir), *FAST])  # fmt: skip
+    assert code == 2
+    assert "eval_preference.md, which tunelab did not write" in capsys.readouterr().err
+    assert (out_dir / "eval_preference.md").read_text() == "my notes\n"
+    assert not (out_dir / "eval_report.html").exists()

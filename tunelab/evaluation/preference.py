@@ -128,10 +128,17 @@ def score_preference(
 
 
 def write_preference_files(report: dict[str, Any], out: Path) -> None:
-    """eval_preference.json and eval_preference.md in ``out``."""
+    """eval_preference.json and eval_preference.md in ``out``, recorded in its manifest; a
+    file of the same name that tunelab did not write is refused (TunelabError)."""
+    from tunelab.ownership import check_output_files, record_files
+    from tunelab.run_folder import EVAL_PREFERENCE_FILES
+
+    check_output_files(out, EVAL_PREFERENCE_FILES, "eval")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "eval_preference.json", report)
-    atomic_write_text(out / "eval_preference.md", format_preference_table(report))
+    json_file, markdown_file = (out / name for name in EVAL_PREFERENCE_FILES)
+    atomic_write_json(json_file, report)
+    atomic_write_text(markdown_file, format_preference_table(report))
+    record_files(out, "report", [json_file, markdown_file])
 
 
 def evaluate_preference_run(
@@ -158,6 +165,11 @@ def evaluate_preference_run(
             f"config {config_path(folder)} has no eval_path."
         )
     examples = preference_examples(config, path, limit)
+    from tunelab.ownership import check_output_files
+    from tunelab.run_folder import EVAL_PREFERENCE_FILES
+
+    # before the scoring's minutes: the files must not replace anything tunelab did not write
+    check_output_files(Path(out_dir or folder), EVAL_PREFERENCE_FILES, "eval", announce=False)
     loaded = load_for_inference(str(folder), precision=precision)
     sft = load_for_inference(str(sft_run), precision=precision) if sft_run is not None else None
     report = score_preference(

@@ -425,6 +425,10 @@ def evaluate_run(
 
     # before the evaluation's minutes: the report files must not replace anything else
     check_output_files(Path(out_dir or folder), REPORT_FILES, "eval", announce=False)
+    if preference_run:
+        from tunelab.run_folder import EVAL_PREFERENCE_FILES
+
+        check_output_files(Path(out_dir or folder), EVAL_PREFERENCE_FILES, "eval", announce=False)
     items, pool = load_items(config, eval_path, limit)
     knowledge: list[EvalItem] = []
     if kinds:
