@@ -154,8 +154,8 @@ def evaluate_preference_run(
     the tuned run; writes eval_preference.json and eval_preference.md to ``out_dir`` (default:
     the run folder) and returns the report (``systems``: name -> summary). ``tunelab eval``
     gets the same table inside its full report from ``evaluate_run``."""
-    from tunelab.evaluation.run import resolve_run_dir
     from tunelab.generation import load_for_inference
+    from tunelab.runs.checks import resolve_run_dir
 
     folder, config = resolve_run_dir(target)
     path = str(eval_path or config.eval_path or "")

@@ -28,7 +28,8 @@ from tunelab.evaluation.systems import (
     document,
     to_items,
 )
-from tunelab.run_folder import ADAPTER_CONFIG, CONFIG, read_metrics, read_results
+from tunelab.run_folder import read_metrics, read_results
+from tunelab.runs.checks import resolve_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -193,37 +194,6 @@ def parse_systems(text: str | Sequence[str]) -> list[str]:
     if not names:
         raise TunelabError(f"--systems is empty; give some of {', '.join(SYSTEMS)}.")
     return [s for s in SYSTEMS if s in names]  # a fixed order keeps tables comparable
-
-
-def resolve_run_dir(target: str | Path) -> tuple[Path, Any]:
-    """The run folder and its config, from a run folder or the config file that made it."""
-    from tunelab.config import load_config
-    from tunelab.runs.checks import check_run_files
-
-    path = Path(target)
-    if path.is_file():
-        config = load_config(path)
-        run_dir = Path(config.output_dir)
-        if not (run_dir / ADAPTER_CONFIG).is_file():
-            raise TunelabError(
-                f"{path} trains into {run_dir}, which holds no finished run (no "
-                f"{ADAPTER_CONFIG}). Run 'tunelab train {path}' first."
-            )
-        check_run_files(run_dir)
-        return run_dir, config
-    if (path / CONFIG).is_file() and not (path / ADAPTER_CONFIG).is_file():
-        raise TunelabError(
-            f"{path} is a tunelab run that did not finish: no saved adapter ({ADAPTER_CONFIG})"
-            f". Its training stopped or its final save failed; 'tunelab doctor {path}' shows why."
-        )
-    if not (path / ADAPTER_CONFIG).is_file() or not (path / CONFIG).is_file():
-        raise TunelabError(
-            f"{path} is not a tunelab run folder (expected {ADAPTER_CONFIG} and "
-            f"{CONFIG} in it). Pass the output_dir of a finished 'tunelab train', or "
-            "its config file."
-        )
-    check_run_files(path)  # a save cut off by a full disk is named, not parsed
-    return path, load_config(path / CONFIG)
 
 
 def key_terms(
