@@ -66,6 +66,38 @@ def preference_pairs(template: str, count: int = len(PREFERENCE_TERMS)) -> list[
     ]
 
 
+def bnb_cpu_missing() -> str | None:
+    """Why bitsandbytes cannot quantize to 4 bits on this CPU, or None when it can."""
+    import torch
+
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError as exc:
+        return f"bitsandbytes is not installed ({exc})"
+    try:
+        packed, state = bnb_functional.quantize_4bit(torch.randn(64, 64), quant_type="nf4")
+        bnb_functional.dequantize_4bit(packed, state)
+    except Exception as exc:  # noqa: BLE001 - any failure means no CPU backend
+        return f"bitsandbytes has no CPU 4-bit backend here ({type(exc).__name__}: {exc})"
+    return None
+
+
+def packed_qkv(seed: int = 0):
+    """Packed attention inputs: 2 rows of examples (lengths 7/20/3/10 and 25/15, positions
+    restarting per example), grouped-query q (4 heads) and k/v (2 heads) of [2, heads, 40, 8]
+    that need gradients, and output weights [2, 40, 4, 8] for a scalar loss."""
+    import torch
+
+    lengths = [[7, 20, 3, 10], [25, 15]]
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    torch.manual_seed(seed)
+    q = torch.randn(2, 4, 40, 8, requires_grad=True)
+    k = torch.randn(2, 2, 40, 8, requires_grad=True)
+    v = torch.randn(2, 2, 40, 8, requires_grad=True)
+    weights = torch.randn(2, 40, 4, 8)
+    return lengths, positions, q, k, v, weights
+
+
 def build_tiny_model(folder: Path, with_pad_token: bool = False, vocab_size: int = 384) -> Path:
     """Write a tiny Llama (2 layers, width 64) and a trained BPE tokenizer into ``folder``."""
     import torch

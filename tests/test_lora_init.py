@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bnb_cpu_missing
 
 from tunelab.api import FineTuner
 from tunelab.config import FineTuningConfig, ineffective_settings
@@ -108,19 +109,6 @@ def test_eva_without_enough_tokens_stops_with_a_clear_error(make_config):
     assert not any(m._forward_hooks for m in tuner.model.modules())
 
 
-def _bnb_cpu_missing() -> str | None:
-    try:
-        import bitsandbytes.functional as bnb_functional
-    except ImportError as exc:
-        return f"bitsandbytes is not installed ({exc})"
-    try:
-        packed, state = bnb_functional.quantize_4bit(torch.randn(64, 64), quant_type="nf4")
-        bnb_functional.dequantize_4bit(packed, state)
-    except Exception as exc:  # noqa: BLE001 - any failure means no CPU backend
-        return f"bitsandbytes has no CPU 4-bit backend here ({type(exc).__name__}: {exc})"
-    return None
-
-
 def _loftq_tuner(make_config, init):
     config = make_config(
         method="qlora", init_lora_weights=init, target_modules=["all-linear"], lora_alpha=32
@@ -132,7 +120,7 @@ def _loftq_tuner(make_config, init):
     return tuner
 
 
-@pytest.mark.skipif(_bnb_cpu_missing() is not None, reason=str(_bnb_cpu_missing()))
+@pytest.mark.skipif(bnb_cpu_missing() is not None, reason=str(bnb_cpu_missing()))
 def test_loftq_adapter_takes_the_best_rank_r_part_of_the_quantisation_error(make_config):
     import bitsandbytes.functional as bnb_functional
     from safetensors.torch import load_file
@@ -160,7 +148,7 @@ def test_loftq_adapter_takes_the_best_rank_r_part_of_the_quantisation_error(make
     assert math.sqrt(loftq_total / plain_total) < 0.9
 
 
-@pytest.mark.skipif(_bnb_cpu_missing() is not None, reason=str(_bnb_cpu_missing()))
+@pytest.mark.skipif(bnb_cpu_missing() is not None, reason=str(bnb_cpu_missing()))
 def test_loftq_model_is_closer_to_the_unquantized_one(make_config, capsys):
     from transformers import AutoModelForCausalLM
 

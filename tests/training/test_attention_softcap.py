@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import packed_qkv
 
 CAP = 1.5
 SCALING = 0.3  # large enough that the cap bends the logits
@@ -45,13 +46,7 @@ def test_softcapped_packed_attention_equals_gemma2_eager(monkeypatch, window, ma
     from tunelab.training import attention
 
     monkeypatch.setattr(attention, "MATMUL_MAX_LENGTH", matmul_max_length)
-    lengths = [[7, 20, 3, 10], [25, 15]]
-    positions = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
-    torch.manual_seed(0)
-    q = torch.randn(2, 4, 40, 8, requires_grad=True)
-    k = torch.randn(2, 2, 40, 8, requires_grad=True)
-    v = torch.randn(2, 2, 40, 8, requires_grad=True)
-    weights = torch.randn(2, 40, 4, 8)
+    lengths, positions, q, k, v, weights = packed_qkv()
     out, _ = attention.packed_attention_forward(
         None, q, k, v, None, scaling=SCALING, position_ids=positions, sliding_window=window,
         softcap=CAP,

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import packed_qkv
 
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
 from tunelab.training.batching import collate, loss_tokens, pack_examples, plan_epoch, single_rows
@@ -122,13 +123,7 @@ def test_packed_attention_gradients_match_separate_examples(monkeypatch, matmul_
     from tunelab.training import attention
 
     monkeypatch.setattr(attention, "MATMUL_MAX_LENGTH", matmul_max_length)
-    lengths = [[7, 20, 3, 10], [25, 15]]
-    positions = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
-    torch.manual_seed(0)
-    q = torch.randn(2, 4, 40, 8, requires_grad=True)
-    k = torch.randn(2, 2, 40, 8, requires_grad=True)
-    v = torch.randn(2, 2, 40, 8, requires_grad=True)
-    weights = torch.randn(2, 40, 4, 8)
+    lengths, positions, q, k, v, weights = packed_qkv()
     out, _ = attention.packed_attention_forward(None, q, k, v, None, position_ids=positions)
     (out * weights).sum().backward()
     packed = [t.grad.clone() for t in (q, k, v)]

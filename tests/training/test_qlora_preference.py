@@ -5,36 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import PREFERENCE_TERMS, bnb_cpu_missing, write_jsonl
 
 from tunelab.api import FineTuner
 from tunelab.config import FineTuningConfig
 from tunelab.methods import quantization_config
 
-PAIRS = {
-    "compiler": ("translates source code", "bakes bread daily"),
-    "byte": ("eight bits", "a small dog"),
-    "kernel": ("core of an operating system", "a corn seed only"),
-    "recursion": ("a function calls itself", "a bicycle race"),
-    "cache": ("a fast store of data", "a pirate treasure"),
-    "loop": ("code that repeats", "a rope knot"),
-    "bus": ("wires that carry data", "a yellow vehicle"),
-    "stack": ("last in first out list", "a pile of hay"),
-}
-
-
-def _bnb_cpu_missing() -> str | None:
-    """Why bitsandbytes cannot quantize to 4 bits on this CPU, or None when it can."""
-    try:
-        import bitsandbytes.functional as bnb_functional
-    except ImportError as exc:
-        return f"bitsandbytes is not installed ({exc})"
-    try:
-        packed, state = bnb_functional.quantize_4bit(torch.randn(64, 64), quant_type="nf4")
-        bnb_functional.dequantize_4bit(packed, state)
-    except Exception as exc:  # noqa: BLE001 - any failure means no CPU backend
-        return f"bitsandbytes has no CPU 4-bit backend here ({type(exc).__name__}: {exc})"
-    return None
+PAIRS = PREFERENCE_TERMS
 
 
 def _config(tmp_path, tiny_model_dir, **overrides) -> FineTuningConfig:
@@ -64,7 +41,7 @@ def test_qlora_dpo_config_builds_an_nf4_base(tmp_path, tiny_model_dir):
     assert quantization.load_in_4bit and quantization.bnb_4bit_quant_type == "nf4"
 
 
-@pytest.mark.skipif(_bnb_cpu_missing() is not None, reason=str(_bnb_cpu_missing()))
+@pytest.mark.skipif(bnb_cpu_missing() is not None, reason=str(bnb_cpu_missing()))
 def test_qlora_dpo_run_learns_with_the_4bit_base_as_reference(tmp_path, tiny_model_dir):
     from bitsandbytes.nn import Linear4bit
 
