@@ -431,7 +431,8 @@ class FineTuner:
         if resume:  # before the model loads: a finished run or an edited checkpoint
             from tunelab.training.checkpoint import check_resume_point
 
-            check_resume_point(output_dir, total_steps(len(train_dataset), self.config, world.size))
+            steps = total_steps(len(train_dataset), self.config, world.size)
+            check_resume_point(output_dir, steps, self.config.early_stopping_patience)
         if self.model is None:
             self.prepare_model(total_steps(len(train_dataset), self.config, world.size))
         self.initialise_adapters(train_dataset, resume)

@@ -70,6 +70,12 @@ def test_early_stopping_counts_the_evaluations_before_a_resume(make_config, tmp_
     whole = FineTuner(make_config(**options)).train()
     assert whole["stopped_early_at_step"] == 4
     run = tmp_path / "run"
+    with pytest.raises(TunelabError, match="already finished at step 4, stopped early after 3 ev"):
+        FineTuner(make_config(**options)).train(resume=True)  # patience would stop it at once
+    raised = tmp_path / "raised"  # a raised patience trains further: evaluations 4 and 5 more
+    shutil.copytree(run, raised)
+    more = {**options, "early_stopping_patience": 5, "output_dir": str(raised)}
+    assert FineTuner(make_config(**more)).train(resume=True)["stopped_early_at_step"] == 6
     shutil.rmtree(run / "checkpoints" / "step-000004")
     unfinish(run)
     capsys.readouterr()

@@ -254,16 +254,19 @@ def read_train_state(path: Path) -> TrainState:
     return state
 
 
-def check_resume_point(run_dir: Path, steps: int) -> None:
+def check_resume_point(run_dir: Path, steps: int, patience: int | None = None) -> None:
     """Refuse a resume of ``run_dir`` that has nothing to do or a checkpoint past the end.
 
-    ``steps``: the optimizer steps of the whole run under the config it resumes with. A run
-    that finished (results.json) at ``steps`` or beyond has nothing left to train; a
-    checkpoint beyond ``steps`` cannot be the start of this run. Raising max_steps (or the
-    epochs) of a finished run and resuming trains it further, which is allowed."""
+    ``steps``: the optimizer steps of the whole run under the config it resumes with;
+    ``patience``: its early_stopping_patience. A run that finished (results.json) at ``steps``
+    or beyond, or stopped early with a patience that would stop it again at once, has nothing
+    left to train; a checkpoint beyond ``steps`` cannot be the start of this run. Raising
+    max_steps (or the epochs, or the patience) of a finished run and resuming trains it
+    further, which is allowed."""
     from tunelab.run_folder import read_results
 
     checkpoint = latest_checkpoint(run_dir)
+    state = None
     if checkpoint is not None:
         state = read_train_state(checkpoint)
         if state.step > steps:
@@ -274,6 +277,20 @@ def check_resume_point(run_dir: Path, steps: int) -> None:
             )
     results = read_results(run_dir)
     finished = results.get("steps") if results is not None else None
+    stopped = results.get("stopped_early_at_step") if results is not None else None
+    if (
+        stopped is not None
+        and state is not None
+        and state.step == stopped
+        and patience is not None
+        and state.evals_without_improvement >= patience
+    ):
+        raise TunelabError(
+            f"{run_dir}: this run already finished at step {stopped}, stopped early after "
+            f"{state.evals_without_improvement} evaluations without improvement; nothing to "
+            "resume. Use --overwrite to train it again, or raise early_stopping_patience (or "
+            "unset it) and resume to train it further."
+        )
     if isinstance(finished, int) and finished >= steps:
         raise TunelabError(
             f"{run_dir}: this run already finished at step {finished} (its results.json); "

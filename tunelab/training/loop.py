@@ -299,7 +299,7 @@ def set_up(
     checkpoint = latest_checkpoint(run_dir) if resume else None
     steps = total_steps(num_rows, config, world.size)
     if resume:  # a finished run, or a checkpoint past the end, has nothing to resume
-        check_resume_point(run_dir, steps)
+        check_resume_point(run_dir, steps, config.early_stopping_patience)
     if sharded:
         if checkpoint is not None:  # whole weights into the whole model, before it is split
             load_weights(checkpoint, model)
