@@ -18,11 +18,12 @@ from pathlib import Path
 
 from tunelab.device import cpu_bf16_features
 from tunelab.evaluation.retrieval import build_retriever
-from tunelab.evaluation.run import load_items, resolve_run_dir
+from tunelab.evaluation.run import load_items
 from tunelab.evaluation.scoring import reference_losses, timed_generation
 from tunelab.evaluation.shared_pass import score_and_generate
 from tunelab.evaluation.systems import PromptBuilder, document
 from tunelab.generation import load_for_inference
+from tunelab.runs.checks import resolve_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

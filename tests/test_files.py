@@ -431,7 +431,7 @@ def test_gguf_export_names_a_truncated_weights_file(tiny_model_dir, tmp_path):
 
 
 def test_eval_names_a_truncated_tokenizer(run_copy):
-    from tunelab.evaluation.run import resolve_run_dir
+    from tunelab.runs.checks import resolve_run_dir
 
     cut(run_copy / "tokenizer_config.json")
     with pytest.raises(TunelabError, match=r"tokenizer_config.json is damaged"):

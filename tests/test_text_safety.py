@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_cleaning_drops_control_characters_and_counts_them(tmp_path):
     assert step["changed"] == 1 and step["removed_chars"] == 23
     assert all("\x1b" not in e.text and "\r" not in e.text for e in prepared.train)
     assert "1 changed (23 characters removed)" in render_markdown(prepared.manifest)
-    kept = prepare_examples(FineTuningConfig(**{**config.__dict__, "drop_control_chars": False}))
+    kept = prepare_examples(dataclasses.replace(config, drop_control_chars=False))
     assert any("\x1b" in e.text for e in kept.train)
 
 

@@ -426,12 +426,12 @@ def whole_ranks(model: Any) -> Iterator[None]:
     if tuner is None:
         yield
         return
-    config = tuner.peft_config[tuner.trainable_adapter_name]
-    pattern, config.rank_pattern = config.rank_pattern, None
+    peft_config = tuner.peft_config[tuner.trainable_adapter_name]
+    pattern, peft_config.rank_pattern = peft_config.rank_pattern, None
     try:
         yield
     finally:
-        config.rank_pattern = pattern
+        peft_config.rank_pattern = pattern
 
 
 def method_state(model: Any) -> dict[str, Any] | None:
@@ -472,7 +472,7 @@ def load_method_state(
     tuner = _adalora(model)
     if tuner is None:
         return
-    config = tuner.peft_config[tuner.trainable_adapter_name]
+    peft_config = tuner.peft_config[tuner.trainable_adapter_name]
     saved = saved or {}
     allocator = tuner.rankallocator
     placed = {name: p for name, p in tuner.model.named_parameters()}
@@ -486,9 +486,9 @@ def load_method_state(
                 value = distribute_tensor(value.to(like.device), like.device_mesh, like.placements)
             scores[name] = value.to(like.device) if like is not None else value
         setattr(allocator, key, scores)
-    config.rank_pattern = saved.get("rank_pattern")
-    final = config.total_step - config.tfinal
-    if step >= final and not config.rank_pattern:
+    peft_config.rank_pattern = saved.get("rank_pattern")
+    final = peft_config.total_step - peft_config.tfinal
+    if step >= final and not peft_config.rank_pattern:
         raise TunelabError(
             f"checkpoint {checkpoint} is past AdaLoRA's final rank allocation (step {final}) "
             "but holds no rank pattern in its training_state.pt, so the ranks it pruned "

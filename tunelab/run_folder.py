@@ -11,6 +11,7 @@ A run folder holds::
     training_curves.png   the curves of metrics.jsonl
     checkpoints/          resumable states
     eval_report.html|md, eval_results.json   written by ``tunelab evaluate``
+    eval_preference.json|md   a preference run's held-out pairs table, by ``tunelab eval``
 
 The readers' rule for metrics.jsonl (appended line by line while training runs): a cut-off LAST
 line is what a crash or a full disk mid-write leaves, so it is skipped with a logged warning
@@ -40,6 +41,7 @@ EVAL_REPORT_HTML = "eval_report.html"
 EVAL_REPORT_MD = "eval_report.md"
 EVAL_RESULTS = "eval_results.json"
 EVAL_REPORT_FILES = (EVAL_REPORT_HTML, EVAL_REPORT_MD, EVAL_RESULTS)
+EVAL_PREFERENCE_FILES = ("eval_preference.json", "eval_preference.md")
 
 logger = logging.getLogger(__name__)
 _TORN = object()  # a line that does not parse at all

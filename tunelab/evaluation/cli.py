@@ -13,20 +13,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from tunelab.evaluation.lm_eval_adapter import run_lm_eval
 
         return run_lm_eval(args.target, args.lm_eval, limit=args.limit, out=args.out)
-    from tunelab.evaluation.preference import (
-        evaluate_preference_run,
-        format_preference_table,
-        is_preference_run,
-    )
-    from tunelab.evaluation.run import evaluate_run, resolve_run_dir
+    from tunelab.evaluation.run import evaluate_run
 
-    if is_preference_run(resolve_run_dir(args.target)[0]):
-        report = evaluate_preference_run(
-            args.target, args.eval_path, args.sft_run, args.limit, args.batch_size,
-            args.precision, args.out,
-        )  # fmt: skip
-        print(format_preference_table(report))
-        return 0
     results = evaluate_run(
         args.target,
         args.eval_path,
@@ -48,7 +36,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         semantic=False if args.no_semantic else None,
         judge_url=args.judge_url,
         judge_model=args.judge_model,
+        sft_run=args.sft_run,
     )
+    if results.preference is not None:
+        from tunelab.evaluation.preference import format_preference_table
+
+        print("\n" + format_preference_table(results.preference), end="")
     print("\nVerdict:")
     for sentence in results.verdict:
         print(f"- {sentence}")
@@ -126,7 +119,7 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="Folder for the report (default: the run folder).")
     parser.add_argument(
         "--sft-run", metavar="RUN",
-        help="Preference runs: also score this SFT run folder on the held-out pairs.",
+        help="Preference runs: also evaluate this SFT run (answers and held-out pairs).",
     )  # fmt: skip
     parser.add_argument(
         "--lm-eval", metavar="TASKS",

@@ -26,6 +26,7 @@ COLOURS = {
     "base": "#8c8c8c",
     "few-shot": "#e0a030",
     "rag": "#3a8fd0",
+    "sft": "#c0504d",
     "tuned": "#2e9e55",
     "tuned+rag": "#8a5cc8",
 }
@@ -190,6 +191,7 @@ def html_report(results: Any, shown: int = 8) -> str:
         charts=[bar_chart(m, results.summary) for m in order],
         differences=differences,
         probes=probes_html(data),
+        preference=_preference_rows(data["preference"]),
         forgetting=[
             {"system": name, "perplexity": f"{f['perplexity']:.2f}", "tokens": f["tokens"]}
             for name, f in (data["forgetting"] or {}).items()
@@ -198,6 +200,27 @@ def html_report(results: Any, shown: int = 8) -> str:
         systems=systems,
         samples=samples,
     )
+
+
+def _preference_rows(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The preference table's cells (a preference run's report; None otherwise)."""
+    if not report:
+        return None
+    metrics = ("pairs", "logp_accuracy", "logp_margin", "reward_accuracy", "reward_margin")
+
+    def text(metric: str, value: float | None) -> str:
+        if value is None:
+            return "-"  # no reward for the base model: it is the reference
+        return f"{value:.1%}" if metric.endswith("accuracy") else f"{value:g}"
+
+    rows = [
+        {"system": name,
+         "cells": [{"metric": m, "text": text(m, s.get(m))} for m in metrics]}
+        for name, s in report["systems"].items()
+    ]  # fmt: skip
+    pairs = next(iter(report["systems"].values()))["pairs"]
+    return {"eval_path": report["eval_path"], "beta": report["beta"], "pairs": pairs,
+            "rows": rows}  # fmt: skip
 
 
 def _metric_order(summary: dict[str, dict[str, Any]]) -> tuple[str, ...]:
@@ -257,6 +280,11 @@ def markdown_report(results: Any, shown: int = 8) -> str:
             f"{d['low'] * k:+.2f} to {d['high'] * k:+.2f} |"
         )
     lines += probes_markdown(data)
+    if data["preference"]:
+        from tunelab.evaluation.preference import format_preference_table
+
+        table = format_preference_table(data["preference"]).replace("# Held-out", "## Held-out")
+        lines += ["", *table.rstrip("\n").split("\n")]
     if data["forgetting"]:
         lines += ["", "## Forgetting (perplexity on general prose)", ""]
         lines += [f"- {n}: {f['perplexity']:.2f}" for n, f in data["forgetting"].items()]

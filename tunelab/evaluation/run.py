@@ -28,7 +28,8 @@ from tunelab.evaluation.systems import (
     document,
     to_items,
 )
-from tunelab.run_folder import ADAPTER_CONFIG, CONFIG, read_metrics, read_results
+from tunelab.run_folder import read_metrics, read_results
+from tunelab.runs.checks import resolve_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class EvalResults:
     seconds: float = 0.0
     probes: dict[str, ProbeResult] = field(default_factory=dict)  # knowledge probe kind ->
     files: dict[str, str] = field(default_factory=dict)
+    # a preference run's held-out pairs: evaluation/preference.py's report (None otherwise)
+    preference: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         def interval(i: metrics.Interval) -> dict[str, float | None]:
@@ -165,6 +168,7 @@ class EvalResults:
             "training": self.training,
             "verdict": self.verdict,
             "probes": {kind: probe.to_json() for kind, probe in self.probes.items()},
+            "preference": self.preference,
             "items": [
                 {
                     "origin": item.origin,
@@ -190,37 +194,6 @@ def parse_systems(text: str | Sequence[str]) -> list[str]:
     if not names:
         raise TunelabError(f"--systems is empty; give some of {', '.join(SYSTEMS)}.")
     return [s for s in SYSTEMS if s in names]  # a fixed order keeps tables comparable
-
-
-def resolve_run_dir(target: str | Path) -> tuple[Path, Any]:
-    """The run folder and its config, from a run folder or the config file that made it."""
-    from tunelab.config import load_config
-    from tunelab.runs.checks import check_run_files
-
-    path = Path(target)
-    if path.is_file():
-        config = load_config(path)
-        run_dir = Path(config.output_dir)
-        if not (run_dir / ADAPTER_CONFIG).is_file():
-            raise TunelabError(
-                f"{path} trains into {run_dir}, which holds no finished run (no "
-                f"{ADAPTER_CONFIG}). Run 'tunelab train {path}' first."
-            )
-        check_run_files(run_dir)
-        return run_dir, config
-    if (path / CONFIG).is_file() and not (path / ADAPTER_CONFIG).is_file():
-        raise TunelabError(
-            f"{path} is a tunelab run that did not finish: no saved adapter ({ADAPTER_CONFIG})"
-            f". Its training stopped or its final save failed; 'tunelab doctor {path}' shows why."
-        )
-    if not (path / ADAPTER_CONFIG).is_file() or not (path / CONFIG).is_file():
-        raise TunelabError(
-            f"{path} is not a tunelab run folder (expected {ADAPTER_CONFIG} and "
-            f"{CONFIG} in it). Pass the output_dir of a finished 'tunelab train', or "
-            "its config file."
-        )
-    check_run_files(path)  # a save cut off by a full disk is named, not parsed
-    return path, load_config(path / CONFIG)
 
 
 def key_terms(
@@ -265,6 +238,10 @@ def load_items(
 
     if not Path(eval_path).exists():
         raise TunelabError(f"--eval-path {eval_path} does not exist. Give a held-out data file.")
+    if getattr(config, "objective", "sft") != "sft":
+        from tunelab.evaluation.preference import answer_items
+
+        return answer_items(config, eval_path, limit)
     eval_config = dataclasses.replace(config, eval_path=str(eval_path))
     # a pipe is read once here, for both the prepared items and their raw references
     with snapshot_pipes([config.dataset_path, eval_path], read_limits(config)):
@@ -359,6 +336,7 @@ def evaluate_run(
     semantic: bool | None = None,
     judge_url: str | None = None,
     judge_model: str | None = None,
+    sft_run: str | Path | None = None,
 ) -> EvalResults:
     """Evaluate ``systems`` of a run (its folder or config file) on ``eval_path`` (default: the
     run's own eval_path) and write eval_report.html, eval_report.md and eval_results.json to
@@ -368,7 +346,13 @@ def evaluate_run(
     ``probe_items`` training items (default: as many as held-out items), ``rewordings`` each.
     ``semantic`` scores answers by MiniLM similarity (None: when its package is installed;
     True: required). ``judge_url`` (an OpenAI-compatible base URL) and ``judge_model`` add
-    the LLM judge (judge.py; off by default)."""
+    the LLM judge (judge.py; off by default).
+
+    A preference run (objective other than sft) is asked its held-out prompts with the chosen
+    answer (KTO: a completion labelled true) as the reference, and the report adds the
+    held-out preference accuracy and reward margin of each model (preference.py; also written
+    to eval_preference.json/.md). ``sft_run`` (a preference run's SFT run folder) adds the
+    system "sft": that run's model, prompted as the tuned one is, in both."""
     from tunelab.evaluation.forgetting import general_passages, general_perplexity
     from tunelab.evaluation.report import write_reports
     from tunelab.evaluation.retrieval import build_retriever
@@ -397,6 +381,13 @@ def evaluate_run(
             f"no held-out data: pass --eval-path FILE (the run's config {folder}/"
             "tunelab_config.yaml has no eval_path)."
         )
+    preference_run = getattr(config, "objective", "sft") != "sft"
+    if sft_run is not None and not preference_run:
+        raise TunelabError(
+            f"--sft-run compares a preference run with the SFT run it started from, but {folder} "
+            "is an SFT run (objective: sft). Leave --sft-run out, or evaluate the preference run."
+        )
+    sft_folder = resolve_run_dir(sft_run)[0] if sft_run is not None else None
     kinds = parse_probes(probes)
     judge = _judge(judge_url, judge_model)
     semantic = _semantic_choice(semantic)
@@ -405,6 +396,10 @@ def evaluate_run(
 
     # before the evaluation's minutes: the report files must not replace anything else
     check_output_files(Path(out_dir or folder), REPORT_FILES, "eval", announce=False)
+    if preference_run:
+        from tunelab.run_folder import EVAL_PREFERENCE_FILES
+
+        check_output_files(Path(out_dir or folder), EVAL_PREFERENCE_FILES, "eval", announce=False)
     items, pool = load_items(config, eval_path, limit)
     knowledge: list[EvalItem] = []
     if kinds:
@@ -429,6 +424,11 @@ def evaluate_run(
     needs_pool = any(s in ("few-shot", "rag", "tuned+rag") for s in chosen)
     index = build_retriever(retriever, [document(p) for p in pool]) if needs_pool else None
 
+    pairs: list[Any] = []
+    if preference_run:
+        from tunelab.evaluation.preference import preference_examples
+
+        pairs = preference_examples(config, eval_path, limit)  # a bad pair stops before loading
     loaded = load_for_inference(str(folder), precision=precision)
     builder = PromptBuilder(
         loaded.tokenizer, loaded.chat, loaded.system_prompt, pool, index, k,
@@ -476,6 +476,49 @@ def evaluate_run(
                 f"  {results[name].tokens_per_second:.0f} tokens/s"
                 f"  ({loss_seconds + generation_seconds:.0f} s, shared with {', '.join(group)})"
             )
+    sft = None
+    if sft_folder is not None:
+        sft = load_for_inference(str(sft_folder), precision=precision)
+        sft_builder = dataclasses.replace(
+            builder, tokenizer=sft.tokenizer, chat=sft.chat, system_prompt=sft.system_prompt
+        )
+        # the SFT model is prompted as the tuned one: zero-shot, as it was trained
+        rendered_sft = [sft_builder.render("tuned", item, i) for i, item in enumerate(asked)]
+        losses, generated, loss_seconds = score_and_generate(
+            sft, [p for p, _ in rendered_sft], [f for _, f in rendered_sft], max_new_tokens,
+            batch_size, repetition_penalty,
+        )  # fmt: skip
+        all_scores = score_answers(generated.answers, asked, semantic, judge)
+        all_scores["loss"] = [x.loss for x in losses]
+        probe_answers["sft"] = generated.answers[n:]
+        probe_scores["sft"] = {m: values[n:] for m, values in all_scores.items()}
+        new_tokens = sum(
+            len(sft.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in generated.answers
+        )
+        results["sft"] = SystemResult(
+            "sft", [p for p, _ in rendered_sft][:n], generated.answers[:n],
+            {m: values[:n] for m, values in all_scores.items()},
+            sum(x.tokens for x in losses[:n]), sum(x.nll_sum for x in losses[:n]),
+            generated.seconds, new_tokens, loss_seconds, len(asked),
+        )  # fmt: skip
+        progress(
+            f"  {'sft':<10} loss {_mean(results['sft'].scores['loss']):.3f}"
+            f"  token F1 {100 * _mean(results['sft'].scores['token_f1']):.1f}"
+        )
+        # tables read base-side systems, then the SFT run, then the tuned ones
+        results = (
+            {name: results[name] for name in chosen if name not in TUNED_SYSTEMS}
+            | {"sft": results["sft"]}
+            | {name: results[name] for name in chosen if name in TUNED_SYSTEMS}
+        )
+    preference = None
+    if preference_run:
+        from tunelab.evaluation.preference import score_preference
+
+        preference = score_preference(
+            loaded, config, eval_path, pairs, sft.model if sft is not None else None, batch_size
+        )
+    del sft
     # a run that replayed general prose trained on every other passage: score the rest only
     replayed = bool(getattr(config, "replay_general_share", 0))
     passages = general_passages()[1::2] if replayed else None
@@ -524,6 +567,7 @@ def evaluate_run(
         forgetting_info, training,
     )  # fmt: skip
     evaluation.probes = probe_results
+    evaluation.preference = preference
     headline = "judge" if judge else "semantic" if semantic else "token_f1"
     evaluation.verdict = knowledge_verdict(
         {kind: (p.summary, p.differences, len(p.scores[chosen[0]]["loss"]))
@@ -535,6 +579,11 @@ def evaluate_run(
         forgetting_info,
         training.get("train_runtime_seconds"),
     )  # fmt: skip
+    if preference is not None:
+        from tunelab.evaluation.preference import preference_verdict, write_preference_files
+
+        evaluation.verdict.append(preference_verdict(preference))
+        write_preference_files(preference, Path(out_dir or folder))
     evaluation.seconds = time.perf_counter() - started
     evaluation.files = write_reports(evaluation, Path(out_dir or folder), shown_answers)
     progress(f"Report: {evaluation.files['html']} ({evaluation.seconds:.0f} s)")

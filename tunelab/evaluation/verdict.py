@@ -24,6 +24,7 @@ NAMES = {
     "base": "the base model",
     "few-shot": "few-shot prompting",
     "rag": "RAG",
+    "sft": "the SFT run",
     "tuned": "fine-tuning",
     "tuned+rag": "fine-tuning with RAG",
 }
@@ -36,6 +37,8 @@ PAIRS = (
     ("tuned+rag", "rag"),
     ("few-shot", "base"),
     ("rag", "base"),
+    ("tuned", "sft"),  # a preference run against the SFT run it started from
+    ("sft", "base"),
 )
 
 

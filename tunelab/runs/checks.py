@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.files import check_safetensors, read_json_file
@@ -65,3 +66,33 @@ def _check_recorded_sizes(folder: Path, fix: str) -> None:
                 f"{path} is {actual} bytes but tunelab wrote {size}: it was cut off or edited. "
                 f"{fix}"
             )
+
+
+def resolve_run_dir(target: str | Path) -> tuple[Path, Any]:
+    """The run folder and its config, from a run folder or the config file that made it."""
+    from tunelab.config import load_config
+
+    path = Path(target)
+    if path.is_file():
+        config = load_config(path)
+        run_dir = Path(config.output_dir)
+        if not (run_dir / ADAPTER_CONFIG).is_file():
+            raise TunelabError(
+                f"{path} trains into {run_dir}, which holds no finished run (no "
+                f"{ADAPTER_CONFIG}). Run 'tunelab train {path}' first."
+            )
+        check_run_files(run_dir)
+        return run_dir, config
+    if (path / CONFIG).is_file() and not (path / ADAPTER_CONFIG).is_file():
+        raise TunelabError(
+            f"{path} is a tunelab run that did not finish: no saved adapter ({ADAPTER_CONFIG})"
+            f". Its training stopped or its final save failed; 'tunelab doctor {path}' shows why."
+        )
+    if not (path / ADAPTER_CONFIG).is_file() or not (path / CONFIG).is_file():
+        raise TunelabError(
+            f"{path} is not a tunelab run folder (expected {ADAPTER_CONFIG} and "
+            f"{CONFIG} in it). Pass the output_dir of a finished 'tunelab train', or "
+            "its config file."
+        )
+    check_run_files(path)  # a save cut off by a full disk is named, not parsed
+    return path, load_config(path / CONFIG)

@@ -18,12 +18,15 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
 
 import torch
 import torch.distributed as dist
 
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -169,8 +172,6 @@ def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:
     world's device)."""
     if not world.active:
         return
-    from tunelab.training.sharding import is_dtensor
-
     # sharded (FSDP) parameters had their gradients reduce-scattered in the backward
     params = [p for p in params if not is_dtensor(p)]
     if not params:
@@ -192,3 +193,10 @@ def barrier(world: World) -> None:
 
 def shard(items: list[Any], world: World) -> list[Any]:
     return items[world.rank :: world.size] if world.active else items
+
+
+def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
+    """Whether ``tensor`` is a DTensor (a parameter FSDP sharded over the processes)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)

@@ -18,16 +18,17 @@ collective), so the accumulation must split evenly and evaluation pads the short
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.training.distributed import is_dtensor
 
 if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
+    pass
 
 
 def wants_fsdp(sharding: str) -> bool:
@@ -123,12 +124,6 @@ def shard_model(model: nn.Module, device: str = "cpu") -> int:
 def is_sharded(model: nn.Module) -> bool:
     module = getattr(_fsdp(), "FSDPModule", None)
     return module is not None and any(isinstance(m, module) for m in model.modules())
-
-
-def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
