@@ -197,8 +197,9 @@ def test_errors_name_the_folder_and_the_fix(tmp_path, capsys):
     run = synthetic_run(tmp_path / "run", falling(4))
     with (run / "metrics.jsonl").open("a") as file:  # an edit: a cut line with more after it
         file.write('{"step": 5, "loss"\n{"step": 6, "loss": 1.0}\n')
-    with pytest.raises(TunelabError, match=r"metrics.jsonl:5 is not valid JSON"):
-        diagnose_run(run)
+    # doctor reports the damaged line as one finding and checks the others
+    damaged = codes(diagnose_run(run))["damaged_file"]
+    assert "metrics.jsonl:5 is not valid JSON" in damaged.evidence
     assert main(["doctor", str(tmp_path / "missing")]) == 2
     assert "error: " in capsys.readouterr().err
 

@@ -428,6 +428,11 @@ class FineTuner:
         data_stats = dict(self.token_stats)
         if eval_dataset is None:
             eval_dataset = self.eval_rows()
+        if resume:  # before the model loads: a finished run or an edited checkpoint
+            from tunelab.training.checkpoint import check_resume_point
+
+            steps = total_steps(len(train_dataset), self.config, world.size)
+            check_resume_point(output_dir, steps, self.config.early_stopping_patience)
         if self.model is None:
             self.prepare_model(total_steps(len(train_dataset), self.config, world.size))
         self.initialise_adapters(train_dataset, resume)

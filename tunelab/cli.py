@@ -539,36 +539,56 @@ def _unavailable(name: str, hint: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def missing_package_hint(error: ImportError) -> str:
-    """What failed to import and what to install: the extra of tunelab that declares the
-    package, else the package itself, else a reinstall of tunelab."""
+def missing_package_hint(error: ImportError, requirements: list[str] | None = None) -> str:
+    """What failed to import and what to install: for a core dependency of tunelab a
+    reinstall (or the package in its declared range), else the extra of tunelab that declares
+    the package, else the package itself. ``requirements``: tunelab's declared requirements
+    (default: its installed metadata)."""
+    import re
+
     missing = (error.name or "").split(".")[0]
     what = f"importing {error.name or 'a module'} failed ({error})"
+    reinstall = "pip install --force-reinstall tunelab"
     if not missing or missing == "tunelab":
-        return f"{what}. Reinstall tunelab (pip install --force-reinstall tunelab)."
-    extras = _extras_declaring(missing)
+        return f"{what}. Reinstall tunelab ({reinstall})."
+    core, extras = _declared(missing, _requirements() if requirements is None else requirements)
+    if core is not None:  # tunelab's install is broken: an extra would not mend it
+        wanted = re.split(r"\s*;", core, maxsplit=1)[0].strip()
+        return (
+            f"{what}. It is a core dependency of tunelab, so the install is incomplete: "
+            f"reinstall tunelab ({reinstall}) or install it with: pip install '{wanted}'"
+        )
     if extras:
         return f"{what}. Install it with: pip install 'tunelab[{extras[0]}]'"
     return f"{what}. Install it with: pip install {missing}"
 
 
-def _extras_declaring(package: str) -> list[str]:
-    """tunelab's extras (other than test) that list ``package``; [] for a core dependency."""
-    import re
+def _requirements() -> list[str]:
     from importlib import metadata
 
     try:
-        requirements = metadata.requires("tunelab") or []
+        return metadata.requires("tunelab") or []
     except metadata.PackageNotFoundError:
         return []
+
+
+def _declared(package: str, requirements: list[str]) -> tuple[str | None, list[str]]:
+    """(the core requirement that names ``package``, or None; tunelab's extras other than
+    test that list it)."""
+    import re
+
     wanted = re.sub(r"[-_.]+", "-", package).lower()
-    extras = []
+    core, extras = None, []
     for requirement in requirements:
         name = re.sub(r"[-_.]+", "-", re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0])
+        if name.lower() != wanted:
+            continue
         extra = re.search(r"extra\s*==\s*[\"']([^\"']+)", requirement)
-        if name.lower() == wanted and extra and extra.group(1) != "test":
+        if extra is None:
+            core = requirement
+        elif extra.group(1) != "test":
             extras.append(extra.group(1))
-    return extras
+    return core, extras
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import shutil
 import struct
@@ -110,8 +111,26 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in dicts, lists and tuples) made None, so
+    that the JSON written from it is strict JSON (``json.dumps`` writes NaN, which other
+    readers refuse) and says "no number" rather than a number that is not one."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def json_text(value: Any, **options: Any) -> str:
+    """Strict JSON of ``value`` (non-finite floats written as null; see :func:`finite_json`)."""
+    return json.dumps(finite_json(value), allow_nan=False, **options)
+
+
 def atomic_write_json(path: str | Path, value: Any) -> Path:
-    return atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+    return atomic_write_text(path, json_text(value, indent=2) + "\n")
 
 
 def fsync_tree(folder: str | Path) -> None:
@@ -132,7 +151,7 @@ def ensure_free_space(folder: str | Path, needed_bytes: int, what: str) -> None:
 
 def atomic_write_jsonl(path: str | Path, rows: list[Any]) -> Path:
     """One JSON object per line, written whole or not at all."""
-    text = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+    text = "".join(json_text(row, ensure_ascii=False, default=str) + "\n" for row in rows)
     return atomic_write_text(path, text)
 
 

@@ -46,6 +46,37 @@ EVAL_PREFERENCE_FILES = ("eval_preference.json", "eval_preference.md")
 logger = logging.getLogger(__name__)
 _TORN = object()  # a line that does not parse at all
 
+# the kinds of the values the readers' callers use (tables, curves, doctor): a value of
+# another kind was edited in, and is refused by name rather than shown or plotted
+_WHOLE = ("step", "steps", "train_tokens", "train_loss_tokens", "skipped_steps", "tokens",
+          "stopped_early_at_step", "trainable_parameters", "total_parameters",
+          "train_examples", "vocab_size")  # fmt: skip
+_NUMBERS = ("loss", "lr", "grad_norm", "epoch", "epochs", "tokens_per_second",
+            "train_runtime_seconds", "final_train_loss", "peak_memory_mb",
+            "reference_seconds")  # fmt: skip
+_NUMBER_PREFIXES = ("eval_", "initial_eval_", "best_eval_")
+_TEXT = ("method", "precision", "device")
+
+
+def value_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the value of ``key`` in a metrics line or results.json (None
+    when it can, or when the key is not one the readers check): e.g. "expected a whole
+    number (an integer), found 'eight'". None (JSON null) stands for "no number"."""
+    if value is None:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key in _WHOLE:
+        if not number or not float(value).is_integer():
+            return f"expected a whole number, found {value!r}"
+        if value < 0:
+            return f"expected a number of 0 or more, found {value!r}"
+    elif key in _NUMBERS or key.startswith(_NUMBER_PREFIXES):
+        if not number:
+            return f"expected a number, found {value!r}"
+    elif key in _TEXT and not isinstance(value, str):
+        return f"expected text, found {value!r}"
+    return None
+
 
 def config_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CONFIG
@@ -67,25 +98,28 @@ def checkpoints_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
-def damaged_run_fix(folder: str | Path) -> str:
-    """What to do about a run folder whose files were cut off (a full disk, a crash)."""
+def damaged_run_fix(folder: str | Path, doctor: bool = True) -> str:
+    """What to do about a run folder whose files were cut off (a full disk, a crash);
+    ``doctor=False`` leaves out the advice to run doctor (for doctor's own findings)."""
     if not metrics_path(folder).is_file():  # a merged or downloaded model
         return (
             "The model folder is incomplete (cut off while being written or copied): write it "
             "again (tunelab merge, or copy it again from where it came from)."
         )
     return (
-        f"The run's save did not complete (a full disk or a crash while saving). Free some "
-        f"space, then train again with --resume (from its last checkpoint) or --overwrite; "
-        f"'tunelab doctor {folder}' shows what the run got to."
+        "The run's save did not complete (a full disk or a crash while saving). Free some "
+        "space, then train again with --resume (from its last checkpoint) or --overwrite"
+        + (f"; 'tunelab doctor {folder}' shows what the run got to." if doctor else ".")
     )
 
 
-def parse_metrics_file(path: str | Path) -> list[dict[str, Any]]:
+def parse_metrics_file(path: str | Path, damaged: list[str] | None = None) -> list[dict[str, Any]]:
     """The records (JSON objects) of a metrics.jsonl file, in order; blank lines are ignored.
 
     A cut-off last line is skipped with a warning naming ``path:line``; another line that is
-    not a JSON object (or not UTF-8) raises TunelabError naming ``path:line``."""
+    not a JSON object (or not UTF-8), or whose step, loss or other value is of the wrong kind,
+    raises TunelabError naming ``path:line`` -- or, when ``damaged`` is a list (doctor, which
+    reports rather than stops), is skipped and its message appended to ``damaged``."""
     path = Path(path)
     # bytes, split by line, decoded one at a time: a write cut inside a multi-byte character
     # tears only the last line
@@ -98,7 +132,20 @@ def parse_metrics_file(path: str | Path) -> list[dict[str, Any]]:
         except (UnicodeDecodeError, json.JSONDecodeError):
             record = _TORN
         if isinstance(record, dict):
-            records.append(record)
+            problems = [
+                (k, p) for k, p in ((k, value_problem(k, v)) for k, v in record.items()) if p
+            ]
+            if not problems:
+                records.append(record)
+                continue
+            key, problem = problems[0]
+            message = (
+                f"{path}:{number}: {key!r} {problem}, so the line was edited or damaged. "
+                "Correct or delete that line, or start the run again with --overwrite."
+            )
+            if damaged is None:
+                raise TunelabError(message)
+            damaged.append(message)
             continue
         shown = raw[:60].decode("utf-8", errors="replace")
         if record is _TORN and position == len(numbered) - 1:
@@ -111,18 +158,21 @@ def parse_metrics_file(path: str | Path) -> list[dict[str, Any]]:
             )
             break
         problem = "is not valid JSON" if record is _TORN else "is not a JSON object"
-        raise TunelabError(
+        message = (
             f"{path}:{number} {problem} ({shown!r}): the file was cut off or edited. Delete "
             "that line, or start the run again with --overwrite."
         )
+        if damaged is None:
+            raise TunelabError(message)
+        damaged.append(message)
     return records
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir: str | Path, damaged: list[str] | None = None) -> list[dict[str, Any]]:
     """Every record of the run's metrics.jsonl ([] when it has none); see
     :func:`parse_metrics_file` for how a damaged line is handled."""
     path = metrics_path(run_dir)
-    return parse_metrics_file(path) if path.is_file() else []
+    return parse_metrics_file(path, damaged) if path.is_file() else []
 
 
 def split_metrics(records: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
@@ -140,6 +190,13 @@ def read_results(run_dir: str | Path) -> dict[str, Any] | None:
     results = read_json_file(path, fix)
     if not isinstance(results, dict):
         raise TunelabError(f"{path} is damaged (not a JSON object). {fix}")
+    for key, value in results.items():
+        problem = value_problem(key, value)
+        if problem:
+            raise TunelabError(
+                f"{path}: {key!r} {problem}, so the file was edited or damaged. Restore the "
+                "value tunelab wrote, or train the run again (--overwrite)."
+            )
     return results
 
 

@@ -35,6 +35,7 @@ from tunelab.run_folder import (
     damaged_run_fix,
     metrics_path,
     read_metrics,
+    read_results,
     read_saved_config,
     split_metrics,
 )
@@ -42,10 +43,13 @@ from tunelab.run_folder import (
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def read_run_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Train and eval records from metrics.jsonl, or from a transformers trainer_state.json."""
+def read_run_metrics(
+    run_dir: Path, damaged: list[str] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Train and eval records from metrics.jsonl, or from a transformers trainer_state.json;
+    with a ``damaged`` list, metrics.jsonl's damaged lines are skipped and described there."""
     if metrics_path(run_dir).is_file():
-        return split_metrics(read_metrics(run_dir))
+        return split_metrics(read_metrics(run_dir, damaged))
     state = read_json(run_dir / "trainer_state.json")
     if state is None:
         return [], []
@@ -99,7 +103,19 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
             "'tunelab runs list' shows the runs under outputs/."
         )
     damaged = check_saved_files(run_dir)
-    train, evals = read_run_metrics(run_dir)
+    bad_lines: list[str] = []
+    train, evals = read_run_metrics(run_dir, bad_lines)
+    if bad_lines:  # one finding for the file, the lines it skipped as its evidence
+        damaged.append(
+            Finding(
+                "damaged_file",
+                "error",
+                f"{METRICS} has {len(bad_lines)} damaged line(s), left out of the checks below",
+                "\n".join(bad_lines[:5]) + ("\n..." if len(bad_lines) > 5 else ""),
+                "Correct or delete those lines (the others are read), or train the run again "
+                "with --overwrite.",
+            )
+        )
     # a cut-off tokenizer file is reported above, not parsed (and not loaded) below
     has_tokenizer = any((run_dir / name).is_file() for name in TOKENIZER_FILES) and not any(
         f.evidence.startswith(str(run_dir / name)) for f in damaged for name in TOKENIZER_FILES
@@ -110,7 +126,7 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
             f"{run_dir} holds no {METRICS}, trainer_state.json, {CONFIG} or "
             "tokenizer, so it is not a training run. Pass the output_dir of 'tunelab train'."
         )
-    results = read_json(run_dir / RESULTS)
+    results = _results(run_dir, damaged)
     info = read_json(run_dir / RUN_INFO) or {}
     manifest = read_json(run_dir / DATA_MANIFEST) or {}
     trained_by_tunelab = bool(config_values)
@@ -148,6 +164,28 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
     return findings
 
 
+def _results(run_dir: Path, damaged: list[Finding]) -> dict[str, Any] | None:
+    """The run's results.json (None: the run did not finish). One that is there but cannot be
+    read is {} -- the run finished, its numbers are unknown -- with a finding for a value of
+    the wrong kind (a file that is not JSON has its finding from check_saved_files)."""
+    if not (run_dir / RESULTS).is_file():
+        return None
+    try:
+        return read_results(run_dir)
+    except TunelabError as error:
+        if not any(f.evidence.startswith(str(run_dir / RESULTS)) for f in damaged):
+            damaged.append(
+                Finding(
+                    "damaged_file",
+                    "error",
+                    f"{RESULTS} is damaged",
+                    str(error).strip(),
+                    "Restore the value tunelab wrote, or train the run again with --overwrite.",
+                )
+            )
+        return {}
+
+
 def _vocab_size(run_dir: Path, results: Any, config: dict[str, Any]) -> int | None:
     """The model's vocabulary size: results.json, else the base model's config.json (the run's
     or its model_name folder), for the uniform-guess loss level."""
@@ -169,7 +207,7 @@ def _vocab_size(run_dir: Path, results: Any, config: dict[str, Any]) -> int | No
 def check_saved_files(run_dir: Path) -> list[Finding]:
     """One finding per damaged or missing file of the saved run (a cut-off tokenizer.json,
     results.json or adapter after a full disk), each naming the file and what to do."""
-    fix = damaged_run_fix(run_dir)
+    fix = damaged_run_fix(run_dir, doctor=False)
     findings = []
     checks = [(p, lambda p: read_json_file(p, "")) for p in sorted(run_dir.glob("*.json"))]
     checks += [

@@ -16,7 +16,7 @@ from markupsafe import Markup
 
 from tunelab.evaluation.probe_report import probes_html, probes_markdown
 from tunelab.evaluation.verdict import LABELS
-from tunelab.files import atomic_write_text
+from tunelab.files import atomic_write_text, json_text
 from tunelab.html_pages import render
 from tunelab.loss_curves import Curve, loss_svg, points
 from tunelab.run_folder import EVAL_REPORT_FILES, EVAL_REPORT_HTML, EVAL_REPORT_MD, EVAL_RESULTS
@@ -323,6 +323,6 @@ def write_reports(results: Any, folder: Path, shown: int = 8) -> dict[str, str]:
     }
     atomic_write_text(files["html"], html_report(results, shown))
     atomic_write_text(files["markdown"], markdown_report(results, shown))
-    atomic_write_text(files["json"], json.dumps(results.to_json(), indent=1) + "\n")
+    atomic_write_text(files["json"], json_text(results.to_json(), indent=1) + "\n")
     record_files(folder, "report", files.values())
     return {k: str(v) for k, v in files.items()}

@@ -374,6 +374,7 @@ def evaluate_run(
     if limit is not None and limit < 1:
         raise TunelabError(f"--limit must be at least 1 (got {limit}).")
     folder, config = resolve_run_dir(run_dir)
+    training = _training_info(folder)  # a damaged run file is named before the model work
     eval_path = str(eval_path or config.eval_path or "")
     if not eval_path:
         raise TunelabError(
@@ -549,7 +550,6 @@ def evaluate_run(
         for kind in kinds
         if any(p.probe == kind for p in knowledge)
     }
-    training = _training_info(folder)
     settings = {
         "systems": chosen, "limit": limit, "k": k, "retriever": retriever,
         "few_shot_choice": few_shot_choice, "max_new_tokens": max_new_tokens,

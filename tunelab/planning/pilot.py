@@ -17,13 +17,13 @@ forecast of the final loss.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.files import json_text
 
 
 @dataclass
@@ -166,5 +166,5 @@ def run_pilot(
         )
     result = advise(runs, steps, threshold)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pilot.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    (folder / "pilot.json").write_text(json_text(result.to_json(), indent=1) + "\n")
     return result

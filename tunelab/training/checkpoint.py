@@ -8,7 +8,6 @@ The data position is the step number: an epoch's batch order is a function of (s
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,13 @@ from typing import Any
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.files import check_safetensors, read_json_file, staged_folder, tensor_bytes
+from tunelab.files import (
+    check_safetensors,
+    json_text,
+    read_json_file,
+    staged_folder,
+    tensor_bytes,
+)
 from tunelab.methods import load_method_state, whole_ranks
 from tunelab.run_folder import CHECKPOINTS
 from tunelab.training.state import TrainState
@@ -91,7 +96,7 @@ def save_checkpoint(
         if scaler is not None:
             blob["scaler"] = scaler.state_dict()
         torch.save(blob, staging / "training_state.pt")
-        (staging / STATE).write_text(json.dumps(state.to_json(), indent=2))
+        (staging / STATE).write_text(json_text(state.to_json(), indent=2))
     keep = set(checkpoint_dirs(run_dir)[-keep_last:])
     best = best_checkpoint(run_dir)
     if best is not None:
@@ -236,8 +241,62 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def read_train_state(path: Path) -> TrainState:
-    """A checkpoint's trainer state, typed; one this version cannot read is a TunelabError."""
-    return TrainState.from_json(read_state(path), path / STATE)
+    """A checkpoint's trainer state, typed; one this version cannot read, or whose step is not
+    the step its folder is named for (``step-NNNNNN``), is a TunelabError."""
+    state = TrainState.from_json(read_state(path), path / STATE)
+    named = path.name.removeprefix("step-")
+    if named.isdigit() and int(named) != state.step:
+        raise TunelabError(
+            f"{path / STATE}: step is {state.step}, but the checkpoint folder {path.name} was "
+            f"written at step {int(named)}, so the file was edited or copied from another "
+            f"checkpoint. {damaged_checkpoint_fix(path)}"
+        )
+    return state
+
+
+def check_resume_point(run_dir: Path, steps: int, patience: int | None = None) -> None:
+    """Refuse a resume of ``run_dir`` that has nothing to do or a checkpoint past the end.
+
+    ``steps``: the optimizer steps of the whole run under the config it resumes with;
+    ``patience``: its early_stopping_patience. A run that finished (results.json) at ``steps``
+    or beyond, or stopped early with a patience that would stop it again at once, has nothing
+    left to train; a checkpoint beyond ``steps`` cannot be the start of this run. Raising
+    max_steps (or the epochs, or the patience) of a finished run and resuming trains it
+    further, which is allowed."""
+    from tunelab.run_folder import read_results
+
+    checkpoint = latest_checkpoint(run_dir)
+    state = None
+    if checkpoint is not None:
+        state = read_train_state(checkpoint)
+        if state.step > steps:
+            raise TunelabError(
+                f"{checkpoint / STATE}: step is {state.step}, beyond the {steps} steps this run "
+                "trains for (max_steps, or the epochs over the data), so there is nothing to "
+                f"resume from it. {damaged_checkpoint_fix(checkpoint)}"
+            )
+    results = read_results(run_dir)
+    finished = results.get("steps") if results is not None else None
+    stopped = results.get("stopped_early_at_step") if results is not None else None
+    if (
+        stopped is not None
+        and state is not None
+        and state.step == stopped
+        and patience is not None
+        and state.evals_without_improvement >= patience
+    ):
+        raise TunelabError(
+            f"{run_dir}: this run already finished at step {stopped}, stopped early after "
+            f"{state.evals_without_improvement} evaluations without improvement; nothing to "
+            "resume. Use --overwrite to train it again, or raise early_stopping_patience (or "
+            "unset it) and resume to train it further."
+        )
+    if isinstance(finished, int) and finished >= steps:
+        raise TunelabError(
+            f"{run_dir}: this run already finished at step {finished} (its results.json); "
+            f"nothing to resume. Use --overwrite to train it again, or raise max_steps (or "
+            f"num_epochs) above {finished} and resume to train it further."
+        )
 
 
 def _by_name(state: dict[str, Any], model: Any, optimizer: Any) -> dict[str, Any]:

@@ -3,7 +3,6 @@ says as it trains."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -14,7 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tunelab.config import FineTuningConfig
-from tunelab.files import atomic_write_jsonl, disk_full_errors
+from tunelab.files import atomic_write_jsonl, disk_full_errors, json_text
 from tunelab.run_folder import CURVES, metrics_path, parse_metrics_file, read_metrics
 
 # the run's console lines (tunelab.messages shows them on stdout; a program can silence them)
@@ -38,7 +37,7 @@ class MetricsLog:
             self.path.unlink()
 
     def write(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record) + "\n").encode()
+        line = (json_text(record) + "\n").encode()
         with disk_full_errors(self.path.parent, f"a line of {self.path.name}", len(line)):
             descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:

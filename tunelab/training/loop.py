@@ -21,10 +21,12 @@ import torch
 from tunelab.config import FineTuningConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import after_optimizer_step, method_loss_term, method_state
+from tunelab.run_folder import read_metrics
 from tunelab.training import preference
 from tunelab.training.attention import use_packed_attention
 from tunelab.training.batching import Row, collate, loss_tokens, plan_epoch
 from tunelab.training.checkpoint import (
+    check_resume_point,
     latest_checkpoint,
     load_checkpoint,
     load_weights,
@@ -249,8 +251,9 @@ def fit(
                     log.close_progress()
                     raise interrupted(state, run, saved)
         if stopped_early:
-            log.say(f"Early stopping at step {state.step}: no eval-loss improvement in "
-                    f"{config.early_stopping_patience} evaluations.")  # fmt: skip
+            log.say(f"Early stopping at step {state.step}: the last "
+                    f"{state.evals_without_improvement} evaluations did not improve on the best "
+                    f"eval loss {state.best_eval_loss:.4f}, counted across resumes.")  # fmt: skip
         log.close()
         model.eval()
         return results_of(state, run, log, initial, last_eval, stopped_early)
@@ -294,6 +297,9 @@ def set_up(
     checkpoint's (weights, optimizer, schedule, RNG and the method's own state too)."""
     world = init_world(device)
     checkpoint = latest_checkpoint(run_dir) if resume else None
+    steps = total_steps(num_rows, config, world.size)
+    if resume:  # a finished run, or a checkpoint past the end, has nothing to resume
+        check_resume_point(run_dir, steps, config.early_stopping_patience)
     if sharded:
         if checkpoint is not None:  # whole weights into the whole model, before it is split
             load_weights(checkpoint, model)
@@ -302,7 +308,6 @@ def set_up(
     torch.manual_seed(config.seed)
     optimizer, optimizer_note = build_optimizer(model, config)
     per_epoch = steps_per_epoch(num_rows, config, world.size)
-    steps = total_steps(num_rows, config, world.size)
     warmup = warmup_steps_for(steps, config.warmup_ratio, config.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, config.lr_scheduler)
@@ -565,11 +570,25 @@ def results_of(
         results.update({f"eval_{k}": round(v, 6) for k, v in last_eval.metrics.items()})
     if initial is not None and initial.metrics:
         results.update({f"initial_eval_{k}": round(v, 6) for k, v in initial.metrics.items()})
+    if initial is None and run.resumed and run.world.is_main:
+        results.update(_initial_eval_logged(run.run_dir))
     warnings = log.warnings()  # the summary says where the run ended up
     if warnings:
         results["warnings"] = warnings
     results["vocab_size"] = log.vocab_size
     return results
+
+
+def _initial_eval_logged(run_dir: Path) -> dict[str, Any]:
+    """A resumed run's step-0 evaluation (the base model), as results reports it, from the
+    eval line of step 0 that metrics.jsonl kept: the resumed process did not run it."""
+    for record in read_metrics(run_dir):
+        if record.get("step") == 0 and "eval_loss" in record:
+            numbers = {k: v for k, v in record.items() if k.startswith("eval_")}
+            if "eval_perplexity" in numbers:  # a language-model run reports the loss only
+                return {"initial_eval_loss": numbers["eval_loss"]}
+            return {f"initial_{k}": v for k, v in numbers.items()}
+    return {}
 
 
 def _clip(params: list[torch.Tensor], max_norm: float) -> float:

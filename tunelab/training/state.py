@@ -57,6 +57,9 @@ class TrainState:
             )
             if not ok:
                 raise TunelabError(f"{source}: {key} is {value!r}, not a number. {fix}")
+        for key in ("step", "tokens", "loss_tokens", "evals_without_improvement", "skipped_steps"):
+            if key in data and data[key] < 0:
+                raise TunelabError(f"{source}: {key} is {data[key]}, below 0. {fix}")
         return cls(**data)
 
 
