@@ -301,7 +301,7 @@ def run_tunelab(args: argparse.Namespace, out: Path) -> dict:
     config = FineTuningConfig(
         model_name=args.model or FineTuningConfig.model_name,
         dataset_path=str(data),
-        output_dir=str(out / "tunelab"),
+        output_dir=str(out / f"tunelab-{args.shape or 'smollm2'}"),  # one folder per shape
         lora_r=8,
         lora_alpha=32,
         lora_dropout=0.1,
