@@ -428,13 +428,13 @@ class FineTuner:
         data_stats = dict(self.token_stats)
         if eval_dataset is None:
             eval_dataset = self.eval_rows()
+        steps = total_steps(len(train_dataset), self.config, world.size)
         if resume:  # before the model loads: a finished run or an edited checkpoint
             from tunelab.training.checkpoint import check_resume_point
 
-            steps = total_steps(len(train_dataset), self.config, world.size)
             check_resume_point(output_dir, steps, self.config.early_stopping_patience)
         if self.model is None:
-            self.prepare_model(total_steps(len(train_dataset), self.config, world.size))
+            self.prepare_model(steps)
         self.initialise_adapters(train_dataset, resume)
         if main_process:  # a full disk found now, not after the training it would waste
             freed = replaced_bytes(output_dir) if overwrite and not resume else 0
