@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from tunelab.errors import TunelabError, did_you_mean
-from tunelab.yaml_numbers import load_yaml
+from tunelab.yaml_numbers import load_yaml, yaml_error_line
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -1017,8 +1017,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> FineTun
     try:
         values = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        where = yaml_error_line(exc)
         raise TunelabError(
             f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}). "
             "Each line should be 'key: value'."

@@ -206,7 +206,7 @@ def read_saved_config(run_dir: str | Path) -> dict[str, Any]:
     mapping."""
     import yaml
 
-    from tunelab.yaml_numbers import load_yaml
+    from tunelab.yaml_numbers import load_yaml, yaml_error_line
 
     path = config_path(run_dir)
     if not path.is_file():
@@ -214,8 +214,7 @@ def read_saved_config(run_dir: str | Path) -> dict[str, Any]:
     try:
         values = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        where = yaml_error_line(exc)
         raise TunelabError(
             f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}). "
             "The run's saved config was edited or damaged: restore it from the config you "

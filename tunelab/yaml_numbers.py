@@ -44,3 +44,10 @@ def load_yaml(text: str) -> Any:
     Raises ``yaml.YAMLError`` for text that is not YAML, as ``yaml.safe_load`` does.
     """
     return yaml.load(text, Loader=NumberLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """`` line N`` (1-based) where PyYAML found the problem in ``exc``, or ``""`` when it says
+    no place: the piece of a 'FILE line N: not valid YAML' message."""
+    mark = getattr(exc, "problem_mark", None)
+    return f" line {mark.line + 1}" if mark else ""

@@ -32,7 +32,7 @@ import yaml
 
 from tunelab.config import FIELDS, FineTuningConfig, config_from_dict
 from tunelab.errors import TunelabError, did_you_mean
-from tunelab.yaml_numbers import load_yaml
+from tunelab.yaml_numbers import load_yaml, yaml_error_line
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         values = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        where = yaml_error_line(exc)
         raise TunelabError(f"{path}{where}: not valid YAML ({exc}).") from None
     if not isinstance(values, dict):
         raise TunelabError(f"{path}: expected a mapping of 'key: value' lines.")
