@@ -325,7 +325,28 @@ def load_model(
     if quantization_config is None:
         # transformers' typing of the wrapped .to takes the model as its first argument
         model = model.to(device)  # type: ignore[arg-type]
+    _keep_attention_softcapping(model)
     return model.eval()
+
+
+def _keep_attention_softcapping(model: Any) -> None:
+    """Gemma 2's attention soft-capping with the attention that applies it.
+
+    transformers' SDPA attention has no soft-capping: the versions that pick SDPA by default for
+    Gemma 2 (5.2 does; later ones pick eager) would silently compute another model than the
+    checkpoint's, and another one than tunelab's packed attention trains (which soft-caps). The
+    eager attention is transformers' own reference for these models."""
+    config = getattr(model, "config", None)
+    cap = getattr(config, "attn_logit_softcapping", None)
+    if not cap or getattr(config, "_attn_implementation", None) != "sdpa":
+        return
+    model.set_attn_implementation("eager")
+    logger.info(
+        "%s: attention soft-capping (attn_logit_softcapping=%s) needs eager attention; "
+        "transformers' SDPA attention would drop it, so eager attention is used",
+        getattr(config, "model_type", "model"),
+        cap,
+    )
 
 
 def load_adapter(model: Any, run_dir: str | Path, adapter_name: str = "default") -> Any:

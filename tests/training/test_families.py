@@ -200,7 +200,15 @@ def _pack(examples: list[tuple[list[int], list[int]]]) -> Row:
 def _load(built: Built, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(built.base_dir, dtype=dtype).to(DEVICE)
+    return AutoModelForCausalLM.from_pretrained(
+        built.base_dir, dtype=dtype, **_reference_attention(built.case)
+    ).to(DEVICE)
+
+
+def _reference_attention(case: Case) -> dict[str, str]:
+    # transformers' eager attention is its reference where attention is soft-capped: its SDPA
+    # attention has no soft-capping, and transformers 5.2 picks SDPA for Gemma 2 by default
+    return {"attn_implementation": "eager"} if case.quirks.get("attn_logit_softcapping") else {}
 
 
 def _with_lora(model: Any, case: Case, dropout: float = 0.0) -> Any:
@@ -296,7 +304,9 @@ def test_bf16_run_trains_then_generates_and_merges_like_peft(built, tmp_path):
     merged_dir = merge_run(run_dir, tmp_path / "merged")
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(
+        merged_dir, **_reference_attention(built.case)
+    ).eval()
     tokens = torch.tensor([built.rows[0].input_ids])
     with torch.no_grad():
         expected = plain(input_ids=tokens.to(DEVICE)).logits.cpu()
@@ -318,3 +328,18 @@ def test_default_target_modules_become_the_family_attention_projections(case, to
     config = dataclasses.replace(config, target_modules=targets)  # the config is frozen
     assert f"{case.model_type} has no q_proj/v_proj" in note
     check_target_modules(config, modules)  # the chosen ones exist and take an adapter
+
+
+def test_attention_softcapping_loads_with_the_attention_that_applies_it(built):
+    """tunelab's loaded model computes the checkpoint's model: where attention is soft-capped,
+    transformers' SDPA attention (which 5.2 picks for Gemma 2) would drop the cap."""
+    from tunelab.models import load_model
+
+    model = load_model(str(built.base_dir), torch.float32, device=DEVICE)
+    ids = torch.tensor([built.examples[0][0]], device=DEVICE)
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits
+        expected = _load(built)(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if built.case.quirks.get("attn_logit_softcapping"):
+        assert model.config._attn_implementation == "eager"
