@@ -198,7 +198,14 @@ def _check_export(out: Path, run_dir: Path, source: Path, out_type: str, scratch
 def cmd_serve(args: argparse.Namespace) -> int:
     from tunelab.serving.app import serve
 
-    serve(args.targets, args.host, args.port, args.precision, args.max_batch_size)
+    serve(
+        args.targets,
+        args.host,
+        args.port,
+        args.precision,
+        args.max_batch_size,
+        continuous=not args.no_continuous_batching,
+    )
     return 0
 
 
@@ -424,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-batch-size", type=int, default=8, help="Most requests generated together."
+    )
+    serve.add_argument(
+        "--no-continuous-batching",
+        action="store_true",
+        help="Run each batch to its end before new requests start (by default a request "
+        "joins the running batch at the next token).",
     )
     serve.set_defaults(func=cmd_serve)
 

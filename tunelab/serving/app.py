@@ -11,8 +11,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from starlette.requests import Request
 
 from tunelab.errors import TunelabError
 from tunelab.serving.batching import BatchWorker, Job
@@ -23,6 +25,8 @@ from tunelab.template_sandbox import render_chat
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
+# how often a waiting non-streaming request checks that its client is still connected
+DISCONNECT_POLL_S = 0.25
 
 
 class RequestError(Exception):
@@ -35,7 +39,7 @@ class RequestError(Exception):
 
 def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
     """The FastAPI application serving ``pool`` through ``worker``."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -79,23 +83,22 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
         }
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest) -> Any:
+    async def chat(body: ChatRequest, request: Request) -> Any:
         served = _model(pool, body.model)
         text = _render_chat(served, body)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _answer(pool, worker, served, body, text, max_tokens, chat=True)
+        return await _answer(request, served, body, text, max_tokens, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         served = _model(pool, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise RequestError(400, "prompt: give one prompt per request.", "prompt")
-        return await _answer(pool, worker, served, body, prompts[0], body.max_tokens, chat=False)
+        return await _answer(request, served, body, prompts[0], body.max_tokens, chat=False)
 
     async def _answer(
-        pool: ModelPool,
-        worker: BatchWorker,
+        request: Request,
         served: ServedModel,
         body: Any,
         text: str,
@@ -137,14 +140,28 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
         reply = _Reply(served.name, chat, len(prompt_ids))
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            stream = _stream(events, reply, include_usage)
+            stream = _stream(events, reply, include_usage, lambda: worker.cancel(job))
             return StreamingResponse(stream, media_type="text/event-stream")
-        while True:
-            kind, value = await events.get()
-            if kind == "error":
-                return JSONResponse(error_body(value, "server_error"), status_code=500)
-            if kind == "done":
-                return reply.whole(*value)
+        try:
+            checked = time.monotonic()
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    kind, value = "wait", None
+                if kind == "error":
+                    return JSONResponse(error_body(value, "server_error"), status_code=500)
+                if kind == "done":
+                    return reply.whole(*value)
+                # text pieces keep coming while the answer is made, so look at the clock
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():  # the client gave up: free its row
+                        worker.cancel(job)
+                        return JSONResponse(error_body("client disconnected"), status_code=499)
+        except asyncio.CancelledError:  # the server cancelled the handler (shutdown)
+            worker.cancel(job)
+            raise
 
     return app
 
@@ -197,10 +214,27 @@ class _Reply:
 
 
 async def _stream(
-    events: asyncio.Queue[tuple[str, Any]], reply: _Reply, include_usage: bool
+    events: asyncio.Queue[tuple[str, Any]],
+    reply: _Reply,
+    include_usage: bool,
+    cancel: Callable[[], None],
 ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per piece of text, a last chunk with the finish reason,
-    the usage chunk if asked for, then ``[DONE]``."""
+    the usage chunk if asked for, then ``[DONE]``. If the client goes away first, starlette
+    stops this generator and ``cancel`` frees the request's row in the batch."""
+    finished = False
+    try:
+        async for piece in _events(events, reply, include_usage):
+            yield piece
+        finished = True
+    finally:
+        if not finished:
+            cancel()
+
+
+async def _events(
+    events: asyncio.Queue[tuple[str, Any]], reply: _Reply, include_usage: bool
+) -> AsyncIterator[str]:
 
     def event(payload: dict[str, Any]) -> str:
         return f"data: {json.dumps(payload)}\n\n"
@@ -265,14 +299,16 @@ def serve(
     port: int = 8000,
     precision: str = "fp32",
     max_batch_size: int = 8,
+    continuous: bool = True,
 ) -> None:
-    """Load ``targets`` and serve them until interrupted (blocks)."""
+    """Load ``targets`` and serve them until interrupted (blocks). ``continuous=False`` runs
+    each batch to its end before the next starts (the whole-batch ``generate`` path)."""
     import uvicorn
 
     if max_batch_size < 1:
         raise TunelabError(f"--max-batch-size is {max_batch_size}; it must be at least 1.")
     pool = load_pool(targets, precision)
-    worker = BatchWorker(pool, max_batch_size)
+    worker = BatchWorker(pool, max_batch_size, continuous)
     logger.info("Serving %s at http://%s:%s/v1", ", ".join(pool.served), host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: anyone who can reach it can use the models.", host)
