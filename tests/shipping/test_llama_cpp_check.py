@@ -72,6 +72,30 @@ def test_export_quantizes_with_llama_cpp_and_reports_the_check(tiny_model_dir, t
     assert quantized.perplexity != f16.perplexity
 
 
+def test_the_quantizers_per_tensor_lines_become_one_summary(tiny_model_dir, tmp_path, capfd):
+    """llama.cpp prints a line per tensor from C (past sys.stdout); the export shows none of
+    them, only one line that says how many tensors fell back, to what and why."""
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("tunelab.shipping.gguf_export").addHandler(handler)
+    try:
+        export_gguf(tiny_model_dir, tmp_path / "q.gguf", "q4_k_m")
+    finally:
+        logging.getLogger("tunelab.shipping.gguf_export").removeHandler(handler)
+    printed = capfd.readouterr()
+    assert "falling back" not in printed.out + printed.err
+    assert "converting to" not in printed.out + printed.err
+    # the tiny model: 14 of its 20 tensors have rows of 64 or 128 values (q4_K/q6_K need 256)
+    assert records == [
+        "llama.cpp's quantizer: 14 of 20 tensors are not q4_k_m because their rows (64, 128 "
+        "values) are not a multiple of 256; it used q5_0 for 12 (instead of q4_K) and q8_0 for "
+        "2 (instead of q6_K), so the file is a little larger and more precise."
+    ]
+
+
 @pytest.mark.slow
 def test_default_model_in_llama_cpp_answers_like_tunelab_and_stops(tmp_path, capsys):
     from tunelab.models import resolve_model
