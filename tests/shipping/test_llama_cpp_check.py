@@ -72,6 +72,56 @@ def test_export_quantizes_with_llama_cpp_and_reports_the_check(tiny_model_dir, t
     assert quantized.perplexity != f16.perplexity
 
 
+def test_a_difference_is_a_near_tie_only_where_tunelabs_logits_nearly_tie(tiny_model_dir):
+    """A constructed llama.cpp answer that leaves tunelab's greedy one at a chosen token: the
+    check finds that token and tunelab's logit gap there, and calls it a near-tie only when the
+    gap is below NEAR_TIE_GAP (the runner-up at the closest position), a real mismatch
+    otherwise (the least likely token)."""
+    from conftest import spread_weights
+
+    from tunelab.shipping.llama_cpp_check import (
+        NEAR_TIE_GAP,
+        LlamaCppCheck,
+        Parting,
+        find_parting,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    spread_weights(model, seed=4, std=0.05)  # its closest top-2 gap: 0.016 logits
+    prompt = tokenizer("What does a compiler do?").input_ids
+    greedy = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            greedy.append(int(model(torch.tensor([greedy])).logits[0, -1].argmax()))
+        logits = model(torch.tensor([greedy])).logits[0, len(prompt) - 1 : -1]
+    answer = greedy[len(prompt) :]
+    top2 = logits.topk(2, dim=-1)
+    gaps = top2.values[:, 0] - top2.values[:, 1]
+    closest = int(gaps.argmin())
+    spread = float(logits[closest].max() - logits[closest].min())
+    assert float(gaps[closest]) < NEAR_TIE_GAP < spread
+
+    def check(token: int) -> LlamaCppCheck:
+        constructed = answer[:closest] + [token] + answer[closest + 1 :]
+        parting = find_parting(model, tokenizer, prompt, constructed, False, None)
+        assert isinstance(parting, Parting) and parting.index == closest
+        assert parting.tunelab_token == tokenizer.decode([answer[closest]])
+        assert parting.llama_cpp_token == tokenizer.decode([token])
+        own = logits[closest, answer[closest]]
+        assert parting.gap == pytest.approx(float(own - logits[closest, token]), abs=1e-4)
+        return LlamaCppCheck("a", "b", False, 1.0, prompt, constructed, parting)
+
+    near = check(int(top2.indices[closest, 1]))
+    assert near.near_tie
+    assert f"differs at a near-tie (new token {closest + 1}: " in near.summary()
+    far = check(int(logits[closest].argmin()))
+    assert not far.near_tie and far.parting and far.parting.gap > NEAR_TIE_GAP
+    assert f"greedy answer DIFFERS (new token {closest + 1}: " in far.summary()
+    # tunelab's own answer parts nowhere
+    assert find_parting(model, tokenizer, prompt, answer, False, None) is None
+
+
 def test_the_quantizers_per_tensor_lines_become_one_summary(tiny_model_dir, tmp_path, capfd):
     """llama.cpp prints a line per tensor from C (past sys.stdout); the export shows none of
     them, only one line that says how many tensors fell back, to what and why."""
