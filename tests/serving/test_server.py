@@ -446,3 +446,57 @@ def test_models_the_step_loop_cannot_merge_are_named():
     model = tiny("llama")
     model.generation_config.repetition_penalty = 1.3
     assert continuous_unsupported(model) == "its generation config sets repetition_penalty=1.3"
+
+
+def test_new_user_mistakes_get_a_message_that_says_what_to_do(
+    live_server, client, two_runs, capsys
+):
+    """Found by a new-user break test: curl's -d without a JSON content type, where a JSON
+    body breaks, a prompt longer than the context with no max_tokens, an empty stop string, and
+    a port already in use (refused before the model loads)."""
+    import urllib.request
+
+    from tunelab.cli import main
+
+    url = live_server.url + "/chat/completions"
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    form = urllib.request.Request(url, data=json.dumps(chat).encode(), method="POST")
+    form.add_header("content-type", "application/x-www-form-urlencoded")  # curl -d's default
+    try:
+        urllib.request.urlopen(form, timeout=60)
+        raise AssertionError("a form body was accepted")
+    except urllib.error.HTTPError as error:
+        assert error.code == 400
+        message = json.loads(error.read())["error"]["message"]
+    assert "Content-Type: application/json" in message
+    assert "application/x-www-form-urlencoded" in message
+    status, reply = http("post", url, b'{"model": "alpha", "messages": [}')
+    assert status == 400
+    assert reply["error"]["message"] == "the request body is not valid JSON (at character 33)."
+    assert reply["error"]["param"] is None
+    long = {"model": "alpha", "messages": [{"role": "user", "content": "word " * 3000}]}
+    status, reply = http("post", url, json.dumps(long).encode())
+    assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
+    assert "the prompt alone has" in reply["error"]["message"]
+    assert "-" not in reply["error"]["message"].split("max_tokens")[0]  # no negative count
+    status, reply = http("post", url, json.dumps({**chat, "max_tokens": 5000}).encode())
+    assert (
+        "2048 tokens; the prompt has 18 and max_tokens asks for 5000, 2030 at most fit"
+        in (reply["error"]["message"])
+    )
+    empty_stop = ask(client, "alpha", "hello", stop="")
+    assert (
+        empty_stop.choices[0].message.content.strip()
+        == ask(client, "alpha", "hello").choices[0].message.content.strip()
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        began = time.monotonic()
+        capsys.readouterr()
+        assert main(["serve", str(two_runs[0]), "--port", str(port)]) == 2
+    assert time.monotonic() - began < 5  # refused before loading the model
+    printed = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use." in printed
+    assert "pick another with --port" in printed

@@ -58,7 +58,16 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
         where = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = ".".join(where) or None
         if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON."
+            at = first.get("loc", ("body", None))[-1]
+            where_in = f" (at character {at + 1})" if isinstance(at, int) else ""  # from 0
+            message = f"the request body is not valid JSON{where_in}."
+            return JSONResponse(error_body(message), status_code=400)
+        if not where and "json" not in request.headers.get("content-type", ""):
+            message = (
+                "the request body must be a JSON object sent with the header "
+                "'Content-Type: application/json' (curl: -H 'Content-Type: application/json'); "
+                f"this one came as {request.headers.get('content-type') or 'no content type'}."
+            )
         else:
             message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
         return JSONResponse(error_body(message, param=param), status_code=400)
@@ -107,15 +116,24 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
     ) -> Any:
         prompt_ids = served.tokenizer(text, add_special_tokens=False).input_ids
         room = pool.context_length - len(prompt_ids)
+        where = "messages" if chat else "prompt"
+        if room < 1:
+            raise RequestError(
+                400,
+                f"this model's context is {pool.context_length} tokens and the prompt alone has "
+                f"{len(prompt_ids)}, leaving no room for an answer. Shorten the prompt.",
+                where,
+                "context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, room)
-        if room < 1 or max_tokens > room:
+        if max_tokens > room:
             raise RequestError(
                 400,
                 f"this model's context is {pool.context_length} tokens; the prompt has "
-                f"{len(prompt_ids)} and max_tokens asks for {max_tokens}. Shorten the prompt "
-                "or lower max_tokens.",
-                "messages" if chat else "prompt",
+                f"{len(prompt_ids)} and max_tokens asks for {max_tokens}, {room} at most fit. "
+                "Shorten the prompt or lower max_tokens.",
+                where,
                 "context_length_exceeded",
             )
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -307,6 +325,7 @@ def serve(
 
     if max_batch_size < 1:
         raise TunelabError(f"--max-batch-size is {max_batch_size}; it must be at least 1.")
+    check_port_free(host, port)  # before the model loads, which takes a while
     pool = load_pool(targets, precision)
     worker = BatchWorker(pool, max_batch_size, continuous)
     logger.info("Serving %s at http://%s:%s/v1", ", ".join(pool.served), host, port)
@@ -316,3 +335,19 @@ def serve(
         uvicorn.run(build_app(pool, worker), host=host, port=port, log_level="warning")
     finally:
         worker.stop()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise TunelabError when ``host:port`` cannot be listened on (most often: in use)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise TunelabError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}. Another server probably "
+                "uses the port; pick another with --port, or stop that server."
+            ) from None

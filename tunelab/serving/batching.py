@@ -320,7 +320,7 @@ def _flush(job: Job, final: bool) -> None:
     half a character (the tokenizer's U+FFFD for an incomplete UTF-8 sequence)."""
     end = len(job.text)
     if not final:
-        hold = max((len(s) - 1 for s in job.stop), default=0)
+        hold = max((len(s) - 1 for s in job.stop if s), default=0)
         end = max(job.sent, end - hold)
         while end > job.sent and job.text[end - 1] == "\ufffd":
             end -= 1
