@@ -142,7 +142,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tunelab.shipping.merge import merge_run
 
     run_dir = Path(args.run_dir)
-    out = Path(args.out or run_dir / f"{run_dir.name}-{args.type}.gguf")
+    out_dir = run_dir
+    if not run_dir.exists():  # a model name (the default model's, say), as serve takes
+        from tunelab.models import resolve_model
+
+        resolved = Path(resolve_model(args.run_dir))
+        if resolved.is_dir():  # the name's cached folder: the file goes here, not into a cache
+            run_dir, out_dir = resolved, Path.cwd()
+    out = Path(args.out or out_dir / f"{Path(args.run_dir).name}-{args.type}.gguf")
     trust = run_trust_remote_code(run_dir)
     check_gguf_target(out, run_dir, args.overwrite)  # before the minutes a merge takes
     if args.format == "ollama":  # refuse before writing anything, and before the slow part

@@ -166,3 +166,15 @@ def test_default_model_in_llama_cpp_answers_like_tunelab_and_stops(tmp_path, cap
     # measured: f16 28.29, q8_0 28.09, q4_k_m 30.74 on HELD_OUT
     assert results["q8_0"].perplexity == pytest.approx(results["f16"].perplexity, rel=0.03)
     assert results["q4_k_m"].perplexity == pytest.approx(results["f16"].perplexity, rel=0.25)
+
+
+@pytest.mark.slow
+def test_export_takes_the_default_models_name(tmp_path, monkeypatch, capsys):
+    """Found by the new-user break test: `tunelab export smollm2-135m-instruct` (a name serve
+    and generate take) was refused as "not a transformers model folder"; its file goes to the
+    current folder, not into the model cache."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "smollm2-135m-instruct", "--type", "f16", "--no-check"]) == 0
+    written = tmp_path / "smollm2-135m-instruct-f16.gguf"
+    assert f"Wrote {written} (" in capsys.readouterr().out
+    assert written.read_bytes()[:4] == b"GGUF"

@@ -84,7 +84,7 @@ class Batch:
 
 
 @functools.cache
-def _forward_parameters(model_class: type) -> frozenset[str]:
+def _forward_parameters(model_class: Any) -> frozenset[str]:
     return frozenset(inspect.signature(model_class.forward).parameters)
 
 
@@ -93,7 +93,7 @@ def _forward(model: Any, cache: Any, **inputs: Any) -> Any:
     under the keyword names this transformers version uses (``past_key_values`` became
     ``cache`` in 5.x), as ``generate`` calls it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    accepted = _forward_parameters(type(base))
+    accepted = _forward_parameters(base.__class__)
     inputs["cache" if "cache" in accepted else "past_key_values"] = cache
     if "logits_to_keep" in accepted:
         inputs["logits_to_keep"] = 1
