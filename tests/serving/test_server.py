@@ -484,6 +484,10 @@ def test_new_user_mistakes_get_a_message_that_says_what_to_do(
         "2048 tokens; the prompt has 18 and max_tokens asks for 5000, 2030 at most fit"
         in (reply["error"]["message"])
     )
+    empty = b'{"model": "alpha", "prompt": ""}'
+    status, reply = http("post", live_server.url + "/completions", empty)
+    assert (status, reply["error"]["param"]) == (400, "prompt")
+    assert reply["error"]["message"] == "prompt: it is empty; give the text to continue."
     empty_stop = ask(client, "alpha", "hello", stop="")
     assert (
         empty_stop.choices[0].message.content.strip()

@@ -115,6 +115,8 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
         chat: bool,
     ) -> Any:
         prompt_ids = served.tokenizer(text, add_special_tokens=False).input_ids
+        if not prompt_ids:  # nothing to continue from (the model would fail on no input)
+            raise RequestError(400, "prompt: it is empty; give the text to continue.", "prompt")
         room = pool.context_length - len(prompt_ids)
         where = "messages" if chat else "prompt"
         if room < 1:
