@@ -504,3 +504,27 @@ def test_new_user_mistakes_get_a_message_that_says_what_to_do(
     printed = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use." in printed
     assert "pick another with --port" in printed
+
+
+def test_the_whole_batch_path_still_answers_as_generate(live_server, expected):
+    """--no-continuous-batching (and models the step loop cannot merge) keep the whole-batch
+    generate path; its answers still equal tunelab generate's for each adapter."""
+    from tunelab.serving.batching import BatchWorker
+
+    worker = BatchWorker(live_server.pool, 8, continuous=False)  # the live one idles meanwhile
+    try:
+        assert not worker.continuous
+        log: list = []
+        jobs = [
+            worker_job(live_server.pool, name, prompt, 8, log)
+            for name in ("alpha", "beta", "model")
+            for prompt in PROMPTS[:2]
+        ]
+        for each in jobs:
+            worker.submit(each)
+        wait_until(lambda: sum(entry[1] == "done" for entry in log) == len(jobs))
+        for each in jobs:
+            assert each.text.strip() == expected[each.served.name][PROMPTS[jobs.index(each) % 2]]
+        assert worker.step_rows == [] and sum(worker.batches) == len(jobs)
+    finally:
+        worker.stop()
