@@ -412,7 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Skip running the file in llama.cpp against tunelab generate after writing.",
     )
-    export.add_argument("--out", default=None, help="Output file (default: in run_dir).")
+    export.add_argument(
+        "--out",
+        default=None,
+        help="Output file (default: in run_dir; for a model name, the current folder).",
+    )
     export.add_argument(
         "--overwrite", action="store_true", help="Replace an existing GGUF file at --out."
     )
@@ -437,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Inference precision (fp32 answers match 'tunelab generate').",
     )
     serve.add_argument(
-        "--max-batch-size", type=int, default=8, help="Most requests generated together."
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="Most requests of one adapter generated together.",
     )
     serve.add_argument(
         "--no-continuous-batching",
