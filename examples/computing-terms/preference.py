@@ -14,8 +14,10 @@ Run from the repo root after (or instead of) run.py:
    held-out pairs' preference accuracy and margin, the verdict and report, and a few answers
    side by side.
 
-Its timing is its own (the SFT stage is run.py's ten minutes; pairs and DPO add to it); the
-closing note of issue 19 gives it once measured on an idle machine.
+It is a second example with its own timing (the SFT stage is run.py's ten minutes; pairs, DPO
+and the two-system evaluation add to it), not yet measured on an idle machine: a run on the
+shared 2-core machine (2026-11-30) was stopped in its SFT stage, too slow there to mean
+anything.
 """
 
 from __future__ import annotations
