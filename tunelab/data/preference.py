@@ -55,12 +55,16 @@ class PreferenceExample:
         parts = [self.prompt, self.chosen, self.rejected, self.completion]
         return [t for p in parts if p is not None for t in _strings(p)]
 
-    def map_texts(self, fn: Any) -> PreferenceExample:
+    def map_texts(self, fn: Any, plain_fn: Any = None) -> PreferenceExample:
+        """``fn`` applied to every text; plain (non-conversational) strings get ``plain_fn``
+        instead where given: they are joined as they stand (prompt + answer), so an edit
+        there must keep the joining whitespace."""
+
         def edit(value: Text | None) -> Text | None:
             if value is None:
                 return None
             if isinstance(value, str):
-                return fn(value)
+                return (plain_fn or fn)(value)
             return [{**m, "content": fn(m["content"])} for m in value]
 
         return PreferenceExample(
@@ -238,6 +242,7 @@ def clean_preference(
 ) -> list[PreferenceExample]:
     c = config
     steps: list[tuple[str, Any]] = []
+    plain_steps: dict[str, Any] = {}  # a step's own form for plain strings
     if c.unicode_normalization != "none":
         steps.append(("unicode", lambda t: cleaning.normalize_unicode(t, c.unicode_normalization)))
     if c.clean_rules:
@@ -247,6 +252,9 @@ def clean_preference(
         steps.append(("html", cleaning.strip_html))
     if c.fold_whitespace:
         steps.append(("whitespace", cleaning.fold_whitespace))
+        # a plain prompt is joined to its answer as it stands ("...mean?\n" + "A bus is ..."):
+        # stripping its trailing newline trained on text the model is never asked in
+        plain_steps["whitespace"] = lambda t: cleaning.fold_whitespace(t, keep_edges=True)
     if c.pii_redact:
         steps.append(("pii", lambda t: privacy.redact(t)[0]))
     if c.drop_control_chars:
@@ -254,7 +262,7 @@ def clean_preference(
     out = []
     for example in examples:
         for name, fn in steps:
-            edited = example.map_texts(fn)
+            edited = example.map_texts(fn, plain_steps.get(name))
             if edited.texts() != example.texts():
                 edits[name] += 1
             example = edited
