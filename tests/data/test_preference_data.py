@@ -94,6 +94,29 @@ def test_prepare_cleans_dedups_and_reports_leakage(tmp_path, tiny_model_dir):
     assert manifest["edited"]["html"] == 2
 
 
+def test_whitespace_folding_keeps_the_text_a_plain_pair_is_joined_by(tmp_path, tiny_model_dir):
+    """A plain prompt is joined to its answer as it stands: folding may shrink runs of spaces
+    and blank lines but must keep the prompt's trailing newline and an answer's leading space,
+    or training sees "mean?A bus ..." where the user (and an evaluation) has "mean?\\nA bus".
+    Conversation turns are rendered by the template, so their edges are stripped as in SFT."""
+    rows = [
+        {"prompt": "What does   bus mean?\n\n\n", "chosen": " wires  that carry data",
+         "rejected": " a yellow vehicle\n"},
+        {"prompt": [_user("  RAM? ")], "chosen": [_bot(" memory ")], "rejected": [_bot("sheep")]},
+    ]  # fmt: skip
+    config = FineTuningConfig(
+        model_name=str(tiny_model_dir), objective="dpo",
+        dataset_path=str(write_jsonl(tmp_path / "pairs.jsonl", rows)),
+    )  # fmt: skip
+    plain, chat = prepare_preference(config).train
+    assert (plain.prompt, plain.chosen, plain.rejected) == (
+        "What does bus mean?\n",
+        " wires that carry data",
+        " a yellow vehicle\n",
+    )
+    assert (chat.prompt, chat.chosen) == ([_user("RAM?")], [_bot("memory")])
+
+
 def test_bad_row_in_a_file_names_file_and_line(tmp_path, tiny_model_dir):
     rows = [{"prompt": "Q", "chosen": "a", "rejected": "b"}, {"prompt": "Q", "chosen": "a"}]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import preference_pairs, write_jsonl
 
 from tunelab.config import FineTuningConfig
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
@@ -253,3 +254,82 @@ def test_kto_matches_trl(tiny_model_dir, tmp_path):
 def test_config_picks_the_objective_with_its_settings():
     config = FineTuningConfig(objective="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0)
     assert (config.objective, config.beta, config.simpo_gamma) == ("simpo", 2.0, 1.0)
+
+
+@pytest.mark.parametrize(("batch_size", "accumulation"), [(4, 1), (2, 2)])
+def test_dpo_training_follows_trls_dpo_trainer(
+    tiny_model_dir, tmp_path, monkeypatch, batch_size, accumulation
+):
+    """Three optimizer steps of tunelab's DPO and TRL's DPOTrainer from the same adapter, on
+    the same four pairs (all of them in each step, so the order cannot differ) with the same
+    rate, schedule, clipping and AdamW: the same loss, gradient norm and rate at each step and
+    the same adapter at the end. The prompts end in a newline, which the data stage once
+    stripped: the same loss on a fixed batch, but not the same text trained on."""
+    import json
+
+    from datasets import Dataset
+
+    import tunelab.api
+    from tunelab.api import FineTuner
+    from tunelab.config import FineTuningConfig
+
+    pairs = preference_pairs("What does {} mean?\n", 4)
+    steps, learning_rate, beta = 3, 5e-3, 0.1
+    from peft import LoraConfig
+
+    lora = {"lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, seed=42,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        max_steps=steps, learning_rate=learning_rate, beta=beta, max_length=64,
+        logging_steps=1, save_strategy="no", gradient_checkpointing=False,
+    )  # fmt: skip
+    trainer = trl.DPOTrainer(
+        model=_base_model(tiny_model_dir), args=args, train_dataset=Dataset.from_list(pairs),
+        processing_class=_tokenizer(tiny_model_dir),
+        peft_config=LoraConfig(task_type="CAUSAL_LM", r=4, **lora),
+    )  # fmt: skip
+    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    trainer.train()
+    theirs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+
+    def same_initial_adapter(*args, **kwargs):
+        model = apply_method(*args, **kwargs)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_" in name:
+                    parameter.copy_(initial[name])
+        return model
+
+    apply_method = tunelab.api.apply_method
+    monkeypatch.setattr(tunelab.api, "apply_method", same_initial_adapter)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    config = FineTuningConfig(
+        model_name=str(tiny_model_dir), dataset_path=str(data), output_dir=str(tmp_path / "ours"),
+        objective="dpo", beta=beta, learning_rate=learning_rate, batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, max_steps=steps, warmup_ratio=0.0,
+        max_length=64, chat_format="plain", precision="fp32", packing=False, logging_steps=1,
+        plot=False, save_each_epoch=False, eval_each_epoch=False, seed=42,
+        dedup_near_threshold=None, lora_r=4, **lora,
+    )  # fmt: skip
+    tuner = FineTuner(config)
+    tuner.train()
+    ours = [
+        record
+        for record in map(
+            json.loads, (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()
+        )
+        if "loss" in record
+    ]
+    assert len(ours) == len(theirs) == steps
+    for mine, their in zip(ours, theirs, strict=True):
+        assert mine["loss"] == pytest.approx(their["loss"], abs=1e-5)
+        assert mine["grad_norm"] == pytest.approx(their["grad_norm"], abs=1e-5)
+        assert mine["lr"] == pytest.approx(their["learning_rate"], rel=1e-6)
+        assert mine["rewards/margins"] == pytest.approx(their["rewards/margins"], abs=1e-5)
+    trained = {n: p.detach() for n, p in tuner.model.named_parameters() if "lora_" in n}
+    assert trained.keys() == initial.keys()
+    for name, weight in trained.items():
+        assert not torch.equal(weight, initial[name])  # every adapter matrix learned
+        torch.testing.assert_close(weight, trainer.model.state_dict()[name], atol=1e-5, rtol=1e-4)
