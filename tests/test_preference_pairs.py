@@ -42,6 +42,21 @@ def test_pairs_are_written_resumed_and_name_their_model(tmp_path, tiny_model_dir
         parse_row(row, f"pairs[{i}]", "dpo")  # a valid preference row
 
 
+def test_a_sampled_answer_joins_a_plain_prompt_as_the_reference_does(tmp_path, tiny_model_dir):
+    """generate strips its answers; the reference keeps the space that joins it to the prompt
+    (the data stage keeps a plain pair's joins): the rejected answer gets the same join."""
+    rows = [{"prompt": f"Q{i}:", "completion": f" answer number {i}"} for i in range(3)]
+    config = FineTuningConfig(dataset_path=str(write_jsonl(tmp_path / "qa.jsonl", rows)))
+    out = tmp_path / "pairs.jsonl"
+    done = make_pairs(config, str(tiny_model_dir), out, max_new_tokens=8, batch_size=3,
+                      progress=lambda _: None)  # fmt: skip
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(written) == done["written"] > 0
+    for row in written:
+        assert row["chosen"].startswith(" answer number")
+        assert row["rejected"].startswith(" ") and not row["rejected"].startswith("  ")
+
+
 def test_pairs_refuse_a_file_they_did_not_write(tmp_path, tiny_model_dir, qa_rows, capsys):
     other = write_jsonl(tmp_path / "notes.jsonl", [{"note": "mine"}])
     code = main(["data", "pairs", str(_data(tmp_path, qa_rows)), "--model", str(tiny_model_dir),

@@ -125,7 +125,11 @@ def make_pairs(
                     continue
                 row: dict[str, Any]
                 if isinstance(prompt, str):
-                    row = {"prompt": prompt, "chosen": reference, "rejected": answer}
+                    # a plain prompt is joined to each answer as it stands: the sampled answer
+                    # (stripped by generate) gets the reference's joining whitespace, or the
+                    # pair would differ in the join, a cue DPO learns instead of the content
+                    join = reference[: len(reference) - len(reference.lstrip())]
+                    row = {"prompt": prompt, "chosen": reference, "rejected": join + answer}
                 else:
                     row = {
                         "prompt": prompt,
