@@ -8,7 +8,10 @@ the same --pairs preference pairs for one epoch: FOLDOC entries
 chosen answer and another entry's definition as the rejected one (a fixed, seeded pairing).
 The reference is the base model with the adapter switched off in both. TRL recomputes
 activations in the backward pass (DPOConfig's default gradient_checkpointing=True); tunelab
-keeps them (its default): the memory each uses is its own default's.
+keeps them (its default): the memory each uses is its own default's. TRL also switches every
+dropout off (DPOConfig's default disable_dropout=True, LoRA's included) while tunelab applies
+lora_dropout 0.1; and tunelab groups unpacked pairs of similar length into a step where TRL
+draws them at random: the same pairs per epoch, not the same pairs per step.
 
 Each system runs in its own child process (peak RSS is its own), after --cooldown idle
 seconds. Reported: real (non-padding) tokens per second (the pairs' prompt+answer tokens,
@@ -91,7 +94,7 @@ def run_trl(
         output_dir=str(out / "trl"), per_device_train_batch_size=args.batch, num_train_epochs=1,
         learning_rate=args.learning_rate, beta=BETA, logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to=[], use_cpu=True, bf16=True, max_length=args.max_length,
-        seed=42,
+        seed=42, disable_dropout=True,
     )  # fmt: skip
     trainer = DPOTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(pairs),
