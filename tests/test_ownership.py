@@ -377,3 +377,36 @@ def test_overwrite_refuses_a_file_edited_since_tunelab_wrote_it(tmp_path, capsys
     with pytest.raises(TunelabError, match="tunelab_config.yaml, which tunelab did not write"):
         check_output_files(run, ["tunelab_config.yaml"], "report")
     check_output_files(run, ["results.json"], "report")  # unchanged: still tunelab's
+
+
+def test_two_processes_convert_the_same_model_once(trained_run, tmp_path):
+    """Under torchrun every process resolves the same GGUF model at once: one converts, the
+    others wait and load its folder (a second conversion would replace the folder the first
+    process is loading from)."""
+    import os
+    import subprocess
+    import sys
+
+    gguf_file = tmp_path / "tiny.gguf"
+    assert main(["export", str(trained_run), "--out", str(gguf_file), "--type", "f32"]) == 0
+    env = {**os.environ, "TUNELAB_CACHE": str(tmp_path / "cache"), "PYTHONPATH": os.getcwd()}
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO); "
+        "from tunelab.models import resolve_model; print('AT', resolve_model(sys.argv[1]))"
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(gguf_file)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert sum(output.count("Converting tiny.gguf") for output in outputs) == 1, outputs
+    folders = {line for output in outputs for line in output.splitlines() if line.startswith("AT")}
+    assert len(folders) == 1
+    assert (Path(folders.pop()[3:]) / "model.safetensors").is_file()

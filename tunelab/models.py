@@ -101,8 +101,24 @@ def convert_gguf(gguf_path: Path, cache_name: str | None = None) -> Path:
     from the config without it and given the loaded state dict.
     """
     target = cache_dir() / "models" / (cache_name or _gguf_cache_name(gguf_path))
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # one conversion at a time: under torchrun every process resolves the same model, and a
+    # second conversion's rename would replace the folder the first is already loading from
+    with FileLock(target.parent / f".{target.name}.lock"):
+        if _converted(target):  # another process finished it while this one waited
+            return target
+        return _convert(gguf_path, target)
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def _convert(gguf_path: Path, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 

@@ -287,9 +287,34 @@ def test_fsdp_over_two_gloo_processes_matches_one_process_and_resumes(make_confi
 
 
 @pytest.mark.skipif(fsdp_unavailable() is not None, reason="FSDP2 sum reductions need torch 2.8")
-def test_fsdp_needs_no_qlora():
+def test_fsdp_needs_no_qlora_or_adalora():
     with pytest.raises(TunelabError, match="cannot split QLoRA's 4-bit base weights"):
         check_shardable("qlora")
+    with pytest.raises(TunelabError, match="cannot run method: adalora .* Use sharding: none"):
+        check_shardable("adalora")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+def test_adalora_on_two_processes_prunes_like_one(make_config, tmp_path):
+    """AdaLoRA's rank allocation runs in every process on the summed gradients: the processes
+    prune the same ranks, and the adapter (ranks and weights) equals one process's."""
+    values = dict(max_steps=6, batch_size=2, method="adalora", learning_rate=2e-2)
+    single = train(
+        write_config(make_config, tmp_path, "single", gradient_accumulation_steps=4, **values)
+    )
+    assert single.wait(timeout=300) == 0, single.stdout.read()
+    pair = torchrun(
+        write_config(make_config, tmp_path, "pair", gradient_accumulation_steps=2, **values)
+    )
+    assert pair.returncode == 0, pair.stdout + pair.stderr
+    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "pair" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    ranks = [a[key].shape[0] for key in a if key.endswith("lora_A")]
+    assert ranks and max(ranks) < 12  # pruned from adalora_init_r: the allocation ran
+    for key in a:
+        assert b[key].shape == a[key].shape, key
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
 
 
 def test_accelerates_fsdp_plugin_turns_sharding_on(monkeypatch):

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from tunelab.errors import TunelabError
+from tunelab.messages import is_main_process, launched_processes
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -44,17 +45,6 @@ class World:
     @property
     def active(self) -> bool:
         return self.size > 1
-
-
-def launched_processes() -> int:
-    """How many processes torchrun / accelerate launch started (WORLD_SIZE; 1 without them)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """Whether this process prints a run's start lines: rank 0, or the only process. Read from
-    the launcher's RANK, so it holds before the process group is joined."""
-    return launched_processes() <= 1 or int(os.environ.get("RANK", "0")) == 0
 
 
 def note_once(text: str, level: int = logging.INFO) -> None:

@@ -68,7 +68,7 @@ def fsdp_unavailable() -> str | None:
 
 
 def check_shardable(method: str) -> None:
-    """Refuse at start what sharding: fsdp cannot do: QLoRA, or a torch before 2.8."""
+    """Refuse at start what sharding: fsdp cannot do: QLoRA, AdaLoRA, or a torch before 2.8."""
     reason = fsdp_unavailable()
     if reason:
         raise TunelabError(reason)
@@ -77,6 +77,15 @@ def check_shardable(method: str) -> None:
             "sharding: fsdp cannot split QLoRA's 4-bit base weights (bitsandbytes' packed "
             "tensors are not shardable here). Use sharding: none (every process holds the "
             "4-bit model, which is what QLoRA is for) or method: lora."
+        )
+    if method == "adalora":
+        # PEFT's rank allocator scores each whole lora_A/lora_E/lora_B and its gradient and
+        # masks them in place every step; FSDP holds only a shard of each outside forward
+        raise TunelabError(
+            "sharding: fsdp cannot run method: adalora (AdaLoRA's rank allocation reads and "
+            "prunes each whole adapter matrix every step, which FSDP splits over the "
+            "processes). Use sharding: none (each process holds the adapter; the processes "
+            "prune the same ranks) or method: lora."
         )
 
 
