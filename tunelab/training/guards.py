@@ -85,7 +85,7 @@ def _read_request(run_dir: Path) -> dict[str, Any] | None:
 def stop_requested(run_dir: str | Path, since: float) -> str | None:
     """Who asked the run in ``run_dir`` to stop (e.g. "tunelab ui"), when the request was
     written at or after ``since`` (seconds since the epoch: when this training began); else
-    None. One ``stat`` when there is no request, so it is cheap at every step."""
+    None. One failed ``open`` when there is no request, so it is cheap at every step."""
     request = _read_request(Path(run_dir))
     if request is None or request["requested_at"] < since:
         return None
