@@ -104,8 +104,13 @@ function setupRun() {
     await fetch("/api/run/resume?" + query, { method: "POST" });
     refresh();
   });
-  refresh();
-  setInterval(refresh, 1000);
+  // one request at a time: on a busy machine a reply can take longer than the interval, and
+  // overlapping polls would fill the browser's few connections to the app, so that a click's
+  // request waited behind them
+  const watch = async () => {
+    try { await refresh(); } finally { setTimeout(watch, box.dataset.state === "running" ? 1000 : 3000); }
+  };
+  watch();
 
   const shipLog = document.getElementById("ship-log");
   const serveStatus = document.getElementById("serve-status");
@@ -134,16 +139,16 @@ function setupRun() {
     document.getElementById("eval-box").hidden = false;
   };
   const watchJob = (action) => {
-    const poll = setInterval(async () => {
+    const poll = async () => {
       const job = await (await fetch(`/api/job?${query}&action=${action}`)).json();
       shipLog.textContent = `${action}: ${job.state}\n${job.log || ""}`;
       if (action === "serve") showServe(job);
-      if (job.state === "running") return;
-      clearInterval(poll);
+      if (job.state === "running") { setTimeout(poll, 1000); return; } // after the reply
       if (action === "eval" && job.state === "done") await showEvalReport();
       shipLog.dataset.action = action;
       shipLog.dataset.state = job.state; // set last: the page is settled once this shows
-    }, 1000);
+    };
+    setTimeout(poll, 1000);
   };
   document.querySelectorAll("button.ship").forEach((button) => {
     button.addEventListener("click", async () => {
