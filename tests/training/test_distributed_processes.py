@@ -119,7 +119,7 @@ def test_a_stop_request_stops_every_process_at_the_same_step(make_config, tmp_pa
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "tunelab.cli", "train", str(path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
@@ -131,8 +131,8 @@ def test_a_stop_request_stops_every_process_at_the_same_step(make_config, tmp_pa
         request_stop(tmp_path / "pair")
         output = process.communicate(timeout=300)[0]
     finally:
-        if process.poll() is None:
-            process.kill()
+        if process.poll() is None:  # a hung run: its workers too, not only the launcher
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode != 0
     assert output.count("Stop requested by tunelab ui: saving a checkpoint") == 1, output
