@@ -1,10 +1,14 @@
 """DPO throughput: TRL's DPOTrainer vs tunelab's objective: dpo, same model, LoRA, data, pairs.
 
 Both train the default model (SmolLM2-135M-Instruct) with LoRA r8 on q_proj/v_proj, bf16,
-beta 0.1, on the same --pairs preference pairs for one epoch: FOLDOC entries
+beta 0.1, learning rate 5e-4 decaying linearly without warm-up, --batch pairs per optimizer step
+(so the same number of steps: tunelab puts one pair per row, packing off, unless --packing), on
+the same --pairs preference pairs for one epoch: FOLDOC entries
 (examples/computing-terms/data) as "What does TERM mean?" with the entry's definition as the
 chosen answer and another entry's definition as the rejected one (a fixed, seeded pairing).
-The reference is the base model with the adapter switched off in both.
+The reference is the base model with the adapter switched off in both. TRL recomputes
+activations in the backward pass (DPOConfig's default gradient_checkpointing=True); tunelab
+keeps them (its default): the memory each uses is its own default's.
 
 Each system runs in its own child process (peak RSS is its own), after --cooldown idle
 seconds. Reported: real (non-padding) tokens per second (the pairs' prompt+answer tokens,
@@ -69,7 +73,9 @@ def lora_config():
                       task_type="CAUSAL_LM")  # fmt: skip
 
 
-def run_trl(args: argparse.Namespace, pairs: list[dict], out: Path) -> tuple[float, object, object]:
+def run_trl(
+    args: argparse.Namespace, pairs: list[dict], out: Path
+) -> tuple[float, int, object, object]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,12 +98,12 @@ def run_trl(args: argparse.Namespace, pairs: list[dict], out: Path) -> tuple[flo
         processing_class=tokenizer, peft_config=lora_config(),
     )  # fmt: skip
     result = trainer.train()
-    return result.metrics["train_runtime"], trainer.model, tokenizer
+    return result.metrics["train_runtime"], trainer.state.global_step, trainer.model, tokenizer
 
 
 def run_tunelab(
     args: argparse.Namespace, pairs: list[dict], out: Path
-) -> tuple[float, object, object]:
+) -> tuple[float, int, object, object]:
     from tunelab.api import FineTuner
     from tunelab.config import FineTuningConfig
 
@@ -109,11 +115,12 @@ def run_tunelab(
         learning_rate=args.learning_rate, batch_size=args.batch, max_length=args.max_length,
         num_epochs=1, chat_format="plain", precision="bf16", logging_steps=1, plot=False,
         save_each_epoch=False, eval_each_epoch=False, seed=42, dedup_near_threshold=None,
+        packing=args.packing, warmup_ratio=0.0,
     )  # fmt: skip
     tuner = FineTuner(config)
     results = tuner.train()
     seconds = results["train_runtime_seconds"] + results.get("reference_seconds", 0.0)
-    return seconds, tuner.model, tuner.load_tokenizer()
+    return seconds, results["steps"], tuner.model, tuner.load_tokenizer()
 
 
 def real_tokens(pairs: list[dict], tokenizer) -> int:
@@ -144,14 +151,14 @@ def child(args: argparse.Namespace) -> None:
     out = Path(args.out)
     pairs = make_pairs("train.jsonl", args.pairs)
     run = {"trl": run_trl, "tunelab": run_tunelab}[args.child]
-    seconds, model, tokenizer = run(args, pairs, out)
+    seconds, steps, model, tokenizer = run(args, pairs, out)
     tokens = real_tokens(pairs, tokenizer)
     accuracy, margin = heldout_preference(
         model, tokenizer, make_pairs("heldout.jsonl", args.heldout)
     )
     report = {
-        "system": args.child, "pairs": len(pairs), "real_tokens": tokens, "seconds": seconds,
-        "tokens_per_second": tokens / seconds, "peak_rss_mb": peak_rss_mb(),
+        "system": args.child, "pairs": len(pairs), "steps": steps, "real_tokens": tokens,
+        "seconds": seconds, "tokens_per_second": tokens / seconds, "peak_rss_mb": peak_rss_mb(),
         "heldout_accuracy": accuracy, "heldout_margin": margin,
     }  # fmt: skip
     (out / f"{args.child}.json").write_text(json.dumps(report))
@@ -163,7 +170,12 @@ def main() -> None:
     )
     parser.add_argument("--pairs", type=int, default=256, help="training pairs (one epoch)")
     parser.add_argument("--heldout", type=int, default=64, help="held-out pairs")
-    parser.add_argument("--batch", type=int, default=4, help="pairs (TRL) / packed rows per step")
+    parser.add_argument("--batch", type=int, default=4, help="pairs per optimizer step (both)")
+    parser.add_argument(
+        "--packing", action="store_true",
+        help="pack tunelab's pairs into rows of --max-length tokens: --batch rows (about 5x the "
+        "pairs, 5x fewer steps than TRL's) per step; off by default, a step holds --batch pairs",
+    )  # fmt: skip
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
@@ -183,16 +195,19 @@ def main() -> None:
             command += ["--pairs", str(args.pairs), "--heldout", str(args.heldout)]
             command += ["--batch", str(args.batch), "--max-length", str(args.max_length)]
             command += ["--learning-rate", str(args.learning_rate)]
+            command += ["--packing"] if args.packing else []
             time.sleep(args.cooldown)
             print(f"running {system} ...", flush=True)
             subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
             reports[system] = json.loads((Path(out) / f"{system}.json").read_text())
-    print("\n| system | pairs | real tokens/s | peak RSS MiB | held-out accuracy | margin |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| system | pairs | steps | real tokens/s | peak RSS MiB | held-out accuracy | margin |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for system, r in reports.items():
         print(
-            f"| {system} | {r['pairs']} | {r['tokens_per_second']:.1f} | {r['peak_rss_mb']:.0f} "
-            f"| {r['heldout_accuracy']:.1%} | {r['heldout_margin']:.3f} |"
+            f"| {system} | {r['pairs']} | {r['steps']} | {r['tokens_per_second']:.1f} "
+            f"| {r['peak_rss_mb']:.0f} | {r['heldout_accuracy']:.1%} | {r['heldout_margin']:.3f} |"
         )
     if len(reports) == 2:
         ours, theirs = reports["tunelab"], reports["trl"]

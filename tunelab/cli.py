@@ -142,7 +142,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tunelab.shipping.merge import merge_run
 
     run_dir = Path(args.run_dir)
-    out = Path(args.out or run_dir / f"{run_dir.name}-{args.type}.gguf")
+    out_dir = run_dir
+    if not run_dir.exists():  # a model name (the default model's, say), as serve takes
+        from tunelab.models import resolve_model
+
+        resolved = Path(resolve_model(args.run_dir))
+        if resolved.is_dir():  # the name's cached folder: the file goes here, not into a cache
+            run_dir, out_dir = resolved, Path.cwd()
+    out = Path(args.out or out_dir / f"{Path(args.run_dir).name}-{args.type}.gguf")
     trust = run_trust_remote_code(run_dir)
     check_gguf_target(out, run_dir, args.overwrite)  # before the minutes a merge takes
     if args.format == "ollama":  # refuse before writing anything, and before the slow part
@@ -191,14 +198,21 @@ def _check_export(out: Path, run_dir: Path, source: Path, out_type: str, scratch
             f"Held-out perplexity: {out_type} {result.perplexity:.3f}, f16 {f16:.3f} "
             f"({(result.perplexity / f16 - 1) * 100:+.1f}%)."
         )
-        if not result.matches:
+        if result.near_tie:
             print(f"({out_type} rounds the weights, so a near-tie can change a greedy token.)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tunelab.serving.app import serve
 
-    serve(args.targets, args.host, args.port, args.precision, args.max_batch_size)
+    serve(
+        args.targets,
+        args.host,
+        args.port,
+        args.precision,
+        args.max_batch_size,
+        continuous=not args.no_continuous_batching,
+    )
     return 0
 
 
@@ -398,7 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Skip running the file in llama.cpp against tunelab generate after writing.",
     )
-    export.add_argument("--out", default=None, help="Output file (default: in run_dir).")
+    export.add_argument(
+        "--out",
+        default=None,
+        help="Output file (default: in run_dir; for a model name, the current folder).",
+    )
     export.add_argument(
         "--overwrite", action="store_true", help="Replace an existing GGUF file at --out."
     )
@@ -423,7 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="Inference precision (fp32 answers match 'tunelab generate').",
     )
     serve.add_argument(
-        "--max-batch-size", type=int, default=8, help="Most requests generated together."
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="Most requests of one adapter generated together.",
+    )
+    serve.add_argument(
+        "--no-continuous-batching",
+        action="store_true",
+        help="Run each batch to its end before new requests start (by default a request "
+        "joins the running batch at the next token).",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -9,11 +9,15 @@ Run from the repo root after (or instead of) run.py:
 3. ``tunelab data pairs``: FOLDOC's definition is chosen, the SFT model's own sampled answer
    is rejected, for --pairs training terms and --heldout held-out terms;
 4. DPO (preference.yaml) on those pairs;
-5. the held-out pairs scored by the SFT model and the DPO model (preference accuracy and
-   margin), and a few answers of each side by side.
+5. ``tunelab eval``'s path (evaluate_run) on the DPO run, systems base (the DPO run's base:
+   the merged SFT model) and tuned (DPO): the answer metrics of the held-out terms, the
+   held-out pairs' preference accuracy and margin, the verdict and report, and a few answers
+   side by side.
 
-Its timing is its own (the SFT stage is run.py's ten minutes; pairs and DPO add to it); the
-closing note of issue 19 gives it once measured on an idle machine.
+It is a second example with its own timing (the SFT stage is run.py's ten minutes; pairs, DPO
+and the two-system evaluation add to it), not yet measured on an idle machine: a run on the
+shared 2-core machine (2026-11-30) was stopped in its SFT stage, too slow there to mean
+anything.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from pathlib import Path
 
 from tunelab import FineTuner
 from tunelab.config import load_config
-from tunelab.evaluation.preference import evaluate_preference_run, format_preference_table
-from tunelab.generation import generate, load_for_inference
+from tunelab.evaluation.preference import format_preference_table
+from tunelab.evaluation.run import evaluate_run
 from tunelab.library_noise import silence_library_noise
 from tunelab.preference_pairs import make_pairs
 from tunelab.shipping.merge import merge_run
@@ -73,21 +77,31 @@ def main() -> int:
     print(f"   {results['steps']} steps, held-out reward accuracy "
           f"{results.get('eval_rewards/accuracies', float('nan')):.1%}")  # fmt: skip
 
-    print("== 5. held-out pairs: SFT model (base of the DPO run) vs DPO model")
-    report = evaluate_preference_run(dpo_config.output_dir)
-    print(format_preference_table(report).replace("| base |", "| sft |"))
-    import json
-
-    held_out = [json.loads(line) for line in Path(dpo_config.eval_path or "").open()]
-    prompts = [row["prompt"] for row in held_out[: args.terms]]
-    loaded = load_for_inference(dpo_config.output_dir)
-    dpo_answers = generate(loaded, prompts, max_new_tokens=64)
-    with loaded.model.disable_adapter():
-        sft_answers = generate(loaded, prompts, max_new_tokens=64)
-    shown = held_out[: len(prompts)]
-    for prompt, row, sft, dpo in zip(prompts, shown, sft_answers, dpo_answers, strict=True):
-        print(f"\n{prompt}\n  FOLDOC: {textwrap.shorten(row['chosen'], 150)}")
-        print(f"  SFT:    {textwrap.shorten(sft, 150)}\n  DPO:    {textwrap.shorten(dpo, 150)}")
+    print("== 5. tunelab eval: answers and held-out pairs, SFT model (the DPO run's base) vs DPO")
+    # the tunelab eval path with a short system list: no few-shot/RAG, probes or forgetting
+    # check, so it stays a few minutes; "base" is the DPO run's base, the merged SFT model
+    report = evaluate_run(
+        dpo_config.output_dir, systems=("base", "tuned"), limit=args.heldout, max_new_tokens=48,
+        repetition_penalty=1.2, probes=(), forgetting=False,
+    )  # fmt: skip
+    names = {"base": "sft", "tuned": "dpo"}
+    metric = "semantic" if report.settings.get("semantic_model") else "token_f1"
+    print(f"\n| system | held-out {metric} | reference loss |\n|---|---|---|")
+    for name, summary in report.summary.items():
+        score, loss = summary[metric], summary["loss"]
+        print(f"| {names[name]} | {score.mean:.1%} [{score.low:.1%}, {score.high:.1%}] "
+              f"| {loss.mean:.3f} [{loss.low:.3f}, {loss.high:.3f}] |")  # fmt: skip
+    if report.preference is not None:
+        table = format_preference_table(report.preference)
+        print("\n" + table.replace("| base |", "| sft |").replace("| tuned |", "| dpo |"))
+    for line in report.verdict:
+        print("-", line)
+    print("Report:", report.files.get("html", dpo_config.output_dir))
+    sft_answers, dpo_answers = (report.systems[name].answers for name in ("base", "tuned"))
+    for i, item in enumerate(report.items[: args.terms]):
+        print(f"\n{item.question}\n  FOLDOC: {textwrap.shorten(item.reference, 150)}")
+        print(f"  SFT:    {textwrap.shorten(sft_answers[i], 150)}")
+        print(f"  DPO:    {textwrap.shorten(dpo_answers[i], 150)}")
     print(f"\nDone in {(time.time() - started) / 60:.1f} minutes.")
     return 0
 

@@ -332,3 +332,199 @@ def test_serve_refuses_what_it_cannot_serve(two_runs, tmp_path, lively_base, cap
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
     assert main(["serve", str(two_runs[0]), "--max-batch-size", "0"]) == 2
+
+
+def worker_job(pool, name: str, prompt: str, max_tokens: int, log: list):
+    """A greedy Job for ``name`` rendered as tunelab generate renders ``prompt``; its text and
+    end are appended to ``log`` as they happen."""
+    from tunelab.generation import render_prompt
+    from tunelab.serving.batching import Job
+
+    served = pool.served[name]
+    text = render_prompt(served.tokenizer, prompt, served.chat, served.system_prompt)
+    return Job(
+        served=served,
+        prompt_ids=served.tokenizer(text, add_special_tokens=False).input_ids,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        top_p=1.0,
+        seed=None,
+        stop=[],
+        on_text=lambda delta: log.append((name, "text", delta)),
+        on_done=lambda text, reason, tokens: log.append((name, "done", text, reason, tokens)),
+        on_error=lambda message: log.append((name, "error", message)),
+    )
+
+
+def wait_until(condition, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_requests_join_the_running_batch_and_leave_when_done(live_server, two_runs, expected):
+    """Continuous batching: requests that arrive while a long answer is being made join at the
+    next step (one of the same adapter in its very batch, one of another adapter beside it),
+    finish first, and every answer still equals tunelab generate's."""
+    from tunelab.generation import generate, load_for_inference
+
+    long_want = generate(load_for_inference(str(two_runs[0])), ["hello"], max_new_tokens=48)[0]
+    worker, log = live_server.worker, []
+    long_job = worker_job(live_server.pool, "alpha", "hello", 48, log)
+    worker.step_rows.clear()
+    worker.submit(long_job)
+    wait_until(lambda: long_job.tokens >= 3)
+    same = worker_job(live_server.pool, "alpha", "What does kernel mean?", 8, log)
+    other = worker_job(live_server.pool, "beta", "What does byte mean?", 8, log)
+    worker.submit(same)
+    worker.submit(other)
+    wait_until(lambda: sum(entry[1] == "done" for entry in log) == 3)
+    done = [entry for entry in log if entry[1] == "done"]
+    assert [entry[0] for entry in done] == ["alpha", "beta", "alpha"]
+    assert done[0][2].strip() == expected["alpha"]["What does kernel mean?"]
+    assert done[1][2].strip() == expected["beta"]["What does byte mean?"]
+    assert long_job.finish_reason == "length" and long_job.tokens == 48  # it was long
+    assert done[2][2].strip() == long_want
+    assert 2 in worker.step_rows  # the same-adapter request decoded in the long one's batch
+
+
+def test_a_client_that_goes_away_frees_its_row(live_server, client, expected):
+    """A streaming client that disconnects, and a non-streaming one that times out, are dropped
+    from the batch at once; the server goes on answering others."""
+    import httpx
+
+    worker = live_server.worker
+    body = {  # alpha's answer to it runs the full 1500 tokens (seconds here)
+        "model": "alpha",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 1500,
+        "temperature": 0,
+    }
+    before = worker.cancelled
+    with httpx.Client(timeout=60) as http_client:
+        with http_client.stream(
+            "POST", f"{live_server.url}/chat/completions", json={**body, "stream": True}
+        ) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            wait_until(lambda: worker.in_flight == 1)
+        # the stream is closed: the row leaves long before 1500 tokens could be made
+        wait_until(lambda: worker.cancelled == before + 1, seconds=30)
+        wait_until(lambda: worker.in_flight == 0, seconds=30)
+        with pytest.raises(httpx.ReadTimeout):
+            http_client.post(f"{live_server.url}/chat/completions", json=body, timeout=0.5)
+        wait_until(lambda: worker.cancelled == before + 2, seconds=30)
+        wait_until(lambda: worker.in_flight == 0, seconds=30)
+    answer = ask(client, "alpha", "hello").choices[0].message.content.strip()
+    assert answer == expected["alpha"]["hello"]
+
+
+def test_models_the_step_loop_cannot_merge_are_named():
+    """Sliding-window caches are not merged by the step loop: such a model is served by the
+    whole-batch path, and the reason says so."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab.serving.inflight import continuous_unsupported
+
+    def tiny(model_type: str, **extra):
+        config = AutoConfig.for_model(
+            model_type,
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            **extra,
+        )
+        return AutoModelForCausalLM.from_config(config)
+
+    assert continuous_unsupported(tiny("llama")) is None
+    why = continuous_unsupported(tiny("mistral", sliding_window=32))
+    assert why is not None and "DynamicSlidingWindowLayer" in why
+    model = tiny("llama")
+    model.generation_config.repetition_penalty = 1.3
+    assert continuous_unsupported(model) == "its generation config sets repetition_penalty=1.3"
+
+
+def test_new_user_mistakes_get_a_message_that_says_what_to_do(
+    live_server, client, two_runs, capsys
+):
+    """Found by a new-user break test: curl's -d without a JSON content type, where a JSON
+    body breaks, a prompt longer than the context with no max_tokens, an empty stop string, and
+    a port already in use (refused before the model loads)."""
+    import urllib.request
+
+    from tunelab.cli import main
+
+    url = live_server.url + "/chat/completions"
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    form = urllib.request.Request(url, data=json.dumps(chat).encode(), method="POST")
+    form.add_header("content-type", "application/x-www-form-urlencoded")  # curl -d's default
+    try:
+        urllib.request.urlopen(form, timeout=60)
+        raise AssertionError("a form body was accepted")
+    except urllib.error.HTTPError as error:
+        assert error.code == 400
+        message = json.loads(error.read())["error"]["message"]
+    assert "Content-Type: application/json" in message
+    assert "application/x-www-form-urlencoded" in message
+    status, reply = http("post", url, b'{"model": "alpha", "messages": [}')
+    assert status == 400
+    assert reply["error"]["message"] == "the request body is not valid JSON (at character 33)."
+    assert reply["error"]["param"] is None
+    long = {"model": "alpha", "messages": [{"role": "user", "content": "word " * 3000}]}
+    status, reply = http("post", url, json.dumps(long).encode())
+    assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
+    assert "the prompt alone has" in reply["error"]["message"]
+    assert "-" not in reply["error"]["message"].split("max_tokens")[0]  # no negative count
+    status, reply = http("post", url, json.dumps({**chat, "max_tokens": 5000}).encode())
+    assert (
+        "2048 tokens; the prompt has 18 and max_tokens asks for 5000, 2030 at most fit"
+        in (reply["error"]["message"])
+    )
+    empty = b'{"model": "alpha", "prompt": ""}'
+    status, reply = http("post", live_server.url + "/completions", empty)
+    assert (status, reply["error"]["param"]) == (400, "prompt")
+    assert reply["error"]["message"] == "prompt: it is empty; give the text to continue."
+    empty_stop = ask(client, "alpha", "hello", stop="")
+    assert (
+        empty_stop.choices[0].message.content.strip()
+        == ask(client, "alpha", "hello").choices[0].message.content.strip()
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        began = time.monotonic()
+        capsys.readouterr()
+        assert main(["serve", str(two_runs[0]), "--port", str(port)]) == 2
+    assert time.monotonic() - began < 5  # refused before loading the model
+    printed = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use." in printed
+    assert "pick another with --port" in printed
+
+
+def test_the_whole_batch_path_still_answers_as_generate(live_server, expected):
+    """--no-continuous-batching (and models the step loop cannot merge) keep the whole-batch
+    generate path; its answers still equal tunelab generate's for each adapter."""
+    from tunelab.serving.batching import BatchWorker
+
+    worker = BatchWorker(live_server.pool, 8, continuous=False)  # the live one idles meanwhile
+    try:
+        assert not worker.continuous
+        log: list = []
+        jobs = [
+            worker_job(live_server.pool, name, prompt, 8, log)
+            for name in ("alpha", "beta", "model")
+            for prompt in PROMPTS[:2]
+        ]
+        for each in jobs:
+            worker.submit(each)
+        wait_until(lambda: sum(entry[1] == "done" for entry in log) == len(jobs))
+        for each in jobs:
+            assert each.text.strip() == expected[each.served.name][PROMPTS[jobs.index(each) % 2]]
+        assert worker.step_rows == [] and sum(worker.batches) == len(jobs)
+    finally:
+        worker.stop()

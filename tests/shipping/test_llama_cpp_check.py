@@ -72,6 +72,80 @@ def test_export_quantizes_with_llama_cpp_and_reports_the_check(tiny_model_dir, t
     assert quantized.perplexity != f16.perplexity
 
 
+def test_a_difference_is_a_near_tie_only_where_tunelabs_logits_nearly_tie(tiny_model_dir):
+    """A constructed llama.cpp answer that leaves tunelab's greedy one at a chosen token: the
+    check finds that token and tunelab's logit gap there, and calls it a near-tie only when the
+    gap is below NEAR_TIE_GAP (the runner-up at the closest position), a real mismatch
+    otherwise (the least likely token)."""
+    from conftest import spread_weights
+
+    from tunelab.shipping.llama_cpp_check import (
+        NEAR_TIE_GAP,
+        LlamaCppCheck,
+        Parting,
+        find_parting,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    spread_weights(model, seed=4, std=0.05)  # its closest top-2 gap: 0.016 logits
+    prompt = tokenizer("What does a compiler do?").input_ids
+    greedy = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            greedy.append(int(model(torch.tensor([greedy])).logits[0, -1].argmax()))
+        logits = model(torch.tensor([greedy])).logits[0, len(prompt) - 1 : -1]
+    answer = greedy[len(prompt) :]
+    top2 = logits.topk(2, dim=-1)
+    gaps = top2.values[:, 0] - top2.values[:, 1]
+    closest = int(gaps.argmin())
+    spread = float(logits[closest].max() - logits[closest].min())
+    assert float(gaps[closest]) < NEAR_TIE_GAP < spread
+
+    def check(token: int) -> LlamaCppCheck:
+        constructed = answer[:closest] + [token] + answer[closest + 1 :]
+        parting = find_parting(model, tokenizer, prompt, constructed, False, None)
+        assert isinstance(parting, Parting) and parting.index == closest
+        assert parting.tunelab_token == tokenizer.decode([answer[closest]])
+        assert parting.llama_cpp_token == tokenizer.decode([token])
+        own = logits[closest, answer[closest]]
+        assert parting.gap == pytest.approx(float(own - logits[closest, token]), abs=1e-4)
+        return LlamaCppCheck("a", "b", False, 1.0, prompt, constructed, parting)
+
+    near = check(int(top2.indices[closest, 1]))
+    assert near.near_tie
+    assert f"differs at a near-tie (new token {closest + 1}: " in near.summary()
+    far = check(int(logits[closest].argmin()))
+    assert not far.near_tie and far.parting and far.parting.gap > NEAR_TIE_GAP
+    assert f"greedy answer DIFFERS (new token {closest + 1}: " in far.summary()
+    # tunelab's own answer parts nowhere
+    assert find_parting(model, tokenizer, prompt, answer, False, None) is None
+
+
+def test_the_quantizers_per_tensor_lines_become_one_summary(tiny_model_dir, tmp_path, capfd):
+    """llama.cpp prints a line per tensor from C (past sys.stdout); the export shows none of
+    them, only one line that says how many tensors fell back, to what and why."""
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("tunelab.shipping.gguf_export").addHandler(handler)
+    try:
+        export_gguf(tiny_model_dir, tmp_path / "q.gguf", "q4_k_m")
+    finally:
+        logging.getLogger("tunelab.shipping.gguf_export").removeHandler(handler)
+    printed = capfd.readouterr()
+    assert "falling back" not in printed.out + printed.err
+    assert "converting to" not in printed.out + printed.err
+    # the tiny model: 14 of its 20 tensors have rows of 64 or 128 values (q4_K/q6_K need 256)
+    assert records == [
+        "llama.cpp's quantizer: 14 of 20 tensors are not q4_k_m because their rows (64, 128 "
+        "values) are not a multiple of 256; it used q5_0 for 12 (instead of q4_K) and q8_0 for "
+        "2 (instead of q6_K), so the file is a little larger and more precise."
+    ]
+
+
 @pytest.mark.slow
 def test_default_model_in_llama_cpp_answers_like_tunelab_and_stops(tmp_path, capsys):
     from tunelab.models import resolve_model
@@ -92,3 +166,15 @@ def test_default_model_in_llama_cpp_answers_like_tunelab_and_stops(tmp_path, cap
     # measured: f16 28.29, q8_0 28.09, q4_k_m 30.74 on HELD_OUT
     assert results["q8_0"].perplexity == pytest.approx(results["f16"].perplexity, rel=0.03)
     assert results["q4_k_m"].perplexity == pytest.approx(results["f16"].perplexity, rel=0.25)
+
+
+@pytest.mark.slow
+def test_export_takes_the_default_models_name(tmp_path, monkeypatch, capsys):
+    """Found by the new-user break test: `tunelab export smollm2-135m-instruct` (a name serve
+    and generate take) was refused as "not a transformers model folder"; its file goes to the
+    current folder, not into the model cache."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "smollm2-135m-instruct", "--type", "f16", "--no-check"]) == 0
+    written = tmp_path / "smollm2-135m-instruct-f16.gguf"
+    assert f"Wrote {written} (" in capsys.readouterr().out
+    assert written.read_bytes()[:4] == b"GGUF"

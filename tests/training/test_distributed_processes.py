@@ -366,3 +366,69 @@ with open(os.path.join(os.path.dirname(__file__), f"rank{world.rank}.txt"), "w")
 def test_sharded_gradients_are_summed_and_clipped_like_whole_ones(tmp_path):
     for text in run_two_ranks(tmp_path, "shard.py", SHARD_SCRIPT):
         assert text.endswith("True"), text
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+def test_two_gloo_processes_match_one_process_on_a_preference_run(objective, tmp_path,
+                                                                   tiny_model_dir):  # fmt: skip
+    from conftest import preference_pairs, tiny_run_config, write_jsonl
+
+    from tunelab.training.preference import REFERENCE_CACHE
+
+    train_path = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs("What is a {}?"))
+    eval_path = write_jsonl(tmp_path / "held_out.jsonl", preference_pairs("Define {} please."))
+
+    def config(name, accumulation):
+        # one pair per row: 8 rows, 4 per optimizer step, so 3 steps run into a second epoch
+        # (which reads the reference log-probabilities attached in the first)
+        values = tiny_run_config(
+            tiny_model_dir, train_path, tmp_path / name, objective=objective, beta=0.5,
+            learning_rate=5e-3, max_steps=3, packing=False, lora_dropout=0.0, logging_steps=1,
+            chat_format="plain", eval_path=str(eval_path), eval_each_epoch=False, plot=False,
+            gradient_accumulation_steps=accumulation,
+        )  # fmt: skip
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(values.to_dict()))
+        return path
+
+    single = train(config("single", 2))
+    assert single.wait(timeout=300) == 0, single.stdout.read()
+    pair = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "tunelab.cli", "train", str(config("pair", 1))],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=400,
+    )  # fmt: skip
+    assert pair.returncode == 0, pair.stdout + pair.stderr
+    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "pair" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+    def records(name):
+        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").open()]
+
+    # the loss and TRL's reward metrics are the whole step's, not rank 0's half of it
+    single_records, pair_records = records("single"), records("pair")
+    assert [r["step"] for r in pair_records] == [r["step"] for r in single_records]
+    for mine, theirs in zip(pair_records, single_records, strict=True):
+        numbers = {k for k, v in theirs.items() if isinstance(v, float) and "rewards" in k}
+        numbers |= {"loss", "eval_loss"} & theirs.keys()
+        assert numbers, theirs
+        for name in numbers:
+            assert mine[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
+    cache = tmp_path / "pair" / REFERENCE_CACHE
+    if objective == "dpo":
+        # the processes shared the reference pass out and wrote one whole cache
+        single_cache = json.loads((tmp_path / "single" / REFERENCE_CACHE).read_text())
+        pair_cache = json.loads(cache.read_text())
+        assert pair_cache.keys() == single_cache.keys() and len(pair_cache) == 32
+        for key, value in single_cache.items():
+            assert pair_cache[key] == pytest.approx(value, rel=1e-5, abs=1e-5)
+        # 16 rows (train and held-out), 2 per forward: the pair ran 4 each, said once
+        said = "Reference log-probabilities: 8 forwards run"
+        assert pair.stdout.count(said) == 1 and said in single.stdout.read(), pair.stdout
+    else:
+        assert not cache.exists()  # reference-free
+    # no temporary file of a cache write left behind by a second writer
+    assert not list((tmp_path / "pair").glob(f".{REFERENCE_CACHE}.*"))

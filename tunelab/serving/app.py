@@ -11,8 +11,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from starlette.requests import Request
 
 from tunelab.errors import TunelabError
 from tunelab.serving.batching import BatchWorker, Job
@@ -23,6 +25,8 @@ from tunelab.template_sandbox import render_chat
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
+# how often a waiting non-streaming request checks that its client is still connected
+DISCONNECT_POLL_S = 0.25
 
 
 class RequestError(Exception):
@@ -35,7 +39,7 @@ class RequestError(Exception):
 
 def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
     """The FastAPI application serving ``pool`` through ``worker``."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -54,7 +58,16 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
         where = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = ".".join(where) or None
         if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON."
+            at = first.get("loc", ("body", None))[-1]
+            where_in = f" (at character {at + 1})" if isinstance(at, int) else ""  # from 0
+            message = f"the request body is not valid JSON{where_in}."
+            return JSONResponse(error_body(message), status_code=400)
+        if not where and "json" not in request.headers.get("content-type", ""):
+            message = (
+                "the request body must be a JSON object sent with the header "
+                "'Content-Type: application/json' (curl: -H 'Content-Type: application/json'); "
+                f"this one came as {request.headers.get('content-type') or 'no content type'}."
+            )
         else:
             message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
         return JSONResponse(error_body(message, param=param), status_code=400)
@@ -79,23 +92,22 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
         }
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest) -> Any:
+    async def chat(body: ChatRequest, request: Request) -> Any:
         served = _model(pool, body.model)
         text = _render_chat(served, body)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _answer(pool, worker, served, body, text, max_tokens, chat=True)
+        return await _answer(request, served, body, text, max_tokens, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         served = _model(pool, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise RequestError(400, "prompt: give one prompt per request.", "prompt")
-        return await _answer(pool, worker, served, body, prompts[0], body.max_tokens, chat=False)
+        return await _answer(request, served, body, prompts[0], body.max_tokens, chat=False)
 
     async def _answer(
-        pool: ModelPool,
-        worker: BatchWorker,
+        request: Request,
         served: ServedModel,
         body: Any,
         text: str,
@@ -103,16 +115,27 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
         chat: bool,
     ) -> Any:
         prompt_ids = served.tokenizer(text, add_special_tokens=False).input_ids
+        if not prompt_ids:  # nothing to continue from (the model would fail on no input)
+            raise RequestError(400, "prompt: it is empty; give the text to continue.", "prompt")
         room = pool.context_length - len(prompt_ids)
+        where = "messages" if chat else "prompt"
+        if room < 1:
+            raise RequestError(
+                400,
+                f"this model's context is {pool.context_length} tokens and the prompt alone has "
+                f"{len(prompt_ids)}, leaving no room for an answer. Shorten the prompt.",
+                where,
+                "context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, room)
-        if room < 1 or max_tokens > room:
+        if max_tokens > room:
             raise RequestError(
                 400,
                 f"this model's context is {pool.context_length} tokens; the prompt has "
-                f"{len(prompt_ids)} and max_tokens asks for {max_tokens}. Shorten the prompt "
-                "or lower max_tokens.",
-                "messages" if chat else "prompt",
+                f"{len(prompt_ids)} and max_tokens asks for {max_tokens}, {room} at most fit. "
+                "Shorten the prompt or lower max_tokens.",
+                where,
                 "context_length_exceeded",
             )
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -137,14 +160,28 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
         reply = _Reply(served.name, chat, len(prompt_ids))
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            stream = _stream(events, reply, include_usage)
+            stream = _stream(events, reply, include_usage, lambda: worker.cancel(job))
             return StreamingResponse(stream, media_type="text/event-stream")
-        while True:
-            kind, value = await events.get()
-            if kind == "error":
-                return JSONResponse(error_body(value, "server_error"), status_code=500)
-            if kind == "done":
-                return reply.whole(*value)
+        try:
+            checked = time.monotonic()
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    kind, value = "wait", None
+                if kind == "error":
+                    return JSONResponse(error_body(value, "server_error"), status_code=500)
+                if kind == "done":
+                    return reply.whole(*value)
+                # text pieces keep coming while the answer is made, so look at the clock
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():  # the client gave up: free its row
+                        worker.cancel(job)
+                        return JSONResponse(error_body("client disconnected"), status_code=499)
+        except asyncio.CancelledError:  # the server cancelled the handler (shutdown)
+            worker.cancel(job)
+            raise
 
     return app
 
@@ -197,10 +234,27 @@ class _Reply:
 
 
 async def _stream(
-    events: asyncio.Queue[tuple[str, Any]], reply: _Reply, include_usage: bool
+    events: asyncio.Queue[tuple[str, Any]],
+    reply: _Reply,
+    include_usage: bool,
+    cancel: Callable[[], None],
 ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per piece of text, a last chunk with the finish reason,
-    the usage chunk if asked for, then ``[DONE]``."""
+    the usage chunk if asked for, then ``[DONE]``. If the client goes away first, starlette
+    stops this generator and ``cancel`` frees the request's row in the batch."""
+    finished = False
+    try:
+        async for piece in _events(events, reply, include_usage):
+            yield piece
+        finished = True
+    finally:
+        if not finished:
+            cancel()
+
+
+async def _events(
+    events: asyncio.Queue[tuple[str, Any]], reply: _Reply, include_usage: bool
+) -> AsyncIterator[str]:
 
     def event(payload: dict[str, Any]) -> str:
         return f"data: {json.dumps(payload)}\n\n"
@@ -265,14 +319,17 @@ def serve(
     port: int = 8000,
     precision: str = "fp32",
     max_batch_size: int = 8,
+    continuous: bool = True,
 ) -> None:
-    """Load ``targets`` and serve them until interrupted (blocks)."""
+    """Load ``targets`` and serve them until interrupted (blocks). ``continuous=False`` runs
+    each batch to its end before the next starts (the whole-batch ``generate`` path)."""
     import uvicorn
 
     if max_batch_size < 1:
         raise TunelabError(f"--max-batch-size is {max_batch_size}; it must be at least 1.")
+    check_port_free(host, port)  # before the model loads, which takes a while
     pool = load_pool(targets, precision)
-    worker = BatchWorker(pool, max_batch_size)
+    worker = BatchWorker(pool, max_batch_size, continuous)
     logger.info("Serving %s at http://%s:%s/v1", ", ".join(pool.served), host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: anyone who can reach it can use the models.", host)
@@ -280,3 +337,19 @@ def serve(
         uvicorn.run(build_app(pool, worker), host=host, port=port, log_level="warning")
     finally:
         worker.stop()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise TunelabError when ``host:port`` cannot be listened on (most often: in use)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise TunelabError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}. Another server probably "
+                "uses the port; pick another with --port, or stop that server."
+            ) from None

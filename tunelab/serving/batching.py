@@ -1,29 +1,39 @@
-"""Generate waiting requests together: a worker thread takes every request queued so far,
-groups them by adapter and sampling settings, and runs one left-padded ``generate`` per group.
+"""The worker thread that owns the model and generates every request.
 
-Tokens reach each request as they are made (for streaming) through a stopping criterion that
-``generate`` calls after every step; it also ends each row at its own ``max_tokens`` or stop
-string, so one long answer does not hold the short ones back in the reply.
+By default it batches continuously (``tunelab.serving.inflight``): the rows of one adapter
+decode together a token per step, a request that arrives joins its adapter's batch at the next
+step, and a finished or cancelled one leaves at once. Requests for different adapters run as
+separate batches, stepped in turn. Models the step loop cannot serve, or ``continuous=False``,
+take the whole-batch path: everything queued so far is grouped by adapter and sampling and run
+through one left-padded ``generate`` per group.
+
+Tokens reach each request as they are made (for streaming); each row ends at its own
+``max_tokens``, stop string or end-of-turn token.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.serving import inflight
 from tunelab.serving.models import ModelPool, ServedModel
 
+logger = logging.getLogger(__name__)
 
-@dataclass
+
+@dataclass(eq=False)
 class Job:
     """One request's prompt and settings, and how its text reaches the caller.
 
     ``on_text(delta)`` gets new answer text as it is made; ``on_done(text, finish_reason,
     completion_tokens)`` once at the end; ``on_error(message)`` instead if generation failed.
-    The callbacks run on the worker thread.
+    The callbacks run on the worker thread. ``cancelled`` (set by ``BatchWorker.cancel``) makes
+    the worker drop the request at its next step, without calling back.
     """
 
     served: ServedModel
@@ -42,51 +52,173 @@ class Job:
     tokens: int = 0
     finish_reason: str | None = None
     ids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    _generator: Any = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def generator(self) -> Any:
+        """The request's own random generator when it gave a seed (so that its seed alone
+        decides its samples, whatever else is in the batch), else None: the global one."""
+        if self.seed is None:
+            return None
+        if self._generator is None:
+            import torch
+
+            self._generator = torch.Generator().manual_seed(self.seed)
+        return self._generator
+
     def group_key(self) -> tuple:
         # Requests share a generate call when they share its settings; a seeded request runs
-        # alone so that its seed alone decides its samples.
+        # alone so that its seed alone decides its samples. The served name is unique in the
+        # pool (an id() of an object could be reused by another after it is freed).
         sampling = None if self.greedy else (self.temperature, self.top_p, self.seed)
-        return (self.served.adapter, id(self.served.tokenizer), sampling, self.seed is not None)
+        return (self.served.adapter, self.served.name, sampling, self.seed is not None)
+
+
+def accept_token(job: Job, token: int) -> bool:
+    """Add ``token`` to ``job``'s answer, send the text that is safe to send, and say whether
+    the job is finished (end-of-turn token, stop string or ``max_tokens``)."""
+    if job.finish_reason is not None:
+        return True
+    if token == job.served.tokenizer.eos_token_id:
+        job.finish_reason = "stop"
+    else:
+        job.ids.append(token)
+        job.tokens += 1
+        job.text = job.served.tokenizer.decode(job.ids, skip_special_tokens=True)
+        if _cut_at_stop(job):
+            job.finish_reason = "stop"
+        elif job.tokens >= job.max_tokens:
+            job.finish_reason = "length"
+    _flush(job, final=job.finish_reason is not None)
+    return job.finish_reason is not None
 
 
 class BatchWorker:
-    """The thread that owns the model: requests go in with ``submit``; ``stop`` ends it."""
+    """The thread that owns the model: requests go in with ``submit``, leave early with
+    ``cancel``; ``stop`` ends it.
 
-    def __init__(self, pool: ModelPool, max_batch_size: int = 8) -> None:
+    ``batches`` lists how many requests started together (one prefill, or one ``generate`` on
+    the whole-batch path); ``step_rows`` how many rows each decode step ran; ``in_flight`` how
+    many requests are being generated now. They are for tests and the benchmark.
+    """
+
+    def __init__(self, pool: ModelPool, max_batch_size: int = 8, continuous: bool = True) -> None:
         self.pool = pool
         self.max_batch_size = max_batch_size
+        self.continuous = continuous
+        if continuous:
+            why = inflight.continuous_unsupported(pool.model)
+            if why is not None:
+                logger.warning(
+                    "continuous batching is off for this model: %s; requests that arrive "
+                    "while a batch runs wait for it to finish.",
+                    why,
+                )
+                self.continuous = False
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="tunelab-batcher", daemon=True)
-        self.batches: list[int] = []  # sizes of the batches run, for tests and the benchmark
+        self.batches: list[int] = []
+        self.step_rows: list[int] = []
+        self.in_flight = 0
+        self.cancelled = 0  # requests dropped because their client went away
+        run = self._run_continuous if self.continuous else self._run_whole
+        self.thread = threading.Thread(target=run, name="tunelab-batcher", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
+    def cancel(self, job: Job) -> None:
+        """Drop ``job`` (its client went away) at the worker's next step; no callback follows."""
+        job.cancelled = True
+
     def stop(self) -> None:
         self.jobs.put(None)
         self.thread.join(timeout=30)
 
-    def _run(self) -> None:
+    def _take_waiting(self, block: bool) -> tuple[list[Job], bool]:
+        """The jobs queued so far (waiting for one if ``block``) and whether ``stop`` was called."""
+        waiting: list[Job] = []
         while True:
-            first = self.jobs.get()
-            if first is None:
-                return
-            waiting = [first]
-            while True:  # everything queued while the last batch ran
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self.jobs.put(None)
-                    break
-                waiting.append(job)
+            try:
+                job = self.jobs.get(block=block and not waiting)
+            except queue.Empty:
+                return waiting, False
+            if job is None:
+                return waiting, True
+            waiting.append(job)
+
+    def _run_continuous(self) -> None:
+        running: dict[str | None, inflight.Batch] = {}  # one batch per adapter
+        waiting: list[Job] = []
+        stopping = False
+        while not stopping or running:
+            new, stop_now = self._take_waiting(block=not running and not waiting)
+            stopping = stopping or stop_now
+            waiting = self._live(waiting + new)
+            if stopping:
+                waiting = []
+            # admit waiting requests up to the batch size, grouped by adapter, in arrival order
+            joining: dict[str | None, list[Job]] = {}
+            still_waiting = []
+            for job in waiting:
+                adapter = job.served.adapter
+                rows = len(running[adapter].jobs) if adapter in running else 0
+                if rows + len(joining.get(adapter, [])) < self.max_batch_size:
+                    joining.setdefault(adapter, []).append(job)
+                else:
+                    still_waiting.append(job)
+            waiting = still_waiting
+            for adapter, jobs in joining.items():
+                self.batches.append(len(jobs))
+                batch = self._guarded(jobs, inflight.prefill, jobs)
+                running_batch = running.pop(adapter, None)
+                merged = inflight.merge(running_batch, batch)
+                if merged is not None:
+                    running[adapter] = merged
+            for adapter in list(running):
+                batch = running.pop(adapter)
+                live = self._live(batch.jobs)
+                kept = inflight.select_rows(batch, [batch.jobs.index(job) for job in live])
+                if kept is None:
+                    continue
+                self.step_rows.append(len(kept.jobs))
+                stepped = self._guarded(kept.jobs, inflight.step, kept)
+                if stepped is not None:
+                    running[adapter] = stepped
+            self.in_flight = sum(len(b.jobs) for b in running.values())
+
+    def _live(self, jobs: list[Job]) -> list[Job]:
+        """``jobs`` without the cancelled ones, which are counted."""
+        live = [job for job in jobs if not job.cancelled]
+        self.cancelled += len(jobs) - len(live)
+        return live
+
+    def _guarded(
+        self, jobs: list[Job], work: Callable[[Any, Any], Any], argument: Any
+    ) -> inflight.Batch | None:
+        """Run ``work(model, argument)`` (a prefill or a step of ``jobs``); finish the jobs it
+        finished. On an error every job of it gets the error, and the batch is dropped (the
+        server goes on)."""
+        try:
+            batch, finished = work(self.pool.model, argument)
+        except Exception as exc:  # noqa: BLE001 - a failed batch must not kill the server
+            logger.exception("generation failed")
+            for job in jobs:
+                if not job.cancelled:
+                    job.on_error(f"generation failed: {type(exc).__name__}: {exc}")
+            return None
+        for job in finished:
+            if not job.cancelled:
+                job.on_done(job.text, job.finish_reason or "length", job.tokens)
+        return batch
+
+    def _run_whole(self) -> None:
+        while True:
+            waiting, stopping = self._take_waiting(block=True)
             groups: dict[tuple, list[Job]] = {}
             for job in waiting:
                 groups.setdefault(job.group_key(), []).append(job)
@@ -98,17 +230,28 @@ class BatchWorker:
                     chunks = [group[i : i + size] for i in range(0, len(group), size)]
                 for chunk in chunks:
                     self._generate(chunk)
+            if stopping:
+                return
 
     def _generate(self, jobs: list[Job]) -> None:
+        jobs = self._live(jobs)
+        if not jobs:
+            return
         try:
             self.batches.append(len(jobs))
+            self.in_flight = len(jobs)
             run_batch(self.pool, jobs)
         except Exception as exc:  # noqa: BLE001 - a failed batch must not kill the server
             for job in jobs:
-                if job.finish_reason is None:
+                if job.finish_reason is None and not job.cancelled:
                     job.on_error(f"generation failed: {type(exc).__name__}: {exc}")
             return
+        finally:
+            self.in_flight = 0
         for job in jobs:
+            if job.cancelled:  # left during generate: its rows were ended early
+                self.cancelled += 1
+                continue
             _flush(job, final=True)
             job.on_done(job.text, job.finish_reason or "length", job.tokens)
 
@@ -149,31 +292,12 @@ def run_batch(pool: ModelPool, jobs: list[Job]) -> None:
         def __call__(self, ids: Any, scores: Any, **kwargs: Any) -> Any:
             done = torch.zeros(len(jobs), dtype=torch.bool, device=ids.device)
             for row, job in enumerate(jobs):
-                if job.finish_reason is not None:
-                    done[row] = True
-                    continue
-                token = int(ids[row, -1])
-                if token == eos:
-                    job.finish_reason = "stop"
-                else:
-                    job.ids.append(token)
-                    job.tokens += 1
-                    job.text = tokenizer.decode(job.ids, skip_special_tokens=True)
-                    if _cut_at_stop(job):
-                        job.finish_reason = "stop"
-                    elif job.tokens >= job.max_tokens:
-                        job.finish_reason = "length"
-                _flush(job, final=job.finish_reason is not None)
-                done[row] = job.finish_reason is not None
+                if job.cancelled:
+                    job.finish_reason = job.finish_reason or "cancelled"
+                done[row] = accept_token(job, int(ids[row, -1]))
             return done
 
-    if served.adapter is None and hasattr(model, "disable_adapter"):
-        context: Any = model.disable_adapter()
-    else:
-        if served.adapter is not None:
-            model.set_adapter(served.adapter)
-        context = torch.no_grad()
-    with context, torch.no_grad():
+    with inflight.adapter_context(model, served.adapter), torch.no_grad():
         model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -196,7 +320,7 @@ def _flush(job: Job, final: bool) -> None:
     half a character (the tokenizer's U+FFFD for an incomplete UTF-8 sequence)."""
     end = len(job.text)
     if not final:
-        hold = max((len(s) - 1 for s in job.stop), default=0)
+        hold = max((len(s) - 1 for s in job.stop if s), default=0)
         end = max(job.sent, end - hold)
         while end > job.sent and job.text[end - 1] == "\ufffd":
             end -= 1

@@ -23,9 +23,11 @@ class _Sampling(BaseModel):
     n: Literal[1] = 1
 
     def stop_strings(self) -> list[str]:
+        """The stop strings, without empty ones (an empty string stops nothing)."""
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return [stop for stop in stops if stop]
 
 
 class TextPart(BaseModel):

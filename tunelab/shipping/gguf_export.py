@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.errors import TunelabError
+from tunelab.shipping.c_output import captured_c_output, quantize_summary
 from tunelab.shipping.gguf_families import FAMILIES, Family, global_rope_theta, rope_type
 from tunelab.template_sandbox import render_chat
 
@@ -148,15 +149,24 @@ def quantize_with_llama_cpp(source: Path, out_file: Path, out_type: str) -> Path
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{K_QUANTS[out_type]}")
     params.nthread = max(1, (os.cpu_count() or 1))
     partial = out_file.with_name(f".{out_file.name}.quantizing")
-    status = llama_cpp.llama_model_quantize(
-        str(source).encode(), str(partial).encode(), llama_cpp.byref(params)
-    )
+    # It prints a line per tensor from C; caught here and summed up in one line.
+    with captured_c_output() as printed:
+        status = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(partial).encode(), llama_cpp.byref(params)
+        )
     if status != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
+        said = "\n".join(printed[-5:])
         raise TunelabError(
             f"llama.cpp's quantizer could not make a {out_type} file from {source} (status "
             f"{status}); export f16 or q8_0 instead, or run llama-quantize yourself."
+            + (f" It said:\n{said}" if said else "")
         )
+    import gguf
+
+    summary = quantize_summary(printed, out_type, len(gguf.GGUFReader(source).tensors))
+    if summary:
+        logger.warning(summary)
     os.replace(partial, out_file)
     return out_file
 

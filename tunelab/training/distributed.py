@@ -157,6 +157,15 @@ def all_reduce_sum(value: float | int, world: World) -> float:
     return float(tensor)
 
 
+def gather_objects(value: Any, world: World) -> list[Any]:
+    """Every process's ``value`` (picklable), in rank order; ``[value]`` for one process."""
+    if not world.active:
+        return [value]
+    gathered: list[Any] = [None] * world.size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:
     """Sum each trainable parameter's gradient over the processes (one flat fp32 buffer on the
     world's device)."""

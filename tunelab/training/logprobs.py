@@ -15,7 +15,14 @@ import torch.nn.functional as F
 
 from tunelab.data.tokenize import IGNORE_INDEX
 from tunelab.training import loss as loss_module
-from tunelab.training.loss import BLOCK_ROWS, CHUNK_ROWS, decoder_and_head
+from tunelab.training.loss import CHUNK_ROWS, decoder_and_head
+
+# rows of the fused head's logits in flight at once: its blocks (logits, their log-softmax and
+# gradient, ~10 bytes x vocabulary per row) are made at the end of the forward, when every
+# activation is still held, so they add to the step's peak; 256 rows (not the SFT loss's 512)
+# take ~120 MiB less at a 49k vocabulary, give the same values bit for bit (each row's
+# log-probability is its own) and keep the matrix products large enough to run as fast
+BLOCK_ROWS = 256
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):

@@ -378,7 +378,7 @@ def train_step(run: Run, state: TrainState, micro_batches: list[list[Row]], log:
                                    for rows in micro_batches),
             scaler=run.scaler,
         )  # fmt: skip
-        metrics = stats.metrics()
+        metrics = stats.gathered(world).metrics()
     term = method_loss_term(model)  # AdaLoRA's orthogonality regularisation, once a step
     if term is not None:
         with backward_precision(model, run.precision):  # summed over the processes below

@@ -28,6 +28,13 @@ from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
 from tunelab.errors import TunelabError
 from tunelab.files import atomic_write_text
 from tunelab.training.batching import Row, collate
+from tunelab.training.distributed import (
+    World,
+    all_reduce_sum,
+    current_world,
+    gather_objects,
+    shard,
+)
 from tunelab.training.logprobs import sequence_logprobs
 from tunelab.training.objectives import (
     LENGTH_NORMALISED,
@@ -157,6 +164,17 @@ class StepStats:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.values.setdefault(name, []).extend(tensor.detach().float().flatten().tolist())
+
+    def gathered(self, world: World) -> StepStats:
+        """The values of every process's share of the step (rank order), for metrics of the
+        whole step rather than of one process's micro-batches."""
+        if not world.active:
+            return self
+        merged = StepStats()
+        for values in gather_objects(self.values, world):
+            for name, numbers in values.items():
+                merged.values.setdefault(name, []).extend(numbers)
+        return merged
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         means = {k: sum(v) / len(v) for k, v in self.values.items() if v}
@@ -357,7 +375,13 @@ def attach_reference_logps(
 ) -> int:
     """Give every sequence of ``row_sets`` its reference log-probability (summed over its
     answer tokens): from ``cache_file`` where its content hash is there, else by running the
-    reference model, whose results are added to the cache. Returns the forwards run."""
+    reference model, whose results are added to the cache. Returns the forwards run (by all
+    the processes together).
+
+    Over several processes each runs its share of the missing micro-batches, all of them get
+    every value (any process may train on any row), and rank 0 alone writes the cache, after
+    every process has read it (the gather waits for all), atomically."""
+    world = current_world()
     cache: dict[str, float] = {}
     if cache_file.is_file():
         cache = json.loads(cache_file.read_text(encoding="utf-8"))
@@ -379,20 +403,26 @@ def attach_reference_logps(
         )
     was_training = model.training
     model.eval()
+    # the same micro-batches as one process makes, dealt out: the same values
+    chunks = [missing_rows[i : i + batch_size] for i in range(0, len(missing_rows), batch_size)]
+    computed: dict[str, float] = {}
     with torch.no_grad(), reference_model(model, frozen_copy) as scorer:
-        for start in range(0, len(missing_rows), batch_size):
-            chunk = missing_rows[start : start + batch_size]
+        for chunk in shard(chunks, world):
             batch, index, sequences = _batch(chunk, pad_token_id, device)
             with mixed_precision(scorer, device, precision):
                 sums, _ = sequence_logprobs(scorer, batch, index, len(sequences))
             forwards += 1
-            for sequence, value in zip(sequences, sums.tolist(), strict=True):
-                sequence.reference_logp = value
-                cache[sequence.key] = value
+            computed.update(zip((s.key for s in sequences), sums.tolist(), strict=True))
     model.train(was_training)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cache_file, json.dumps(cache))
-    return forwards
+    for share in gather_objects(computed, world):
+        cache.update(share)
+    for row in missing_rows:
+        for sequence in row.sequences:
+            sequence.reference_logp = cache[sequence.key]
+    if world.is_main:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_file, json.dumps(cache))
+    return int(all_reduce_sum(forwards, world))
 
 
 def needs_reference(config: FineTuningConfig) -> bool:
