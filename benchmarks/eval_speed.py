@@ -25,18 +25,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# run inside each tree's process: evaluate, then print the seconds it took
+# run inside each tree's process: evaluate, then print the wall and CPU seconds it took (CPU
+# time, all threads together, is the fairer figure on a machine shared with other work)
 CHILD = """
 import json, sys, time
 from tunelab.evaluation.run import evaluate_run
 options = json.loads(sys.argv[1])
-started = time.perf_counter()
+started, cpu = time.perf_counter(), time.process_time()
 evaluate_run(progress=lambda line: None, **options)
+print("CPU", time.process_time() - cpu)
 print("SECONDS", time.perf_counter() - started)
 """
 
 
-def run_tree(tree: Path, options: dict, log: Path) -> float:
+def run_tree(tree: Path, options: dict, log: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``evaluate_run`` in ``tree``'s code."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     with open(log, "w") as out:
         done = subprocess.run(
@@ -47,7 +50,8 @@ def run_tree(tree: Path, options: dict, log: Path) -> float:
         sys.exit(
             f"{tree}: evaluate_run failed (exit {done.returncode}):\n{log.read_text()[-3000:]}"
         )
-    return float(done.stdout.split("SECONDS")[-1])
+    cpu, wall = done.stdout.split("CPU")[-1].split("SECONDS")
+    return float(wall), float(cpu)
 
 
 def baseline_copy(run_dir: Path, folder: Path, baseline: Path) -> Path:
@@ -129,12 +133,13 @@ def main() -> None:
             ):
                 out = Path(scratch) / f"{name}-report"
                 started = time.perf_counter()
-                seconds = run_tree(
+                seconds, cpu_seconds = run_tree(
                     tree, {**common, **extra, "out_dir": str(out)}, out.with_suffix(".log")
                 )
                 whole = time.perf_counter() - started
                 figures[name] = {
                     "eval_seconds": round(seconds, 1),
+                    "eval_cpu_seconds": round(cpu_seconds, 1),
                     "process_seconds": round(whole, 1),
                 }
                 print(name, figures[name], flush=True)
@@ -146,8 +151,10 @@ def main() -> None:
                 check=False, capture_output=True,
             )  # fmt: skip
     speedup = figures["baseline"]["eval_seconds"] / figures["current"]["eval_seconds"]
+    cpu_speedup = figures["baseline"]["eval_cpu_seconds"] / figures["current"]["eval_cpu_seconds"]
     result = {"questions": args.questions, "systems": 5, "baseline": args.baseline, **figures,
-              "speedup": round(speedup, 2), **compare(old, new)}  # fmt: skip
+              "speedup": round(speedup, 2), "cpu_speedup": round(cpu_speedup, 2),
+              **compare(old, new)}  # fmt: skip
     print(json.dumps(result, indent=1))
 
 

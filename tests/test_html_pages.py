@@ -41,3 +41,30 @@ def test_data_report_histogram_escapes_its_title():
     svg = histogram_svg(stats, HOSTILE)
     assert "<script" not in svg and f'aria-label="{ESCAPED}"' in svg
     assert svg.count("<rect") == 2
+
+
+def test_reports_show_control_characters_in_data_as_escapes_and_keep_the_data(tmp_path):
+    # with drop_control_chars off, a right-to-left override in a question reached the page as
+    # is: HTML escaping leaves it, and the browser then shows the line reversed
+    import json
+
+    sys.path.insert(0, str(Path(__file__).parent / "evaluation"))
+    from test_eval_report import synthetic_results
+
+    from tunelab.data.report import histogram_svg
+    from tunelab.evaluation.report import write_reports
+
+    results = synthetic_results(tmp_path)
+    results.items[0].question = "Is \u202etxet desrever\u202c safe?"
+    results.systems["tuned"].answers[1] = "clear\x1b[2Jscreen\tand tab\nline"
+    files = write_reports(results, tmp_path)
+    page = Path(files["html"]).read_text()
+    assert "\u202e" not in page and "\x1b" not in page and "\u202c" not in page
+    assert "Is \\u202etxet desrever\\u202c safe?" in page
+    assert "clear\\x1b[2Jscreen\tand tab\nline" in page  # tab and newline are layout, kept
+    saved = json.loads(Path(files["json"]).read_text())
+    assert saved["items"][0]["question"] == "Is \u202etxet desrever\u202c safe?"
+    svg = histogram_svg(
+        {"histogram": {"counts": [1], "edges": [0, 5]}, "count": 1, "max": 4}, "a\u202eb"
+    )
+    assert "\u202e" not in svg and 'aria-label="a\\u202eb"' in svg

@@ -44,13 +44,14 @@ def main() -> int:
     results = FineTuner(config).train(overwrite=True)
 
     # the held-out terms as the data stage cleaned them (markup removed), not the raw file
-    held_out = prepare_examples(config).eval[: args.terms]
+    evaluated = prepare_examples(config).eval
+    held_out = evaluated[: args.terms]
     prompts = [example.prompt for example in held_out]
     options = {"max_new_tokens": 60, "repetition_penalty": 1.2}
     base = generate(load_for_inference(config.output_dir, use_adapter=False), prompts, **options)
     tuned = generate(load_for_inference(config.output_dir), prompts, **options)
 
-    print("\n=== Held-out loss (200 terms never seen in training) ===")
+    print(f"\n=== Held-out loss ({len(evaluated)} terms never seen in training) ===")
     print(f"base model : {results['initial_eval_loss']:.4f}")
     print(f"fine-tuned : {results['eval_loss']:.4f}")
     for example, prompt, before, after in zip(held_out, prompts, base, tuned, strict=True):

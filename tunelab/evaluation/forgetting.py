@@ -2,7 +2,9 @@
 
 The text ships with tunelab (``data/general_text.txt``, public-domain prose; sources in
 ``data/SOURCES.md``). It is cut into passages of whole paragraphs of about ``passage_words``
-words; every token after the first of each passage is scored.
+words. Each passage is scored as a pretrained model reads a document: after the BOS token when
+the tokenizer puts one in front by itself (Llama-2 style; every token of the passage is then
+scored), else from its second token (the first has nothing before it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 from importlib import resources
 from typing import Any
 
+from tunelab.data.tokenize import bos_text
 from tunelab.evaluation.scoring import reference_losses
 
 
@@ -39,9 +42,11 @@ def general_perplexity(
     """Token-weighted loss and perplexity of ``model`` on ``passages`` (default: the shipped
     general text)."""
     passages = general_passages() if passages is None else passages
+    bos = bos_text(tokenizer)
     losses = reference_losses(
-        model, tokenizer, [""] * len(passages), passages, batch_size=batch_size, max_tokens=512
-    )
+        model, tokenizer, [bos] * len(passages), [bos + p for p in passages],
+        batch_size=batch_size, max_tokens=512,
+    )  # fmt: skip
     nll = sum(item.nll_sum for item in losses)
     tokens = sum(item.tokens for item in losses)
     loss = nll / tokens

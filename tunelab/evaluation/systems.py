@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.data.schema import Example
+from tunelab.data.tokenize import bos_text
 from tunelab.errors import TunelabError
 from tunelab.template_sandbox import render_chat
 
@@ -90,6 +91,13 @@ class PromptBuilder:
     few_shot_choice: str = "similar"
     context_chars: int = 400  # per document or shot answer: prompt length is the eval's cost
     seed: int = 0
+    _bos: str | None = field(default=None, init=False, repr=False)  # worked out on first use
+
+    def bos(self) -> str:
+        """The BOS text training puts in front of a plain text (``bos_text``), asked once."""
+        if self._bos is None:
+            self._bos = bos_text(self.tokenizer)
+        return self._bos
 
     def neighbours(self, item: EvalItem, k: int, own_source: bool = False) -> list[EvalItem]:
         """The ``k`` most similar training items, leaving out any that repeat the question (a
@@ -171,6 +179,8 @@ class PromptBuilder:
             prompt = prefix + item.question
         else:
             prompt = self.rag_question(item) if system.endswith("rag") else item.question
+        if item.continuation:  # training put BOS before each plain text (render_example)
+            prompt = self.bos() + prompt
         # a trailing space belongs to the answer's first token in training (see render_prompt)
         return prompt.rstrip(" \t"), prompt + joiner + item.reference + eos
 
