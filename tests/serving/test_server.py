@@ -309,6 +309,57 @@ def test_each_bad_request_gets_openai_error_json(live_server, client):
     assert ask(client, "alpha", "hi").choices[0].message.content is not None
 
 
+def test_one_model_is_retrieved_by_name(client):
+    # the openai client's models.retrieve: GET /v1/models/{id}
+    openai = pytest.importorskip("openai")
+    assert client.models.retrieve("beta").id == "beta"
+    with pytest.raises(openai.NotFoundError, match="does not exist; this server has alpha"):
+        client.models.retrieve("nope")
+
+
+def test_fields_tunelab_cannot_honour_are_refused_not_ignored(live_server, client, expected):
+    openai = pytest.importorskip("openai")
+    unsupported = {
+        "logprobs": True,
+        "top_logprobs": 2,
+        "response_format": {"type": "json_object"},
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "presence_penalty": 1.5,
+        "frequency_penalty": 0.5,
+        "logit_bias": {"5": 100},
+    }
+    for field, value in unsupported.items():
+        with pytest.raises(openai.BadRequestError, match=f"{field}: tunelab serve does not"):
+            ask(client, "alpha", "hi", **{field: value})
+        chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], field: value}
+        status, reply = http(
+            "post", live_server.url + "/chat/completions", json.dumps(chat).encode()
+        )
+        assert status == 400, reply
+        assert (reply["error"]["param"], reply["error"]["code"]) == (field, "unsupported_parameter")
+    for field, value in {"echo": True, "best_of": 3, "suffix": "end", "logprobs": 2}.items():
+        with pytest.raises(openai.BadRequestError, match=f"{field}: tunelab serve does not"):
+            client.completions.create(model="alpha", prompt="hi", max_tokens=2, **{field: value})
+    # the values that ask for nothing (some clients send them on every request) are fine
+    prompt = PROMPTS[0]
+    harmless = dict(
+        logprobs=False, presence_penalty=0, response_format={"type": "text"}, tool_choice="none"
+    )
+    reply = ask(client, "alpha", prompt, **harmless)
+    assert reply.choices[0].message.content.strip() == expected["alpha"][prompt]
+
+
+def test_null_fields_mean_their_default(live_server, client, expected):
+    # OpenAI reads null as "not given"; the openai client sends temperature=None as null
+    prompt = PROMPTS[0]
+    reply = ask(client, "alpha", prompt, top_p=None, n=None, stream=None, seed=None, stop=None)
+    assert reply.choices[0].message.content.strip() == expected["alpha"][prompt]
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    body = json.dumps({**chat, "temperature": None, "top_p": None, "n": None}).encode()
+    status, reply = http("post", live_server.url + "/chat/completions", body)
+    assert status == 200 and reply["choices"][0]["message"]["content"] is not None, reply
+
+
 def test_serve_refuses_what_it_cannot_serve(two_runs, tmp_path, lively_base, capsys):
     from conftest import build_tiny_model
 

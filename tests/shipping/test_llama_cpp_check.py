@@ -180,7 +180,9 @@ def test_export_takes_the_default_models_name(tmp_path, monkeypatch, capsys):
     assert written.read_bytes()[:4] == b"GGUF"
 
 
-def test_a_quantized_export_of_a_run_folder_sets_perplexity_beside_f16(make_config, tmp_path, capsys):
+def test_a_quantized_export_of_a_run_folder_sets_perplexity_beside_f16(
+    make_config, tmp_path, capsys
+):
     # The documented first example (`tunelab export outputs/run --type q4_k_m`): the f16
     # perplexity must tokenize with the run folder's tokenizer, which is not a model folder.
     from tunelab.api import FineTuner

@@ -81,18 +81,20 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
         message = f"internal error: {type(exc).__name__}: {exc}"
         return JSONResponse(error_body(message, "server_error"), status_code=500)
 
+    def model_entry(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "tunelab"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": created, "owned_by": "tunelab"}
-                for name in pool.served
-            ],
-        }
+        return {"object": "list", "data": [model_entry(name) for name in pool.served]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str) -> dict[str, Any]:  # the openai client's models.retrieve
+        return model_entry(_model(pool, name).name)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
+        _refuse_unsupported(body)
         served = _model(pool, body.model)
         text = _render_chat(served, body)
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -100,6 +102,7 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        _refuse_unsupported(body)
         served = _model(pool, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
@@ -292,6 +295,18 @@ def _model(pool: ModelPool, name: str) -> ServedModel:
             "model_not_found",
         )
     return served
+
+
+def _refuse_unsupported(body: ChatRequest | CompletionRequest) -> None:
+    field = body.unsupported()
+    if field is not None:
+        raise RequestError(
+            400,
+            f"{field}: tunelab serve does not support it, and would answer as if it were not "
+            f"there; leave {field} out (or at its default) of the request.",
+            field,
+            "unsupported_parameter",
+        )
 
 
 def _render_chat(served: ServedModel, body: ChatRequest) -> str:
