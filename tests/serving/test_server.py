@@ -360,6 +360,25 @@ def test_null_fields_mean_their_default(live_server, client, expected):
     assert status == 200 and reply["choices"][0]["message"]["content"] is not None, reply
 
 
+def test_content_parts_and_top_p_zero(live_server, client, expected):
+    # openai clients send content as a list of text parts; top_p 0 keeps only the top token
+    openai = pytest.importorskip("openai")
+    prompt = PROMPTS[0]
+    parts = [{"type": "text", "text": prompt[:7]}, {"type": "text", "text": prompt[7:]}]
+    reply = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].message.content.strip() == expected["alpha"][prompt]
+    greedy = ask(client, "alpha", prompt, temperature=1.5, top_p=0, seed=3)
+    assert greedy.choices[0].message.content.strip() == expected["alpha"][prompt]
+    image = [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]
+    with pytest.raises(openai.BadRequestError, match="part 0 is 'image_url'; tunelab serves text"):
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": image}])
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": image}]}
+    status, reply = http("post", live_server.url + "/chat/completions", json.dumps(chat).encode())
+    assert (status, reply["error"]["param"]) == (400, "messages.0.content"), reply
+
+
 def test_serve_refuses_what_it_cannot_serve(two_runs, tmp_path, lively_base, capsys):
     from conftest import build_tiny_model
 

@@ -69,7 +69,8 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
                 f"this one came as {request.headers.get('content-type') or 'no content type'}."
             )
         else:
-            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+            said = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+            message = f"{param or 'body'}: {said}"
         return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -151,7 +152,7 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
             served=served,
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
-            temperature=body.temperature,
+            temperature=0.0 if body.top_p == 0 else body.temperature,
             top_p=body.top_p,
             seed=body.seed,
             stop=body.stop_strings(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # OpenAI fields tunelab cannot honour, each with a test of the values that ask for nothing
 # (clients send some of them with their default value on every request).
@@ -37,7 +37,7 @@ class _Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0 keeps only the top token: greedy
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -69,19 +69,26 @@ class _Sampling(BaseModel):
         return [stop for stop in stops if stop]
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[dict[str, Any]]
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, content: str | list[dict[str, Any]]) -> Any:
+        # clients send content as parts ([{"type": "text", "text": ...}]); the models are text
+        for index, part in enumerate([] if isinstance(content, str) else content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"part {index} is {part.get('type')!r}; tunelab serves text models, so "
+                    "only text parts ({'type': 'text', 'text': '...'}) or a string are accepted"
+                )
+        return content
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part["text"] for part in self.content)
 
 
 class ChatRequest(_Sampling):
