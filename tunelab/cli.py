@@ -221,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from tunelab.ui.serve import run_ui
 
-    run_ui(args.folder, host=args.host, port=args.port)
+    run_ui(args.folder, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
     return 0
 
 
@@ -527,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="Address to listen on; anything but 127.0.0.1 opens the app to the network "
         "(printed as a warning).",
+    )
+    ui.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=1024,
+        help="Largest data file the page accepts as an upload, in MiB (1024); a file in an "
+        "opened folder is read where it is, whatever its size.",
     )
     ui.set_defaults(func=cmd_ui)
 
