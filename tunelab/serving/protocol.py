@@ -56,8 +56,9 @@ class _Sampling(BaseModel):
     def unsupported(self) -> str | None:
         """The first field that asks for something tunelab does not do (log-probabilities,
         tools, a response format, penalties, ...), or None."""
+        extra = self.model_extra or {}
         for name, asks_nothing in _NOTHING_ASKED.items():
-            if name in (self.model_extra or {}) and not asks_nothing(self.model_extra[name]):
+            if name in extra and not asks_nothing(extra[name]):
                 return name
         return None
 
