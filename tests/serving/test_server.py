@@ -288,6 +288,17 @@ def test_each_bad_request_gets_openai_error_json(live_server, client):
             "context_length_exceeded",
         ),
         ("post", "/completions", {"model": "alpha", "prompt": ["a", "b"]}, 400, "prompt", None),
+        # a field of several accepted types names the field, not pydantic's union member
+        ("post", "/completions", {"model": "alpha", "prompt": [1, 2]}, 400, "prompt", None),
+        ("post", "/chat/completions", {**chat, "stop": 5}, 400, "stop", None),
+        (
+            "post",
+            "/chat/completions",
+            {**chat, "messages": [{"role": "assistant", "content": None}]},
+            400,
+            "messages.0.content",
+            None,
+        ),
         ("get", "/nothing", None, 404, None, None),
         ("get", "/chat/completions", None, 405, None, None),
     ]
@@ -298,6 +309,10 @@ def test_each_bad_request_gets_openai_error_json(live_server, client):
         error = reply["error"]
         assert error["message"] and error["type"] == "invalid_request_error", error
         assert (error["param"], error["code"]) == (param, code), (body, error)
+    got_status, reply = http("post", url + "/completions", b'{"model": "alpha", "prompt": [1]}')
+    assert reply["error"]["message"] == (
+        "prompt: [1] is not one of the accepted types (str or list[str])."
+    )
     got_status, reply = http("post", url + "/chat/completions", b"{not json")
     assert got_status == 400 and "not valid JSON" in reply["error"]["message"]
     # the official client raises its typed errors on these bodies, and the server lives on

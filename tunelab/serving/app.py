@@ -55,7 +55,7 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        where, kinds = _where_and_kinds(first, exc.errors())
         param = ".".join(where) or None
         if first.get("type") == "json_invalid":
             at = first.get("loc", ("body", None))[-1]
@@ -68,6 +68,9 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
                 "'Content-Type: application/json' (curl: -H 'Content-Type: application/json'); "
                 f"this one came as {request.headers.get('content-type') or 'no content type'}."
             )
+        elif kinds:  # a field that takes one of several types got none of them
+            given = json.dumps(first.get("input"), default=str)[:80]
+            message = f"{param}: {given} is not one of the accepted types ({' or '.join(kinds)})."
         else:
             said = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
             message = f"{param or 'body'}: {said}"
@@ -296,6 +299,26 @@ def _model(pool: ModelPool, name: str) -> ServedModel:
             "model_not_found",
         )
     return served
+
+
+def _where_and_kinds(first: Any, errors: list[Any]) -> tuple[list[str], list[str]]:
+    """The field path of a validation error, cut before pydantic's union-member tags
+    (``content.str``, ``prompt.list[str].0``), and the types that union accepts."""
+    where: list[str] = []
+    for part in first.get("loc", ()):
+        if part == "body":
+            continue
+        if isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part):
+            kinds: list[str] = []
+            for error in errors:  # every member of the union that refused the value
+                loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+                if loc[: len(where)] == where and len(loc) > len(where):
+                    kind = loc[len(where)]
+                    if kind not in kinds:
+                        kinds.append(kind)
+            return where, kinds
+        where.append(str(part))
+    return where, []
 
 
 def _refuse_unsupported(body: ChatRequest | CompletionRequest) -> None:
