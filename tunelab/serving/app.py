@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -301,7 +301,7 @@ def _model(pool: ModelPool, name: str) -> ServedModel:
     return served
 
 
-def _where_and_kinds(first: Any, errors: list[Any]) -> tuple[list[str], list[str]]:
+def _where_and_kinds(first: Any, errors: Sequence[Any]) -> tuple[list[str], list[str]]:
     """The field path of a validation error, cut before pydantic's union-member tags
     (``content.str``, ``prompt.list[str].0``), and the types that union accepts."""
     where: list[str] = []
