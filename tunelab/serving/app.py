@@ -352,6 +352,10 @@ def _render_chat(served: ServedModel, body: ChatRequest) -> str:
         ) from None
 
 
+# seconds open responses get to finish once the server is told to stop
+GRACE_S = 5
+
+
 def serve(
     targets: list[str],
     host: str = "127.0.0.1",
@@ -372,8 +376,17 @@ def serve(
     logger.info("Serving %s at http://%s:%s/v1", ", ".join(pool.served), host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: anyone who can reach it can use the models.", host)
+    logger.info("Ctrl-C stops the server; answers still streaming are cut after %d s.", GRACE_S)
     try:
-        uvicorn.run(build_app(pool, worker), host=host, port=port, log_level="warning")
+        # uvicorn waits for open responses on Ctrl-C; a stream as long as the context would
+        # keep the server up for minutes without a word
+        uvicorn.run(
+            build_app(pool, worker),
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=GRACE_S,
+        )
     finally:
         worker.stop()
 
