@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -399,6 +400,9 @@ class FineTuner:
         from tunelab.training.loop import fit, total_steps
         from tunelab.training.sharding import check_shardable, full_state_for_saving
 
+        # a stop request (tunelab ui) written while the data and model load is this run's; an
+        # older one was for a run before it
+        started = time.time()
         output_dir = Path(self.config.output_dir)
         # under torchrun every process trains, but only rank 0 checks and writes the folder
         world = init_world(self.placement.device)
@@ -462,6 +466,7 @@ class FineTuner:
             on_eval=on_eval,
             precision=self.placement.precision,
             sharded=sharded,
+            stop_requests_since=started,
         )
         whole = full_state_for_saving(self.model)  # sharded: every process helps gather
         if not main_process:

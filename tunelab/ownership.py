@@ -37,6 +37,7 @@ from tunelab.run_folder import (
     METRICS,
     RESULTS,
     RUN_INFO,
+    STOP_REQUEST,
     read_saved_config,
 )
 
@@ -69,6 +70,7 @@ KNOWN_NAMES: dict[str, tuple[str, ...]] = {
         *EVAL_PREFERENCE_FILES,
         "*.gguf",
         ".*.partial",
+        STOP_REQUEST,
         "tensorboard/*",
         "mlruns/*",
     ),  # fmt: skip

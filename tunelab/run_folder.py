@@ -10,6 +10,8 @@ A run folder holds::
     data_manifest.json    what the data pipeline did
     training_curves.png   the curves of metrics.jsonl
     checkpoints/          resumable states
+    stop_request.json     "save and stop at the next step" (tunelab ui's Stop on a CLI run);
+                          removed when honoured and when the run ends
     eval_report.html|md, eval_results.json   written by ``tunelab evaluate``
     eval_preference.json|md   a preference run's held-out pairs table, by ``tunelab eval``
 
@@ -36,6 +38,7 @@ RUN_INFO = "run_info.json"
 DATA_MANIFEST = "data_manifest.json"
 CURVES = "training_curves.png"
 CHECKPOINTS = "checkpoints"
+STOP_REQUEST = "stop_request.json"
 ADAPTER_CONFIG = "adapter_config.json"
 EVAL_REPORT_HTML = "eval_report.html"
 EVAL_REPORT_MD = "eval_report.md"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +102,48 @@ def test_two_gloo_processes_match_one_process(make_config, tmp_path):
     single_losses = [json.loads(x)["loss"] for x in (tmp_path / "single" / "metrics.jsonl").open()]
     pair_losses = [json.loads(x)["loss"] for x in lines]
     assert pair_losses == pytest.approx(single_losses, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+def test_a_stop_request_stops_every_process_at_the_same_step(make_config, tmp_path):
+    # only rank 0 reads the request (tunelab ui's Stop on a CLI run); the others learn it in
+    # the same step, so none is left waiting in a collective the stopped ones never join
+    from tunelab.training.guards import request_stop
+
+    path = write_config(
+        make_config, tmp_path, "pair", max_steps=400, batch_size=2, save_each_epoch=False,
+        gradient_accumulation_steps=1,
+    )  # fmt: skip
+    metrics = tmp_path / "pair" / "metrics.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "tunelab.cli", "train", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if metrics.exists() and sum(1 for _ in metrics.open()) >= 3:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, process.stdout.read()
+        request_stop(tmp_path / "pair")
+        output = process.communicate(timeout=300)[0]
+    finally:
+        if process.poll() is None:  # a hung run: its workers too, not only the launcher
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode != 0
+    assert output.count("Stop requested by tunelab ui: saving a checkpoint") == 1, output
+    # both processes stop themselves (none is killed by torchrun for a missing partner), at
+    # the same step
+    stops = re.findall(r"training interrupted at step (\d+) of 400", output)
+    assert len(stops) == 2 and stops[0] == stops[1], output
+    stopped = stops[0]
+    checkpoints = sorted((tmp_path / "pair" / "checkpoints").glob("step-*"))
+    assert [c.name for c in checkpoints] == [f"step-{int(stopped):06d}"]
+    assert not (tmp_path / "pair" / "stop_request.json").exists()
 
 
 def test_the_global_batch_is_per_process_batch_times_accumulation_times_processes(make_config):

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from tests.conftest import write_jsonl  # noqa: E402
 from tunelab.cli import main  # noqa: E402
 from tunelab.config import load_config  # noqa: E402
+from tunelab.errors import TunelabError  # noqa: E402
 from tunelab.ui.app import create_app  # noqa: E402
 
 
@@ -153,6 +154,50 @@ def test_upload_is_stored_in_the_workspace_without_replacing(client, space):
     assert "uploaded text here" in (space / "uploads" / "train-1.jsonl").read_text()
 
 
+def test_an_upload_over_the_limit_is_refused_with_the_limit_named(space, tiny_model_dir):
+    app = create_app(space, max_upload_mb=0.01)  # 10,485 bytes
+    app.state.workspace.values.update(model_name=str(tiny_model_dir), strip_html=False)
+    client = TestClient(app)
+    expected = (
+        "the upload is larger than this app's limit of 0.01 MiB. Type the file's path instead "
+        "(files in the opened folders are read where they are), or start the app with a larger "
+        "limit: tunelab ui --max-upload-mb N."
+    ).replace("'", "&#39;")
+    big = b"".join(b'{"text": "row %d of a file too large to upload"}\n' % i for i in range(400))
+    assert len(big) > 0.01 * 2**20
+    reply = client.post("/data/inspect", data={"path": ""}, files={"upload": ("big.jsonl", big)})
+    assert reply.status_code == 200 and page_error(reply.text) == expected
+    assert not (space / "uploads").exists()  # nothing of it was kept
+    # a body sent without a Content-Length (chunked) is cut off at the limit too
+    boundary = "tunelabboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="upload"; '
+        'filename="big.jsonl"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    ).encode()
+
+    def chunks():
+        yield head
+        for start in range(0, len(big), 1000):
+            yield big[start : start + 1000]
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    reply = client.post(
+        "/data/inspect",
+        content=chunks(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert page_error(reply.text) == expected and not (space / "uploads").exists()
+    # a file under the limit is stored and inspected
+    small = b'{"text": "a small file, well under the limit"}\n' * 10
+    reply = client.post("/data/inspect", files={"upload": ("small.jsonl", small)})
+    assert page_error(reply.text) is None and 'id="summary"' in reply.text
+    assert (space / "uploads" / "small.jsonl").read_bytes() == small
+    # the page says the limit, for the browser's own check before sending
+    assert 'data-max-mb="0.01"' in client.get("/data").text
+    with pytest.raises(TunelabError, match="--max-upload-mb is 0; give a size above 0"):
+        create_app(space, max_upload_mb=0)
+
+
 def test_run_started_from_the_cli_is_listed_and_watched(client, space, make_config):
     from tunelab.api import FineTuner
 
@@ -178,3 +223,72 @@ def test_other_host_needs_the_flag_and_warns(monkeypatch, capsys, space):
     assert calls[-1] == {"host": "0.0.0.0", "port": 9000, "log_level": "warning"}
     # a warning, so on stderr (through the tunelab logger's console handler)
     assert "warning: listening on 0.0.0.0" in capsys.readouterr().err
+
+
+def test_run_started_from_the_cli_is_stopped_from_the_app_and_resumed(client, space, make_config):
+    """Stop on a run this app did not start: the CLI's own process saves a checkpoint at the
+    next step boundary and exits as after Ctrl-C; --resume continues it to the end."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tunelab.run_folder import STOP_REQUEST
+
+    run_dir = space / "outputs" / "cli-run"
+    # long enough that the stop lands mid-run on an idle machine too (~50 steps/s; the stop
+    # is read at every step)
+    config = make_config(
+        output_dir=str(run_dir), max_steps=200, gradient_accumulation_steps=1, save_each_epoch=False
+    )
+    config_file = space / "cli-run.yaml"
+    config.save(config_file)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+    command = [sys.executable, "-m", "tunelab.cli", "train", str(config_file)]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        state = {}
+        while time.monotonic() < deadline and process.poll() is None:
+            state = client.get("/api/run", params={"path": str(run_dir)}).json()
+            if state["state"] == "running" and state["step"] >= 3:
+                break
+            time.sleep(0.2)  # polling for a state, not waiting for luck
+        assert state.get("state") == "running", state
+        reply = client.post("/api/run/stop", params={"path": str(run_dir)})
+        assert reply.json() == {"stopping": True}
+        assert json.loads((run_dir / STOP_REQUEST).read_text())["by"] == "tunelab ui"
+        err, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 2, err
+    assert "Stop requested by tunelab ui: saving a checkpoint after this step." in err
+    stopped = int(re.search(r"training interrupted at step (\d+) of 200", err).group(1))
+    assert 3 <= stopped < 200
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == f"step-{stopped:06d}"
+    assert not (run_dir / STOP_REQUEST).exists()  # honoured, then removed
+    state = client.get("/api/run", params={"path": str(run_dir)}).json()
+    assert state["step"] == stopped and state["state"] in ("stopped", "running")
+    # a stale request (from before the resumed process began) does not stop it again
+    from tunelab.training.guards import request_stop
+
+    request_stop(run_dir)
+    resumed = subprocess.run(
+        [*command, "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    from tunelab.runs import load_run
+
+    assert [r["step"] for r in load_run(run_dir).train] == list(range(1, 201))
+    assert not (run_dir / STOP_REQUEST).exists()
+    assert client.get("/api/run", params={"path": str(run_dir)}).json()["state"] == "finished"

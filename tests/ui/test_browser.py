@@ -86,6 +86,18 @@ def test_the_whole_loop_in_a_browser(server, page, tiny_model_dir, qa_rows, make
     data = write_jsonl(space / "train.jsonl", rows)
     app.state.workspace.values.update(model_name=str(tiny_model_dir), dedup_exact=False)
 
+    # 0. an upload over the app's limit is refused in the page, before it is sent
+    app.state.workspace.max_upload_mb = 0.01
+    page.goto(f"{url}/data")
+    too_big = {"name": "big.jsonl", "mimeType": "text/plain", "buffer": b"x" * 20_000}
+    page.set_input_files("#data-upload", too_big)
+    page.click("#inspect")
+    expect(page.locator("#upload-error")).to_contain_text(
+        "error: the upload is larger than this app's limit of 0.01 MiB."
+    )
+    assert not (space / "uploads").exists()
+    app.state.workspace.max_upload_mb = 1024
+
     # 1. data: the report, and a preview with the trained tokens marked
     page.goto(f"{url}/data")
     page.fill("#data-path", str(data))
@@ -152,7 +164,8 @@ def test_the_whole_loop_in_a_browser(server, page, tiny_model_dir, qa_rows, make
     page.goto(f"{url}/runs")
     expect(page.locator("#runs")).to_contain_text("ui-run")
     page.goto(f"{url}/run?path={run_dir}")
-    expect(page.locator("#state")).to_have_text("finished", timeout=300_000)
+    # (a bound, not a wait: a 2-core machine shared with other jobs trains ~1-2 steps/s)
+    expect(page.locator("#state")).to_have_text("finished", timeout=1_800_000)
     expect(page.locator("#step")).to_have_text("1000")
     assert int(page.locator("#chart-loss").get_attribute("data-points")) >= 1000 + 3
     assert page.locator("#chart-lr polyline").count() == 1
@@ -202,9 +215,54 @@ def test_the_whole_loop_in_a_browser(server, page, tiny_model_dir, qa_rows, make
     assert tuned != base
     shot(page, "4-chat")
 
-    # 5. ship: merge through the CLI's command, in its own process
+    # 5. ship: merge, export, eval and serve through the CLI's commands, in their own processes
     page.goto(f"{url}/run?path={run_dir}")
+    ship_log = page.locator("#ship-log")
     page.click("#merge")
-    expect(page.locator("#ship-log")).to_have_attribute("data-state", "done", timeout=180_000)
+    expect(ship_log).to_have_attribute("data-state", "done", timeout=180_000)
     assert (space / "outputs" / "ui-run-merged" / "config.json").is_file()
+
+    # export: a new GGUF file beside the run; a file of the user's at the usual name is kept
+    users_file = run_dir / "ui-run-f16.gguf"
+    users_file.write_bytes(b"GGUF my own model, not tunelab's")
+    page.click("#export")
+    expect(ship_log).to_have_attribute("data-state", "done", timeout=300_000)
+    assert users_file.read_bytes() == b"GGUF my own model, not tunelab's"
+    exported = run_dir / "ui-run-2-f16.gguf"
+    assert exported.read_bytes()[:4] == b"GGUF" and exported.stat().st_size > 10_000
+    expect(ship_log).to_contain_text(f"Wrote {exported}")
+
+    # eval: the report, shown in the page
+    page.fill("#eval-limit", "4")
+    page.click("#eval")
+    expect(ship_log).to_have_attribute("data-state", "done", timeout=600_000)
+    report = page.frame_locator("#eval-frame")
+    expect(report.locator("h1")).to_have_text(f"Evaluation of {run_dir}")
+    expect(report.locator("body")).to_contain_text("4 held-out examples from")
+    expect(report.locator("body")).to_contain_text("tuned+rag")
+    page.locator("#eval-box").scroll_into_view_if_needed()
     shot(page, "5-ship")
+
+    # serve: the address shows once the server answers there; Stop ends it
+    if page.locator("#serve").count():
+        import json
+        import urllib.request
+
+        # scrolled to first: with the mouse left over the (sandboxed, out-of-process) report
+        # frame, Chromium dropped the first synthetic click after Playwright's own scroll
+        page.locator("#serve").scroll_into_view_if_needed()
+        page.click("#serve")
+        address = page.locator("#serve-address")
+        expect(address).to_be_visible(timeout=300_000)
+        served = address.inner_text()
+        assert served.startswith("http://127.0.0.1:") and served.endswith("/v1")
+        with urllib.request.urlopen(f"{served}/models", timeout=30) as reply:
+            names = [m["id"] for m in json.load(reply)["data"]]
+        assert "ui-run" in names
+        page.locator("#ship-log").scroll_into_view_if_needed()
+        shot(page, "5-serve")
+        page.click("#serve-stop")
+        expect(page.locator("#serve-status")).to_have_attribute("data-state", "stopped")
+        expect(page.locator("#serve-status")).to_have_text("not serving")
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{served}/models", timeout=5)

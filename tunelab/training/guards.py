@@ -1,17 +1,26 @@
-"""Guards around the loop: Ctrl-C saves and stops at a step boundary; NaN/inf is diagnosed."""
+"""Guards around the loop: Ctrl-C, or a stop request written into the run folder (``tunelab
+ui``'s Stop on a run it did not start), saves and stops at a step boundary; NaN/inf is
+diagnosed."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from tunelab.files import atomic_write_json
+from tunelab.run_folder import STOP_REQUEST
+
 logger = logging.getLogger(__name__)
+STOP_REQUEST_FORMAT = "tunelab stop request"
 
 
 class Interrupt:
@@ -43,6 +52,50 @@ def catch_interrupt() -> Iterator[Interrupt]:
         yield interrupt
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def request_stop(run_dir: str | Path, by: str = "tunelab ui") -> Path:
+    """Ask the run training in ``run_dir`` (whichever process it is, wherever it was started)
+    to save a checkpoint and stop at its next step boundary, as Ctrl-C does.
+
+    A file rather than a signal: the asking process never signals a pid it cannot prove is
+    that run's, and it works on every platform. A request older than a training process is
+    ignored by it (see :func:`stop_requested`), so a leftover one never stops a later run.
+    Returns the request file's path."""
+    path = Path(run_dir) / STOP_REQUEST
+    return atomic_write_json(
+        path, {"format": STOP_REQUEST_FORMAT, "requested_at": time.time(), "by": by}
+    )
+
+
+def _read_request(run_dir: Path) -> dict[str, Any] | None:
+    """The stop request in ``run_dir`` if it is one tunelab wrote; None otherwise."""
+    try:
+        request = json.loads((run_dir / STOP_REQUEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # none, or half-written by a non-atomic writer: look again next step
+    if not isinstance(request, dict) or request.get("format") != STOP_REQUEST_FORMAT:
+        return None
+    requested_at = request.get("requested_at")
+    if isinstance(requested_at, bool) or not isinstance(requested_at, (int, float)):
+        return None
+    return request
+
+
+def stop_requested(run_dir: str | Path, since: float) -> str | None:
+    """Who asked the run in ``run_dir`` to stop (e.g. "tunelab ui"), when the request was
+    written at or after ``since`` (seconds since the epoch: when this training began); else
+    None. One failed ``open`` when there is no request, so it is cheap at every step."""
+    request = _read_request(Path(run_dir))
+    if request is None or request["requested_at"] < since:
+        return None
+    return str(request.get("by") or "a stop request")
+
+
+def clear_stop_request(run_dir: str | Path) -> None:
+    """Remove the run's stop request (honoured, or left over), if tunelab wrote it."""
+    if _read_request(Path(run_dir)) is not None:
+        (Path(run_dir) / STOP_REQUEST).unlink(missing_ok=True)
 
 
 def nan_diagnosis(

@@ -42,7 +42,12 @@ from tunelab.training.distributed import (
 )
 from tunelab.training.dropout import fast_adapter_dropout
 from tunelab.training.families import FastPathPlan, plan_fast_path
-from tunelab.training.guards import catch_interrupt, nan_diagnosis
+from tunelab.training.guards import (
+    catch_interrupt,
+    clear_stop_request,
+    nan_diagnosis,
+    stop_requested,
+)
 from tunelab.training.logging import RunLog, say
 from tunelab.training.lora_forward import lean_lora_forward
 from tunelab.training.loss import causal_lm_loss_sum, release_scratch, stock_loss
@@ -216,6 +221,7 @@ def fit(
     on_eval: Callable[[int, float], None] | None = None,
     precision: str = "fp32",
     sharded: bool = False,
+    stop_requests_since: float | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (its trainable parameters) on ``train_rows``; returns the run's results.
 
@@ -223,8 +229,15 @@ def fit(
     it raises (a sweep pruning a trial) stops the run and propagates. ``precision`` is the
     compute precision (bf16/fp16 autocast over fp32 trainable weights, or fp32). ``sharded``:
     split the decoder layers over the processes with FSDP (training.sharding).
+    Ctrl-C, or a stop request in ``run_dir`` written at or after ``stop_requests_since``
+    (seconds since the epoch; default: now), saves a checkpoint and raises TunelabError.
     """
-    with training_mode(model, config) as plan, catch_interrupt() as interrupt:
+    since = time.time() if stop_requests_since is None else stop_requests_since
+    with (
+        training_mode(model, config) as plan,
+        catch_interrupt() as interrupt,
+        stop_requests_cleared(run_dir, init_world(device)),
+    ):
         say(init_world(device).is_main, plan.summary())
         run, state = set_up(model, config, Path(run_dir), len(train_rows), pad_token_id,
                             device, precision, resume, sharded)  # fmt: skip
@@ -244,10 +257,11 @@ def fit(
                 stopped_early = track_best(state, last_eval.loss, config)
                 if on_eval is not None:
                     on_eval(state.step, last_eval.loss)
-            stopping = interrupt.requested or stopped_early
+            asked = stop_asked(run, interrupt.requested, since, log)
+            stopping = asked or stopped_early
             if state.step < run.steps and (save_due(config, state.step, run) or stopping):
                 saved = save(run, state)
-                if interrupt.requested:  # Ctrl-C: stop here, resumable
+                if asked:  # Ctrl-C or a stop request: stop here, resumable
                     log.close_progress()
                     raise interrupted(state, run, saved)
         if stopped_early:
@@ -424,6 +438,31 @@ def skip_step(
     state.skipped_steps += 1
     if run.scaler is not None:
         run.scaler.update()
+
+
+def stop_asked(run: Run, interrupted: bool, since: float, log: RunLog) -> bool:
+    """Whether Ctrl-C or a stop request (read by the main process) asks the run to stop after
+    this step; under torchrun every process gets the same answer, so all stop at one step."""
+    asked = interrupted
+    if not asked and run.world.is_main:
+        by = stop_requested(run.run_dir, since)
+        if by is not None:
+            log.say(f"Stop requested by {by}: saving a checkpoint after this step.")
+            asked = True
+    if run.world.active:
+        asked = all_reduce_sum(int(asked), run.world) > 0
+    return asked
+
+
+@contextmanager
+def stop_requests_cleared(run_dir: Path, world: World) -> Iterator[None]:
+    """A stop request is removed once the run ends (stopped, finished or failed), so none is
+    left in the folder; one from before this run began is ignored by ``stop_requested``."""
+    try:
+        yield
+    finally:
+        if world.is_main:
+            clear_stop_request(run_dir)
 
 
 def interrupted(state: TrainState, run: Run, saved: Path | None) -> TunelabError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,16 @@ from tunelab.ui.runs_view import run_folders, run_state
 
 HERE = Path(__file__).parent
 PREVIEW_EXAMPLES = 5
+MAX_UPLOAD_MB = 1024  # `tunelab ui --max-upload-mb`: a data file, not a model's weights
 
 
 class Workspace:
     """What one app holds: the folders the user opened, the config being edited, the jobs it
     started and the models the chat has loaded."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_upload_mb: float = MAX_UPLOAD_MB) -> None:
         self.root = root.resolve()
+        self.max_upload_mb = max_upload_mb
         self.folders: list[Path] = [self.root]
         self.config_path = self.root / "tunelab.yaml"
         self.values: dict[str, Any] = {"output_dir": str(self.root / "outputs" / "run")}
@@ -68,9 +71,12 @@ class Workspace:
         )
 
 
-def create_app(root: str | Path = ".") -> FastAPI:
-    """The app over the workspace folder ``root`` (runs, configs and uploads live there)."""
-    space = Workspace(Path(root))
+def create_app(root: str | Path = ".", max_upload_mb: float = MAX_UPLOAD_MB) -> FastAPI:
+    """The app over the workspace folder ``root`` (runs, configs and uploads live there);
+    an upload larger than ``max_upload_mb`` MiB is refused."""
+    if max_upload_mb <= 0:
+        raise TunelabError(f"--max-upload-mb is {max_upload_mb}; give a size above 0 (MiB).")
+    space = Workspace(Path(root), max_upload_mb)
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.workspace = space
     templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescapes .html
@@ -121,11 +127,16 @@ def create_app(root: str | Path = ".") -> FastAPI:
 
     @app.post("/data/inspect")
     async def inspect_data(request: Request) -> Response:
-        form = await request.form()
-        upload = form.get("upload")
-        path = str(form.get("path", "")).strip()
-        if isinstance(upload, UploadFile) and upload.filename:
-            path = str(_save_upload(space.root / "uploads", upload))
+        try:
+            # the parser spools a file part to a temporary file in chunks; the bound stops it
+            # at the limit, so neither memory nor the disk takes more than that
+            async with bounded(request, space.max_upload_mb).form() as form:
+                upload = form.get("upload")
+                path = str(form.get("path", "")).strip()
+                if isinstance(upload, UploadFile) and upload.filename:
+                    path = str(_save_upload(space.root / "uploads", upload))
+        except TunelabError as exc:
+            return page(request, "data.html", report=None, path="", error=str(exc))
         if not path:
             raise TunelabError("Pick a data file: type its path or upload one.")
         data_path = space.allowed(path)
@@ -224,8 +235,17 @@ def create_app(root: str | Path = ".") -> FastAPI:
 
     @app.post("/api/run/stop")
     def stop_run(path: str) -> Response:
+        from tunelab.training.guards import request_stop
+
         folder = space.allowed(path)
-        return JSONResponse({"stopping": space.jobs.stop("train", str(folder))})
+        if space.jobs.stop("train", str(folder)):  # our own child: Ctrl-C's signal
+            return JSONResponse({"stopping": True})
+        if run_state(folder, space.jobs)["state"] != "running":
+            return JSONResponse({"stopping": False, "error": f"{folder.name} is not training."})
+        # a run this app did not start (the CLI's): no pid of ours to signal, so a request in
+        # its folder that its loop reads at the next step boundary
+        request_stop(folder)
+        return JSONResponse({"stopping": True})
 
     @app.post("/api/run/resume")
     def resume_run(path: str) -> Response:
@@ -285,28 +305,42 @@ def create_app(root: str | Path = ".") -> FastAPI:
 
     # --- ship -----------------------------------------------------------------------------
     @app.post("/api/ship")
-    def ship(path: str, action: str) -> Response:
+    def ship(path: str, action: str, limit: int | None = None) -> Response:
         folder = space.allowed(path)
+        address = None
         if action == "merge":
             arguments = ["merge", str(folder), str(folder.parent / f"{folder.name}-merged")]
         elif action == "export":
-            arguments = ["export", str(folder)]
+            # a new file each time: an export never replaces a file, the user's or an earlier one
+            arguments = ["export", str(folder), "--out", str(_free_path(folder, "f16.gguf"))]
         elif action == "eval":
-            arguments = ["eval", str(folder)]
+            if limit is not None and limit < 1:
+                raise TunelabError(f"examples to evaluate is {limit}; give 1 or more, or none.")
+            arguments = ["eval", str(folder), *(["--limit", str(limit)] if limit else [])]
         elif action == "serve" and _has_serving():
-            arguments = ["serve", str(folder)]
+            port = _free_port()
+            arguments = ["serve", str(folder), "--host", "127.0.0.1", "--port", str(port)]
+            address = f"http://127.0.0.1:{port}/v1"
         else:
             raise TunelabError(f"unknown action {action!r}: merge, export, eval or serve.")
-        job = space.jobs.start(action, str(folder), arguments)
-        return JSONResponse({"started": " ".join(job.command[2:])})
+        job = space.jobs.start(action, str(folder), arguments, address=address)
+        return JSONResponse({"started": " ".join(job.command[3:])})
+
+    @app.post("/api/ship/stop")
+    def stop_ship(path: str, action: str) -> Response:
+        return JSONResponse({"stopping": space.jobs.stop(action, str(space.allowed(path)))})
 
     @app.get("/api/job")
     def job_api(path: str, action: str) -> Response:
         job = space.jobs.get(action, str(space.allowed(path)))
         if job is None:
             return JSONResponse({"state": "none"})
-        state = "running" if job.running else ("done" if job.returncode == 0 else "failed")
-        return JSONResponse({"state": state, "log": job.log_tail()})
+        reply: dict[str, Any] = {"state": job.state, "log": job.log_tail()}
+        if job.address is not None:
+            # shown once the server answers, not when its process starts (loading takes a while)
+            reply["address"] = job.address
+            reply["listening"] = job.running and _listening(job.address)
+        return JSONResponse(reply)
 
     # --- files ------------------------------------------------------------------------------
     @app.get("/files")
@@ -314,7 +348,10 @@ def create_app(root: str | Path = ".") -> FastAPI:
         target = space.allowed(path)
         if not target.is_file():
             return JSONResponse({"error": f"{path} is not a file."}, status_code=404)
-        return FileResponse(target)
+        # a page among the user's files runs no script with this app's rights (it could start
+        # jobs): a sandboxed, unsniffed response
+        headers = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
+        return FileResponse(target, headers=headers)
 
     return app
 
@@ -329,13 +366,67 @@ def _has_serving() -> bool:
     return importlib.util.find_spec("tunelab.serving") is not None
 
 
+def _free_path(folder: Path, suffix: str) -> Path:
+    """``folder``/NAME-SUFFIX, or NAME-2-SUFFIX, ... : the first name no file has."""
+    target, number = folder / f"{folder.name}-{suffix}", 2
+    while target.exists() or target.is_symlink():
+        target = folder / f"{folder.name}-{number}-{suffix}"
+        number += 1
+    return target
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _listening(address: str) -> bool:
+    """Whether a server accepts connections at ``address`` (http://HOST:PORT/...)."""
+    parts = urlsplit(address)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), 0.5):
+            return True
+    except OSError:
+        return False
+
+
 def _ship_jobs(space: Workspace, folder: Path) -> dict[str, Any]:
     out = {}
     for action in ("merge", "export", "eval", "serve"):
         job = space.jobs.get(action, str(folder))
         if job is not None:
-            out[action] = {"running": job.running, "returncode": job.returncode}
+            out[action] = {"state": job.state, "address": job.address}
     return out
+
+
+def bounded(request: Request, max_upload_mb: float) -> Request:
+    """``request`` whose body may hold at most ``max_upload_mb`` MiB: a larger declared
+    Content-Length is refused before any of it is read, and a body that grows past the limit
+    (sent without one) is refused when it does. TunelabError names the limit and the way out."""
+    limit = int(max_upload_mb * 2**20)
+
+    def too_large() -> TunelabError:
+        return TunelabError(
+            f"the upload is larger than this app's limit of {max_upload_mb:g} MiB. Type the "
+            "file's path instead (files in the opened folders are read where they are), or "
+            "start the app with a larger limit: tunelab ui --max-upload-mb N."
+        )
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large()
+    received = 0
+
+    async def receive() -> Any:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise too_large()
+        return message
+
+    return Request(request.scope, receive)
 
 
 def _save_upload(folder: Path, upload: UploadFile) -> Path:

@@ -27,6 +27,8 @@ class Job:
     log: Path
     process: subprocess.Popen
     started: float = field(default_factory=time.time)
+    address: str | None = None  # a server's (serve): http://127.0.0.1:PORT/v1
+    stop_asked: bool = False
 
     @property
     def running(self) -> bool:
@@ -35,6 +37,15 @@ class Job:
     @property
     def returncode(self) -> int | None:
         return self.process.poll()
+
+    @property
+    def state(self) -> str:
+        """running, done, failed, or stopped (ended after this app asked it to stop)."""
+        if self.running:
+            return "running"
+        if self.stop_asked:
+            return "stopped"
+        return "done" if self.returncode == 0 else "failed"
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log.is_file():
@@ -49,8 +60,11 @@ class Jobs:
         self.workspace = workspace
         self.jobs: dict[tuple[str, str], Job] = {}
 
-    def start(self, kind: str, target: str, arguments: list[str]) -> Job:
-        """Run ``tunelab ARGUMENTS`` (this interpreter, this tunelab) with its output logged."""
+    def start(
+        self, kind: str, target: str, arguments: list[str], address: str | None = None
+    ) -> Job:
+        """Run ``tunelab ARGUMENTS`` (this interpreter, this tunelab) with its output logged;
+        a job of this kind already running on ``target`` is returned instead."""
         current = self.jobs.get((kind, target))
         if current is not None and current.running:
             return current
@@ -69,7 +83,7 @@ class Jobs:
                 env=env,
                 start_new_session=True,
             )
-        job = Job(kind, target, command, log, process)
+        job = Job(kind, target, command, log, process, address=address)
         self.jobs[(kind, target)] = job
         return job
 
@@ -81,6 +95,7 @@ class Jobs:
         job = self.jobs.get((kind, target))
         if job is None or not job.running:
             return False
+        job.stop_asked = True
         job.process.send_signal(signal.SIGINT)
         return True
 

@@ -12,8 +12,11 @@ logger = logging.getLogger(__name__)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def run_ui(folder: str = ".", host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Serve the app for the workspace ``folder`` until Ctrl-C (training runs keep going)."""
+def run_ui(
+    folder: str = ".", host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 1024
+) -> None:
+    """Serve the app for the workspace ``folder`` until Ctrl-C (training runs keep going);
+    uploads above ``max_upload_mb`` MiB are refused."""
     try:
         import uvicorn
 
@@ -27,6 +30,7 @@ def run_ui(folder: str = ".", host: str = "127.0.0.1", port: int = 7860) -> None
         raise TunelabError(
             f"{folder} is not a folder. Pass the folder that holds your data and runs."
         )
+    app = create_app(folder, max_upload_mb)
     if host not in LOCAL_HOSTS:
         logger.warning(
             f"listening on {host}, not only this machine: anyone who can reach port "
@@ -35,4 +39,4 @@ def run_ui(folder: str = ".", host: str = "127.0.0.1", port: int = 7860) -> None
         )
     shown = "127.0.0.1" if host in LOCAL_HOSTS else host
     logger.info("tunelab ui: http://%s:%s/ (Ctrl-C stops the app, not the runs)", shown, port)
-    uvicorn.run(create_app(folder), host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -104,23 +104,77 @@ function setupRun() {
     await fetch("/api/run/resume?" + query, { method: "POST" });
     refresh();
   });
-  refresh();
-  setInterval(refresh, 1000);
+  // one request at a time: on a busy machine a reply can take longer than the interval, and
+  // overlapping polls would fill the browser's few connections to the app, so that a click's
+  // request waited behind them
+  const watch = async () => {
+    try { await refresh(); } finally { setTimeout(watch, box.dataset.state === "running" ? 1000 : 3000); }
+  };
+  watch();
 
   const shipLog = document.getElementById("ship-log");
+  const serveStatus = document.getElementById("serve-status");
+  const serveStop = document.getElementById("serve-stop");
+  const showServe = (job) => {
+    if (!serveStatus) return;
+    serveStatus.dataset.state = job.state;
+    serveStop.disabled = job.state !== "running";
+    if (job.state === "running" && job.listening) {
+      // the address is ours (a port this app picked), but it goes in as text all the same
+      serveStatus.replaceChildren("Serving at ");
+      const link = document.createElement("a");
+      link.id = "serve-address"; link.href = job.address; link.textContent = job.address;
+      serveStatus.append(link, " (OpenAI-compatible; /v1/models lists the models)");
+    } else {
+      serveStatus.textContent = job.state === "running" ? "starting (loading the model)" : "not serving";
+    }
+  };
+  const showEvalReport = async () => {
+    const run = await (await fetch("/api/run?" + query)).json();
+    if (!run.eval_report) return;
+    // a new src each time, so a second evaluation's report replaces the first one's
+    const src = "/files?path=" + encodeURIComponent(run.eval_report) + "&t=" + Date.now();
+    document.getElementById("eval-report").href = src;
+    document.getElementById("eval-frame").src = src;
+    document.getElementById("eval-box").hidden = false;
+  };
+  const watchJob = (action) => {
+    const poll = async () => {
+      const job = await (await fetch(`/api/job?${query}&action=${action}`)).json();
+      shipLog.textContent = `${action}: ${job.state}\n${job.log || ""}`;
+      if (action === "serve") showServe(job);
+      if (job.state === "running") { setTimeout(poll, 1000); return; } // after the reply
+      if (action === "eval" && job.state === "done") await showEvalReport();
+      shipLog.dataset.action = action;
+      shipLog.dataset.state = job.state; // set last: the page is settled once this shows
+    };
+    setTimeout(poll, 1000);
+  };
   document.querySelectorAll("button.ship").forEach((button) => {
     button.addEventListener("click", async () => {
       const action = button.dataset.action;
-      const started = await (await fetch(`/api/ship?${query}&action=${action}`, { method: "POST" })).json();
-      shipLog.textContent = started.error || `running: tunelab ${started.started}`;
-      const poll = setInterval(async () => {
-        const job = await (await fetch(`/api/job?${query}&action=${action}`)).json();
-        shipLog.textContent = `${action}: ${job.state}\n${job.log || ""}`;
-        shipLog.dataset.state = job.state;
-        if (job.state !== "running") clearInterval(poll);
-      }, 1000);
+      let extra = "";
+      const limit = document.getElementById("eval-limit");
+      if (action === "eval" && limit && limit.value) extra = "&limit=" + encodeURIComponent(limit.value);
+      delete shipLog.dataset.state;
+      const reply = await fetch(`/api/ship?${query}&action=${action}${extra}`, { method: "POST" });
+      const started = await reply.json();
+      if (!reply.ok) {
+        shipLog.textContent = `${action}: ${started.error}`;
+        shipLog.dataset.action = action;
+        shipLog.dataset.state = "refused";
+        return;
+      }
+      shipLog.textContent = `running: tunelab ${started.started}`;
+      watchJob(action);
     });
   });
+  if (serveStop) {
+    serveStop.addEventListener("click", async () => {
+      await fetch(`/api/ship/stop?${query}&action=serve`, { method: "POST" });
+    });
+    if (serveStatus.dataset.address) watchJob("serve"); // a server started before this page
+  }
 }
 
 // --- chat: the same prompt to base and tuned, both streamed ---
@@ -157,6 +211,25 @@ function setupChat() {
   });
 }
 
+// --- data: an upload over the app's limit is refused here, before it is sent (the server
+// refuses it too, with the same message) ---
+function setupUpload() {
+  const input = document.getElementById("data-upload");
+  if (!input) return;
+  const limitMb = Number(input.dataset.maxMb);
+  input.form.addEventListener("submit", (event) => {
+    const file = input.files[0];
+    if (!file || file.size <= limitMb * 1048576) return;
+    event.preventDefault();
+    const error = document.getElementById("upload-error");
+    error.textContent = `error: the upload is larger than this app's limit of ${limitMb} MiB. ` +
+      "Type the file's path instead (files in the opened folders are read where they are), " +
+      "or start the app with a larger limit: tunelab ui --max-upload-mb N.";
+    error.hidden = false;
+  });
+}
+
 setupConfigForm();
+setupUpload();
 setupRun();
 setupChat();
