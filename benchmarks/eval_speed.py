@@ -1,7 +1,7 @@
 """The whole ``tunelab eval`` against an earlier commit's, in one run on one machine.
 
     python benchmarks/eval_speed.py [RUN_DIR] [--questions 200] [--baseline dd954f2]
-        [--max-new-tokens 64] [--precision fp32]
+        [--max-new-tokens 64] [--precision fp32] [--threads N]
 
 Checks out ``--baseline`` into a temporary ``git worktree``, then runs that code's
 ``evaluate_run`` and this tree's in turn, each in its own Python process on the same run folder
@@ -10,7 +10,9 @@ first ``--questions`` held-out items, no forgetting check, each with its own def
 This tree runs held-out items only (no knowledge probes, no semantic metric, no judge), so both
 do the same work. It prints both wall times, their ratio, and whether the greedy answers are
 identical and the reference losses equal (they should be, in fp32). The machine may be shared:
-run it on an idle one and read the ratio. ``--questions 4`` is a quick check.
+run it on an idle one and read the ratio. ``--questions 4`` is a quick check. ``--threads 1``
+gives both evals one torch thread: on a machine shared with other work, torch's threads wait for
+each other by spinning, so every thread after the first adds CPU seconds and wall time.
 """
 
 from __future__ import annotations
@@ -25,12 +27,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# run inside each tree's process: evaluate, then print the wall and CPU seconds it took (CPU
-# time, all threads together, is the fairer figure on a machine shared with other work)
+# run inside each tree's process: evaluate, then print the wall and CPU seconds it took. CPU time
+# counts all threads together, spin-waiting included: on a machine shared with other work two
+# torch threads made the same decode cost 18x the CPU seconds of one, so compare with --threads 1
 CHILD = """
 import json, sys, time
+import torch
 from tunelab.evaluation.run import evaluate_run
 options = json.loads(sys.argv[1])
+threads = options.pop("threads")
+if threads:
+    torch.set_num_threads(threads)
 started, cpu = time.perf_counter(), time.process_time()
 evaluate_run(progress=lambda line: None, **options)
 print("CPU", time.process_time() - cpu)
@@ -110,6 +117,9 @@ def main() -> None:
     parser.add_argument("--baseline", default="dd954f2", help="Commit to compare against.")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads of each eval (0: torch's default)."
+    )
     args = parser.parse_args()
     run_dir = Path(args.run_dir).resolve()
     if not (run_dir / "adapter_config.json").is_file():
@@ -124,6 +134,7 @@ def main() -> None:
             common = {
                 "run_dir": str(run_dir), "limit": args.questions, "forgetting": False,
                 "max_new_tokens": args.max_new_tokens, "precision": args.precision,
+                "threads": args.threads,
             }  # fmt: skip
             figures = {}
             old_run = str(baseline_copy(run_dir, Path(scratch) / "baseline-run", baseline))
@@ -152,7 +163,8 @@ def main() -> None:
             )  # fmt: skip
     speedup = figures["baseline"]["eval_seconds"] / figures["current"]["eval_seconds"]
     cpu_speedup = figures["baseline"]["eval_cpu_seconds"] / figures["current"]["eval_cpu_seconds"]
-    result = {"questions": args.questions, "systems": 5, "baseline": args.baseline, **figures,
+    result = {"questions": args.questions, "systems": 5, "baseline": args.baseline,
+              "threads": args.threads or "torch default", **figures,
               "speedup": round(speedup, 2), "cpu_speedup": round(cpu_speedup, 2),
               **compare(old, new)}  # fmt: skip
     print(json.dumps(result, indent=1))

@@ -151,6 +151,21 @@ def spread_weights(model, seed: int, std: float = 0.3) -> None:
                 parameter.normal_(0, std)
 
 
+def bos_adding_tokenizer(model_dir: Path):
+    """The tiny model's tokenizer made to put BOS in front by itself, as Llama-2's does."""
+    from tokenizers import processors
+
+    from tunelab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
+    return tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

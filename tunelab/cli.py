@@ -159,7 +159,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             translate_chat_template,
         )
 
-        check_modelfile_target(out.parent / "Modelfile")
+        check_modelfile_target(out.parent / "Modelfile", out, args.overwrite)
         tokenizer, system_prompt = chat_settings(run_dir)
         translate_chat_template(tokenizer, system_prompt)
     with tempfile.TemporaryDirectory(prefix="tunelab-export-") as scratch:
@@ -171,7 +171,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.format == "ollama":
             from tunelab.shipping.ollama import write_modelfile
 
-            modelfile = write_modelfile(out, tokenizer, system_prompt, out.parent / "Modelfile")
+            modelfile = write_modelfile(
+                out, tokenizer, system_prompt, out.parent / "Modelfile", args.overwrite
+            )
             print(f"Wrote {modelfile}: ollama create NAME -f {modelfile}")
         if not args.no_check:
             _check_export(out, run_dir, source, args.type, Path(scratch))
@@ -418,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Output file (default: in run_dir; for a model name, the current folder).",
     )
     export.add_argument(
-        "--overwrite", action="store_true", help="Replace an existing GGUF file at --out."
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing GGUF file at --out (and tunelab's Modelfile beside it).",
     )
     export.set_defaults(func=cmd_export)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import write_jsonl
+from tests.conftest import bos_adding_tokenizer, write_jsonl
 from tunelab.config import FineTuningConfig
 from tunelab.data.prepare import prepare_examples, token_lengths
 from tunelab.data.schema import Example
@@ -35,16 +35,7 @@ def tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def bos_tokenizer(tiny_model_dir):
-    """The tiny tokenizer made to put BOS in front by itself, as Llama-2's does."""
-    from tokenizers import processors
-
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    bos = tokenizer.bos_token
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_token_id)]
-    )
-    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
-    return tokenizer
+    return bos_adding_tokenizer(tiny_model_dir)
 
 
 @pytest.mark.parametrize("chat_format", ["plain", "chat"])

@@ -7,22 +7,11 @@ import math
 import pytest
 import torch
 
+from tests.conftest import bos_adding_tokenizer
 from tunelab.evaluation.forgetting import general_passages, general_perplexity
 from tunelab.models import load_tokenizer
 
 PASSAGE = "The river ran past the mill, and the miller counted the sacks of grain by night."
-
-
-def _bos_tokenizer(tiny_model_dir):
-    """The tiny tokenizer made to put BOS in front by itself, as Llama-2's does."""
-    from tokenizers import processors
-
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    bos = tokenizer.bos_token
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_token_id)]
-    )
-    return tokenizer
 
 
 @pytest.mark.parametrize("adds_bos", [False, True])
@@ -33,7 +22,9 @@ def test_general_text_is_scored_after_bos_when_the_tokenizer_adds_it(tiny_model_
 
     from tests.conftest import spread_weights
 
-    tokenizer = _bos_tokenizer(tiny_model_dir) if adds_bos else load_tokenizer(str(tiny_model_dir))
+    tokenizer = (
+        bos_adding_tokenizer(tiny_model_dir) if adds_bos else load_tokenizer(str(tiny_model_dir))
+    )
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     spread_weights(model, seed=3)
     passage_ids = tokenizer(PASSAGE, add_special_tokens=False)["input_ids"]

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.conftest import bos_adding_tokenizer
 from tunelab.data.schema import Example
 from tunelab.errors import TunelabError
 from tunelab.evaluation.retrieval import BM25
@@ -136,21 +137,6 @@ def test_a_chat_with_tool_calls_is_not_reduced_to_a_question_and_answer():
     assert to_item(chat) is None  # "Weather?" -> "4 degrees." would drop the call and result
 
 
-def _bos_tokenizer(tiny_model_dir):
-    """The tiny tokenizer made to put BOS in front by itself, as Llama-2's does."""
-    from tokenizers import processors
-
-    from tunelab.models import load_tokenizer
-
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    bos = tokenizer.bos_token
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_token_id)]
-    )
-    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
-    return tokenizer
-
-
 @pytest.mark.parametrize("adds_bos", [False, True])
 def test_a_text_continuation_is_scored_as_training_tokenized_the_text(tiny_model_dir, adds_bos):
     # training renders a plain text as BOS + text + EOS for a Llama-2 style tokenizer; the
@@ -159,7 +145,9 @@ def test_a_text_continuation_is_scored_as_training_tokenized_the_text(tiny_model
     from tunelab.evaluation.scoring import encode_scored
     from tunelab.models import load_tokenizer
 
-    tokenizer = _bos_tokenizer(tiny_model_dir) if adds_bos else load_tokenizer(str(tiny_model_dir))
+    tokenizer = (
+        bos_adding_tokenizer(tiny_model_dir) if adds_bos else load_tokenizer(str(tiny_model_dir))
+    )
     example = Example("h:7", text="The kernel schedules every process on the machine.")
     item = to_item(example)
     trained = tokenize_example(example, tokenizer, 10_000, chat=False).input_ids

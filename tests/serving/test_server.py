@@ -288,6 +288,17 @@ def test_each_bad_request_gets_openai_error_json(live_server, client):
             "context_length_exceeded",
         ),
         ("post", "/completions", {"model": "alpha", "prompt": ["a", "b"]}, 400, "prompt", None),
+        # a field of several accepted types names the field, not pydantic's union member
+        ("post", "/completions", {"model": "alpha", "prompt": [1, 2]}, 400, "prompt", None),
+        ("post", "/chat/completions", {**chat, "stop": 5}, 400, "stop", None),
+        (
+            "post",
+            "/chat/completions",
+            {**chat, "messages": [{"role": "assistant", "content": None}]},
+            400,
+            "messages.0.content",
+            None,
+        ),
         ("get", "/nothing", None, 404, None, None),
         ("get", "/chat/completions", None, 405, None, None),
     ]
@@ -298,6 +309,10 @@ def test_each_bad_request_gets_openai_error_json(live_server, client):
         error = reply["error"]
         assert error["message"] and error["type"] == "invalid_request_error", error
         assert (error["param"], error["code"]) == (param, code), (body, error)
+    got_status, reply = http("post", url + "/completions", b'{"model": "alpha", "prompt": [1]}')
+    assert reply["error"]["message"] == (
+        "prompt: [1] is not one of the accepted types (str or list[str])."
+    )
     got_status, reply = http("post", url + "/chat/completions", b"{not json")
     assert got_status == 400 and "not valid JSON" in reply["error"]["message"]
     # the official client raises its typed errors on these bodies, and the server lives on
@@ -307,6 +322,76 @@ def test_each_bad_request_gets_openai_error_json(live_server, client):
     with pytest.raises(openai.BadRequestError, match="context"):
         ask(client, "alpha", "hi", max_tokens=5000)
     assert ask(client, "alpha", "hi").choices[0].message.content is not None
+
+
+def test_one_model_is_retrieved_by_name(client):
+    # the openai client's models.retrieve: GET /v1/models/{id}
+    openai = pytest.importorskip("openai")
+    assert client.models.retrieve("beta").id == "beta"
+    with pytest.raises(openai.NotFoundError, match="does not exist; this server has alpha"):
+        client.models.retrieve("nope")
+
+
+def test_fields_tunelab_cannot_honour_are_refused_not_ignored(live_server, client, expected):
+    openai = pytest.importorskip("openai")
+    unsupported = {
+        "logprobs": True,
+        "top_logprobs": 2,
+        "response_format": {"type": "json_object"},
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "presence_penalty": 1.5,
+        "frequency_penalty": 0.5,
+        "logit_bias": {"5": 100},
+    }
+    for field, value in unsupported.items():
+        with pytest.raises(openai.BadRequestError, match=f"{field}: tunelab serve does not"):
+            ask(client, "alpha", "hi", **{field: value})
+        chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], field: value}
+        status, reply = http(
+            "post", live_server.url + "/chat/completions", json.dumps(chat).encode()
+        )
+        assert status == 400, reply
+        assert (reply["error"]["param"], reply["error"]["code"]) == (field, "unsupported_parameter")
+    for field, value in {"echo": True, "best_of": 3, "suffix": "end", "logprobs": 2}.items():
+        with pytest.raises(openai.BadRequestError, match=f"{field}: tunelab serve does not"):
+            client.completions.create(model="alpha", prompt="hi", max_tokens=2, **{field: value})
+    # the values that ask for nothing (some clients send them on every request) are fine
+    prompt = PROMPTS[0]
+    harmless = dict(
+        logprobs=False, presence_penalty=0, response_format={"type": "text"}, tool_choice="none"
+    )
+    reply = ask(client, "alpha", prompt, **harmless)
+    assert reply.choices[0].message.content.strip() == expected["alpha"][prompt]
+
+
+def test_null_fields_mean_their_default(live_server, client, expected):
+    # OpenAI reads null as "not given"; the openai client sends temperature=None as null
+    prompt = PROMPTS[0]
+    reply = ask(client, "alpha", prompt, top_p=None, n=None, stream=None, seed=None, stop=None)
+    assert reply.choices[0].message.content.strip() == expected["alpha"][prompt]
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    body = json.dumps({**chat, "temperature": None, "top_p": None, "n": None}).encode()
+    status, reply = http("post", live_server.url + "/chat/completions", body)
+    assert status == 200 and reply["choices"][0]["message"]["content"] is not None, reply
+
+
+def test_content_parts_and_top_p_zero(live_server, client, expected):
+    # openai clients send content as a list of text parts; top_p 0 keeps only the top token
+    openai = pytest.importorskip("openai")
+    prompt = PROMPTS[0]
+    parts = [{"type": "text", "text": prompt[:7]}, {"type": "text", "text": prompt[7:]}]
+    reply = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].message.content.strip() == expected["alpha"][prompt]
+    greedy = ask(client, "alpha", prompt, temperature=1.5, top_p=0, seed=3)
+    assert greedy.choices[0].message.content.strip() == expected["alpha"][prompt]
+    image = [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]
+    with pytest.raises(openai.BadRequestError, match="part 0 is 'image_url'; tunelab serves text"):
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": image}])
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": image}]}
+    status, reply = http("post", live_server.url + "/chat/completions", json.dumps(chat).encode())
+    assert (status, reply["error"]["param"]) == (400, "messages.0.content"), reply
 
 
 def test_serve_refuses_what_it_cannot_serve(two_runs, tmp_path, lively_base, capsys):

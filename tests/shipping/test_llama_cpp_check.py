@@ -178,3 +178,18 @@ def test_export_takes_the_default_models_name(tmp_path, monkeypatch, capsys):
     written = tmp_path / "smollm2-135m-instruct-f16.gguf"
     assert f"Wrote {written} (" in capsys.readouterr().out
     assert written.read_bytes()[:4] == b"GGUF"
+
+
+def test_a_quantized_export_of_a_run_folder_sets_perplexity_beside_f16(
+    make_config, tmp_path, capsys
+):
+    # The documented first example (`tunelab export outputs/run --type q4_k_m`): the f16
+    # perplexity must tokenize with the run folder's tokenizer, which is not a model folder.
+    from tunelab.api import FineTuner
+
+    run = tmp_path / "run"
+    FineTuner(make_config(max_steps=2, output_dir=str(run))).train()
+    out = tmp_path / "run-q8_0.gguf"
+    assert main(["export", str(run), "--type", "q8_0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"Held-out perplexity: q8_0 [\d.]+, f16 [\d.]+ \([+-][\d.]+%\)", printed)

@@ -160,3 +160,20 @@ def test_export_refuses_a_users_modelfile_before_writing_the_gguf(tiny_model_dir
     assert "Modelfile exists and was not written by tunelab" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in out.parent.iterdir()) == ["Modelfile"]
     assert (out.parent / "Modelfile").read_text() == "FROM my\n"
+
+
+def test_an_earlier_exports_modelfile_is_not_replaced_silently(tiny_model_dir, tmp_path, capsys):
+    # two runs exported into one folder: the second Modelfile would point Ollama at its GGUF
+    # and lose the first's, so it is refused before anything is written, unless --overwrite
+    folder = tmp_path / "exports"
+    argv = ["export", str(tiny_model_dir), "--format", "ollama", "--no-check", "--out"]
+    assert main([*argv, str(folder / "a.gguf")]) == 0
+    capsys.readouterr()
+    assert main([*argv, str(folder / "b.gguf")]) == 2
+    said = capsys.readouterr().err
+    assert "Modelfile is the Modelfile of an earlier export (FROM ./a.gguf)" in said, said
+    assert "--overwrite" in said
+    assert not (folder / "b.gguf").exists()
+    assert (folder / "Modelfile").read_text().splitlines()[1] == "FROM ./a.gguf"
+    assert main([*argv, str(folder / "b.gguf"), "--overwrite"]) == 0
+    assert (folder / "Modelfile").read_text().splitlines()[1] == "FROM ./b.gguf"

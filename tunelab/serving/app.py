@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -55,7 +55,7 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        where, kinds = _where_and_kinds(first, exc.errors())
         param = ".".join(where) or None
         if first.get("type") == "json_invalid":
             at = first.get("loc", ("body", None))[-1]
@@ -68,8 +68,12 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
                 "'Content-Type: application/json' (curl: -H 'Content-Type: application/json'); "
                 f"this one came as {request.headers.get('content-type') or 'no content type'}."
             )
+        elif kinds:  # a field that takes one of several types got none of them
+            given = json.dumps(first.get("input"), default=str)[:80]
+            message = f"{param}: {given} is not one of the accepted types ({' or '.join(kinds)})."
         else:
-            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+            said = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+            message = f"{param or 'body'}: {said}"
         return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -81,18 +85,20 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
         message = f"internal error: {type(exc).__name__}: {exc}"
         return JSONResponse(error_body(message, "server_error"), status_code=500)
 
+    def model_entry(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "tunelab"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": created, "owned_by": "tunelab"}
-                for name in pool.served
-            ],
-        }
+        return {"object": "list", "data": [model_entry(name) for name in pool.served]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str) -> dict[str, Any]:  # the openai client's models.retrieve
+        return model_entry(_model(pool, name).name)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
+        _refuse_unsupported(body)
         served = _model(pool, body.model)
         text = _render_chat(served, body)
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -100,6 +106,7 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        _refuse_unsupported(body)
         served = _model(pool, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
@@ -148,7 +155,7 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
             served=served,
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
-            temperature=body.temperature,
+            temperature=0.0 if body.top_p == 0 else body.temperature,
             top_p=body.top_p,
             seed=body.seed,
             stop=body.stop_strings(),
@@ -294,6 +301,38 @@ def _model(pool: ModelPool, name: str) -> ServedModel:
     return served
 
 
+def _where_and_kinds(first: Any, errors: Sequence[Any]) -> tuple[list[str], list[str]]:
+    """The field path of a validation error, cut before pydantic's union-member tags
+    (``content.str``, ``prompt.list[str].0``), and the types that union accepts."""
+    where: list[str] = []
+    for part in first.get("loc", ()):
+        if part == "body":
+            continue
+        if isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part):
+            kinds: list[str] = []
+            for error in errors:  # every member of the union that refused the value
+                loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+                if loc[: len(where)] == where and len(loc) > len(where):
+                    kind = loc[len(where)]
+                    if kind not in kinds:
+                        kinds.append(kind)
+            return where, kinds
+        where.append(str(part))
+    return where, []
+
+
+def _refuse_unsupported(body: ChatRequest | CompletionRequest) -> None:
+    field = body.unsupported()
+    if field is not None:
+        raise RequestError(
+            400,
+            f"{field}: tunelab serve does not support it, and would answer as if it were not "
+            f"there; leave {field} out (or at its default) of the request.",
+            field,
+            "unsupported_parameter",
+        )
+
+
 def _render_chat(served: ServedModel, body: ChatRequest) -> str:
     """The prompt text as the run trained: its chat template, its system prompt unless the
     request brings one; a run trained without a template gets the turns one per line."""
@@ -311,6 +350,10 @@ def _render_chat(served: ServedModel, body: ChatRequest) -> str:
         raise RequestError(
             400, f"messages: the model's chat template refused them: {exc}", "messages"
         ) from None
+
+
+# seconds open responses get to finish once the server is told to stop
+GRACE_S = 5
 
 
 def serve(
@@ -333,8 +376,17 @@ def serve(
     logger.info("Serving %s at http://%s:%s/v1", ", ".join(pool.served), host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: anyone who can reach it can use the models.", host)
+    logger.info("Ctrl-C stops the server; answers still streaming are cut after %d s.", GRACE_S)
     try:
-        uvicorn.run(build_app(pool, worker), host=host, port=port, log_level="warning")
+        # uvicorn waits for open responses on Ctrl-C; a stream as long as the context would
+        # keep the server up for minutes without a word
+        uvicorn.run(
+            build_app(pool, worker),
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=GRACE_S,
+        )
     finally:
         worker.stop()
 

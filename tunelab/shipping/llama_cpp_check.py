@@ -154,9 +154,11 @@ def held_out_perplexity(
 ) -> float:
     """llama.cpp's perplexity of ``gguf_file`` on ``held_out``, tokenized by ``source``'s
     tokenizer (as ``check_in_llama_cpp`` does), to set beside another type's."""
+    from tunelab.generation import is_run_dir
     from tunelab.models import load_tokenizer, resolve_model, run_trust_remote_code
 
-    location = resolve_model(str(source))
+    # a run folder holds its own tokenizer (the one check_in_llama_cpp uses), not a model
+    location = str(source) if is_run_dir(source) else resolve_model(str(source))
     tokenizer = load_tokenizer(location, run_trust_remote_code(location))
     return perplexity(load_llama_cpp(gguf_file), tokenizer(held_out).input_ids)
 

@@ -243,10 +243,13 @@ def chat_settings(folder: str | Path) -> tuple[Any, str | None]:
     return load_tokenizer(str(folder), run_trust_remote_code(folder)), info.get("system_prompt")
 
 
-def check_modelfile_target(out_file: Path) -> None:
+def check_modelfile_target(
+    out_file: Path, gguf_file: Path | None = None, overwrite: bool = False
+) -> None:
     """Refuse a Modelfile path that holds a file tunelab did not write (a user's Modelfile is
-    never replaced); export checks this before writing the GGUF file, so a refusal leaves
-    nothing half-written."""
+    never replaced), or, unless ``overwrite``, tunelab's Modelfile of another GGUF file (an
+    earlier export into the same folder); export checks this before writing the GGUF file, so
+    a refusal leaves nothing half-written."""
     if out_file.is_symlink() or out_file.is_dir():
         raise TunelabError(
             f"{out_file} exists and is not a Modelfile tunelab wrote; move it away or export "
@@ -257,14 +260,28 @@ def check_modelfile_target(out_file: Path) -> None:
             f"{out_file} exists and was not written by tunelab; move it away or export with "
             "--out into another folder."
         )
+    if out_file.exists() and gguf_file is not None and not overwrite:
+        lines = out_file.read_text(errors="replace").splitlines()
+        source = next((line[len("FROM ") :] for line in lines if line.startswith("FROM ")), None)
+        if source != f"./{gguf_file.name}":
+            raise TunelabError(
+                f"{out_file} is the Modelfile of an earlier export (FROM {source}); writing "
+                f"{gguf_file.name}'s would replace it. Export with --out into another folder, "
+                "or pass --overwrite to replace it."
+            )
 
 
 def write_modelfile(
-    gguf_file: Path, tokenizer: Any, system_prompt: str | None, out_file: Path
+    gguf_file: Path,
+    tokenizer: Any,
+    system_prompt: str | None,
+    out_file: Path,
+    overwrite: bool = False,
 ) -> Path:
     """Write an Ollama Modelfile for ``gguf_file`` (referenced by its name, so keep the two
-    together); raises TunelabError when the chat template cannot be translated."""
-    check_modelfile_target(out_file)
+    together); raises TunelabError when the chat template cannot be translated, or when
+    ``out_file`` is not tunelab's Modelfile of this GGUF file (unless ``overwrite``)."""
+    check_modelfile_target(out_file, gguf_file, overwrite)
     family, template = translate_chat_template(tokenizer, system_prompt)
     system = system_prompt or default_system_prompt(tokenizer)
     lines = [f"{_HEADER}; chat template family: {family}", f"FROM ./{gguf_file.name}"]
