@@ -11,7 +11,7 @@ from conftest import spread_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.serving import inflight
-from tunelab.serving.batching import Job
+from tunelab.serving.jobs import Job
 from tunelab.serving.models import ServedModel
 
 

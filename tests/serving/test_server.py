@@ -423,7 +423,7 @@ def worker_job(pool, name: str, prompt: str, max_tokens: int, log: list):
     """A greedy Job for ``name`` rendered as tunelab generate renders ``prompt``; its text and
     end are appended to ``log`` as they happen."""
     from tunelab.generation import render_prompt
-    from tunelab.serving.batching import Job
+    from tunelab.serving.jobs import Job
 
     served = pool.served[name]
     text = render_prompt(served.tokenizer, prompt, served.chat, served.system_prompt)

@@ -17,7 +17,8 @@ from typing import Any
 from starlette.requests import Request
 
 from tunelab.errors import TunelabError
-from tunelab.serving.batching import BatchWorker, Job
+from tunelab.serving.batching import BatchWorker
+from tunelab.serving.jobs import Job
 from tunelab.serving.models import ModelPool, ServedModel, load_pool
 from tunelab.serving.protocol import ChatRequest, CompletionRequest, error_body
 from tunelab.template_sandbox import render_chat

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tunelab.serving.batching import Job
+    from tunelab.serving.jobs import Job
 
 # Generation-config settings that make ``generate`` change the logits before picking a token;
 # the step loop applies only temperature and top_p (per request), so a model that sets any of
@@ -186,7 +186,7 @@ def pick_tokens(logits: Any, jobs: list[Job]) -> list[int]:
 def _advance(batch: Batch, tokens: list[int]) -> tuple[Batch | None, list[Job]]:
     import torch
 
-    from tunelab.serving.batching import accept_token
+    from tunelab.serving.jobs import accept_token
 
     pairs = zip(batch.jobs, tokens, strict=True)
     finished = [job for job, token in pairs if accept_token(job, token)]
