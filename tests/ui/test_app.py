@@ -192,6 +192,15 @@ def test_an_upload_over_the_limit_is_refused_with_the_limit_named(space, tiny_mo
     reply = client.post("/data/inspect", files={"upload": ("small.jsonl", small)})
     assert page_error(reply.text) is None and 'id="summary"' in reply.text
     assert (space / "uploads" / "small.jsonl").read_bytes() == small
+    # a file of exactly the limit passes with its multipart wrapping
+    exact = b"x" * int(0.01 * 2**20)
+    reply = client.post("/data/inspect", data={"path": ""}, files={"upload": ("at.txt", exact)})
+    assert (space / "uploads" / "at.txt").read_bytes() == exact
+    # an upload never follows a link out of uploads/, even a dangling one
+    outside = space.parent / "outside.jsonl"
+    (space / "uploads" / "link.jsonl").symlink_to(outside)
+    reply = client.post("/data/inspect", files={"upload": ("link.jsonl", small)})
+    assert not outside.exists() and (space / "uploads" / "link-1.jsonl").read_bytes() == small
     # the page says the limit, for the browser's own check before sending
     assert 'data-max-mb="0.01"' in client.get("/data").text
     with pytest.raises(TunelabError, match="--max-upload-mb is 0; give a size above 0"):

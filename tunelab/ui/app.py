@@ -8,6 +8,7 @@ the folders the user opened; Jinja2 escapes every dataset string.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import socket
 import threading
@@ -400,11 +401,16 @@ def _ship_jobs(space: Workspace, folder: Path) -> dict[str, Any]:
     return out
 
 
+FORM_HEADROOM = 4096  # bytes of multipart wrapping allowed beside the file
+
+
 def bounded(request: Request, max_upload_mb: float) -> Request:
     """``request`` whose body may hold at most ``max_upload_mb`` MiB: a larger declared
     Content-Length is refused before any of it is read, and a body that grows past the limit
     (sent without one) is refused when it does. TunelabError names the limit and the way out."""
-    limit = int(max_upload_mb * 2**20)
+    # the multipart form around the file (boundaries, part headers, the path field) is a few
+    # hundred bytes: a file of exactly the limit must still pass
+    limit = int(max_upload_mb * 2**20) + FORM_HEADROOM
 
     def too_large() -> TunelabError:
         return TunelabError(
@@ -434,10 +440,14 @@ def _save_upload(folder: Path, upload: UploadFile) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     name = Path(upload.filename or "data").name or "data"
     target, number = folder / name, 1
-    while target.exists():
-        target = folder / f"{Path(name).stem}-{number}{Path(name).suffix}"
-        number += 1
-    with target.open("wb") as out:
+    while True:
+        try:  # created here, never an existing file or a link's target (O_EXCL: no link followed)
+            handle = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:  # a file, folder or (even dangling) link of that name
+            target = folder / f"{Path(name).stem}-{number}{Path(name).suffix}"
+            number += 1
+    with os.fdopen(handle, "wb") as out:
         shutil.copyfileobj(upload.file, out)
     return target
 
