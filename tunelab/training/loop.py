@@ -233,12 +233,13 @@ def fit(
     (seconds since the epoch; default: now), saves a checkpoint and raises TunelabError.
     """
     since = time.time() if stop_requests_since is None else stop_requests_since
+    world = init_world(device)
     with (
         training_mode(model, config) as plan,
         catch_interrupt() as interrupt,
-        stop_requests_cleared(run_dir, init_world(device)),
+        stop_requests_cleared(run_dir, world),
     ):
-        say(init_world(device).is_main, plan.summary())
+        say(world.is_main, plan.summary())
         run, state = set_up(model, config, Path(run_dir), len(train_rows), pad_token_id,
                             device, precision, resume, sharded)  # fmt: skip
         log = RunLog(run.run_dir, config, run.world.is_main, run.steps, state.step,
