@@ -432,3 +432,89 @@ def test_two_gloo_processes_match_one_process_on_a_preference_run(objective, tmp
         assert not cache.exists()  # reference-free
     # no temporary file of a cache write left behind by a second writer
     assert not list((tmp_path / "pair").glob(f".{REFERENCE_CACHE}.*"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+@pytest.mark.skipif(fsdp_unavailable() is not None, reason="FSDP2 sum reductions need torch 2.8")
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+def test_fsdp_preference_run_over_two_gloo_processes_matches_one_process_and_resumes(
+    objective, tmp_path, tiny_model_dir
+):
+    from conftest import preference_pairs, tiny_run_config, write_jsonl
+
+    from tunelab.training.preference import REFERENCE_CACHE
+
+    # 6 pairs in micro-batches of 2: 3 per epoch, so each epoch's second step has one micro-batch
+    # and the second process idles through it; 6 + 4 rows make 5 reference forwards, so the
+    # reference pass is uneven too (under FSDP every forward is a collective)
+    train_path = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs("What is a {}?", 6))
+    eval_path = write_jsonl(tmp_path / "held_out.jsonl", preference_pairs("Define {} please.", 4))
+
+    def config(name, accumulation, **settings):
+        values = tiny_run_config(
+            tiny_model_dir, train_path, tmp_path / name, objective=objective, beta=0.5,
+            learning_rate=5e-3, max_steps=3, packing=False, lora_dropout=0.0, logging_steps=1,
+            chat_format="plain", eval_path=str(eval_path), eval_each_epoch=False, eval_steps=2,
+            save_steps=2, plot=False, gradient_accumulation_steps=accumulation, **settings,
+        )  # fmt: skip
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(values.to_dict()))
+        return path
+
+    single = subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", "train", str(config("single", 2))],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stdout + single.stderr
+    path = config("fsdp", 1, sharding="fsdp")
+    pair = torchrun(path)
+    assert pair.returncode == 0, pair.stdout + pair.stderr
+    assert "FSDP: 2 decoder layers sharded over 2 processes." in pair.stdout
+    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 8
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+    def records(folder):
+        return [json.loads(x) for x in (folder / "metrics.jsonl").open()]
+
+    def same_records(mine, theirs):
+        assert [r["step"] for r in mine] == [r["step"] for r in theirs]
+        for record, expected in zip(mine, theirs, strict=True):
+            names = {k for k in expected if re.match(r"(eval_)?(loss|rewards/|logps/)", k)}
+            assert names, expected
+            for name in names:
+                assert record[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-5), name
+
+    # the losses, TRL's reward metrics and the held-out ones are those of one process
+    single_records = records(tmp_path / "single")
+    assert {"rewards/margins", "logps/chosen", "eval_rewards/accuracies"} <= set().union(
+        *single_records
+    )
+    same_records(records(tmp_path / "fsdp"), single_records)
+    if objective == "dpo":
+        # the reference (the base, the adapter switched off) of the sharded model: the same
+        # cache, the 5 forwards dealt out over the processes and counted once
+        single_cache = json.loads((tmp_path / "single" / REFERENCE_CACHE).read_text())
+        pair_cache = json.loads((tmp_path / "fsdp" / REFERENCE_CACHE).read_text())
+        assert pair_cache.keys() == single_cache.keys() and len(pair_cache) == 20
+        for key, value in single_cache.items():
+            assert pair_cache[key] == pytest.approx(value, rel=1e-5, abs=1e-5)
+        said = "Reference log-probabilities: 5 forwards run"
+        assert pair.stdout.count(said) == 1 and said in single.stdout, pair.stdout
+    else:
+        assert not (tmp_path / "fsdp" / REFERENCE_CACHE).exists()  # reference-free
+    # resumed sharded from the sharded checkpoint at step 2 (its reference cache not copied,
+    # so dpo runs the reference pass again on the trained, sharded model with the adapter off):
+    # step 3 and the final evaluation as in the uninterrupted run
+    folder = resume_copy(tmp_path, "fsdp", 2, "resumed")
+    resumed = torchrun(path, "--resume", "--set", f"output_dir={folder}")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "(step 2 of 3)" in resumed.stdout
+    c = load_file(str(folder / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(c[key], b[key], rtol=1e-4, atol=1e-6)
+    same_records(records(folder), [r for r in single_records if r["step"] == 3])
+    if objective == "dpo":
+        assert json.loads((folder / REFERENCE_CACHE).read_text()) == pytest.approx(pair_cache)

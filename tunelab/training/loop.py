@@ -60,9 +60,9 @@ from tunelab.training.rotary import fast_rotary
 from tunelab.training.schedule import lr_factor, warmup_steps_for
 from tunelab.training.sharding import (
     clip_gradients,
+    forwards_to_add,
     full_optimizer_state,
     full_state_for_saving,
-    is_sharded,
     shard_model,
 )
 from tunelab.training.state import TrainState, track_best
@@ -93,9 +93,8 @@ def evaluate(
     total, count = 0.0, 0
     batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
     mine = shard(batches, world)
-    # sharded layers gather their weights in every forward, a collective: every process runs
-    # as many forwards, the shorter shares repeating a batch whose loss is not counted
-    rounds = -(-len(batches) // world.size) if world.active and is_sharded(model) else len(mine)
+    # under FSDP the shorter shares repeat a batch whose loss is not counted
+    rounds = len(mine) + forwards_to_add(len(batches), len(mine), model, world)
     for index in range(rounds):
         batch_rows = mine[index] if index < len(mine) else batches[0]
         with mixed_precision(model, device, precision):
@@ -359,15 +358,14 @@ def train_step(run: Run, state: TrainState, micro_batches: list[list[Row]], log:
     started = time.perf_counter()
     config, world, model = run.config, run.world, run.model
     mine = shard(micro_batches, world)
+    # under FSDP, at an epoch's short last step, the processes with fewer micro-batches run as
+    # many forwards and backwards as the others, on a batch whose loss counts zero
+    idle = [micro_batches[0]] * forwards_to_add(len(micro_batches), len(mine), model, world)
     if config.objective == "sft":
-        # sharded layers gather their weights in every forward and backward, collectives: at
-        # an epoch's short last step every process runs as many, the idle ones on a batch
-        # whose loss counts zero
-        idle = -(-len(micro_batches) // world.size) - len(mine) if run.sharded else 0
         loss, _ = accumulate_gradients(
             model, mine, run.pad_token_id, run.device, run.precision,
             step_loss_tokens=sum(loss_tokens(rows) for rows in micro_batches),
-            scaler=run.scaler, idle_batches=[micro_batches[0]] * idle,
+            scaler=run.scaler, idle_batches=idle,
         )  # fmt: skip
         metrics: dict[str, float] = {}
     else:  # preference objectives: the loss is a mean over the step's pairs / answers
@@ -377,7 +375,7 @@ def train_step(run: Run, state: TrainState, micro_batches: list[list[Row]], log:
                            for rows in micro_batches),
             step_chosen_tokens=sum(preference.chosen_tokens(cast(list[PreferenceRow], rows))
                                    for rows in micro_batches),
-            scaler=run.scaler,
+            scaler=run.scaler, idle_batches=cast(list[list[PreferenceRow]], idle),
         )  # fmt: skip
         metrics = stats.gathered(world).metrics()
     term = method_loss_term(model)  # AdaLoRA's orthogonality regularisation, once a step
