@@ -330,7 +330,7 @@ SHARD_SCRIPT = """
 import os, torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
-from tunelab.training.distributed import init_world
+from tunelab.training.distributed import init_world, is_dtensor
 from tunelab.training.sharding import clip_gradients, shard_model
 
 def build():
@@ -350,11 +350,15 @@ expected_grads = [p.grad.clone() * 2 for p in params]  # clipped at 0.01 over th
 world = init_world("cpu")
 model = build()
 assert shard_model(model) == 2 and shard_model(model) == 2  # a second call changes nothing
+with torch.no_grad():
+    model(input_ids=ids)
+# after a forward every layer holds its shards again, not the gathered weights
+resharded = all(is_dtensor(p) for p in model.base_model.model.model.layers.parameters())
 model(input_ids=ids, labels=ids).loss.backward()  # the same batch on both: gradients sum
 sharded = [p for p in model.parameters() if p.requires_grad]
 norm = clip_gradients(sharded, 0.01 * 2)
 grads = [p.grad.full_tensor() for p in sharded]
-ok = abs(norm - expected) < 1e-5 * expected and all(
+ok = resharded and abs(norm - expected) < 1e-5 * expected and all(
     torch.allclose(g, e, rtol=1e-4, atol=1e-7) for g, e in zip(grads, expected_grads))
 with open(os.path.join(os.path.dirname(__file__), f"rank{world.rank}.txt"), "w") as out:
     out.write(f"{norm:.6g} {expected:.6g} {ok}")

@@ -63,7 +63,7 @@ def build_optimizer(model: Any, config: FineTuningConfig) -> tuple[torch.optim.O
             return optimizer, note
     else:
         note = ""
-    if len({is_dtensor(p) for g in groups for p in g["params"]}) > 1:
+    if _sharded_and_whole(groups):
         # FSDP's sharded layers beside the whole embeddings and head (full fine-tuning): fused
         # and foreach AdamW take one kind of tensor per call, and fail on the mix
         optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, foreach=False)
@@ -78,6 +78,13 @@ def build_optimizer(model: Any, config: FineTuningConfig) -> tuple[torch.optim.O
             pass
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, foreach=True)
     return optimizer, (note + "AdamW (foreach)").strip()
+
+
+def _sharded_and_whole(groups: list[dict[str, Any]]) -> bool:
+    """Whether the parameters mix FSDP-sharded (DTensor) and whole tensors."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False  # nothing is sharded without a process group
+    return len({is_dtensor(p) for g in groups for p in g["params"]}) > 1
 
 
 def _adamw_8bit(groups: list[dict[str, Any]], lr: float, device: torch.device) -> tuple[Any, str]:
