@@ -66,6 +66,15 @@ def test_evaluate_run_writes_reports_with_consistent_numbers(tiny_run, tmp_path)
         assert set(item["answers"]) == set(results.systems)
     assert 'data-probe="reworded" data-system="tuned" data-metric="semantic"' in html
     assert "## Knowledge probes: training items asked in other words" in md
+    # each system's loss gap on the probes beyond its gap on unseen items, from the same scores
+    beyond = reworded["loss_beyond_held_out"]
+    assert set(beyond) == {"tuned", "rag", "tuned+rag", "few-shot"}
+    probe_gap = (
+        reworded["systems"]["tuned"]["loss"]["mean"] - reworded["systems"]["base"]["loss"]["mean"]
+    )
+    held_gap = data["systems"]["tuned"]["loss"]["mean"] - data["systems"]["base"]["loss"]["mean"]
+    assert beyond["tuned"]["mean"] == pytest.approx(probe_gap - held_gap, abs=1e-5)
+    assert beyond["tuned"]["low"] <= beyond["tuned"]["mean"] <= beyond["tuned"]["high"]
     assert any(s.startswith("What fine-tuning stored: On 6 training items asked in other words")
                for s in results.verdict)  # fmt: skip
     assert any(s.startswith("What this means for your choice:") for s in results.verdict)

@@ -71,8 +71,8 @@ def test_knowledge_verdict_says_what_was_stored_found_and_changed():
         "scored 42.0 on semantic similarity against the base model's 40.0: +2.0 points (95% CI "
         "-3.0 to +7.0), within noise.",
         "What retrieval found: On 25 training items asked in other words, RAG over the training "
-        "data scored 70.0 against the base model's 40.0: +30.0 points (95% CI +22.0 to +38.0), "
-        "a real gain.",
+        "data scored 70.0 on semantic similarity against the base model's 40.0: +30.0 points "
+        "(95% CI +22.0 to +38.0), a real gain.",
         "On 25 training items asked in other words, fine-tuning minus RAG: -28.0 points (95% CI "
         "-36.0 to -20.0), a real loss.",
         "What fine-tuning changed on unseen items: answers of 23 words on average (base model "
@@ -83,3 +83,79 @@ def test_knowledge_verdict_says_what_was_stored_found_and_changed():
         "route: it found them where fine-tuning did not measurably store them. Keep fine-tuning "
         "for style or format only if the unseen-item results show a gain.",
     ]
+
+
+def test_knowledge_verdict_tells_facts_found_apart_from_facts_used():
+    """The demo's case: with the documents the reference answers became far likelier, beyond
+    the documents' effect on unseen items, while the answers' similarity did not rise. The
+    verdict must say retrieval found the facts but the model did not use them, not that
+    neither route recovered anything."""
+    from tunelab.evaluation.verdict import knowledge_verdict
+
+    def summary(values):
+        return {name: {"semantic": Interval(v, v - 0.05, v + 0.05)} for name, v in values.items()}
+
+    probe_differences = [
+        diff("tuned", "base", "semantic", -0.05, -0.13, 0.02),
+        diff("tuned", "base", "loss", -0.65, -0.9, -0.4),
+        diff("rag", "base", "semantic", -0.10, -0.21, 0.02),
+        diff("rag", "base", "loss", -2.99, -3.3, -2.6),
+        diff("tuned", "rag", "semantic", 0.05, -0.02, 0.12),
+    ]
+    held_out_differences = [diff("tuned", "base", "semantic", 0.01, -0.1, 0.12)]
+    beyond = {
+        "reworded": {"tuned": Interval(-0.03, -0.2, 0.15), "rag": Interval(-2.76, -3.1, -2.4)}
+    }
+    sentences = knowledge_verdict(
+        {"reworded": (summary({"base": 0.47, "rag": 0.37, "tuned": 0.42}), probe_differences, 10)},
+        {}, held_out_differences, {"base": 37.0, "tuned": 38.0}, "semantic", beyond,
+    )  # fmt: skip
+    assert sentences[0] == (
+        "What fine-tuning stored: On 10 training items asked in other words, the tuned model "
+        "scored 42.0 on semantic similarity against the base model's 47.0: -5.0 points (95% CI "
+        "-13.0 to +2.0), within noise. Its reference loss there changed by -0.65 nats; beyond "
+        "its change on unseen items: -0.03 nats (95% CI -0.20 to +0.15), within noise."
+    )
+    assert sentences[1] == (
+        "What retrieval found: On 10 training items asked in other words, RAG over the training "
+        "data scored 37.0 on semantic similarity against the base model's 47.0: -10.0 points "
+        "(95% CI -21.0 to +2.0), within noise. Its reference loss there changed by -2.99 nats; "
+        "beyond its change on unseen items: -2.76 nats (95% CI -3.10 to -2.40), a real gain: "
+        "the reference answers became likelier, but the answers it gave did not show it."
+    )
+    assert sentences[-1].startswith(
+        "What this means for your choice: Retrieval finds the facts in your data (with the "
+        "documents, the reference answers became likelier) but this model does not carry them "
+        "into its answers."
+    )
+    # without the loss evidence the same answers read as nothing found (the old verdict)
+    plain = knowledge_verdict(
+        {"reworded": (summary({"base": 0.47, "rag": 0.37, "tuned": 0.42}), probe_differences, 10)},
+        {}, held_out_differences, {"base": 37.0, "tuned": 38.0}, "semantic",
+    )  # fmt: skip
+    assert plain[-1].startswith("What this means for your choice: Neither fine-tuning nor")
+
+
+def test_difference_in_differences_subtracts_the_unseen_items_gap():
+    from tunelab.evaluation.metrics import difference_in_differences
+
+    rng = __import__("random").Random(0)
+    base = [rng.uniform(2, 4) for _ in range(40)]
+    probe_tuned = [b - 1.0 + rng.uniform(-0.1, 0.1) for b in base]  # 1 nat better
+    held_base = [rng.uniform(2, 4) for _ in range(30)]
+    held_tuned = [b - 0.4 + rng.uniform(-0.1, 0.1) for b in held_base]  # 0.4 nats: style
+    gap = difference_in_differences(probe_tuned, base, held_tuned, held_base, 500, 0)
+    expected = (
+        sum(map(float.__sub__, probe_tuned, base)) / 40
+        - sum(map(float.__sub__, held_tuned, held_base)) / 30
+    )
+    assert gap.mean == pytest.approx(expected) and gap.mean == pytest.approx(-0.6, abs=0.05)
+    assert gap.low < gap.mean < gap.high < 0  # a real extra gain, narrow since noise is small
+    same = difference_in_differences(held_tuned, held_base, held_tuned, held_base, 500, 0)
+    assert same.mean == 0 and same.low < 0 < same.high
+    # a missing value drops its pair; a single observation is held fixed, not resampled
+    one = difference_in_differences([1.0, None], [0.5, 0.0], held_tuned, held_base, 500, 0)
+    assert one.mean == pytest.approx(0.5 - sum(map(float.__sub__, held_tuned, held_base)) / 30)
+    assert one.low < one.mean < one.high
+    with pytest.raises(ValueError, match="same examples"):
+        difference_in_differences([1.0], [1.0, 2.0], [1.0], [1.0])

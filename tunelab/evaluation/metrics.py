@@ -166,3 +166,51 @@ def paired_bootstrap(
         None if a is None or b is None else a - b for a, b in zip(first, second, strict=True)
     ]
     return bootstrap_mean(differences, samples, seed, level)
+
+
+def difference_in_differences(
+    first: list[float | None],
+    second: list[float | None],
+    first_elsewhere: list[float | None],
+    second_elsewhere: list[float | None],
+    samples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
+    """How much more ``first`` gains over ``second`` on one set of items than on another: the
+    mean of ``first - second`` (paired, per item) minus the mean of ``first_elsewhere -
+    second_elsewhere`` over a second, unrelated set of items. The two sets of paired
+    differences are resampled independently (scipy's two-sample ``stats.bootstrap``, percentile
+    interval at ``level``, ``samples`` resamples from ``default_rng(seed)``). Used to separate
+    what fine-tuning stored about training items from what it changed everywhere (style,
+    format): the gain on reworded training items beyond the gain on unseen items. Pairs with a
+    missing value are left out; either set empty: all NaN."""
+    import numpy as np
+    from scipy import stats
+
+    def paired(a: list[float | None], b: list[float | None]) -> Any:
+        if len(a) != len(b):
+            raise ValueError("each pair of lists must cover the same examples")
+        kept = [x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+        return np.asarray(_clean(list(kept)), dtype=np.float64)
+
+    here, there = paired(first, second), paired(first_elsewhere, second_elsewhere)
+    if here.size == 0 or there.size == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    mean = float(here.mean() - there.mean())
+    if here.size == 1 or there.size == 1:  # scipy resamples no single observation: it is fixed
+        if here.size == there.size:
+            return Interval(mean, mean, mean)
+        varied = bootstrap_mean(list(here if here.size > 1 else -there), samples, seed, level)
+        offset = float(-there[0]) if there.size == 1 else float(here[0])
+        return Interval(mean, varied.low + offset, varied.high + offset)
+
+    def statistic(x: Any, y: Any, axis: int = -1) -> Any:
+        return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+    result = stats.bootstrap(
+        (here, there), statistic, n_resamples=samples, confidence_level=level,
+        method="percentile", paired=False, vectorized=True, rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    interval = result.confidence_interval
+    return Interval(mean, float(interval.low), float(interval.high))

@@ -86,6 +86,8 @@ class ProbeResult:
     scores: dict[str, dict[str, list[float | None]]]  # system -> metric -> one per item
     summary: dict[str, dict[str, metrics.Interval]]
     differences: list[dict[str, Any]]
+    # system -> its reference-loss gap to the base here minus that on held-out items
+    loss_beyond_held_out: dict[str, metrics.Interval] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +101,9 @@ class ProbeResult:
                 {**{k: v for k, v in d.items() if k != "interval"}, **_interval(d["interval"])}
                 for d in self.differences
             ],
+            "loss_beyond_held_out": {
+                name: _interval(i) for name, i in self.loss_beyond_held_out.items()
+            },
             "items": [
                 {
                     "source": item.source,
@@ -566,6 +571,9 @@ def evaluate_run(
         str(folder), eval_path, settings, items, results, summary, differences,
         forgetting_info, training,
     )  # fmt: skip
+    beyond = _loss_beyond_held_out(probe_results, results, bootstrap_samples, seed)
+    for kind, gaps in beyond.items():
+        probe_results[kind].loss_beyond_held_out = gaps
     evaluation.probes = probe_results
     evaluation.preference = preference
     headline = "judge" if judge else "semantic" if semantic else "token_f1"
@@ -573,6 +581,7 @@ def evaluate_run(
         {kind: (p.summary, p.differences, len(p.scores[chosen[0]]["loss"]))
          for kind, p in probe_results.items()},
         summary, differences, _answer_words(results), headline,
+        {kind: p.loss_beyond_held_out for kind, p in probe_results.items()},
     ) + verdict(
         {name: {m: summary[name][m].mean for m in METRICS} for name in results},
         [d for d in differences if d["metric"] in HEADLINE_METRICS],
@@ -613,6 +622,24 @@ def _probe_result(
          for name, s in per_item.items()},
         comparisons(per_item, HEADLINE_METRICS, samples, seed),
     )  # fmt: skip
+
+
+def _loss_beyond_held_out(
+    probes: dict[str, ProbeResult], results: dict[str, SystemResult], samples: int, seed: int
+) -> dict[str, dict[str, metrics.Interval]]:
+    """kind -> system -> its reference-loss gap to the base model on that probe minus the gap
+    on the held-out items (what it knows of the training items beyond its style)."""
+    if "base" not in results:
+        return {}
+    out: dict[str, dict[str, metrics.Interval]] = {}
+    for kind, probe in probes.items():
+        for name in ("tuned", "rag", "tuned+rag", "few-shot"):
+            if name in results and name in probe.scores and "base" in probe.scores:
+                out.setdefault(kind, {})[name] = metrics.difference_in_differences(
+                    probe.scores[name]["loss"], probe.scores["base"]["loss"],
+                    results[name].scores["loss"], results["base"].scores["loss"], samples, seed,
+                )  # fmt: skip
+    return out
 
 
 def _model_groups(chosen: list[str]) -> list[list[str]]:

@@ -186,33 +186,60 @@ def knowledge_verdict(
     held_out_differences: list[dict[str, Any]],
     answer_words: dict[str, float],
     metric: str = "semantic",
+    beyond: dict[str, dict[str, Interval]] | None = None,
 ) -> list[str]:
     """What fine-tuning stored, what retrieval found (knowledge probes: kind -> (summary,
     differences, training items)), what fine-tuning changed on unseen items, and what that
     means for the choice; every claim carries its paired-bootstrap 95% interval on ``metric``
-    (semantic similarity, or token F1 where the embedding model is not installed)."""
+    (semantic similarity, or token F1 where the embedding model is not installed).
+
+    ``beyond`` (kind -> system -> interval) is each system's reference-loss gap to the base
+    model on that probe minus its gap on unseen items (``metrics.difference_in_differences``):
+    the part of a gain that is about the training items themselves, not the style or format a
+    system brings to every answer. A system whose answers do not improve can still have found
+    the facts there (the reference answers became likelier), and the verdict says so."""
     label = LABELS[metric]
+    beyond = beyond or {}
     sentences = []
-    stored = found = False
+    stored = found = False  # in the answers or in the reference loss beyond style
+    found_in_answers = False
     for kind, (summary, differences, count) in probes.items():
         where = f"On {count} {PROBE_WORDS[kind]}"
-        tuned_gap = _gap(differences, "tuned", "base", metric)
-        rag_gap = _gap(differences, "rag", "base", metric)
-        if tuned_gap is not None:
-            score = summary["tuned"][metric].mean * 100
-            sentences.append(
-                f"What fine-tuning stored: {where}, the tuned model "
-                f"scored {score:.1f} on {label} against the base model's "
-                f"{summary['base'][metric].mean * 100:.1f}: {_gap_words(tuned_gap, metric)}."
+        for system, subject, opening in (
+            ("tuned", "the tuned model", "What fine-tuning stored"),
+            ("rag", "RAG over the training data", "What retrieval found"),
+        ):
+            gap = _gap(differences, system, "base", metric)
+            if gap is None:
+                continue
+            sentence = (
+                f"{opening}: {where}, {subject} scored {summary[system][metric].mean * 100:.1f} "
+                f"on {label} against the base model's {summary['base'][metric].mean * 100:.1f}: "
+                f"{_gap_words(gap, metric)}."
             )
-            stored = stored or (kind == "reworded" and _real_gain(tuned_gap, metric))
-        if rag_gap is not None:
-            sentences.append(
-                f"What retrieval found: {where}, RAG over the training data scored "
-                f"{summary['rag'][metric].mean * 100:.1f} against the base model's "
-                f"{summary['base'][metric].mean * 100:.1f}: {_gap_words(rag_gap, metric)}."
-            )
-            found = found or (kind == "reworded" and _real_gain(rag_gap, metric))
+            extra = beyond.get(kind, {}).get(system)
+            in_answers = _real_gain(gap, metric)
+            in_loss = _real_gain(extra, "loss")
+            if extra is not None and extra.mean == extra.mean:
+                loss_gap = _gap(differences, system, "base", "loss")
+                sentence += (
+                    " Its reference loss there "
+                    + (f"changed by {loss_gap.mean:+.2f} nats; " if loss_gap is not None else "")
+                    + f"beyond its change on unseen items: {_gap_words(extra, 'loss')}"
+                    + (
+                        ": the reference answers became likelier, but the answers it gave did "
+                        "not show it."
+                        if in_loss and not in_answers
+                        else "."
+                    )
+                )
+            if kind == "reworded":
+                if system == "tuned":
+                    stored = stored or in_answers or in_loss
+                else:
+                    found = found or in_answers or in_loss
+                    found_in_answers = found_in_answers or in_answers
+            sentences.append(sentence)
         head_to_head = _gap(differences, "tuned", "rag", metric)
         if head_to_head is not None:
             sentences.append(f"{where}, fine-tuning minus RAG: {_gap_words(head_to_head, metric)}.")
@@ -230,15 +257,31 @@ def knowledge_verdict(
             + " (style and format: no system can know an unseen item's facts)."
         )
     if "reworded" in probes:
-        sentences.append(_choice(stored, found, probes["reworded"][1], metric))
+        sentences.append(_choice(stored, found, probes["reworded"][1], metric, found_in_answers))
     return sentences
 
 
-def _choice(stored: bool, found: bool, differences: list[dict[str, Any]], metric: str) -> str:
+def _choice(
+    stored: bool,
+    found: bool,
+    differences: list[dict[str, Any]],
+    metric: str,
+    found_in_answers: bool = True,
+) -> str:
     """What the knowledge-probe findings mean for choosing between the approaches."""
     both = _gap(differences, "tuned+rag", "rag", metric)
     rag_ahead = _real_gain(_gap(differences, "rag", "tuned", metric), metric)
-    if found and (not stored or rag_ahead):
+    if found and not found_in_answers and not rag_ahead:
+        advice = (
+            "Retrieval finds the facts in your data (with the documents, the reference answers "
+            "became likelier) but this model does not carry them into its answers"
+            + (", and fine-tuning stored some of them" if stored else "")
+            + ". A larger or more instruction-following base model, fewer and shorter "
+            "documents (--k, --context-chars), or fine-tuning on answers written from "
+            "retrieved documents would let retrieval pay; until then neither route delivers "
+            "the facts in the answers."
+        )
+    elif found and (not stored or rag_ahead):
         advice = (
             "For the facts in your data, retrieval is the surer route: it found them where "
             "fine-tuning "
