@@ -177,6 +177,13 @@ class FineTuningConfig:
         "Pack several examples into each row (attention stays inside each example).",
         stage="training",
     )
+    group_by_length: bool = _f(
+        True,
+        "Without packing: put rows of similar length into each micro-batch (less padding; the "
+        "same rows per epoch in a random order of batches). false draws micro-batches at "
+        "random, as TRL and transformers do by default. No effect with packing.",
+        stage="training",
+    )
     seed: int = _f(
         42, "Random seed for initialisation, shuffling and dropout.", stage="training", data=True
     )
@@ -1206,6 +1213,12 @@ def ineffective_settings(config: FineTuningConfig) -> list[str]:
         out.append(
             f"config key(s) {keys} have no effect with method {c.method}; remove them or "
             "choose the method they belong to."
+        )
+    if c.packing and not c.group_by_length:
+        out.append(
+            "config key 'group_by_length' (False) has no effect with packing: packed rows are "
+            "already full, and batches of them are drawn at random. Set packing: false for "
+            "micro-batches of rows drawn at random, or remove group_by_length."
         )
     if not c.eval_path and c.eval_split == 0:
         unused = [

@@ -346,7 +346,8 @@ def step_batches(run: Run, rows: list[Row], step: int) -> list[list[Row]]:
     config, (epoch, index) = run.config, divmod(step, run.per_epoch)
     if epoch not in run.epoch_plan:
         run.epoch_plan = {epoch: plan_epoch(rows, config.batch_size, config.seed, epoch,
-                                            group_by_length=not config.packing)}  # fmt: skip
+                                            group_by_length=config.group_by_length
+                                            and not config.packing)}  # fmt: skip
     accumulate = config.gradient_accumulation_steps * run.world.size
     planned = run.epoch_plan[epoch][index * accumulate : (index + 1) * accumulate]
     return [[rows[i] for i in indices] for indices in planned]
