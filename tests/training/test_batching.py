@@ -205,3 +205,14 @@ def test_group_by_length_decides_how_the_loop_batches_unpacked_rows():
     assert all(max(b) - min(b) <= 3 for b in grouped)  # short with short, long with long
     assert any(max(b) - min(b) > 30 for b in drawn)  # drawn at random, as TRL draws them
     assert sorted(map(sorted, drawn)) != sorted(map(sorted, grouped))
+
+
+def test_preference_pairs_are_drawn_at_random_unless_grouping_is_asked_for():
+    from tunelab.config import FineTuningConfig, groups_by_length
+
+    assert groups_by_length(FineTuningConfig(packing=False)) is True
+    assert groups_by_length(FineTuningConfig(packing=False, objective="dpo")) is False
+    assert groups_by_length(FineTuningConfig(packing=False, objective="kto")) is False
+    assert groups_by_length(FineTuningConfig(packing=False, objective="dpo", group_by_length=True))
+    assert not groups_by_length(FineTuningConfig(packing=False, group_by_length=False))
+    assert not groups_by_length(FineTuningConfig(group_by_length=True))  # packed: no rows to group
