@@ -10,8 +10,9 @@ The reference is the base model with the adapter switched off in both. TRL recom
 activations in the backward pass (DPOConfig's default gradient_checkpointing=True); tunelab
 keeps them (its default): the memory each uses is its own default's. TRL also switches every
 dropout off (DPOConfig's default disable_dropout=True, LoRA's included) while tunelab applies
-lora_dropout 0.1; and tunelab groups unpacked pairs of similar length into a step where TRL
-draws them at random: the same pairs per epoch, not the same pairs per step.
+lora_dropout 0.1 (measured to make no difference to accuracy or margin here). Both draw pairs
+into steps at random (tunelab's default for preference objectives), each from its own seeded
+generator: the same pairs per epoch, not the same pairs per step.
 
 Each system runs in its own child process (peak RSS is its own), after --cooldown idle
 seconds. Reported: real (non-padding) tokens per second (the pairs' prompt+answer tokens,

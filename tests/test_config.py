@@ -219,6 +219,7 @@ def test_a_saved_config_with_exponent_numbers_resumes_and_is_read_by_doctor(tmp_
             {"early_stopping_threshold": 0.01, "eval_split": 0.1},
             "'early_stopping_threshold' has no effect without",
         ),
+        ({"group_by_length": False}, "'group_by_length' (False) has no effect with packing"),
     ],
 )
 def test_settings_that_cannot_take_effect_are_named(settings, warning):
@@ -237,6 +238,7 @@ def test_defaults_and_used_settings_raise_no_warning():
     )
     assert ineffective_settings(used) == []
     assert ineffective_settings(FineTuningConfig(method="full", learning_rate=2e-5)) == []
+    assert ineffective_settings(FineTuningConfig(packing=False, group_by_length=False)) == []
 
 
 def test_training_warns_before_the_model_loads(make_config, capsys, monkeypatch):

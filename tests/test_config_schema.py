@@ -77,7 +77,9 @@ def other_value(name: str) -> object:
         return default / 2 if default else 0.1
     if default is None:  # an optional number or text
         hint = str(typing.get_type_hints(FineTuningConfig)[name])
-        return 0.5 if "float" in hint else 3 if "int" in hint else "text"
+        return (
+            0.5 if "float" in hint else 3 if "int" in hint else False if "bool" in hint else "text"
+        )
     if isinstance(default, str):
         return default + "x"
     if default == []:

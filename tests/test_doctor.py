@@ -290,6 +290,14 @@ def test_padding_share_counts_tokens_exactly(tiny_model_dir):
     share, real, padded = padding_share(examples, config)
     assert (real, padded) == (80, 200)
     assert share == pytest.approx(0.6)
+    # without grouping the trainer draws rows at random, and the report counts that batching
+    lengths = [10] * 12 + [50] * 4
+    examples = [TokenizedExample([1] * n, [1] * n) for n in lengths]
+    grouped = padding_share(examples, FineTuningConfig(packing=False, batch_size=4))
+    drawn = padding_share(
+        examples, FineTuningConfig(packing=False, batch_size=4, group_by_length=False)
+    )
+    assert grouped[2] == 3 * 4 * 10 + 4 * 50 and drawn[2] > grouped[2]
 
 
 def test_chat_template_changed_since_training(tmp_path, tiny_model_dir, qa_rows):

@@ -177,6 +177,15 @@ class FineTuningConfig:
         "Pack several examples into each row (attention stays inside each example).",
         stage="training",
     )
+    group_by_length: bool | None = _f(
+        None,
+        "Without packing: put rows of similar length into each micro-batch (less padding; the "
+        "same rows per epoch, batches in random order); false draws micro-batches at random, "
+        "as TRL and transformers do. Default: on for sft, off for the preference objectives "
+        "(pairs drawn at random, as TRL's trainers draw them; grouped pairs learned a smaller "
+        "margin in benchmarks/dpo_throughput.py). No effect with packing.",
+        stage="training",
+    )
     seed: int = _f(
         42, "Random seed for initialisation, shuffling and dropout.", stage="training", data=True
     )
@@ -637,6 +646,19 @@ def _check_choices(name: str, value: Any) -> None:
             f"config key '{name}' is {value!r}; allowed values are "
             f"{', '.join(map(repr, allowed))}.{hint}"
         )
+
+
+def groups_by_length(config: FineTuningConfig) -> bool:
+    """Whether the trainer groups rows by length into micro-batches: never with packing;
+    ``group_by_length`` where set; else for sft only (preference pairs are drawn at random, as
+    TRL draws them: in benchmarks/dpo_throughput.py's 48-pair runs, pairs grouped by length
+    learned a held-out margin of 0.046-0.110 over three seeds against 0.100-0.110 drawn at
+    random, and TRL's 0.109)."""
+    if config.packing:
+        return False
+    if config.group_by_length is not None:
+        return config.group_by_length
+    return config.objective == "sft"
 
 
 def effective_values(config: FineTuningConfig) -> dict[str, tuple[Any, str]]:
@@ -1206,6 +1228,12 @@ def ineffective_settings(config: FineTuningConfig) -> list[str]:
         out.append(
             f"config key(s) {keys} have no effect with method {c.method}; remove them or "
             "choose the method they belong to."
+        )
+    if c.packing and c.group_by_length is not None:
+        out.append(
+            f"config key 'group_by_length' ({c.group_by_length}) has no effect with packing: "
+            "packed rows are already full, and batches of them are drawn at random. Set "
+            "packing: false to batch single rows, or remove group_by_length."
         )
     if not c.eval_path and c.eval_split == 0:
         unused = [

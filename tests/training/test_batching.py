@@ -185,3 +185,34 @@ def test_layouts_are_never_reused_for_another_batch():
         cached = attention._cached_layout(positions)
         assert torch.equal(cached.take, attention.packed_layout(positions).take)
         del positions, cached
+
+
+def test_group_by_length_decides_how_the_loop_batches_unpacked_rows():
+    from types import SimpleNamespace
+
+    from tunelab.config import FineTuningConfig
+    from tunelab.training.loop import step_batches
+
+    rows = single_rows(examples([3, 40, 4, 41, 5, 42, 6, 43] * 4))
+
+    def first_epoch(**settings):
+        config = FineTuningConfig(packing=False, batch_size=4, **settings)
+        run = SimpleNamespace(config=config, per_epoch=8, epoch_plan={},
+                              world=SimpleNamespace(size=1))  # fmt: skip
+        return [[len(r) for r in b] for s in range(8) for b in step_batches(run, rows, s)]
+
+    grouped, drawn = first_epoch(), first_epoch(group_by_length=False)
+    assert all(max(b) - min(b) <= 3 for b in grouped)  # short with short, long with long
+    assert any(max(b) - min(b) > 30 for b in drawn)  # drawn at random, as TRL draws them
+    assert sorted(map(sorted, drawn)) != sorted(map(sorted, grouped))
+
+
+def test_preference_pairs_are_drawn_at_random_unless_grouping_is_asked_for():
+    from tunelab.config import FineTuningConfig, groups_by_length
+
+    assert groups_by_length(FineTuningConfig(packing=False)) is True
+    assert groups_by_length(FineTuningConfig(packing=False, objective="dpo")) is False
+    assert groups_by_length(FineTuningConfig(packing=False, objective="kto")) is False
+    assert groups_by_length(FineTuningConfig(packing=False, objective="dpo", group_by_length=True))
+    assert not groups_by_length(FineTuningConfig(packing=False, group_by_length=False))
+    assert not groups_by_length(FineTuningConfig(group_by_length=True))  # packed: no rows to group

@@ -90,7 +90,9 @@ def check_truncation(
 
 def padding_share(tokenized: list[Any], config: Any) -> tuple[float, int, int]:
     """Share of the computed tokens that are padding in one epoch, batched as the trainer
-    batches (packing or length-grouped single rows); with the real and padded token counts."""
+    batches (packing, or single rows grouped by length unless group_by_length is off); with
+    the real and padded token counts."""
+    from tunelab.config import groups_by_length
     from tunelab.methods import PROMPT_METHODS
     from tunelab.training.batching import pack_examples, plan_epoch, single_rows
 
@@ -98,7 +100,8 @@ def padding_share(tokenized: list[Any], config: Any) -> tuple[float, int, int]:
     rows = pack_examples(tokenized, config.max_length) if packing else single_rows(tokenized)
     if not rows:
         return 0.0, 0, 0
-    batches = plan_epoch(rows, config.batch_size, config.seed, 0, group_by_length=not packing)
+    grouped = not packing and groups_by_length(config)
+    batches = plan_epoch(rows, config.batch_size, config.seed, 0, group_by_length=grouped)
     real = sum(len(r) for r in rows)
     padded = sum(len(b) * max(len(rows[i]) for i in b) for b in batches)
     return 1 - real / padded, real, padded

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import torch
 
-from tunelab.config import FineTuningConfig
+from tunelab.config import FineTuningConfig, groups_by_length
 from tunelab.errors import TunelabError
 from tunelab.methods import after_optimizer_step, method_loss_term, method_state
 from tunelab.run_folder import read_metrics
@@ -362,7 +362,7 @@ def step_batches(run: Run, rows: list[Row], step: int) -> list[list[Row]]:
     config, (epoch, index) = run.config, divmod(step, run.per_epoch)
     if epoch not in run.epoch_plan:
         run.epoch_plan = {epoch: plan_epoch(rows, config.batch_size, config.seed, epoch,
-                                            group_by_length=not config.packing)}  # fmt: skip
+                                            group_by_length=groups_by_length(config))}  # fmt: skip
     accumulate = config.gradient_accumulation_steps * run.world.size
     planned = run.epoch_plan[epoch][index * accumulate : (index + 1) * accumulate]
     return [[rows[i] for i in indices] for indices in planned]
