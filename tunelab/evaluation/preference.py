@@ -29,14 +29,15 @@ def pair_logps(
 ) -> tuple[list[float], list[float]]:
     """(chosen, rejected) summed answer log-probabilities of each unit, in unit order."""
     from tunelab.training.logprobs import sequence_logprobs
-    from tunelab.training.preference import _batch, pack_units
+    from tunelab.training.preference import _batch, ignores_position_ids, pack_units
 
     device = str(next(model.parameters()).device)
     rows = pack_units(units, 512)
     scores: dict[tuple[int, str], float] = {}
     model.eval()
+    separate = ignores_position_ids(model)
     for start in range(0, len(rows), batch_size):
-        batch, index, sequences = _batch(rows[start : start + batch_size], 0, device)
+        batch, index, sequences = _batch(rows[start : start + batch_size], 0, device, separate)
         sums, _ = sequence_logprobs(model, batch, index, len(sequences))
         for sequence, value in zip(sequences, sums.tolist(), strict=True):
             scores[(sequence.unit, sequence.side)] = value

@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +129,32 @@ def pack_units(units: list[Unit], max_length: int, packing: bool = True) -> list
     return rows
 
 
+def ignores_position_ids(model: Any) -> bool:
+    """Whether ``model``'s forward drops ``position_ids``: PEFT's prompt-learning adapters
+    (prompt and prefix tuning) prepend virtual tokens and ignore them, so sequences packed into
+    one row would attend to each other (a rejected answer reading the chosen one)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 def _batch(
-    rows: list[PreferenceRow], pad_token_id: int, device: str
+    rows: list[PreferenceRow], pad_token_id: int, device: str, one_row_per_sequence: bool = False
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[Sequence]]:
+    """The rows as tensors, and each token's sequence (-1 for padding). With
+    ``one_row_per_sequence`` (a model that ignores positions, ``ignores_position_ids``) every
+    answer gets a row of its own, so nothing but causal order separates it from the others."""
+    if one_row_per_sequence:
+        rows = [
+            PreferenceRow(
+                row.input_ids[s.start : s.end],
+                row.labels[s.start : s.end],
+                row.position_ids[s.start : s.end],
+                row.origins,
+                [replace(s, start=0, end=s.end - s.start)],
+            )  # fmt: skip
+            for row in rows
+            for s in row.sequences
+        ]
     batch = collate(rows, pad_token_id)
     index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
     sequences: list[Sequence] = []
@@ -205,7 +228,7 @@ def preference_loss(
     """The micro-batch's share of the step's loss: its units' summed losses over the step's
     ``step_units`` (and the NLL term over ``step_chosen_tokens``), so accumulated
     micro-batches give the gradient of one batch holding them all."""
-    batch, index, sequences = _batch(rows, pad_token_id, device)
+    batch, index, sequences = _batch(rows, pad_token_id, device, ignores_position_ids(model))
     sums, counts = sequence_logprobs(model, batch, index, len(sequences))
     where = {(s.unit, s.side): i for i, s in enumerate(sequences)}
     units = sorted({s.unit for s in sequences})
@@ -421,7 +444,9 @@ def attach_reference_logps(
         # under FSDP the shorter shares repeat a micro-batch whose values are dropped
         idle = [chunks[0]] * forwards_to_add(len(chunks), len(mine), scorer, world)
         for number, chunk in enumerate(mine + idle):
-            batch, index, sequences = _batch(chunk, pad_token_id, device)
+            batch, index, sequences = _batch(
+                chunk, pad_token_id, device, ignores_position_ids(scorer)
+            )
             with mixed_precision(scorer, device, precision):
                 sums, _ = sequence_logprobs(scorer, batch, index, len(sequences))
             if number < len(mine):
