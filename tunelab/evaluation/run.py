@@ -378,6 +378,21 @@ def evaluate_run(
         )
     if limit is not None and limit < 1:
         raise TunelabError(f"--limit must be at least 1 (got {limit}).")
+    # checked before the model work, not where each is first used (minutes later, some as a
+    # library's traceback)
+    for option, value in (("--probe-items", probe_items), ("--rewordings", rewordings),
+                          ("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens),
+                          ("--context-chars", context_chars)):  # fmt: skip
+        if value is not None and value < 1:
+            raise TunelabError(
+                f"{option} must be at least 1 (got {value})"
+                + ("; --probes none leaves the knowledge probes out." if "probe" in option else ".")
+            )
+    if not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+        raise TunelabError(
+            f"--repetition-penalty must be a positive number (got {repetition_penalty}); 1.0 is "
+            "off, above 1 discourages repeats."
+        )
     folder, config = resolve_run_dir(run_dir)
     training = _training_info(folder)  # a damaged run file is named before the model work
     eval_path = str(eval_path or config.eval_path or "")
@@ -678,8 +693,9 @@ def _judge(url: str | None, model: str | None) -> Any:
         raise TunelabError(
             f"--judge-url {url} needs --judge-model: the model name the endpoint serves."
         )
-    from tunelab.evaluation.judge import judge_scores
+    from tunelab.evaluation.judge import check_endpoint, judge_scores
 
+    check_endpoint(url, model)  # a wrong URL or model stops now, not after the answers
     cache: dict[tuple[str, str, str], float | None] = {}
     return lambda questions, references, answers: judge_scores(
         url, model, questions, references, answers, cache=cache
