@@ -407,7 +407,15 @@ def evaluate_run(
             f"--sft-run compares a preference run with the SFT run it started from, but {folder} "
             "is an SFT run (objective: sft). Leave --sft-run out, or evaluate the preference run."
         )
-    sft_folder = resolve_run_dir(sft_run)[0] if sft_run is not None else None
+    sft_folder = None
+    if sft_run is not None:
+        sft_folder, sft_config = resolve_run_dir(sft_run)
+        if getattr(sft_config, "objective", "sft") != "sft":
+            # the report would call a preference run (or this run itself) the SFT stage
+            raise TunelabError(
+                f"--sft-run {sft_folder} is not an SFT run (objective: {sft_config.objective})."
+                " Pass the SFT run the preference run started from, or leave --sft-run out."
+            )
     kinds = parse_probes(probes)
     judge = _judge(judge_url, judge_model)
     semantic = _semantic_choice(semantic)
