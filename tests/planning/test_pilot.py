@@ -82,12 +82,12 @@ def test_pilot_on_the_tiny_model_writes_curves_and_advice(make_config, tmp_path,
 
 
 def test_shares_of_equal_size_are_refused():
-    """With 3 examples, shares 0.01 and 0.5 both held 1: the pilot trained the same data
+    """With 2 examples, shares 0.01 and 0.5 both held 1: the pilot trained the same data
     twice and read the equal losses as 'more data is unlikely to pay'."""
     with pytest.raises(
-        TunelabError, match="shares 0.01 and 0.5 of 3 training examples both hold 1"
+        TunelabError, match="shares 0.01 and 0.5 of 2 training examples both hold 1"
     ):
-        nested_subsets(3, (0.01, 0.5, 1.0), seed=0)
+        nested_subsets(2, (0.01, 0.5, 1.0), seed=0)
     assert [len(s) for s in nested_subsets(3, (0.5, 1.0), seed=0)] == [2, 3]
 
 
