@@ -120,6 +120,7 @@ def run_tunelab(
         num_epochs=1, chat_format="plain", precision="bf16", logging_steps=1, plot=False,
         save_each_epoch=False, eval_each_epoch=False, seed=42, dedup_near_threshold=None,
         packing=args.packing, warmup_ratio=0.0,
+        group_by_length={"default": None, "on": True, "off": False}[args.group_by_length],
     )  # fmt: skip
     tuner = FineTuner(config)
     results = tuner.train()
@@ -180,6 +181,11 @@ def main() -> None:
         help="pack tunelab's pairs into rows of --max-length tokens: --batch rows (about 5x the "
         "pairs, 5x fewer steps than TRL's) per step; off by default, a step holds --batch pairs",
     )  # fmt: skip
+    parser.add_argument(
+        "--group-by-length", choices=("default", "on", "off"), default="default",
+        help="tunelab's group_by_length (default: off for preference objectives, as TRL draws "
+        "pairs at random; on: pairs of similar length in a step, less padding)",
+    )  # fmt: skip
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
@@ -200,6 +206,7 @@ def main() -> None:
             command += ["--batch", str(args.batch), "--max-length", str(args.max_length)]
             command += ["--learning-rate", str(args.learning_rate)]
             command += ["--packing"] if args.packing else []
+            command += ["--group-by-length", args.group_by_length]
             time.sleep(args.cooldown)
             print(f"running {system} ...", flush=True)
             subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)

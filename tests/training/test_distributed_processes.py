@@ -330,7 +330,7 @@ SHARD_SCRIPT = """
 import os, torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
-from tunelab.training.distributed import init_world
+from tunelab.training.distributed import init_world, is_dtensor
 from tunelab.training.sharding import clip_gradients, shard_model
 
 def build():
@@ -350,11 +350,15 @@ expected_grads = [p.grad.clone() * 2 for p in params]  # clipped at 0.01 over th
 world = init_world("cpu")
 model = build()
 assert shard_model(model) == 2 and shard_model(model) == 2  # a second call changes nothing
+with torch.no_grad():
+    model(input_ids=ids)
+# after a forward every layer holds its shards again, not the gathered weights
+resharded = all(is_dtensor(p) for p in model.base_model.model.model.layers.parameters())
 model(input_ids=ids, labels=ids).loss.backward()  # the same batch on both: gradients sum
 sharded = [p for p in model.parameters() if p.requires_grad]
 norm = clip_gradients(sharded, 0.01 * 2)
 grads = [p.grad.full_tensor() for p in sharded]
-ok = abs(norm - expected) < 1e-5 * expected and all(
+ok = resharded and abs(norm - expected) < 1e-5 * expected and all(
     torch.allclose(g, e, rtol=1e-4, atol=1e-7) for g, e in zip(grads, expected_grads))
 with open(os.path.join(os.path.dirname(__file__), f"rank{world.rank}.txt"), "w") as out:
     out.write(f"{norm:.6g} {expected:.6g} {ok}")
@@ -432,3 +436,169 @@ def test_two_gloo_processes_match_one_process_on_a_preference_run(objective, tmp
         assert not cache.exists()  # reference-free
     # no temporary file of a cache write left behind by a second writer
     assert not list((tmp_path / "pair").glob(f".{REFERENCE_CACHE}.*"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+@pytest.mark.skipif(fsdp_unavailable() is not None, reason="FSDP2 sum reductions need torch 2.8")
+@pytest.mark.parametrize("objective", ["dpo", "simpo", "kto"])
+def test_fsdp_preference_run_over_two_gloo_processes_matches_one_process_and_resumes(
+    objective, tmp_path, tiny_model_dir
+):
+    from conftest import preference_pairs, tiny_run_config, write_jsonl
+
+    from tunelab.training.preference import REFERENCE_CACHE
+
+    # 6 pairs in micro-batches of 2: 3 per epoch, so each epoch's second step has one micro-batch
+    # and the second process idles through it; 6 + 4 rows make 5 reference forwards, so the
+    # reference pass is uneven too (under FSDP every forward is a collective). KTO makes two
+    # answers of a pair (each with its KL sequence): 5 pairs, 5 micro-batches, 9 forwards
+    pairs = 5 if objective == "kto" else 6
+    train_path = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs("What is a {}?", pairs))
+    eval_path = write_jsonl(tmp_path / "held_out.jsonl", preference_pairs("Define {} please.", 4))
+
+    def config(name, accumulation, **settings):
+        values = tiny_run_config(
+            tiny_model_dir, train_path, tmp_path / name, objective=objective, beta=0.5,
+            learning_rate=5e-3, max_steps=3, packing=False, lora_dropout=0.0, logging_steps=1,
+            chat_format="plain", eval_path=str(eval_path), eval_each_epoch=False, eval_steps=2,
+            save_steps=2, plot=False, gradient_accumulation_steps=accumulation, **settings,
+        )  # fmt: skip
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(values.to_dict()))
+        return path
+
+    single = subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", "train", str(config("single", 2))],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stdout + single.stderr
+    path = config("fsdp", 1, sharding="fsdp")
+    pair = torchrun(path)
+    assert pair.returncode == 0, pair.stdout + pair.stderr
+    assert "FSDP: 2 decoder layers sharded over 2 processes." in pair.stdout
+    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 8
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+    def records(folder):
+        return [json.loads(x) for x in (folder / "metrics.jsonl").open()]
+
+    def same_records(mine, theirs):
+        assert [r["step"] for r in mine] == [r["step"] for r in theirs]
+        for record, expected in zip(mine, theirs, strict=True):
+            names = {k for k in expected if re.match(r"(eval_)?(loss|kl|rewards/|logps/)", k)}
+            assert names, expected
+            for name in names:
+                assert record[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-5), name
+
+    # the losses, TRL's reward metrics and the held-out ones are those of one process
+    single_records = records(tmp_path / "single")
+    assert {"rewards/margins", "logps/chosen", "eval_rewards/margins"} <= set().union(
+        *single_records
+    )
+    same_records(records(tmp_path / "fsdp"), single_records)
+    if objective != "simpo":
+        # the reference (the base, the adapter switched off) of the sharded model: the same
+        # cache, the forwards dealt out over the processes and counted once
+        single_cache = json.loads((tmp_path / "single" / REFERENCE_CACHE).read_text())
+        pair_cache = json.loads((tmp_path / "fsdp" / REFERENCE_CACHE).read_text())
+        assert pair_cache.keys() == single_cache.keys()
+        assert len(pair_cache) == (27 if objective == "kto" else 20)  # kto: with KL sequences
+        for key, value in single_cache.items():
+            assert pair_cache[key] == pytest.approx(value, rel=1e-5, abs=1e-5)
+        said = f"Reference log-probabilities: {9 if objective == 'kto' else 5} forwards run"
+        assert pair.stdout.count(said) == 1 and said in single.stdout, pair.stdout
+    else:
+        assert not (tmp_path / "fsdp" / REFERENCE_CACHE).exists()  # reference-free
+    # resumed sharded from the sharded checkpoint at step 2 (its reference cache not copied,
+    # so dpo runs the reference pass again on the trained, sharded model with the adapter off):
+    # step 3 and the final evaluation as in the uninterrupted run
+    folder = resume_copy(tmp_path, "fsdp", 2, "resumed")
+    resumed = torchrun(path, "--resume", "--set", f"output_dir={folder}")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "(step 2 of 3)" in resumed.stdout
+    c = load_file(str(folder / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(c[key], b[key], rtol=1e-4, atol=1e-6)
+    same_records(records(folder), [r for r in single_records if r["step"] == 3])
+    if objective != "simpo":
+        assert json.loads((folder / REFERENCE_CACHE).read_text()) == pytest.approx(pair_cache)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+@pytest.mark.skipif(fsdp_unavailable() is not None, reason="FSDP2 sum reductions need torch 2.8")
+def test_fsdp_full_fine_tuning_with_dpo_matches_one_process(tmp_path, tiny_model_dir):
+    """method: full's reference is a frozen copy of the model (FSDP cannot copy a sharded one),
+    and its optimizer steps sharded layers beside the whole embeddings and head."""
+    from conftest import preference_pairs, tiny_run_config, write_jsonl
+
+    from tunelab.training.preference import REFERENCE_CACHE
+
+    train_path = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs("What is a {}?", 6))
+    eval_path = write_jsonl(tmp_path / "held_out.jsonl", preference_pairs("Define {} please.", 4))
+
+    def config(name, accumulation, **settings):
+        values = tiny_run_config(
+            tiny_model_dir, train_path, tmp_path / name, objective="dpo", method="full",
+            beta=0.5, learning_rate=1e-3, max_steps=3, packing=False, logging_steps=1,
+            chat_format="plain", eval_path=str(eval_path), eval_each_epoch=False, plot=False,
+            gradient_accumulation_steps=accumulation, **settings,
+        )  # fmt: skip
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(values.to_dict()))
+        return path
+
+    single = train(config("single", 2))
+    assert single.wait(timeout=300) == 0, single.stdout.read()
+    pair = torchrun(config("fsdp", 1, sharding="fsdp"))
+    assert pair.returncode == 0, pair.stdout + pair.stderr
+    assert "AdamW (per tensor: sharded and whole weights)" in pair.stdout
+    a = load_file(str(tmp_path / "single" / "model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 8  # every weight, whole
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    records = [
+        [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").open()]
+        for name in ("single", "fsdp")
+    ]
+    assert [r["step"] for r in records[1]] == [r["step"] for r in records[0]]
+    for mine, theirs in zip(records[1], records[0], strict=True):
+        for name in {k for k in theirs if re.match(r"(eval_)?(loss|rewards/|logps/)", k)}:
+            assert mine[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-5), name
+    single_cache = json.loads((tmp_path / "single" / REFERENCE_CACHE).read_text())
+    pair_cache = json.loads((tmp_path / "fsdp" / REFERENCE_CACHE).read_text())
+    assert pair_cache.keys() == single_cache.keys() and len(pair_cache) == 20
+    for key, value in single_cache.items():
+        assert pair_cache[key] == pytest.approx(value, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+@pytest.mark.skipif(fsdp_unavailable() is not None, reason="FSDP2 sum reductions need torch 2.8")
+def test_fsdp_full_fine_tuning_matches_one_process(make_config, tmp_path):
+    # AdamW over sharded layers beside the whole embeddings and head (fused AdamW failed)
+    values = dict(max_steps=2, batch_size=2, method="full", learning_rate=1e-3, plot=False)
+    single = train(write_config(make_config, tmp_path, "single", gradient_accumulation_steps=2,
+                                **values))  # fmt: skip
+    assert single.wait(timeout=300) == 0, single.stdout.read()
+    path = write_config(
+        make_config, tmp_path, "fsdp", sharding="fsdp", gradient_accumulation_steps=1, **values
+    )
+    pair = torchrun(path)
+    assert pair.returncode == 0, pair.stdout + pair.stderr
+    a = load_file(str(tmp_path / "single" / "model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    losses = [
+        [
+            r["loss"]
+            for r in map(json.loads, (tmp_path / name / "metrics.jsonl").open())
+            if "loss" in r
+        ]
+        for name in ("single", "fsdp")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and len(losses[0]) == 2

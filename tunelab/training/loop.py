@@ -60,6 +60,7 @@ from tunelab.training.rotary import fast_rotary
 from tunelab.training.schedule import lr_factor, warmup_steps_for
 from tunelab.training.sharding import (
     clip_gradients,
+    forwards_to_add,
     full_optimizer_state,
     full_state_for_saving,
     is_sharded,
@@ -93,9 +94,8 @@ def evaluate(
     total, count = 0.0, 0
     batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
     mine = shard(batches, world)
-    # sharded layers gather their weights in every forward, a collective: every process runs
-    # as many forwards, the shorter shares repeating a batch whose loss is not counted
-    rounds = -(-len(batches) // world.size) if world.active and is_sharded(model) else len(mine)
+    # under FSDP the shorter shares repeat a batch whose loss is not counted
+    rounds = len(mine) + forwards_to_add(len(batches), len(mine), model, world)
     for index in range(rounds):
         batch_rows = mine[index] if index < len(mine) else batches[0]
         with mixed_precision(model, device, precision):
@@ -234,6 +234,12 @@ def fit(
     """
     since = time.time() if stop_requests_since is None else stop_requests_since
     world = init_world(device)
+    reference = None
+    if sharded and preference.needs_reference(config) and not is_sharded(model):
+        # full fine-tuning's frozen reference, copied before FSDP splits the model (it cannot
+        # copy a sharded one) and before the fast path patches its modules' forwards (a copy
+        # of a patched forward would run on the original's, sharded, weights)
+        reference = preference.frozen_reference(model)  # None with an adapter
     with (
         training_mode(model, config) as plan,
         catch_interrupt() as interrupt,
@@ -241,7 +247,8 @@ def fit(
     ):
         say(world.is_main, plan.summary())
         run, state = set_up(model, config, Path(run_dir), len(train_rows), pad_token_id,
-                            device, precision, resume, sharded)  # fmt: skip
+                            device, precision, resume, sharded, reference)  # fmt: skip
+        del reference  # the run holds it until the reference pass
         log = RunLog(run.run_dir, config, run.world.is_main, run.steps, state.step,
                      run.resumed, _vocab_size(model))  # fmt: skip
         if preference.needs_reference(config):  # once, before any step changes the model
@@ -295,6 +302,9 @@ class Run:
     resumed: bool  # from a checkpoint
     # an epoch's batch order is a function of (seed, epoch): planned once, when it starts
     epoch_plan: dict[int, list[list[int]]] = field(default_factory=dict)
+    # full fine-tuning under FSDP: the frozen reference, copied before sharding (FSDP cannot
+    # copy a sharded model) and sharded like it; dropped after the reference pass
+    sharded_reference: Any = None
 
 
 def set_up(
@@ -307,9 +317,11 @@ def set_up(
     precision: str,
     resume: bool,
     sharded: bool,
+    reference: Any = None,
 ) -> tuple[Run, TrainState]:
     """The optimizer, schedule and processes of a run, and its state: fresh, or the latest
-    checkpoint's (weights, optimizer, schedule, RNG and the method's own state too)."""
+    checkpoint's (weights, optimizer, schedule, RNG and the method's own state too).
+    ``reference``: full fine-tuning's frozen reference, sharded with the model."""
     world = init_world(device)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     steps = total_steps(num_rows, config, world.size)
@@ -318,7 +330,10 @@ def set_up(
     if sharded:
         if checkpoint is not None:  # whole weights into the whole model, before it is split
             load_weights(checkpoint, model)
+            reference = None
         layers = shard_model(model, device)
+        if reference is not None:
+            shard_model(reference, device)
         say(world.is_main, f"FSDP: {layers} decoder layers sharded over {world.size} processes.")
     torch.manual_seed(config.seed)
     optimizer, optimizer_note = build_optimizer(model, config)
@@ -336,7 +351,8 @@ def set_up(
     say(world.is_main, f"Optimizer: {optimizer_note}; {steps} steps, {warmup} of warm-up.")
     params = [p for p in model.parameters() if p.requires_grad]
     run = Run(model, config, run_dir, pad_token_id, device, precision, world, sharded, params,
-              optimizer, scheduler, scaler, steps, per_epoch, checkpoint is not None)  # fmt: skip
+              optimizer, scheduler, scaler, steps, per_epoch, checkpoint is not None,
+              sharded_reference=reference)  # fmt: skip
     return run, state
 
 
@@ -359,15 +375,14 @@ def train_step(run: Run, state: TrainState, micro_batches: list[list[Row]], log:
     started = time.perf_counter()
     config, world, model = run.config, run.world, run.model
     mine = shard(micro_batches, world)
+    # under FSDP, at an epoch's short last step, the processes with fewer micro-batches run as
+    # many forwards and backwards as the others, on a batch whose loss counts zero
+    idle = [micro_batches[0]] * forwards_to_add(len(micro_batches), len(mine), model, world)
     if config.objective == "sft":
-        # sharded layers gather their weights in every forward and backward, collectives: at
-        # an epoch's short last step every process runs as many, the idle ones on a batch
-        # whose loss counts zero
-        idle = -(-len(micro_batches) // world.size) - len(mine) if run.sharded else 0
         loss, _ = accumulate_gradients(
             model, mine, run.pad_token_id, run.device, run.precision,
             step_loss_tokens=sum(loss_tokens(rows) for rows in micro_batches),
-            scaler=run.scaler, idle_batches=[micro_batches[0]] * idle,
+            scaler=run.scaler, idle_batches=idle,
         )  # fmt: skip
         metrics: dict[str, float] = {}
     else:  # preference objectives: the loss is a mean over the step's pairs / answers
@@ -377,7 +392,7 @@ def train_step(run: Run, state: TrainState, micro_batches: list[list[Row]], log:
                            for rows in micro_batches),
             step_chosen_tokens=sum(preference.chosen_tokens(cast(list[PreferenceRow], rows))
                                    for rows in micro_batches),
-            scaler=run.scaler,
+            scaler=run.scaler, idle_batches=cast(list[list[PreferenceRow]], idle),
         )  # fmt: skip
         metrics = stats.gathered(world).metrics()
     term = method_loss_term(model)  # AdaLoRA's orthogonality regularisation, once a step
@@ -520,7 +535,10 @@ def attach_reference(
     seconds it took."""
     started = time.perf_counter()
     cache = run.run_dir / preference.REFERENCE_CACHE
-    frozen = preference.frozen_reference(run.model) if state.step == 0 else None
+    frozen = run.sharded_reference
+    if frozen is None and not run.sharded and state.step == 0:
+        frozen = preference.frozen_reference(run.model)
+    run.sharded_reference = None
     forwards = preference.attach_reference_logps(
         run.model, cast(list[list[PreferenceRow]], [train_rows, eval_rows or []]), cache,
         run.pad_token_id,

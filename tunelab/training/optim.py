@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tunelab.config import FineTuningConfig
+from tunelab.training.distributed import is_dtensor
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ def build_optimizer(model: Any, config: FineTuningConfig) -> tuple[torch.optim.O
             return optimizer, note
     else:
         note = ""
+    if _sharded_and_whole(groups):
+        # FSDP's sharded layers beside the whole embeddings and head (full fine-tuning): fused
+        # and foreach AdamW take one kind of tensor per call, and fail on the mix
+        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, foreach=False)
+        return optimizer, (note + "AdamW (per tensor: sharded and whole weights)").strip()
     all_fp32 = all(p.dtype == torch.float32 for g in groups for p in g["params"])
     # fused AdamW is one kernel per step over all tensors (CPU since torch 2.4, and CUDA)
     if all_fp32 or device.type == "cuda":
@@ -72,6 +78,13 @@ def build_optimizer(model: Any, config: FineTuningConfig) -> tuple[torch.optim.O
             pass
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, foreach=True)
     return optimizer, (note + "AdamW (foreach)").strip()
+
+
+def _sharded_and_whole(groups: list[dict[str, Any]]) -> bool:
+    """Whether the parameters mix FSDP-sharded (DTensor) and whole tensors."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False  # nothing is sharded without a process group
+    return len({is_dtensor(p) for g in groups for p in g["params"]}) > 1
 
 
 def _adamw_8bit(groups: list[dict[str, Any]], lr: float, device: torch.device) -> tuple[Any, str]:

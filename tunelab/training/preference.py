@@ -44,6 +44,7 @@ from tunelab.training.objectives import (
     pair_losses,
 )
 from tunelab.training.precision import mixed_precision
+from tunelab.training.sharding import forwards_to_add
 
 REFERENCE_CACHE = "reference_logps.json"
 
@@ -273,9 +274,11 @@ def accumulate_preference_gradients(
     step_units: int | None = None,
     step_chosen_tokens: int | None = None,
     scaler: Any = None,
+    idle_batches: list[list[PreferenceRow]] | None = None,
 ) -> tuple[float, StepStats]:
     """Forward and backward over one optimizer step's micro-batches; returns the step's loss
-    (mean over its units) and its per-unit statistics."""
+    (mean over its units) and its per-unit statistics. ``idle_batches`` run a forward and a
+    backward that add nothing to the gradients, loss or statistics (FSDP's short shares)."""
     from tunelab.training.precision import backward_precision
 
     settings = settings_of(config)
@@ -294,6 +297,13 @@ def accumulate_preference_gradients(
         with backward_precision(model, precision):
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += float(loss.detach())
+    for rows in idle_batches or []:
+        with mixed_precision(model, device, precision):
+            loss = preference_loss(
+                model, rows, settings, pad_token_id, device, step_units, step_chosen_tokens
+            )
+        with backward_precision(model, precision):
+            (loss * 0.0).backward()
     return total, stats
 
 
@@ -407,12 +417,16 @@ def attach_reference_logps(
     chunks = [missing_rows[i : i + batch_size] for i in range(0, len(missing_rows), batch_size)]
     computed: dict[str, float] = {}
     with torch.no_grad(), reference_model(model, frozen_copy) as scorer:
-        for chunk in shard(chunks, world):
+        mine = shard(chunks, world)
+        # under FSDP the shorter shares repeat a micro-batch whose values are dropped
+        idle = [chunks[0]] * forwards_to_add(len(chunks), len(mine), scorer, world)
+        for number, chunk in enumerate(mine + idle):
             batch, index, sequences = _batch(chunk, pad_token_id, device)
             with mixed_precision(scorer, device, precision):
                 sums, _ = sequence_logprobs(scorer, batch, index, len(sequences))
-            forwards += 1
-            computed.update(zip((s.key for s in sequences), sums.tolist(), strict=True))
+            if number < len(mine):
+                forwards += 1
+                computed.update(zip((s.key for s in sequences), sums.tolist(), strict=True))
     model.train(was_training)
     for share in gather_objects(computed, world):
         cache.update(share)

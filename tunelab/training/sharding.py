@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.training.distributed import is_dtensor
+from tunelab.training.distributed import World, is_dtensor
 
 if TYPE_CHECKING:
     pass
@@ -123,7 +123,12 @@ def shard_model(model: nn.Module, device: str = "cpu") -> int:
             "declares no _no_split_modules). Use sharding: none."
         )
     for layer in layers:
-        sharded = fsdp.fully_shard(layer)  # the same module, now also an FSDPModule
+        # explicitly: each layer is its own FSDP root, and a root left to the default keeps its
+        # gathered weights after the forward (the whole model held from forward to backward,
+        # and after an evaluation); those then also take the requires_grad flags PEFT's
+        # disable_adapter() sets and resets for the reference pass, not the shards, so the
+        # adapter stopped training after the first step
+        sharded = fsdp.fully_shard(layer, reshard_after_forward=True)
         sharded.set_gradient_divide_factor(1.0)
         sharded.set_force_sum_reduction_for_comms(True)
     model.to(device)  # the sharded layers are there already; embeddings, head, buffers follow
@@ -133,6 +138,16 @@ def shard_model(model: nn.Module, device: str = "cpu") -> int:
 def is_sharded(model: nn.Module) -> bool:
     module = getattr(_fsdp(), "FSDPModule", None)
     return module is not None and any(isinstance(m, module) for m in model.modules())
+
+
+def forwards_to_add(total: int, mine: int, model: nn.Module, world: World) -> int:
+    """How many forwards a process running ``mine`` of ``total`` batches adds, on a batch whose
+    result it drops, so that every process runs as many: a sharded layer's forward (and
+    backward) gathers its weights from all the processes, a collective each must join in the
+    same order. 0 when ``model`` is not sharded (each process then runs its own share)."""
+    if not world.active or not is_sharded(model):
+        return 0
+    return -(-total // world.size) - mine
 
 
 def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
