@@ -40,7 +40,8 @@ def _done_rows(out: Path, model_id: str) -> set[str]:
         return set()
     text = out.read_text(encoding="utf-8")
     lines = text.split("\n")
-    done, good_chars = set(), 0
+    done: set[str] = set()
+    good_chars = 0
     for number, line in enumerate(lines, 1):
         if not line.strip():
             good_chars += len(line) + 1
