@@ -254,3 +254,58 @@ def test_training_warns_before_the_model_loads(make_config, capsys, monkeypatch)
     assert ignored in err
     assert "warning: config key 'sharding' is fsdp, but this is one process" in err
     assert tuner.model is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("simpo_gamma", float("nan")),
+        ("simpo_gamma", float("inf")),
+        ("cpo_alpha", float("inf")),
+        ("desirable_weight", float("inf")),
+        ("weight_decay", float("inf")),
+        ("loraplus_lr_ratio", float("inf")),
+        ("neftune_noise_alpha", float("inf")),
+        ("replay_general_share", float("nan")),
+    ],
+)
+def test_number_keys_must_be_finite(key, value):
+    """inf or nan passed the range checks (inf >= 0) and reached the loss or the optimizer."""
+    with pytest.raises(TunelabError, match=f"config key '{key}' is {value!r}.*a finite number"):
+        FineTuningConfig(objective="simpo", **{key: value})
+
+
+def test_a_mix_weight_must_be_finite():
+    with pytest.raises(TunelabError, match=r"'dataset_mix\.more\.jsonl' is inf.*finite"):
+        FineTuningConfig(dataset_mix={"more.jsonl": float("inf")})
+
+
+def test_kto_with_both_weights_zero_is_refused():
+    with pytest.raises(TunelabError, match="desirable_weight.*with both 0 the KTO loss is 0"):
+        FineTuningConfig(objective="kto", desirable_weight=0.0, undesirable_weight=0.0)
+    FineTuningConfig(objective="kto", desirable_weight=0.0)  # the other weight still teaches
+
+
+@pytest.mark.parametrize(
+    ("objective", "settings", "named"),
+    [
+        ("sft", {"beta": 0.5}, "beta (0.5)"),
+        ("sft", {"desirable_weight": 2.0}, "desirable_weight (2.0)"),
+        ("dpo", {"simpo_gamma": 1.0, "cpo_alpha": 0.5}, "simpo_gamma (1.0), cpo_alpha (0.5)"),
+        ("kto", {"simpo_gamma": 1.0}, "simpo_gamma (1.0)"),
+        ("simpo", {"undesirable_weight": 2.0}, "undesirable_weight (2.0)"),
+    ],
+)
+def test_objective_keys_of_another_objective_are_named_at_start(objective, settings, named):
+    from tunelab.config import ineffective_settings
+
+    warnings = ineffective_settings(FineTuningConfig(objective=objective, **settings))
+    assert [w for w in warnings if named in w and f"objective {objective};" in w]
+    # the keys of the chosen objective are not named
+    assert not ineffective_settings(FineTuningConfig(objective="simpo", simpo_gamma=1.0))
+
+
+def test_probe_templates_are_checked_when_the_config_loads():
+    """A bad template stopped tunelab eval only, after the training it was meant to judge."""
+    with pytest.raises(TunelabError, match=r"probe_templates.*entry 2.*definition"):
+        FineTuningConfig(probe_templates=["Explain {subject}.", "Is {subject} {definition}?"])

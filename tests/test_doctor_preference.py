@@ -68,3 +68,24 @@ def test_exploding_margins_are_flagged(tmp_path):
         _line(20, 0.0, 30.0),
     )  # fmt: skip
     assert "preference_margins_exploding" in _codes(run)
+
+
+def test_preference_data_is_not_reread_as_sft_data(tmp_path, tiny_model_dir):
+    """doctor re-read a preference run's pairs through the SFT data stage and reported
+    'could not be re-read' with a schema error telling the user to rename valid columns."""
+    import shutil
+
+    from conftest import preference_pairs, write_jsonl
+
+    run = preference_run(tmp_path / "run", *[_line(8, a, b) for a, b in
+                         [(-20, -19), (-20, -30), (0.5, 0.9), (0.0, 1.0)]])  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_model_dir / name).is_file():
+            shutil.copy(tiny_model_dir / name, run / name)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs("What is {}? "))
+    config = yaml.safe_load((run / "tunelab_config.yaml").read_text())
+    config.update(dataset_path=str(pairs), model_name=str(tiny_model_dir))
+    (run / "tunelab_config.yaml").write_text(yaml.safe_dump(config))
+    findings = diagnose_run(run)
+    assert not [f for f in findings if "cannot tell the schema" in f.evidence]
+    assert "data_unavailable" not in {f.code for f in findings}

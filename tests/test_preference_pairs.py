@@ -71,3 +71,16 @@ def test_pairs_need_prompts_and_answers(tmp_path, tiny_model_dir):
     config = FineTuningConfig(dataset_path=str(data))
     with pytest.raises(TunelabError, match="text.jsonl:1: pairs need a prompt and a reference"):
         make_pairs(config, str(tiny_model_dir), tmp_path / "p.jsonl", progress=lambda _: None)
+
+
+def test_pairs_never_cut_a_one_line_file_they_did_not_write(tmp_path, tiny_model_dir, qa_rows,
+                                                            capsys):  # fmt: skip
+    """A last line that is not JSON is a crash's cut only after rows this command wrote; a
+    user's one-line file without a newline was emptied as if it were one."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, one line, no newline", encoding="utf-8")
+    code = main(["data", "pairs", str(_data(tmp_path, qa_rows)), "--model", str(tiny_model_dir),
+                 "--out", str(notes)])  # fmt: skip
+    assert code != 0
+    assert "notes.txt:1 is not a JSON line" in capsys.readouterr().err
+    assert notes.read_text(encoding="utf-8") == "my notes, one line, no newline"

@@ -748,6 +748,15 @@ def validate(config: FineTuningConfig) -> None:
     c = config
     for name in FIELDS:
         _check_choices(name, getattr(c, name))
+        value = getattr(c, name)
+        # every number key has a finite meaning: inf or nan would reach the loss or optimizer
+        # as inf or nan (a weight decay of inf, a SimPO margin of nan), not refuse anything
+        if isinstance(value, float):
+            _check(math.isfinite(value), name, value, "a finite number")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, float) and not math.isfinite(item):
+                    _check(False, f"{name}.{key}", item, "a finite number")
     _check(c.lora_r >= 1, "lora_r", c.lora_r, "a whole number of at least 1 (8 is typical)")
     _check(c.lora_alpha > 0, "lora_alpha", c.lora_alpha, "positive (often 2-4 x lora_r)")
     _check(0 <= c.lora_dropout < 1, "lora_dropout", c.lora_dropout, "in [0, 1)")
@@ -880,6 +889,13 @@ def validate(config: FineTuningConfig) -> None:
     _check(0 <= c.label_smoothing < 0.5, "label_smoothing", c.label_smoothing, "in [0, 0.5)")
     for key in ("cpo_alpha", "desirable_weight", "undesirable_weight"):
         _check(getattr(c, key) >= 0, key, getattr(c, key), "zero or positive")
+    if c.objective == "kto":
+        _check(
+            c.desirable_weight + c.undesirable_weight > 0,
+            "desirable_weight",
+            c.desirable_weight,
+            "positive when undesirable_weight is 0 (with both 0 the KTO loss is 0)",
+        )
     if c.label_smoothing and c.objective not in ("dpo", "simpo"):
         raise TunelabError(
             f"config key 'label_smoothing' applies to objective dpo or simpo, not "
@@ -915,6 +931,11 @@ def validate(config: FineTuningConfig) -> None:
         from tunelab.data.cleaning import parse_rules  # the rules' own checks name the bad one
 
         parse_rules(c.clean_rules)
+    if c.probe_templates:
+        # checked at start, not when tunelab eval reads them after hours of training
+        from tunelab.evaluation.probes import check_templates
+
+        check_templates(c.probe_templates)
 
     # training strategy
     _check(
@@ -1190,6 +1211,17 @@ _SFT_DATA_KEYS = (
 )
 
 
+# the objective keys and the objectives whose loss reads them (training.objectives);
+# label_smoothing is refused outright elsewhere (validate)
+_OBJECTIVE_KEYS = {
+    "beta": ("dpo", "ipo", "orpo", "simpo", "kto"),
+    "simpo_gamma": ("simpo",),
+    "cpo_alpha": ("simpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+}
+
+
 def _default(name: str) -> Any:
     spec = FIELDS[name]
     if spec.default_factory is not dataclasses.MISSING:
@@ -1291,6 +1323,16 @@ def ineffective_settings(config: FineTuningConfig) -> list[str]:
         out.append(
             "config key 'bias_rebalance_dimension' has no effect unless bias_mitigation is "
             "rebalance."
+        )
+    idle = [
+        f"{n} ({getattr(c, n)!r})"
+        for n, objectives in _OBJECTIVE_KEYS.items()
+        if c.objective not in objectives and getattr(c, n) != _default(n)
+    ]
+    if idle:
+        out.append(
+            f"config key(s) {', '.join(idle)} have no effect with objective {c.objective}; "
+            "remove them or choose the objective they belong to (docs/preference.md)."
         )
     if c.objective != "sft":
         # the preference data stage (data.preference) reads TRL's formats and filters on

@@ -40,7 +40,8 @@ def _done_rows(out: Path, model_id: str) -> set[str]:
         return set()
     text = out.read_text(encoding="utf-8")
     lines = text.split("\n")
-    done, good_chars = set(), 0
+    done: set[str] = set()
+    good_chars = 0
     for number, line in enumerate(lines, 1):
         if not line.strip():
             good_chars += len(line) + 1
@@ -48,7 +49,9 @@ def _done_rows(out: Path, model_id: str) -> set[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):  # the line a crash cut short: written by us, redo it
+            # a last line cut short after rows of ours is a crash's: ours, redone. A file of
+            # no such rows is not ours to cut, even a one-line one
+            if number == len(lines) and done:
                 break
             raise TunelabError(
                 f"{out}:{number} is not a JSON line, so {out} is not a pairs file this command "

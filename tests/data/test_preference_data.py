@@ -138,3 +138,63 @@ def test_only_the_answer_turn_is_scored_in_a_conversation(tiny_model_dir):
     chosen = unit.sides["chosen"]
     scored = tokenizer.decode([t for t in chosen.labels if t != IGNORE_INDEX])
     assert scored.startswith("memory") and "hello" not in scored
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "Q", "chosen": "   ", "rejected": "b"}, "'chosen' answer is empty or only"),
+        (
+            {"prompt": [_user("Q")], "chosen": [_bot("")], "rejected": [_bot("b")]},
+            "'chosen' answer is empty or only whitespace",
+        ),
+        (
+            {"prompt": [_user("Q")], "chosen": [_bot("a")], "rejected": [_bot(" \n")]},
+            "'rejected' answer is empty or only whitespace",
+        ),
+    ],
+)
+def test_a_blank_answer_is_refused_by_row(row, message):
+    """A whitespace-only answer passed the emptiness check and trained as an empty answer."""
+    with pytest.raises(TunelabError, match="^f.jsonl:7: ") as caught:
+        parse_row(row, "f.jsonl:7", "dpo")
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("row", "objective", "message"),
+    [
+        (
+            {"prompt": "Q ", "chosen": "same  answer", "rejected": "same answer"},
+            "dpo",
+            ":2: 'chosen' and 'rejected' are identical after cleaning (whitespace)",
+        ),
+        (
+            {"prompt": "Q ", "chosen": "<b>same</b> answer", "rejected": "same answer"},
+            "ipo",
+            ":2: 'chosen' and 'rejected' are identical after cleaning (html)",
+        ),
+        (
+            {"prompt": "Q ", "chosen": "<p></p>", "rejected": "a bad answer"},
+            "dpo",
+            ":2: the 'chosen' answer is empty after cleaning (html, whitespace)",
+        ),
+        (
+            {"prompt": "Q ", "completion": "<br>", "label": True},
+            "kto",
+            ":2: the 'completion' answer is empty after cleaning (html",
+        ),
+    ],
+)
+def test_a_pair_that_cleaning_empties_or_makes_equal_is_refused(tmp_path, row, objective,
+                                                                message):  # fmt: skip
+    """The row checks ran on the raw row only: cleaning could leave an empty answer or two
+    equal ones, which trained silently (a pair with nothing to prefer)."""
+    good = {"prompt": "What is x? ", "chosen": "a good answer", "rejected": "a bad answer"}
+    if objective == "kto":
+        good = {"prompt": "What is x? ", "completion": "a good answer", "label": False}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [good, row])
+    config = FineTuningConfig(dataset_path=str(path), objective=objective, eval_split=0)
+    with pytest.raises(TunelabError) as caught:
+        prepare_preference(config)
+    assert str(caught.value).startswith(f"{path}{message}") and "\n" not in str(caught.value)

@@ -62,3 +62,26 @@ def test_wrong_type_is_named():
         match=r"f.jsonl:4: 'completion' should be a string \(the answer\), found int 3",
     ):
         to_example({"prompt": "a", "completion": 3}, "f.jsonl:4")
+
+
+def test_a_kto_row_labelled_false_is_not_trained_as_an_answer(tmp_path):
+    """A KTO file given to SFT (as dataset_path or a dataset_mix source) read its completions
+    labelled false as answers to teach, the label dropped in silence."""
+    from conftest import write_jsonl
+
+    from tunelab.config import FineTuningConfig
+    from tunelab.data.prepare import prepare_examples
+
+    good = {"prompt": "What is a byte? ", "completion": "Eight bits.", "label": True}
+    bad = {"prompt": "What is a byte? ", "completion": "A small dog.", "label": False}
+    assert to_example(good, "f.jsonl:1").completion == "Eight bits."
+    with pytest.raises(TunelabError, match=r"^f.jsonl:2: the row has 'label': false \(KTO"):
+        to_example(bad, "f.jsonl:2")
+    sft = write_jsonl(
+        tmp_path / "sft.jsonl", [{"prompt": "What is RAM? ", "completion": "Memory."}]
+    )
+    kto = write_jsonl(tmp_path / "kto.jsonl", [good, bad])
+    config = FineTuningConfig(dataset_path=str(sft), dataset_mix={str(kto): 0.3}, eval_split=0,
+                              data_cache=False)  # fmt: skip
+    with pytest.raises(TunelabError, match=r"kto.jsonl:2: the row has 'label': false"):
+        prepare_examples(config)

@@ -109,3 +109,21 @@ def test_judge_options_are_checked_before_any_model_loads():
     assert _judge(None, None) is None
     assert _judge_settings("http://x/v1", "m") == {"url": "http://x/v1", "model": "m",
                                                    "rubric": RUBRIC_ID}  # fmt: skip
+
+
+def test_a_judge_that_cannot_work_is_refused_before_the_evaluation(fake_openai, monkeypatch):
+    """The judge was first called after every system's answers: a typo in --judge-url or
+    --judge-model stopped the eval only then (or, for a URL without a scheme, as urllib's
+    'unknown url type')."""
+    from tunelab.evaluation.run import _judge
+
+    monkeypatch.delenv("TUNELAB_JUDGE_API_KEY", raising=False)
+    with pytest.raises(TunelabError, match="--judge-url 'notaurl' is not an http"):
+        _judge("notaurl", "m")
+    fake_openai["replies"] = [404]
+    with pytest.raises(TunelabError, match=r"answered HTTP 404 \(.*model not found"):
+        _judge(fake_openai["url"], "missing")
+    with pytest.raises(TunelabError, match="cannot reach http://127.0.0.1:9/v1"):
+        _judge("http://127.0.0.1:9/v1", "m")
+    assert _judge(fake_openai["url"], "fake") is not None
+    assert len(fake_openai["requests"]) == 2  # one short check per working-looking URL

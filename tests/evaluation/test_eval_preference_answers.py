@@ -168,3 +168,14 @@ def test_a_foreign_eval_preference_file_is_refused_before_loading(runs, capsys):
     assert "eval_preference.md, which tunelab did not write" in capsys.readouterr().err
     assert (out_dir / "eval_preference.md").read_text() == "my notes\n"
     assert not (out_dir / "eval_report.html").exists()
+
+
+def test_sft_run_must_be_an_sft_run(runs, capsys):
+    """A preference run (here the evaluated run itself) given as --sft-run was evaluated and
+    reported as the SFT stage."""
+    folder, held, _ = runs
+    code = main(["eval", str(folder / "dpo"), "--eval-path", str(held), "--limit", "1",
+                 "--sft-run", str(folder / "dpo"), *FAST])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--sft-run {folder / 'dpo'} is not an SFT run (objective: dpo)" in err

@@ -149,3 +149,24 @@ def test_eval_errors_name_the_problem(tiny_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err
     assert "prompts.jsonl:1: cannot tell the schema" in err and "'completion'" in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("probe_items", -3, "--probe-items must be at least 1 (got -3); --probes none"),
+        ("rewordings", 0, "--rewordings must be at least 1 (got 0)"),
+        ("batch_size", 0, "--batch-size must be at least 1 (got 0)"),
+        ("max_new_tokens", -1, "--max-new-tokens must be at least 1 (got -1)"),
+        ("context_chars", 0, "--context-chars must be at least 1 (got 0)"),
+        ("repetition_penalty", 0.0, "--repetition-penalty must be a positive number (got 0.0)"),
+    ],
+)
+def test_eval_options_are_checked_before_the_run_is_read(tmp_path, option, value, message):
+    """--probe-items -3 ended in random.sample's ValueError traceback; the others were found
+    only where first used, after the model loaded."""
+    from tunelab.evaluation import evaluate_run
+
+    with pytest.raises(TunelabError) as caught:
+        evaluate_run(tmp_path / "no-run", None, **{option: value})
+    assert str(caught.value).startswith(message)

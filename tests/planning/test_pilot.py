@@ -79,3 +79,27 @@ def test_pilot_on_the_tiny_model_writes_curves_and_advice(make_config, tmp_path,
     out = capsys.readouterr().out
     assert "Pilot says:" in out and report["advice"][0] in out
     assert (tmp_path / "run" / "pilot" / "data-50pct" / "adapter_config.json").is_file()
+
+
+def test_shares_of_equal_size_are_refused():
+    """With 2 examples, shares 0.01 and 0.5 both held 1: the pilot trained the same data
+    twice and read the equal losses as 'more data is unlikely to pay'."""
+    with pytest.raises(
+        TunelabError, match="shares 0.01 and 0.5 of 2 training examples both hold 1"
+    ):
+        nested_subsets(2, (0.01, 0.5, 1.0), seed=0)
+    assert [len(s) for s in nested_subsets(3, (0.5, 1.0), seed=0)] == [2, 3]
+
+
+def test_pilot_of_a_preference_config_is_refused_by_objective(tmp_path):
+    """A DPO config failed with the SFT data stage's 'cannot tell the schema' error, which
+    told the user to rename the columns of a valid preference file."""
+    from tunelab.config import FineTuningConfig
+    from tunelab.planning.pilot import run_pilot
+
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl", [{"prompt": "Q ", "chosen": "a", "rejected": "b"}]
+    )
+    config = FineTuningConfig(dataset_path=str(pairs), objective="dpo", eval_split=0.5)
+    with pytest.raises(TunelabError, match="tunelab pilot runs objective sft only; .* dpo"):
+        run_pilot(config, (0.5, 1.0), steps=2, out_dir=tmp_path / "pilot")

@@ -85,6 +85,34 @@ def _bad(origin: str, problem: str, fix: str) -> TunelabError:
     return TunelabError(f"{origin}: {problem}. {fix}")
 
 
+def _blank(answer: Text) -> bool:
+    """Whether an answer says nothing: only whitespace, or a conversation whose final message
+    does (that message is what the model is taught to give or avoid)."""
+    texts = _strings(answer)
+    return not texts or not texts[-1].strip()
+
+
+def _check_cleaned(example: PreferenceExample, steps: list[str]) -> None:
+    """Refuse a row that cleaning left without an answer or with two equal answers: it would
+    train on an empty answer, or on a pair with nothing to prefer."""
+    by = f" after cleaning ({', '.join(steps)})" if steps else ""
+    fix = "Give it text that survives cleaning, or remove the row"
+    sides = {
+        "chosen": example.chosen,
+        "rejected": example.rejected,
+        "completion": example.completion,
+    }
+    for name, answer in sides.items():
+        if answer is not None and _blank(answer):
+            raise _bad(example.origin, f"the '{name}' answer is empty{by}", fix)
+    if example.chosen is not None and example.chosen == example.rejected:
+        raise _bad(
+            example.origin,
+            f"'chosen' and 'rejected' are identical{by}, so there is nothing to prefer",
+            "Make them differ in more than what cleaning removes, or remove the row",
+        )
+
+
 def _texts_alike(row: dict[str, Any], first: str, second: str, origin: str) -> tuple[Text, Text]:
     """The two columns' texts; refused unless both are strings or both are conversations."""
     a, b = _text(row, first, origin), _text(row, second, origin)
@@ -185,6 +213,12 @@ def parse_row(row: dict[str, Any], origin: str, objective: str) -> list[Preferen
                 f"the '{name}' conversation does not end with an assistant turn",
                 "End each answer with the assistant's message",
             )
+        if _blank(answer):
+            raise _bad(
+                origin,
+                f"the '{name}' answer is empty or only whitespace",
+                "Give every row both answers, or remove the row",
+            )
     if chosen == rejected:
         raise _bad(
             origin,
@@ -215,7 +249,7 @@ def _unpaired(row: dict[str, Any], origin: str) -> PreferenceExample:
             "Write true for a good completion and false for a bad one",
         )
     prompt, completion = _texts_alike(row, "prompt", "completion", origin)
-    if not _strings(completion) or not "".join(_strings(completion)).strip():
+    if _blank(completion):
         raise _bad(origin, "the 'completion' is empty", "Give a completion or remove the row")
     return PreferenceExample(origin, prompt, completion=completion, label=label)
 
@@ -261,11 +295,14 @@ def clean_preference(
         steps.append(("control chars", lambda t: cleaning.drop_control_chars(t)[0]))
     out = []
     for example in examples:
+        changed_by = []
         for name, fn in steps:
             edited = example.map_texts(fn, plain_steps.get(name))
             if edited.texts() != example.texts():
                 edits[name] += 1
+                changed_by.append(name)
             example = edited
+        _check_cleaned(example, changed_by)
         out.append(example)
     return out
 

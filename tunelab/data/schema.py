@@ -295,6 +295,13 @@ def to_example(
     if schema == "text":
         return Example(origin, text=_need_str(row, "text", origin, "the document"))
     if schema == "prompt_completion":
+        if row.get("label") is False:
+            # KTO's unpaired rows: the completion is one the model should not give
+            raise TunelabError(
+                f"{origin}: the row has 'label': false (KTO's prompt/completion/label format): "
+                "its completion is marked bad, and SFT would teach it. Train this file with "
+                "objective: kto, or remove the rows labelled false."
+            )
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, list) and isinstance(completion, list):
             messages = _messages(

@@ -148,7 +148,9 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
         except Exception as error:  # any library failure on a user's files: a finding
             findings.append(_unreadable_tokenizer(run_dir, error))
             has_tokenizer = False
-    if config is not None and has_tokenizer:
+    # preference data is not SFT data: read by the SFT data stage it failed with a schema
+    # error ("rename the columns"), and the padding and EOS probes are the SFT collator's
+    if config is not None and has_tokenizer and config.objective == "sft":
         view, problem = _data_view(run_dir, config)
         if problem is not None:
             findings.append(problem)

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -83,6 +84,19 @@ def _post(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         ) from exc
     except json.JSONDecodeError as exc:
         raise TunelabError(f"--judge-url: {url} did not answer with JSON ({exc}).") from exc
+
+
+def check_endpoint(url: str, model: str, timeout: float = 15.0) -> None:
+    """Refuse a judge that cannot work before the evaluation's minutes: a URL that is not
+    http(s), an endpoint that does not answer, or a model it does not serve (one short
+    grading request). Raises TunelabError naming the URL."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise TunelabError(
+            f"--judge-url {url!r} is not an http(s) URL. Give the OpenAI-compatible endpoint's "
+            "base, e.g. http://127.0.0.1:8000/v1."
+        )
+    judge_scores(url, model, ["What is 2 + 2?"], ["4"], ["Four."], timeout=timeout)
 
 
 def judge_scores(

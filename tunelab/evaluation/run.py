@@ -378,6 +378,21 @@ def evaluate_run(
         )
     if limit is not None and limit < 1:
         raise TunelabError(f"--limit must be at least 1 (got {limit}).")
+    # checked before the model work, not where each is first used (minutes later, some as a
+    # library's traceback)
+    for option, value in (("--probe-items", probe_items), ("--rewordings", rewordings),
+                          ("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens),
+                          ("--context-chars", context_chars)):  # fmt: skip
+        if value is not None and value < 1:
+            raise TunelabError(
+                f"{option} must be at least 1 (got {value})"
+                + ("; --probes none leaves the knowledge probes out." if "probe" in option else ".")
+            )
+    if not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+        raise TunelabError(
+            f"--repetition-penalty must be a positive number (got {repetition_penalty}); 1.0 is "
+            "off, above 1 discourages repeats."
+        )
     folder, config = resolve_run_dir(run_dir)
     training = _training_info(folder)  # a damaged run file is named before the model work
     eval_path = str(eval_path or config.eval_path or "")
@@ -392,7 +407,15 @@ def evaluate_run(
             f"--sft-run compares a preference run with the SFT run it started from, but {folder} "
             "is an SFT run (objective: sft). Leave --sft-run out, or evaluate the preference run."
         )
-    sft_folder = resolve_run_dir(sft_run)[0] if sft_run is not None else None
+    sft_folder = None
+    if sft_run is not None:
+        sft_folder, sft_config = resolve_run_dir(sft_run)
+        if getattr(sft_config, "objective", "sft") != "sft":
+            # the report would call a preference run (or this run itself) the SFT stage
+            raise TunelabError(
+                f"--sft-run {sft_folder} is not an SFT run (objective: {sft_config.objective})."
+                " Pass the SFT run the preference run started from, or leave --sft-run out."
+            )
     kinds = parse_probes(probes)
     judge = _judge(judge_url, judge_model)
     semantic = _semantic_choice(semantic)
@@ -678,8 +701,9 @@ def _judge(url: str | None, model: str | None) -> Any:
         raise TunelabError(
             f"--judge-url {url} needs --judge-model: the model name the endpoint serves."
         )
-    from tunelab.evaluation.judge import judge_scores
+    from tunelab.evaluation.judge import check_endpoint, judge_scores
 
+    check_endpoint(url, model)  # a wrong URL or model stops now, not after the answers
     cache: dict[tuple[str, str, str], float | None] = {}
     return lambda questions, references, answers: judge_scores(
         url, model, questions, references, answers, cache=cache

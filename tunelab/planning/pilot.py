@@ -72,10 +72,22 @@ def parse_fractions(text: str) -> tuple[float, ...]:
 
 def nested_subsets(count: int, fractions: tuple[float, ...], seed: int) -> list[list[int]]:
     """Indices of each share of ``count`` examples, each share holding the smaller ones, so
-    that a difference between shares is the added data and not a different draw."""
+    that a difference between shares is the added data and not a different draw. Raises
+    TunelabError when two shares round to as many examples."""
     order = list(range(count))
     random.Random(seed).shuffle(order)
-    return [sorted(order[: max(1, round(count * f))]) for f in fractions]
+    sizes = [max(1, round(count * f)) for f in fractions]
+    for i in range(1, len(sizes)):
+        smaller, larger, size = fractions[i - 1], fractions[i], sizes[i]
+        if sizes[i - 1] == size:
+            # two runs on the same examples: their difference would read as "more data
+            # does not pay"
+            raise TunelabError(
+                f"tunelab pilot: shares {smaller:g} and {larger:g} of {count} training "
+                f"examples both hold {size}, so they cannot show what more data changes. Add "
+                "data, or give fewer, wider --fractions (e.g. 0.5,1)."
+            )
+    return [sorted(order[:size]) for size in sizes]
 
 
 def advise(runs: list[PilotRun], steps: int, threshold: float = 0.01) -> PilotResult:
@@ -134,6 +146,14 @@ def run_pilot(
 
     if steps < 2:
         raise TunelabError(f"--steps must be at least 2 (got {steps}).")
+    if config.objective != "sft":
+        # the pilot compares held-out next-token losses of SFT data; a preference file read
+        # as SFT data failed with a schema error that told the user to rename its columns
+        raise TunelabError(
+            f"tunelab pilot runs objective sft only; this config has objective "
+            f"{config.objective}. Pilot the SFT stage's config, or compare preference runs "
+            "with tunelab runs and tunelab eval."
+        )
     folder = Path(out_dir or Path(config.output_dir) / "pilot")
     prepared = prepare_examples(config)
     if not prepared.eval:
