@@ -48,20 +48,9 @@ def probe_table(run: str) -> list[str]:
     path = Path(run) / "eval_results.json"
     if not path.is_file():
         return [f"  (no {path}: run tunelab eval on it for the probe table)"]
-    data = json.loads(path.read_text())
-    metric = "semantic" if data["settings"].get("semantic_model") else "token_f1"
-    kinds = {"held-out": data["systems"]} | {k: p["systems"] for k, p in data["probes"].items()}
-    lines = [f"  {'system':<10}" + "".join(f"{k + ' ' + metric + ' / loss':>40}" for k in kinds)]
-    for name in data["systems"]:
-        cells = []
-        for systems in kinds.values():
-            score, loss = systems[name][metric], systems[name]["loss"]
-            cells.append(
-                f"{score['mean'] * 100:5.1f} [{score['low'] * 100:4.1f},{score['high'] * 100:5.1f}]"
-                f" / {loss['mean']:.2f} [{loss['low']:.2f},{loss['high']:.2f}]"
-            )
-        lines.append(f"  {name:<10}" + "".join(f"{cell:>40}" for cell in cells))
-    return lines
+    from tunelab.evaluation.probe_report import probes_text
+
+    return ["  " + line for line in probes_text(json.loads(path.read_text()))]
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from tunelab import FineTuner
 from tunelab.config import load_config
 from tunelab.data.prepare import prepare_examples
+from tunelab.evaluation.probe_report import probes_text
 from tunelab.evaluation.run import evaluate_run
 from tunelab.generation import generate, load_for_inference
 from tunelab.library_noise import silence_library_noise
@@ -68,32 +69,15 @@ def main() -> int:
         config.output_dir, limit=args.eval_limit, max_new_tokens=48, repetition_penalty=1.2,
         probes=("reworded", "verbatim"), probe_items=args.eval_limit, rewordings=2,
     )  # fmt: skip
-    print_probe_table(report)
+    print()
+    print("\n".join(probes_text(report.to_json())))
+    print()
     for line in report.verdict:
         print("-", line)
     print("Report:", report.files.get("html", config.output_dir))
     print(f"\nDemo finished in {time.time() - started:.0f} s. Run folder: {config.output_dir}")
     print(f"Try: tunelab generate {config.output_dir} --prompt {prompts[0]!r}")
     return 0
-
-
-def print_probe_table(report) -> None:
-    """Each system on each probe kind: the headline metric and the reference loss, with the
-    95% intervals, so unseen items and training items asked again are read side by side."""
-    metric = "semantic" if report.settings.get("semantic_model") else "token_f1"
-    kinds = {"held-out": report.summary} | {k: p.summary for k, p in report.probes.items()}
-    print(f"\n{'system':<10}" + "".join(f"{kind:>34}" for kind in kinds))
-    print(f"{'':<10}" + f"{metric + ' / loss':>34}" * len(kinds))
-    for name in report.systems:
-        cells = []
-        for summary in kinds.values():
-            score, loss = summary[name][metric], summary[name]["loss"]
-            cells.append(
-                f"{score.mean * 100:5.1f} [{score.low * 100:4.1f},{score.high * 100:5.1f}]"
-                f" / {loss.mean:.2f} [{loss.low:.2f},{loss.high:.2f}]"
-            )
-        print(f"{name:<10}" + "".join(f"{cell:>34}" for cell in cells))
-    print()
 
 
 if __name__ == "__main__":

@@ -159,3 +159,26 @@ def test_difference_in_differences_subtracts_the_unseen_items_gap():
     assert one.low < one.mean < one.high
     with pytest.raises(ValueError, match="same examples"):
         difference_in_differences([1.0], [1.0, 2.0], [1.0], [1.0])
+
+
+def test_probe_text_table_reads_eval_results_and_shows_missing_values_as_na():
+    """The demo's and the replay benchmark's side-by-side table, from eval_results.json."""
+    from tunelab.evaluation.probe_report import probes_text
+
+    def cell(mean):
+        return {
+            "mean": mean,
+            "low": None if mean is None else mean - 0.1,
+            "high": mean and mean + 0.1,
+        }
+
+    systems = {name: {"token_f1": cell(f1), "loss": cell(loss)}
+               for name, f1, loss in (("base", 0.2, 3.5), ("tuned", None, 3.0))}  # fmt: skip
+    data = {"settings": {"semantic_model": None}, "systems": systems,
+            "probes": {"reworded": {"systems": systems}}}  # fmt: skip
+    header, labels, base, tuned = probes_text(data)
+    assert header.split() == ["system", "held-out", "reworded"]
+    assert labels.split().count("F1") == 2 and "loss" in labels
+    assert base.split("/")[0].split() == ["base", "20.0", "[10.0,", "30.0]"]
+    assert "3.500 [3.400, 3.600]" in base
+    assert tuned.split()[:4] == ["tuned", "n/a", "[n/a,", "n/a]"]

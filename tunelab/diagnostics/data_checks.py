@@ -100,8 +100,9 @@ def padding_share(tokenized: list[Any], config: Any) -> tuple[float, int, int]:
     rows = pack_examples(tokenized, config.max_length) if packing else single_rows(tokenized)
     if not rows:
         return 0.0, 0, 0
-    grouped = not packing and groups_by_length(config)
-    batches = plan_epoch(rows, config.batch_size, config.seed, 0, group_by_length=grouped)
+    batches = plan_epoch(
+        rows, config.batch_size, config.seed, 0, group_by_length=groups_by_length(config)
+    )
     real = sum(len(r) for r in rows)
     padded = sum(len(b) * max(len(rows[i]) for i in b) for b in batches)
     return 1 - real / padded, real, padded

@@ -160,12 +160,14 @@ def paired_bootstrap(
     """Mean of ``first - second`` over the same examples, with a paired bootstrap interval:
     examples are resampled together, so what varies is which questions were asked, not which
     system answered. Pairs where either value is missing are left out."""
+    return bootstrap_mean(_differences(first, second), samples, seed, level)
+
+
+def _differences(first: list[float | None], second: list[float | None]) -> list[float | None]:
+    """``first - second`` item by item, None where either is missing."""
     if len(first) != len(second):
-        raise ValueError("paired bootstrap needs two lists over the same examples")
-    differences: list[float | None] = [
-        None if a is None or b is None else a - b for a, b in zip(first, second, strict=True)
-    ]
-    return bootstrap_mean(differences, samples, seed, level)
+        raise ValueError("paired values need two lists over the same examples")
+    return [None if a is None or b is None else a - b for a, b in zip(first, second, strict=True)]
 
 
 def difference_in_differences(
@@ -188,13 +190,10 @@ def difference_in_differences(
     import numpy as np
     from scipy import stats
 
-    def paired(a: list[float | None], b: list[float | None]) -> Any:
-        if len(a) != len(b):
-            raise ValueError("each pair of lists must cover the same examples")
-        kept = [x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
-        return np.asarray(_clean(list(kept)), dtype=np.float64)
-
-    here, there = paired(first, second), paired(first_elsewhere, second_elsewhere)
+    here, there = (
+        np.asarray(_clean(_differences(a, b)), dtype=np.float64)
+        for a, b in ((first, second), (first_elsewhere, second_elsewhere))
+    )
     if here.size == 0 or there.size == 0:
         return Interval(math.nan, math.nan, math.nan)
     mean = float(here.mean() - there.mean())

@@ -80,3 +80,24 @@ def probes_markdown(data: dict[str, Any]) -> list[str]:
         for name, by_metric in probe["systems"].items():
             lines.append(f"| {name} | " + " | ".join(_cell(m, by_metric[m]) for m in shown) + " |")
     return lines
+
+
+def probes_text(data: dict[str, Any]) -> list[str]:
+    """Every system on the held-out items and on each probe kind side by side, as plain-text
+    lines: the headline answer metric (semantic similarity, else token F1) and the reference
+    loss, each with its 95% interval, from ``EvalResults.to_json()`` (eval_results.json)."""
+    metric = "semantic" if data["settings"].get("semantic_model") else "token_f1"
+    kinds = {"held-out": data["systems"]}
+    kinds |= {kind: probe["systems"] for kind, probe in data.get("probes", {}).items()}
+    width = 44
+    lines = [
+        f"{'system':<10}" + "".join(f"{kind:>{width}}" for kind in kinds),
+        f"{'':<10}" + f"{LABELS[metric] + ' / loss':>{width}}" * len(kinds),
+    ]
+    for name in data["systems"]:
+        cells = [
+            f"{_cell(metric, systems[name][metric])} / {_cell('loss', systems[name]['loss'])}"
+            for systems in kinds.values()
+        ]
+        lines.append(f"{name:<10}" + "".join(f"{cell:>{width}}" for cell in cells))
+    return lines

@@ -443,10 +443,9 @@ def attach_reference_logps(
         mine = shard(chunks, world)
         # under FSDP the shorter shares repeat a micro-batch whose values are dropped
         idle = [chunks[0]] * forwards_to_add(len(chunks), len(mine), scorer, world)
+        separate = ignores_position_ids(scorer)
         for number, chunk in enumerate(mine + idle):
-            batch, index, sequences = _batch(
-                chunk, pad_token_id, device, ignores_position_ids(scorer)
-            )
+            batch, index, sequences = _batch(chunk, pad_token_id, device, separate)
             with mixed_precision(scorer, device, precision):
                 sums, _ = sequence_logprobs(scorer, batch, index, len(sequences))
             if number < len(mine):
