@@ -28,6 +28,24 @@ def write_config(make_config, tmp_path, name, **overrides):
     return path
 
 
+def preference_config(tiny_model_dir, train_path, eval_path, folder, name, accumulation,
+                      **settings):  # fmt: skip
+    """A preference run's config file in ``folder``: 3 steps of one pair per row (beta 0.5),
+    held-out pairs evaluated at the end, every step logged; ``settings`` add to or override."""
+    from conftest import tiny_run_config
+
+    values = tiny_run_config(
+        tiny_model_dir, train_path, folder / name, **{
+            "beta": 0.5, "max_steps": 3, "packing": False, "logging_steps": 1,
+            "chat_format": "plain", "eval_path": str(eval_path), "eval_each_epoch": False,
+            "plot": False, "gradient_accumulation_steps": accumulation, **settings,
+        },
+    )  # fmt: skip
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values.to_dict()))
+    return path
+
+
 def train(*args, env=None):
     return subprocess.Popen(
         [sys.executable, "-m", "tunelab.cli", "train", *map(str, args)],
@@ -375,7 +393,7 @@ def test_sharded_gradients_are_summed_and_clipped_like_whole_ones(tmp_path):
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])
 def test_two_gloo_processes_match_one_process_on_a_preference_run(objective, tmp_path,
                                                                    tiny_model_dir):  # fmt: skip
-    from conftest import preference_pairs, tiny_run_config, write_jsonl
+    from conftest import preference_pairs, write_jsonl
 
     from tunelab.training.preference import REFERENCE_CACHE
 
@@ -385,15 +403,10 @@ def test_two_gloo_processes_match_one_process_on_a_preference_run(objective, tmp
     def config(name, accumulation):
         # one pair per row: 8 rows, 4 per optimizer step, so 3 steps run into a second epoch
         # (which reads the reference log-probabilities attached in the first)
-        values = tiny_run_config(
-            tiny_model_dir, train_path, tmp_path / name, objective=objective, beta=0.5,
-            learning_rate=5e-3, max_steps=3, packing=False, lora_dropout=0.0, logging_steps=1,
-            chat_format="plain", eval_path=str(eval_path), eval_each_epoch=False, plot=False,
-            gradient_accumulation_steps=accumulation,
+        return preference_config(
+            tiny_model_dir, train_path, eval_path, tmp_path, name, accumulation,
+            objective=objective, learning_rate=5e-3, lora_dropout=0.0,
         )  # fmt: skip
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(values.to_dict()))
-        return path
 
     single = train(config("single", 2))
     assert single.wait(timeout=300) == 0, single.stdout.read()
@@ -444,7 +457,7 @@ def test_two_gloo_processes_match_one_process_on_a_preference_run(objective, tmp
 def test_fsdp_preference_run_over_two_gloo_processes_matches_one_process_and_resumes(
     objective, tmp_path, tiny_model_dir
 ):
-    from conftest import preference_pairs, tiny_run_config, write_jsonl
+    from conftest import preference_pairs, write_jsonl
 
     from tunelab.training.preference import REFERENCE_CACHE
 
@@ -457,15 +470,11 @@ def test_fsdp_preference_run_over_two_gloo_processes_matches_one_process_and_res
     eval_path = write_jsonl(tmp_path / "held_out.jsonl", preference_pairs("Define {} please.", 4))
 
     def config(name, accumulation, **settings):
-        values = tiny_run_config(
-            tiny_model_dir, train_path, tmp_path / name, objective=objective, beta=0.5,
-            learning_rate=5e-3, max_steps=3, packing=False, lora_dropout=0.0, logging_steps=1,
-            chat_format="plain", eval_path=str(eval_path), eval_each_epoch=False, eval_steps=2,
-            save_steps=2, plot=False, gradient_accumulation_steps=accumulation, **settings,
+        return preference_config(
+            tiny_model_dir, train_path, eval_path, tmp_path, name, accumulation,
+            objective=objective, learning_rate=5e-3, lora_dropout=0.0, eval_steps=2,
+            save_steps=2, **settings,
         )  # fmt: skip
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(values.to_dict()))
-        return path
 
     single = subprocess.run(
         [sys.executable, "-m", "tunelab.cli", "train", str(config("single", 2))],
@@ -532,7 +541,7 @@ def test_fsdp_preference_run_over_two_gloo_processes_matches_one_process_and_res
 def test_fsdp_full_fine_tuning_with_dpo_matches_one_process(tmp_path, tiny_model_dir):
     """method: full's reference is a frozen copy of the model (FSDP cannot copy a sharded one),
     and its optimizer steps sharded layers beside the whole embeddings and head."""
-    from conftest import preference_pairs, tiny_run_config, write_jsonl
+    from conftest import preference_pairs, write_jsonl
 
     from tunelab.training.preference import REFERENCE_CACHE
 
@@ -540,15 +549,10 @@ def test_fsdp_full_fine_tuning_with_dpo_matches_one_process(tmp_path, tiny_model
     eval_path = write_jsonl(tmp_path / "held_out.jsonl", preference_pairs("Define {} please.", 4))
 
     def config(name, accumulation, **settings):
-        values = tiny_run_config(
-            tiny_model_dir, train_path, tmp_path / name, objective="dpo", method="full",
-            beta=0.5, learning_rate=1e-3, max_steps=3, packing=False, logging_steps=1,
-            chat_format="plain", eval_path=str(eval_path), eval_each_epoch=False, plot=False,
-            gradient_accumulation_steps=accumulation, **settings,
+        return preference_config(
+            tiny_model_dir, train_path, eval_path, tmp_path, name, accumulation,
+            objective="dpo", method="full", learning_rate=1e-3, **settings,
         )  # fmt: skip
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(values.to_dict()))
-        return path
 
     single = train(config("single", 2))
     assert single.wait(timeout=300) == 0, single.stdout.read()
