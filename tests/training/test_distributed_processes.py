@@ -194,14 +194,22 @@ def test_resuming_over_another_process_count_keeps_the_step(make_config, tmp_pat
 LEAVE_SCRIPT = """
 import atexit, os, sys
 import torch.distributed as dist
-from tunelab.training.distributed import all_reduce_sum, init_world
+from tunelab.training import distributed
+from tunelab.training.distributed import all_reduce_sum, gather_objects, init_world
 
 world = init_world("cpu")
 assert dist.is_initialized() and world.size == 2
-assert all_reduce_sum(world.rank + 1, world) == 3.0
+for _ in range(20):
+    assert all_reduce_sum(world.rank + 1, world) == 3.0
+assert len(distributed._held) <= 2, len(distributed._held)  # let go once the backend has
+# the eval's last step: a gather of results (what the rank reports on may differ in size)
+assert gather_objects({"rank": world.rank, "text": "x" * world.rank}, world) == [
+    {"rank": 0, "text": ""}, {"rank": 1, "text": "x"}
+]
 atexit._run_exitfuncs()  # what interpreter exit runs first, while Python is still whole
 with open(os.path.join(os.path.dirname(__file__), f"rank{world.rank}.txt"), "w") as out:
-    out.write(f"initialized after exit hooks: {dist.is_initialized()}")
+    held = len(distributed._held)
+    out.write(f"initialized after exit hooks: {dist.is_initialized()}, held: {held}")
 """
 
 
@@ -221,9 +229,12 @@ def run_two_ranks(tmp_path, name, text):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_the_process_group_is_destroyed_at_exit(tmp_path):
-    # left to interpreter shutdown, gloo's threads aborted a finished rank once (SIGABRT)
-    for text in run_two_ranks(tmp_path, "leave.py", LEAVE_SCRIPT):
-        assert text == "initialized after exit hooks: False", text
+    # left to interpreter shutdown, gloo's threads aborted a finished rank once (SIGABRT); and
+    # on torch < 2.8 destroying the group hung in 7 runs of 20 until collectives held their
+    # tensors (distributed._held): three launches
+    for _ in range(3):
+        for text in run_two_ranks(tmp_path, "leave.py", LEAVE_SCRIPT):
+            assert text == "initialized after exit hooks: False, held: 0", text
 
 
 def torchrun(path, *extra):

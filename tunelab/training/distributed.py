@@ -16,6 +16,7 @@ import atexit
 import gc
 import logging
 import os
+import pickle
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
@@ -122,6 +123,7 @@ def leave_world() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         gc.collect()  # objects in reference cycles that still hold the group go now, not later
+    _held.clear()  # the group's worker threads are joined: nothing else holds these now
 
 
 def exit_worker(code: int) -> NoReturn:
@@ -153,7 +155,7 @@ def all_reduce_sum(value: float | int, world: World) -> float:
     if not world.active:
         return value
     tensor = torch.tensor(float(value), dtype=torch.float64, device=world.device)
-    dist.all_reduce(tensor)
+    all_reduce(tensor)
     return float(tensor)
 
 
@@ -161,9 +163,19 @@ def gather_objects(value: Any, world: World) -> list[Any]:
     """Every process's ``value`` (picklable), in rank order; ``[value]`` for one process."""
     if not world.active:
         return [value]
-    gathered: list[Any] = [None] * world.size
-    dist.all_gather_object(gathered, value)
-    return gathered
+    # all_gather_object's own tensors die in torch's frame, out of hold's reach: the same
+    # pickled-bytes exchange (sizes first, then the bytes padded to the longest), on held tensors
+    data = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=world.device)
+    sizes = [torch.zeros_like(size) for _ in range(world.size)]
+    all_gather(sizes, size)
+    longest = max(int(s) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=world.device)
+    padded[: data.numel()] = data.to(world.device)
+    parts = [torch.empty_like(padded) for _ in range(world.size)]
+    all_gather(parts, padded)
+    pairs = zip(parts, sizes, strict=True)
+    return [pickle.loads(part[: int(n)].cpu().numpy().tobytes()) for part, n in pairs]
 
 
 def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:
@@ -177,12 +189,42 @@ def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).to(world.device, torch.float32) for g in grads])
-    dist.all_reduce(flat)
+    all_reduce(flat)
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.device, p.dtype)
         offset += n
+
+
+# Tensors handed to collectives, kept alive by Python until the backend's worker threads let go
+# of them. On torch < 2.8, ProcessGroupGloo's destructor joins its worker threads while holding
+# the GIL (fixed by pytorch/pytorch#154976); a worker that held the last reference to a finished
+# collective's tensor, whose Python object had already died, needed the GIL to free it, and both
+# waited forever: a two-process run hung at exit in 7 runs of 20 on torch 2.5. Held here, the
+# worker's reference is never the last one, so dropping it needs no GIL; leave_world lets go of
+# them once the group is destroyed. A tensor only Python holds (use count 1) is let go at the
+# next collective, so this keeps at most the last step's buffers.
+_held: list[torch.Tensor] = []
+
+
+def hold(*tensors: torch.Tensor) -> None:
+    """Keep ``tensors`` (just handed to a collective) alive until the group is destroyed or the
+    backend no longer holds them; see _held."""
+    _held[:] = [t for t in _held if t._use_count() > 1]  # type: ignore[attr-defined]
+    _held.extend(tensors)
+
+
+def all_reduce(tensor: torch.Tensor) -> None:
+    """dist.all_reduce (sum, in place), its tensor held (see _held)."""
+    hold(tensor)
+    dist.all_reduce(tensor)
+
+
+def all_gather(outputs: list[torch.Tensor], tensor: torch.Tensor) -> None:
+    """dist.all_gather, its tensors held (see _held)."""
+    hold(tensor, *outputs)
+    dist.all_gather(outputs, tensor)
 
 
 def barrier(world: World) -> None:

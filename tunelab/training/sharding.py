@@ -21,7 +21,6 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from tunelab.errors import TunelabError
@@ -154,7 +153,7 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """The global L2 norm of the gradients, sharded or whole: each process's shards are
     disjoint, so their squared sums add up in one all-reduce; whole gradients (already
     all-reduced, the same everywhere) count once."""
-    from tunelab.training.distributed import current_world
+    from tunelab.training.distributed import all_reduce, current_world
 
     # on this process's collective device (its GPU under NCCL), even when it holds no gradient
     device = current_world().device
@@ -167,7 +166,7 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
             local += p.grad.to_local().double().pow(2).sum().to(device)
         else:
             whole += p.grad.double().pow(2).sum().to(device)
-    dist.all_reduce(local)
+    all_reduce(local)
     return (local + whole).sqrt()
 
 
