@@ -280,6 +280,14 @@ def test_a_mix_weight_must_be_finite():
         FineTuningConfig(dataset_mix={"more.jsonl": float("inf")})
 
 
+def test_a_negative_simpo_margin_is_refused():
+    with pytest.raises(
+        TunelabError, match=r"'simpo_gamma' is -0\.5.*zero or positive \(the reward"
+    ):
+        FineTuningConfig(objective="simpo", simpo_gamma=-0.5)
+    FineTuningConfig(objective="simpo", simpo_gamma=0.0)  # no margin: plain length-normalized
+
+
 def test_kto_with_both_weights_zero_is_refused():
     with pytest.raises(TunelabError, match="desirable_weight.*with both 0 the KTO loss is 0"):
         FineTuningConfig(objective="kto", desirable_weight=0.0, undesirable_weight=0.0)

@@ -889,6 +889,13 @@ def validate(config: FineTuningConfig) -> None:
     _check(0 <= c.label_smoothing < 0.5, "label_smoothing", c.label_smoothing, "in [0, 0.5)")
     for key in ("cpo_alpha", "desirable_weight", "undesirable_weight"):
         _check(getattr(c, key) >= 0, key, getattr(c, key), "zero or positive")
+    _check(
+        c.simpo_gamma >= 0,
+        "simpo_gamma",
+        c.simpo_gamma,
+        "zero or positive (the reward margin SimPO asks of chosen over rejected; below 0 it "
+        "would accept a rejected answer that beats the chosen one)",
+    )
     if c.objective == "kto":
         _check(
             c.desirable_weight + c.undesirable_weight > 0,

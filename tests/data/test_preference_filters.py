@@ -130,3 +130,36 @@ def test_summary_names_the_sft_only_cache_and_bias_report(tmp_path):
     assert "note: data_cache and bias_report cover SFT data only" in summary
     quiet = prepare_preference(_config(tmp_path, rows, data_cache=False, bias_report=False))
     assert "note:" not in format_preference_summary(quiet.manifest)
+
+
+def _kto_rows(true: int, false: int) -> list[dict]:
+    return [
+        {
+            "prompt": f"What is term {i}?",
+            "completion": f"answer number {i} for the term",
+            "label": i < true,
+        }
+        for i in range(true + false)
+    ]
+
+
+def test_kto_warns_when_the_rows_are_all_one_label(tmp_path):
+    config = _config(tmp_path, _kto_rows(6, 0), objective="kto", eval_split=0.0)
+    summary = format_preference_summary(prepare_preference(config).manifest)
+    assert "KTO rows: 6 desirable (true), 0 undesirable (false)." in summary
+    assert "warning: all 6 KTO training rows are labelled true" in summary
+    assert "Add rows labelled false, or train with objective: sft." in summary
+
+
+def test_kto_warns_when_the_weights_leave_the_papers_range(tmp_path):
+    # 2 desirable, 6 undesirable: 1.0 x 2 / (1.0 x 6) = 0.33; desirable_weight 3 to 4 fits
+    config = _config(tmp_path, _kto_rows(2, 6), objective="kto", eval_split=0.0)
+    summary = format_preference_summary(prepare_preference(config).manifest)
+    assert "(undesirable_weight x 6 undesirable) = 0.33" in summary
+    assert "Set desirable_weight between 3.00 and 4.00 (with undesirable_weight 1)." in summary
+    balanced = _config(
+        tmp_path, _kto_rows(2, 6), objective="kto", eval_split=0.0, desirable_weight=3.5
+    )
+    manifest = prepare_preference(balanced).manifest
+    assert manifest["kto_balance"] is None
+    assert "warning" not in format_preference_summary(manifest)

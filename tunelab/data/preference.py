@@ -453,7 +453,34 @@ def prepare_preference(config: FineTuningConfig) -> PreparedPreference:
     if c.objective == "kto":
         manifest["desirable"] = sum(bool(e.label) for e in train)
         manifest["undesirable"] = len(train) - manifest["desirable"]
+        manifest["kto_balance"] = kto_balance_warning(
+            manifest["desirable"], manifest["undesirable"], c
+        )
     return PreparedPreference(train, held_out, manifest)
+
+
+def kto_balance_warning(desirable: int, undesirable: int, config: FineTuningConfig) -> str | None:
+    """A warning when KTO's classes are one-sided or their weights leave the range the KTO paper
+    recommends (Ethayarajh et al. 2024, section 4.2, as TRL's KTOTrainer checks):
+    desirable_weight x desirable / (undesirable_weight x undesirable) in [1, 4/3]. None when
+    the data and weights are in that range."""
+    if not desirable or not undesirable:
+        label, count = ("true", desirable) if desirable else ("false", undesirable)
+        return (
+            f"all {count} KTO training rows are labelled {label}: KTO then only pushes those "
+            "answers against its running KL baseline, with nothing to contrast them with. Add "
+            f"rows labelled {'false' if desirable else 'true'}, or train with objective: sft."
+        )
+    ratio = config.desirable_weight * desirable / (config.undesirable_weight * undesirable)
+    if 1 <= ratio <= 4 / 3:
+        return None
+    low = undesirable * config.undesirable_weight / desirable
+    return (
+        f"KTO's weighted classes are out of balance: desirable_weight x {desirable} desirable / "
+        f"(undesirable_weight x {undesirable} undesirable) = {ratio:.2f}, where the KTO paper "
+        f"recommends 1 to 1.33. Set desirable_weight between {low:.2f} and {low * 4 / 3:.2f} "
+        f"(with undesirable_weight {config.undesirable_weight:g})."
+    )
 
 
 def format_preference_summary(manifest: dict[str, Any]) -> str:
@@ -485,6 +512,13 @@ def format_preference_summary(manifest: dict[str, Any]) -> str:
     if manifest["edited"]:
         edited = ", ".join(f"{k} {v}" for k, v in manifest["edited"].items())
         lines.append(f"  cleaned (rows changed per step): {edited}")
+    if "desirable" in manifest:
+        lines.append(
+            f"  KTO rows: {manifest['desirable']} desirable (true), "
+            f"{manifest['undesirable']} undesirable (false)."
+        )
+    if manifest.get("kto_balance"):
+        lines.append(f"  warning: {manifest['kto_balance']}")
     if leak["prompts_in_eval"]:
         lines.append(
             f"  warning: {leak['prompts_in_eval']} training rows share their prompt with a "
