@@ -103,3 +103,36 @@ def test_lengths_stay_right_when_filtered_examples_are_freed(tmp_path, tokenizer
     assert stats["max"] == max(real) <= 40
     assert stats["mean"] == round(sum(real) / len(real), 1)
     assert prepared.manifest["lengths"]["train"]["truncated"] == 0
+
+
+def test_a_plain_prompt_and_completion_start_with_bos_as_the_tokenizer_would(bos_tokenizer):
+    # a Llama/Mistral/Gemma tokenizer puts BOS in front of any text it encodes (so TRL trains
+    # plain pairs with it); tunelab trained them without, and generated their prompts without
+    from tunelab.data.tokenize import render_prompt
+
+    example = EXAMPLES[1]
+    ids = tokenize_example(example, bos_tokenizer, 64, chat=False)
+    whole = bos_tokenizer("What is a byte? Eight bits.", add_special_tokens=True)["input_ids"]
+    assert ids.input_ids == whole + [bos_tokenizer.eos_token_id]
+    answer = [i for i, label in zip(ids.input_ids, ids.labels, strict=True) if label != -100]
+    assert bos_tokenizer.decode(answer).strip() == "Eight bits." + bos_tokenizer.eos_token
+    # generation renders the prompt as the start of that training text
+    prompt = render_prompt(bos_tokenizer, "What is a byte? ", chat=False)
+    prompt_ids = bos_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert (
+        prompt_ids[0] == bos_tokenizer.bos_token_id
+        and ids.input_ids[: len(prompt_ids)] == prompt_ids
+    )
+
+
+def test_a_plain_preference_pair_starts_as_sft_renders_its_prompt(bos_tokenizer):
+    from tunelab.data.preference import PreferenceExample, tokenize_preference
+    from tunelab.data.tokenize import render_prompt
+
+    pair = PreferenceExample("p:1", "What is a byte?", chosen=" Eight bits.", rejected=" A dog.")
+    unit = tokenize_preference([pair], bos_tokenizer, 64, chat=False)[0]
+    prompt = render_prompt(bos_tokenizer, "What is a byte?", chat=False)
+    prompt_ids = bos_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for side in ("chosen", "rejected"):
+        ids = unit.sides[side].input_ids
+        assert ids[0] == bos_tokenizer.bos_token_id and ids[: len(prompt_ids)] == prompt_ids

@@ -162,3 +162,18 @@ def test_a_text_continuation_is_scored_as_training_tokenized_the_text(tiny_model
     for system in ("few-shot", "rag"):
         prompt, _ = builder(tokenizer, chat=False, k=1).render(system, item, 0)
         assert prompt.startswith("<|im_start|>") is adds_bos
+
+
+def test_a_plain_question_is_scored_as_training_tokenized_the_pair(tiny_model_dir):
+    # a plain prompt/completion pair trains as BOS + prompt + completion + EOS for a tokenizer
+    # that adds BOS (as TRL's does); the eval's prompt and scored text start the same way
+    from tunelab.data.tokenize import tokenize_example
+    from tunelab.evaluation.scoring import encode_scored
+
+    tokenizer = bos_adding_tokenizer(tiny_model_dir)
+    example = Example("h:3", prompt="What is a byte? ", completion="Eight bits of data.")
+    item = to_item(example)
+    trained = tokenize_example(example, tokenizer, 10_000, chat=False)
+    prompt, full = builder(tokenizer, chat=False, k=1).render("base", item, 0)
+    ids, _, _ = encode_scored(tokenizer, prompt, full, 10_000)
+    assert ids == trained.input_ids and ids[0] == tokenizer.bos_token_id

@@ -613,3 +613,34 @@ def test_the_whole_batch_path_still_answers_as_generate(live_server, expected):
         assert worker.step_rows == [] and sum(worker.batches) == len(jobs)
     finally:
         worker.stop()
+
+
+def test_completions_start_a_plain_prompt_with_bos_as_the_tokenizer_does(lively_base, tmp_path):
+    # vLLM and llama.cpp encode a completion's prompt with the tokenizer's BOS in front, and
+    # tunelab trains every plain text so; the server continued the bare text instead
+    import shutil
+
+    from conftest import bos_adding_tokenizer
+
+    from tunelab.generation import generate_from_text, load_for_inference
+
+    folder = tmp_path / "bos-model"
+    shutil.copytree(lively_base, folder)
+    bos_adding_tokenizer(lively_base).save_pretrained(folder)
+    loaded = load_for_inference(str(folder))
+    assert loaded.tokenizer("A byte is")["input_ids"][0] == loaded.tokenizer.bos_token_id
+    want = generate_from_text(loaded, [loaded.tokenizer.bos_token + "A byte is"], 6)[0]
+    bare = generate_from_text(loaded, ["A byte is"], 6)[0]
+    assert want != bare  # the check below can tell them apart
+    server = LiveServer([str(folder)])
+    try:
+        client = pytest.importorskip("openai").OpenAI(
+            base_url=server.url, api_key="unused", max_retries=0, timeout=120
+        )
+        reply = client.completions.create(
+            model="bos-model", prompt="A byte is", max_tokens=6, temperature=0
+        )
+    finally:
+        server.close()
+    assert reply.choices[0].text.strip() == want
+    assert reply.usage.prompt_tokens == len(loaded.tokenizer("A byte is")["input_ids"])

@@ -27,6 +27,7 @@ from tunelab.data.tokenize import (
     TokenizedExample,
     _tokenize_with_spans,
     as_messages,
+    bos_text,
     chat_spans,
     render_chat,
 )
@@ -557,6 +558,7 @@ def _tokenize_answer(
         spans = [span for span in spans if span[0] >= len(prompt_text)]
         return _tokenize_with_spans(tokenizer, text, spans, max_length)
     assert isinstance(answer, str)
+    prompt = bos_text(tokenizer) + prompt  # as SFT renders a plain prompt (render_example)
     text = prompt + answer + (tokenizer.eos_token or "")
     return _tokenize_with_spans(tokenizer, text, [(len(prompt), len(text))], max_length)
 

@@ -61,12 +61,14 @@ def as_messages(example: Example, system_prompt: str | None = None) -> list[dict
 def render_prompt(tokenizer: Any, prompt: str, chat: bool, system_prompt: str | None = None) -> str:
     """The text a model sees before its answer, exactly as in training.
 
-    A plain prompt loses its trailing spaces and tabs: in training the space at the end of
-    "Answer: " is part of the answer's first token (" Oslo"), so the model learned to answer
-    after "Answer:"; a prompt ending in a lone space token is a state it never saw.
+    A plain prompt starts with the BOS text when the tokenizer puts one in front by itself
+    (``bos_text``), as every plain text does in training, and loses its trailing spaces and
+    tabs: in training the space at the end of "Answer: " is part of the answer's first token
+    (" Oslo"), so the model learned to answer after "Answer:"; a prompt ending in a lone space
+    token is a state it never saw. Tokenize the result with ``add_special_tokens=False``.
     """
     if not chat:
-        return prompt.rstrip(" \t")
+        return bos_text(tokenizer) + prompt.rstrip(" \t")
     messages = [{"role": "user", "content": prompt}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
@@ -167,12 +169,13 @@ def render_example(
 
     The one rendering path: training (``tokenize_example``) and the token counts of the data
     stage (``prepare.token_lengths``) both call it, so a count is the length training sees.
-    The text is tokenized with ``add_special_tokens=False``; a plain text starts with the BOS
-    token when the tokenizer puts one in front by itself (``bos``: that text, worked out once
-    by the caller, or None to ask the tokenizer). ``answer_spans=False`` skips locating the
-    answers of a chat (a render per turn) and returns no spans; a turn with tool calls is
-    still checked, so counting refuses what training refuses. Raises TunelabError for chat
-    data without a chat template, or a template that drops a tool call or is not prefix-stable.
+    The text is tokenized with ``add_special_tokens=False``; a plain text or prompt/completion
+    starts with the BOS token when the tokenizer puts one in front by itself (``bos``: that
+    text, worked out once by the caller, or None to ask the tokenizer). ``answer_spans=False``
+    skips locating the answers of a chat (a render per turn) and returns no spans; a turn with
+    tool calls is still checked, so counting refuses what training refuses. Raises TunelabError
+    for chat data without a chat template, or a template that drops a tool call or is not
+    prefix-stable.
     """
     eos = tokenizer.eos_token or ""
     if example.kind == "text":
@@ -190,8 +193,9 @@ def render_example(
         if not answer_spans and not any(m.get("tool_calls") for m in messages):
             return render_chat(tokenizer, messages, example.tools), []
         return chat_spans(tokenizer, messages, example.tools, example.origin)
-    # plain prompt/completion: the strings are joined as they are, the answer ends with EOS
-    prompt = example.prompt or ""
+    # plain prompt/completion: the strings are joined as they are after the BOS text (as the
+    # tokenizer itself, and so TRL, would start them), the answer ends with EOS
+    prompt = (bos_text(tokenizer) if bos is None else bos) + (example.prompt or "")
     text = prompt + (example.completion or "") + eos
     return text, [(len(prompt), len(text))]
 
@@ -205,9 +209,10 @@ def tokenize_example(
 
 
 def bos_text(tokenizer: Any) -> str:
-    """The BOS token's text when the tokenizer puts it in front by itself (Llama-2 style
-    tokenizers do), else "": a plain text is rendered with it, as such a model was trained."""
-    if tokenizer.bos_token_id is None:
+    """The BOS token's text when the tokenizer puts it in front by itself (Llama, Mistral and
+    Gemma tokenizers do), else "": every plain text, prompt/completion and plain prompt is
+    rendered with it, as such a model was pretrained (a chat template writes its own)."""
+    if getattr(tokenizer, "bos_token_id", None) is None:
         return ""
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     return (tokenizer.bos_token or "") if probe and probe[0] == tokenizer.bos_token_id else ""

@@ -179,8 +179,7 @@ class PromptBuilder:
             prompt = prefix + item.question
         else:
             prompt = self.rag_question(item) if system.endswith("rag") else item.question
-        if item.continuation:  # training put BOS before each plain text (render_example)
-            prompt = self.bos() + prompt
+        prompt = self.bos() + prompt  # each plain text starts so in training (render_example)
         # a trailing space belongs to the answer's first token in training (see render_prompt)
         return prompt.rstrip(" \t"), prompt + joiner + item.reference + eos
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from tunelab.data.tokenize import bos_text
 from tunelab.errors import TunelabError
 from tunelab.serving.batching import BatchWorker
 from tunelab.serving.jobs import Job
@@ -125,6 +126,9 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
         prompt_ids = served.tokenizer(text, add_special_tokens=False).input_ids
         if not prompt_ids:  # nothing to continue from (the model would fail on no input)
             raise RequestError(400, "prompt: it is empty; give the text to continue.", "prompt")
+        bos = "" if chat else bos_text(served.tokenizer)
+        if bos:  # a plain prompt starts as each plain text did in training (render_prompt)
+            prompt_ids = served.tokenizer(bos + text, add_special_tokens=False).input_ids
         room = pool.context_length - len(prompt_ids)
         where = "messages" if chat else "prompt"
         if room < 1:
