@@ -89,3 +89,7 @@ def test_preference_data_is_not_reread_as_sft_data(tmp_path, tiny_model_dir):
     findings = diagnose_run(run)
     assert not [f for f in findings if "cannot tell the schema" in f.evidence]
     assert "data_unavailable" not in {f.code for f in findings}
+    # the generic collator probe warned that EOS is masked, which tunelab's pairs never do
+    assert "eos_masked" not in {f.code for f in findings}
+    (note,) = [f for f in findings if f.code == "pad_is_eos"]
+    assert "dpo training labels each answer by its span, its EOS included" in note.evidence

@@ -212,6 +212,20 @@ def check_eos_label(
         same = f"no pad token, so EOS {_describe_token(run_tokenizer, eos_id)} pads"
     if trained_by_tunelab and view is not None and config is not None and view.tokenized:
         return _tunelab_eos_probe(run_tokenizer, view, same)
+    if trained_by_tunelab and config is not None and config.objective != "sft":
+        # preference pairs are not re-read (they are not SFT data); their answers' labels are
+        # spans ending with EOS (data.preference._tokenize_answer), never input_ids != pad
+        return [
+            Finding(
+                "pad_is_eos",
+                "info",
+                "Pad token equals EOS (harmless here)",
+                f"{same}; {config.objective} training labels each answer by its span, its EOS "
+                "included, so the model keeps learning to end its answers.",
+                "nothing to do: tunelab builds labels from masks, not from input_ids != pad. "
+                "Other trainers may mask EOS when pad = EOS.",
+            )
+        ]
     # a folder trained elsewhere: probe transformers' usual collator, which many scripts use
     from transformers import DataCollatorForLanguageModeling
 
