@@ -77,6 +77,7 @@ def test_pilot_on_the_tiny_model_writes_curves_and_advice(make_config, tmp_path,
     full = report["runs"][-1]["curve"]
     assert report["step_gain"] == pytest.approx((full[1][1] - full[-1][1]) / full[1][1])
     out = capsys.readouterr().out
+    assert out.startswith("Pilot: 4 steps on each share of the data (0.5,1).")
     assert "Pilot says:" in out and report["advice"][0] in out
     assert (tmp_path / "run" / "pilot" / "data-50pct" / "adapter_config.json").is_file()
 
@@ -103,3 +104,18 @@ def test_pilot_of_a_preference_config_is_refused_by_objective(tmp_path):
     config = FineTuningConfig(dataset_path=str(pairs), objective="dpo", eval_split=0.5)
     with pytest.raises(TunelabError, match="tunelab pilot runs objective sft only; .* dpo"):
         run_pilot(config, (0.5, 1.0), steps=2, out_dir=tmp_path / "pilot")
+
+
+def test_a_refused_pilot_prints_only_the_error(tmp_path, capsys):
+    # the plan line came before the check of --fractions or --steps, as if the run had started
+    from tunelab.cli import main
+
+    config = tmp_path / "pilot.yaml"
+    config.write_text("eval_split: 0.1\n")
+    for args, error in (
+        (["--fractions", "0.5,abc"], "error: --fractions '0.5,abc': give shares"),
+        (["--steps", "-3"], "error: --steps must be at least 2 (got -3)."),
+    ):
+        assert main(["pilot", str(config), *args]) != 0
+        captured = capsys.readouterr()
+        assert "Pilot:" not in captured.out and error in captured.out + captured.err

@@ -122,7 +122,6 @@ def cmd_pilot(args: argparse.Namespace) -> int:
     from tunelab.planning.pilot import parse_fractions, run_pilot
 
     config = load_config(args.config, args.set)
-    print(f"Pilot: {args.steps} steps on each share of the data ({args.fractions}).")
     result = run_pilot(config, parse_fractions(args.fractions), args.steps, out_dir=args.out)
     print("\nPilot says:")
     for line in result.advice:

@@ -154,6 +154,9 @@ def run_pilot(
             f"{config.objective}. Pilot the SFT stage's config, or compare preference runs "
             "with tunelab runs and tunelab eval."
         )
+    # said once the settings are checked: a refused run does not announce itself first
+    shares = ",".join(f"{f:g}" for f in fractions)
+    progress(f"Pilot: {steps} steps on each share of the data ({shares}).")
     folder = Path(out_dir or Path(config.output_dir) / "pilot")
     prepared = prepare_examples(config)
     if not prepared.eval:
