@@ -418,7 +418,7 @@ class FineTuner:
             for warning in self.ineffective_settings(world.active):
                 note_once(warning, logging.WARNING)
         if sharded:
-            check_shardable(self.config.method)
+            check_shardable(self.config.method, self.config.optimizer)
         # every refusal (the folder, the data, the model, the space) comes before an overwrite
         # deletes the old run's files: a run refused at start costs nothing
         foreign: list[str] = []

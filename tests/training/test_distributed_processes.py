@@ -316,11 +316,15 @@ def test_fsdp_over_two_gloo_processes_matches_one_process_and_resumes(make_confi
 
 
 @pytest.mark.skipif(fsdp_unavailable() is not None, reason="FSDP2 sum reductions need torch 2.8")
-def test_fsdp_needs_no_qlora_or_adalora():
+def test_fsdp_needs_no_qlora_adalora_or_8bit_adamw():
     with pytest.raises(TunelabError, match="cannot split QLoRA's 4-bit base weights"):
         check_shardable("qlora")
     with pytest.raises(TunelabError, match="cannot run method: adalora .* Use sharding: none"):
         check_shardable("adalora")
+    # it failed at the first step inside torch: "optimizer_update_32bit ... does not have a
+    # sharding strategy registered"
+    with pytest.raises(TunelabError, match="cannot use optimizer: adamw_8bit .* adamw"):
+        check_shardable("lora", "adamw_8bit")
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")

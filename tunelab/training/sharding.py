@@ -66,11 +66,21 @@ def fsdp_unavailable() -> str | None:
     return None
 
 
-def check_shardable(method: str) -> None:
-    """Refuse at start what sharding: fsdp cannot do: QLoRA, AdaLoRA, or a torch before 2.8."""
+def check_shardable(method: str, optimizer: str = "adamw") -> None:
+    """Refuse at start what sharding: fsdp cannot do: QLoRA, AdaLoRA, bitsandbytes' 8-bit
+    AdamW, or a torch before 2.8."""
     reason = fsdp_unavailable()
     if reason:
         raise TunelabError(reason)
+    if optimizer == "adamw_8bit":
+        # its fused update is a custom operator with no DTensor rule: the first step failed
+        # deep inside torch ("does not have a sharding strategy registered"); stepping each
+        # shard alone would quantize other blocks than one process does
+        raise TunelabError(
+            "sharding: fsdp cannot use optimizer: adamw_8bit (bitsandbytes' 8-bit update has "
+            "no rule for FSDP's sharded parameters). Use optimizer: adamw (FSDP already splits "
+            "its moments over the processes) or sharding: none."
+        )
     if method == "qlora":
         raise TunelabError(
             "sharding: fsdp cannot split QLoRA's 4-bit base weights (bitsandbytes' packed "
