@@ -553,6 +553,52 @@ def test_fsdp_preference_run_over_two_gloo_processes_matches_one_process_and_res
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 @pytest.mark.skipif(fsdp_unavailable() is not None, reason="FSDP2 sum reductions need torch 2.8")
+@pytest.mark.parametrize("method", ["dora", "prefix_tuning"])
+def test_fsdp_dpo_with_other_adapters_matches_one_process(method, tmp_path, tiny_model_dir):
+    """DoRA (a magnitude vector beside A and B) and prefix tuning (virtual tokens outside the
+    sharded layers, one row per answer) under FSDP give one process's adapter and losses."""
+    from conftest import preference_pairs, write_jsonl
+
+    train_path = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs("What is a {}?", 6))
+    eval_path = write_jsonl(tmp_path / "held_out.jsonl", preference_pairs("Define {} please.", 4))
+    paths = [
+        preference_config(
+            tiny_model_dir,
+            train_path,
+            eval_path,
+            tmp_path,
+            name,
+            accumulation,
+            objective="dpo",
+            method=method,
+            learning_rate=5e-3,
+            lora_dropout=0.0,
+            **settings,
+        )  # fmt: skip
+        for name, accumulation, settings in (("single", 2, {}), ("fsdp", 1, {"sharding": "fsdp"}))
+    ]
+    single = subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", "train", str(paths[0])],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stdout + single.stderr
+    pair = torchrun(paths[1])
+    assert pair.returncode == 0, pair.stdout + pair.stderr
+    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    losses = [
+        [json.loads(x).get("loss") for x in (tmp_path / name / "metrics.jsonl").open()]
+        for name in ("single", "fsdp")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert len({loss for loss in losses[0] if loss is not None}) > 1  # it trained
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+@pytest.mark.skipif(fsdp_unavailable() is not None, reason="FSDP2 sum reductions need torch 2.8")
 def test_fsdp_full_fine_tuning_with_dpo_matches_one_process(tmp_path, tiny_model_dir):
     """method: full's reference is a frozen copy of the model (FSDP cannot copy a sharded one),
     and its optimizer steps sharded layers beside the whole embeddings and head."""
