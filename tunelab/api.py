@@ -307,7 +307,8 @@ class FineTuner:
             examples = self.preference.eval if self.preference is not None else []
         elif dataset is None:
             self.preference = prepare_preference(self.config)
-            note_once(format_preference_summary(self.preference.manifest))
+            weights = (self.config.desirable_weight, self.config.undesirable_weight)
+            note_once(format_preference_summary(self.preference.manifest, weights))
             examples = self.preference.train
         else:
             rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)

@@ -157,9 +157,6 @@ def test_kto_warns_when_the_weights_leave_the_papers_range(tmp_path):
     summary = format_preference_summary(prepare_preference(config).manifest)
     assert "(undesirable_weight x 6 undesirable) = 0.33" in summary
     assert "Set desirable_weight between 3.00 and 4.00 (with undesirable_weight 1)." in summary
-    balanced = _config(
-        tmp_path, _kto_rows(2, 6), objective="kto", eval_split=0.0, desirable_weight=3.5
-    )
-    manifest = prepare_preference(balanced).manifest
-    assert manifest["kto_balance"] is None
-    assert "warning" not in format_preference_summary(manifest)
+    manifest = prepare_preference(config).manifest
+    assert "warning" not in format_preference_summary(manifest, (3.5, 1.0))
+    assert "warning" not in format_preference_summary(manifest, (1.0, 0.0))  # unused class

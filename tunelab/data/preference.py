@@ -454,17 +454,17 @@ def prepare_preference(config: FineTuningConfig) -> PreparedPreference:
     if c.objective == "kto":
         manifest["desirable"] = sum(bool(e.label) for e in train)
         manifest["undesirable"] = len(train) - manifest["desirable"]
-        manifest["kto_balance"] = kto_balance_warning(
-            manifest["desirable"], manifest["undesirable"], c
-        )
     return PreparedPreference(train, held_out, manifest)
 
 
-def kto_balance_warning(desirable: int, undesirable: int, config: FineTuningConfig) -> str | None:
+def kto_balance_warning(
+    desirable: int, undesirable: int, desirable_weight: float, undesirable_weight: float
+) -> str | None:
     """A warning when KTO's classes are one-sided or their weights leave the range the KTO paper
     recommends (Ethayarajh et al. 2024, section 4.2, as TRL's KTOTrainer checks):
     desirable_weight x desirable / (undesirable_weight x undesirable) in [1, 4/3]. None when
-    the data and weights are in that range."""
+    the data and weights are in that range. (The weights are the training's settings, not the
+    data stage's: they are passed in, and change no prepared data.)"""
     if not desirable or not undesirable:
         label, count = ("true", desirable) if desirable else ("false", undesirable)
         return (
@@ -472,19 +472,25 @@ def kto_balance_warning(desirable: int, undesirable: int, config: FineTuningConf
             "answers against its running KL baseline, with nothing to contrast them with. Add "
             f"rows labelled {'false' if desirable else 'true'}, or train with objective: sft."
         )
-    ratio = config.desirable_weight * desirable / (config.undesirable_weight * undesirable)
+    if not desirable_weight or not undesirable_weight:
+        return None  # one class alone teaches, as the user chose with a weight of 0
+    ratio = desirable_weight * desirable / (undesirable_weight * undesirable)
     if 1 <= ratio <= 4 / 3:
         return None
-    low = undesirable * config.undesirable_weight / desirable
+    low = undesirable * undesirable_weight / desirable
     return (
         f"KTO's weighted classes are out of balance: desirable_weight x {desirable} desirable / "
         f"(undesirable_weight x {undesirable} undesirable) = {ratio:.2f}, where the KTO paper "
         f"recommends 1 to 1.33. Set desirable_weight between {low:.2f} and {low * 4 / 3:.2f} "
-        f"(with undesirable_weight {config.undesirable_weight:g})."
+        f"(with undesirable_weight {undesirable_weight:g})."
     )
 
 
-def format_preference_summary(manifest: dict[str, Any]) -> str:
+def format_preference_summary(
+    manifest: dict[str, Any], kto_weights: tuple[float, float] = (1.0, 1.0)
+) -> str:
+    """The data stage's report of ``manifest``; ``kto_weights`` (desirable_weight,
+    undesirable_weight) judge a KTO file's balance (kto_balance_warning)."""
     leak = manifest["leakage"]
     lines = [
         f"Preference data ({manifest['objective']}): {manifest['loaded']} rows read, "
@@ -518,8 +524,9 @@ def format_preference_summary(manifest: dict[str, Any]) -> str:
             f"  KTO rows: {manifest['desirable']} desirable (true), "
             f"{manifest['undesirable']} undesirable (false)."
         )
-    if manifest.get("kto_balance"):
-        lines.append(f"  warning: {manifest['kto_balance']}")
+        balance = kto_balance_warning(manifest["desirable"], manifest["undesirable"], *kto_weights)
+        if balance:
+            lines.append(f"  warning: {balance}")
     if leak["prompts_in_eval"]:
         lines.append(
             f"  warning: {leak['prompts_in_eval']} training rows share their prompt with a "
