@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.tokenize import bos_text, render_prompt, uses_chat_template
+from tunelab.data.tokenize import bos_text, render_prompt, uses_chat_template, with_bos
 from tunelab.errors import TunelabError
 from tunelab.run_folder import ADAPTER_CONFIG, CONFIG, read_run_info
 from tunelab.runs.checks import check_run_files
@@ -274,7 +274,8 @@ def chat_loop(
                 messages.insert(0, {"role": "system", "content": loaded.system_prompt})
             text = render_chat(loaded.tokenizer, messages, add_generation_prompt=True)
         else:  # no template: the conversation so far as plain text, started as training starts it
-            text = bos_text(loaded.tokenizer) + "\n".join(m["content"] for m in history) + "\n"
+            text = "\n".join(m["content"] for m in history) + "\n"
+            text = with_bos(bos_text(loaded.tokenizer), text)
         answer = generate_from_text(loaded, [text], max_new_tokens, do_sample, temperature, top_p)[
             0
         ]

@@ -136,3 +136,42 @@ def test_a_plain_preference_pair_starts_as_sft_renders_its_prompt(bos_tokenizer)
     for side in ("chosen", "rejected"):
         ids = unit.sides[side].input_ids
         assert ids[0] == bos_tokenizer.bos_token_id and ids[: len(prompt_ids)] == prompt_ids
+
+
+def test_a_text_that_starts_with_its_bos_gets_no_second_one(bos_tokenizer):
+    # a user's text or prompt written with its BOS ("<s>Hello", a copied Llama prompt) was
+    # given another in front: two BOS tokens in training, generation, preference pairs and eval
+    from tunelab.data.preference import PreferenceExample, tokenize_preference
+    from tunelab.data.tokenize import render_prompt
+    from tunelab.evaluation.systems import PromptBuilder, to_item
+
+    bos, bos_id = bos_tokenizer.bos_token, bos_tokenizer.bos_token_id
+
+    def ids(text):
+        return bos_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for plain, written in (
+        (
+            Example("t:1", text="A byte is eight bits."),
+            Example("t:1", text=bos + "A byte is eight bits."),
+        ),
+        (EXAMPLES[1], Example("t:2", prompt=bos + EXAMPLES[1].prompt, completion="Eight bits.")),
+    ):
+        once = tokenize_example(plain, bos_tokenizer, 64, chat=False).input_ids
+        assert once[0] == bos_id and once[1] != bos_id
+        assert tokenize_example(written, bos_tokenizer, 64, chat=False).input_ids == once
+        assert token_lengths([written], bos_tokenizer, FineTuningConfig(chat_format="plain")) == [
+            len(once)
+        ]
+    prompt = ids(render_prompt(bos_tokenizer, bos + "What is a byte? ", chat=False))
+    assert prompt == ids(render_prompt(bos_tokenizer, "What is a byte? ", chat=False))
+    assert prompt[:2] == [bos_id, ids("What")[0]]
+    pair = PreferenceExample(
+        "p:1", bos + "What is a byte?", chosen=" Eight bits.", rejected=" A dog."
+    )
+    unit = tokenize_preference([pair], bos_tokenizer, 64, chat=False)[0]
+    assert [unit.sides[s].input_ids[:2] for s in ("chosen", "rejected")] == [prompt[:2]] * 2
+    item = to_item(Example("h:1", prompt=bos + "What is a byte? ", completion="Eight bits."))
+    builder = PromptBuilder(bos_tokenizer, False, None, [], retriever=None)
+    shown, _ = builder.render("base", item, 0)
+    assert ids(shown) == prompt

@@ -30,6 +30,7 @@ from tunelab.data.tokenize import (
     bos_text,
     chat_spans,
     render_chat,
+    with_bos,
 )
 from tunelab.errors import TunelabError
 
@@ -565,7 +566,7 @@ def _tokenize_answer(
         spans = [span for span in spans if span[0] >= len(prompt_text)]
         return _tokenize_with_spans(tokenizer, text, spans, max_length)
     assert isinstance(answer, str)
-    prompt = bos_text(tokenizer) + prompt  # as SFT renders a plain prompt (render_example)
+    prompt = with_bos(bos_text(tokenizer), prompt)  # as SFT renders a plain prompt
     text = prompt + answer + (tokenizer.eos_token or "")
     return _tokenize_with_spans(tokenizer, text, [(len(prompt), len(text))], max_length)
 

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PreparedData", "format_summary", "load_examples", "prepare_examples", "write_prepared"]
 
-DATA_VERSION = 4  # bump when a change to this stage changes what it produces
+DATA_VERSION = 5  # bump when a change to this stage changes what it produces
 SAMPLES_PER_STEP = 3
 SAMPLE_CHARS = 300
 # a row this many times longer than max_length (in tokens, at ~4 characters a token) is mostly

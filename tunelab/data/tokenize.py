@@ -68,7 +68,7 @@ def render_prompt(tokenizer: Any, prompt: str, chat: bool, system_prompt: str | 
     token is a state it never saw. Tokenize the result with ``add_special_tokens=False``.
     """
     if not chat:
-        return bos_text(tokenizer) + prompt.rstrip(" \t")
+        return with_bos(bos_text(tokenizer), prompt.rstrip(" \t"))
     messages = [{"role": "user", "content": prompt}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
@@ -179,8 +179,8 @@ def render_example(
     """
     eos = tokenizer.eos_token or ""
     if example.kind == "text":
-        text = bos_text(tokenizer) if bos is None else bos
-        text += (example.text or "") + eos
+        bos = bos_text(tokenizer) if bos is None else bos
+        text = with_bos(bos, example.text or "") + eos
         return text, [(0, len(text))]
     if example.kind == "messages" or chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -195,8 +195,10 @@ def render_example(
         return chat_spans(tokenizer, messages, example.tools, example.origin)
     # plain prompt/completion: the strings are joined as they are after the BOS text (as the
     # tokenizer itself, and so TRL, would start them), the answer ends with EOS
-    prompt = (bos_text(tokenizer) if bos is None else bos) + (example.prompt or "")
-    text = prompt + (example.completion or "") + eos
+    bos = bos_text(tokenizer) if bos is None else bos
+    prompt, completion = example.prompt or "", example.completion or ""
+    prompt = prompt if (prompt + completion).startswith(bos) else bos + prompt
+    text = prompt + completion + eos
     return text, [(len(prompt), len(text))]
 
 
@@ -216,6 +218,13 @@ def bos_text(tokenizer: Any) -> str:
         return ""
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     return (tokenizer.bos_token or "") if probe and probe[0] == tokenizer.bos_token_id else ""
+
+
+def with_bos(bos: str, text: str) -> str:
+    """``text`` after the BOS text ``bos`` (``bos_text``), unless it starts with it already: a
+    text written with its BOS ("<s>Hello") would start with two, a state no model was trained
+    on (llama.cpp warns of it); either way the tokens are BOS + text."""
+    return text if text.startswith(bos) else bos + text
 
 
 def save_tokenized(path: Path, tokenized: list[TokenizedExample]) -> None:

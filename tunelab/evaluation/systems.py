@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.data.schema import Example
-from tunelab.data.tokenize import bos_text
+from tunelab.data.tokenize import bos_text, with_bos
 from tunelab.errors import TunelabError
 from tunelab.template_sandbox import render_chat
 
@@ -179,7 +179,7 @@ class PromptBuilder:
             prompt = prefix + item.question
         else:
             prompt = self.rag_question(item) if system.endswith("rag") else item.question
-        prompt = self.bos() + prompt  # each plain text starts so in training (render_example)
+        prompt = with_bos(self.bos(), prompt)  # each plain text starts so in training
         # a trailing space belongs to the answer's first token in training (see render_prompt)
         return prompt.rstrip(" \t"), prompt + joiner + item.reference + eos
 

@@ -127,7 +127,8 @@ def build_app(pool: ModelPool, worker: BatchWorker) -> Any:
         if not prompt_ids:  # nothing to continue from (the model would fail on no input)
             raise RequestError(400, "prompt: it is empty; give the text to continue.", "prompt")
         bos = "" if chat else bos_text(served.tokenizer)
-        if bos:  # a plain prompt starts as each plain text did in training (render_prompt)
+        # a plain prompt starts as each plain text did in training (render_prompt), with one BOS
+        if bos and not text.startswith(bos):
             prompt_ids = served.tokenizer(bos + text, add_special_tokens=False).input_ids
         room = pool.context_length - len(prompt_ids)
         where = "messages" if chat else "prompt"
