@@ -175,3 +175,19 @@ def test_a_text_that_starts_with_its_bos_gets_no_second_one(bos_tokenizer):
     builder = PromptBuilder(bos_tokenizer, False, None, [], retriever=None)
     shown, _ = builder.render("base", item, 0)
     assert ids(shown) == prompt
+
+
+def test_the_cache_key_changes_when_the_tokenizer_is_edited_in_place(tiny_model_dir, tokenizer):
+    # a tokenizer edited in its folder (BOS switched on or off, a new chat template) kept its
+    # name and vocabulary size, the whole key: training reused tokens with the old BOS
+    from tunelab.data.prepare import content_hash
+
+    config = FineTuningConfig(dataset_path="d.jsonl")
+    inputs = {"train": [{"sha256": "0", "path": "d.jsonl"}]}
+    again = load_tokenizer(str(tiny_model_dir))
+    assert content_hash(config, again, inputs) == content_hash(config, tokenizer, inputs)
+    bos = bos_adding_tokenizer(tiny_model_dir)
+    assert bos.name_or_path == tokenizer.name_or_path and len(bos) == len(tokenizer)
+    assert content_hash(config, bos, inputs) != content_hash(config, tokenizer, inputs)
+    again.chat_template = "{{ messages[0]['content'] }}"
+    assert content_hash(config, again, inputs) != content_hash(config, tokenizer, inputs)

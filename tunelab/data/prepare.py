@@ -424,6 +424,24 @@ def _tokenizer_name(tokenizer: Any) -> str | None:
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
+def _tokenizer_rules(tokenizer: Any) -> str | None:
+    """A digest of how ``tokenizer`` renders and splits text: its rules (the fast tokenizer's
+    JSON, with the post-processor that puts BOS in front), chat template and special tokens.
+    A tokenizer edited in place keeps its folder and vocabulary size, and tokens cached under
+    those alone trained with a BOS (or template) that generation no longer renders."""
+    if tokenizer is None:
+        return None
+    from tunelab.data.tokenize import bos_text
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [
+        backend.to_str() if backend is not None else bos_text(tokenizer),
+        str(getattr(tokenizer, "chat_template", None) or ""),
+        str([getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token")]),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
 def content_hash(config: FineTuningConfig, tokenizer: Any, inputs: dict[str, Any]) -> str:
     """The cache key: input file hashes, every data setting, the tokenizer, the stage version."""
     settings = {
@@ -440,6 +458,7 @@ def content_hash(config: FineTuningConfig, tokenizer: Any, inputs: dict[str, Any
         "settings": settings,
         "tokenizer": _tokenizer_name(tokenizer),
         "vocab": len(tokenizer) if tokenizer is not None else None,
+        "rules": _tokenizer_rules(tokenizer),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
