@@ -99,3 +99,31 @@ def test_preview_shows_the_boundary_token_of_a_prompt_ending_in_a_space(
     assert run(["data", "preview", str(config), "-n", "1"]) == 0
     out = capsys.readouterr().out
     assert "Define:[[ byte<|im_end|>]]" in out and "2 in the loss" in out
+
+
+def test_a_preference_config_is_inspected_as_training_reads_it(tmp_path, tiny_model_dir, capsys):
+    # `tunelab data inspect` on a kto config refused its label: false rows as bad SFT data
+    # ("train this file with objective: kto", which it did), and on a dpo config named its
+    # pairs an unknown schema; prepare and preview failed the same way
+    import pytest
+
+    from tunelab.errors import TunelabError
+
+    rows = [
+        {"prompt": f"What is term {i}?", "completion": f"answer {i} to it", "label": i < 2}
+        for i in range(8)
+    ]
+    write_jsonl(tmp_path / "kto.jsonl", rows)
+    config = tmp_path / "kto.yaml"
+    config.write_text(
+        f"model_name: {tiny_model_dir}\ndataset_path: {tmp_path / 'kto.jsonl'}\n"
+        f"output_dir: {tmp_path / 'out'}\nobjective: kto\neval_split: 0.0\n"
+    )
+    assert run(["data", "inspect", str(config), "--out", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    assert "KTO rows: 2 desirable (true), 6 undesirable (false)." in printed
+    assert "Set desirable_weight between 3.00 and 4.00" in printed
+    assert not (tmp_path / "report").exists()
+    for command in ("prepare", "preview"):
+        with pytest.raises(TunelabError, match=f"data {command} works on SFT data.*objective kto"):
+            run(["data", command, str(config)])

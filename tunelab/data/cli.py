@@ -16,6 +16,7 @@ from tunelab.config import FineTuningConfig, config_from_dict, load_config
 from tunelab.data.prepare import PreparedData, format_summary, prepare_examples, write_prepared
 from tunelab.data.report import write_reports
 from tunelab.data.tokenize import IGNORE_INDEX, tokenize_example, uses_chat_template
+from tunelab.errors import TunelabError
 from tunelab.ownership import (
     check_output_files,
     check_separate,
@@ -125,8 +126,31 @@ def pairs_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preference_summary(config: FineTuningConfig) -> str:
+    """The summary training prints for a preference config's data (read and checked as that
+    objective reads it, KTO's label counts and balance with the config's weights)."""
+    from tunelab.data.preference import format_preference_summary, prepare_preference
+
+    weights = (config.desirable_weight, config.undesirable_weight)
+    return format_preference_summary(prepare_preference(config).manifest, weights)
+
+
+def _refuse_preference(config: FineTuningConfig, command: str) -> None:
+    """Preference data is read again by each run, not prepared or previewed as SFT rows (which
+    refused its pairs as an unknown schema, or its label: false rows as bad SFT data)."""
+    if config.objective != "sft":
+        raise TunelabError(
+            f"tunelab data {command} works on SFT data, and this config trains objective "
+            f"{config.objective}, whose preference data each run reads and checks itself. Run "
+            "'tunelab data inspect CONFIG' for its summary."
+        )
+
+
 def inspect_command(args: argparse.Namespace) -> int:
     config = _config(args.source, args.set)
+    if config.objective != "sft":  # no SFT report: the preference summary training prints
+        print(_preference_summary(config))
+        return 0
     if args.model:
         config = dataclasses.replace(config, model_name=args.model)
     check_separate(args.out, _inputs(config), "--out")
@@ -169,6 +193,7 @@ def _print_details(prepared: PreparedData) -> None:
 
 def prepare_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
+    _refuse_preference(config, "prepare")
     out = Path(args.out) if args.out else Path(config.output_dir) / "data"
     # checked before the data is read: the raw data must never be what gets replaced
     check_separate(out, _inputs(config), "--out")
@@ -183,6 +208,7 @@ def prepare_command(args: argparse.Namespace) -> int:
 
 def preview_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
+    _refuse_preference(config, "preview")
     tokenizer = _tokenizer(config)
     prepared = prepare_examples(config, tokenizer)
     examples = prepared.train if args.split == "train" else prepared.eval or []
