@@ -177,3 +177,18 @@ def test_a_plain_question_is_scored_as_training_tokenized_the_pair(tiny_model_di
     prompt, full = builder(tokenizer, chat=False, k=1).render("base", item, 0)
     ids, _, _ = encode_scored(tokenizer, prompt, full, 10_000)
     assert ids == trained.input_ids and ids[0] == tokenizer.bos_token_id
+
+
+def test_a_prompt_cut_to_fit_keeps_its_bos(tiny_model_dir):
+    # a long few-shot or RAG prompt (or a forgetting passage) loses tokens from the left to fit
+    # the scoring window; it lost its BOS with them, a start no training text had
+    from tunelab.evaluation.scoring import encode_scored
+
+    tokenizer = bos_adding_tokenizer(tiny_model_dir)
+    example = Example("h:4", prompt="What is a byte? " * 20, completion="Eight bits of data.")
+    prompt, full = builder(tokenizer, chat=False, k=1).render("base", to_item(example), 0)
+    whole, first, cut = encode_scored(tokenizer, prompt, full, 10_000)
+    ids, first_kept, cut = encode_scored(tokenizer, prompt, full, 30)
+    assert cut and len(ids) == 30 and ids[0] == tokenizer.bos_token_id
+    assert ids[1:] == whole[len(whole) - 29 :]  # the rest is the end of the text
+    assert ids[first_kept:] == whole[first:]  # the reference whole, after the same prompt end

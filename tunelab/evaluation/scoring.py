@@ -27,7 +27,9 @@ def encode_scored(
     tokenizer: Any, prompt: str, full: str, max_tokens: int
 ) -> tuple[list[int], int, bool]:
     """Token ids of ``full``, the index of the first token after ``prompt``, and whether the
-    text was cut; long inputs lose tokens from the left, so the reference is scored whole."""
+    text was cut; long inputs lose tokens from the left, so the reference is scored whole, and
+    keep a leading BOS (as llama.cpp keeps it when it shifts its context): every text the model
+    was trained on starts with it."""
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     # the first token holding a character of the reference: a prompt ending in a space shares
@@ -35,7 +37,8 @@ def encode_scored(
     first = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
     cut = max(len(ids) - max_tokens, 0)
     if cut:
-        ids, first = ids[cut:], max(first - cut, 1)
+        keep = int(ids[0] == getattr(tokenizer, "bos_token_id", None))
+        ids, first = ids[:keep] + ids[cut + keep :], max(first - cut, 1)
     return ids, max(first, 1), cut > 0  # the first token has nothing before it to predict it
 
 
