@@ -640,7 +640,16 @@ def test_completions_start_a_plain_prompt_with_bos_as_the_tokenizer_does(lively_
         reply = client.completions.create(
             model="bos-model", prompt="A byte is", max_tokens=6, temperature=0
         )
+        # a prompt written with its BOS gets no second one (it got two)
+        written = client.completions.create(
+            model="bos-model",
+            prompt=loaded.tokenizer.bos_token + "A byte is",
+            max_tokens=6,
+            temperature=0,
+        )
     finally:
         server.close()
     assert reply.choices[0].text.strip() == want
     assert reply.usage.prompt_tokens == len(loaded.tokenizer("A byte is")["input_ids"])
+    assert written.choices[0].text == reply.choices[0].text
+    assert written.usage.prompt_tokens == reply.usage.prompt_tokens
