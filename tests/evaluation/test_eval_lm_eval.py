@@ -75,3 +75,24 @@ def test_cli_lm_eval_without_the_harness_says_how_to_install(tmp_path, monkeypat
     code = main(["eval", str(tmp_path), "--lm-eval", "arc_easy"])
     err = capsys.readouterr().err
     assert code != 0 and "pip install lm-eval" in err and "Traceback" not in err
+
+
+def test_a_run_whose_tokenizer_adds_bos_asks_lm_eval_for_it(tmp_path, tiny_model_dir):
+    # lm-eval's hf model encoded without special tokens by default (add_bos_token False but
+    # for Gemma), so a Llama-style run was scored without the BOS its training texts had
+    from tests.conftest import bos_adding_tokenizer
+    from tunelab.models import load_tokenizer
+
+    plain, run = tmp_path / "plain", tmp_path / "run"
+    for folder, tokenizer in (
+        (plain, load_tokenizer(str(tiny_model_dir))),
+        (run, bos_adding_tokenizer(tiny_model_dir)),
+    ):
+        folder.mkdir()
+        saved_adapter_files(folder)
+        tokenizer.save_pretrained(folder)  # over the placeholder tokenizer_config.json
+        (folder / "adapter_config.json").write_text(
+            json.dumps({"base_model_name_or_path": str(tiny_model_dir)})
+        )
+    assert lm_eval_model_args(run).endswith(",trust_remote_code=False,add_bos_token=True")
+    assert "add_bos_token" not in lm_eval_model_args(plain)

@@ -57,6 +57,11 @@ def lm_eval_model_args(run_dir: str | Path, dtype: str = "float32") -> str:
 
     # lm-eval loads with transformers too: the run's own choice, stated, never its default
     args["trust_remote_code"] = str(run_trust_remote_code(folder))
+    if _adds_bos(folder, args["trust_remote_code"] == "True"):
+        # lm-eval before its PR 3347 (October 2025) encodes without special tokens unless
+        # told (add_bos_token False, Gemma aside), so a Llama/Mistral run was scored without
+        # the BOS every text it trained on starts with; later versions add it once either way
+        args["add_bos_token"] = "True"
     for key, value in args.items():
         if "," in value or "=" in value:
             raise TunelabError(
@@ -64,6 +69,17 @@ def lm_eval_model_args(run_dir: str | Path, dtype: str = "float32") -> str:
                 "cannot carry. Move the run to a path without them."
             )
     return ",".join(f"{key}={value}" for key, value in args.items())
+
+
+def _adds_bos(folder: Path, trust_remote_code: bool) -> bool:
+    """Whether the tokenizer saved in ``folder`` puts BOS in front by itself (``bos_text``);
+    False when the folder holds no tokenizer files (lm-eval then reports what it lacks)."""
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return False
+    from tunelab.data.tokenize import bos_text
+    from tunelab.models import load_saved_tokenizer
+
+    return bool(bos_text(load_saved_tokenizer(str(folder), trust_remote_code)))
 
 
 def lm_eval_arguments(
