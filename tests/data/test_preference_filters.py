@@ -160,3 +160,24 @@ def test_kto_warns_when_the_weights_leave_the_papers_range(tmp_path):
     manifest = prepare_preference(config).manifest
     assert "warning" not in format_preference_summary(manifest, (3.5, 1.0))
     assert "warning" not in format_preference_summary(manifest, (1.0, 0.0))  # unused class
+
+
+def test_a_kto_csv_file_gives_its_labels_as_text(tmp_path):
+    # a CSV or TSV file has no booleans: its KTO labels were refused ("'label' is 'true' (str),
+    # expected a boolean. Write true ...") and, as SFT data, its false rows were taught
+    from tunelab.data.prepare import prepare_examples
+
+    data = tmp_path / "kto.csv"
+    data.write_text(
+        "prompt,completion,label\nWhat is a cache?,a fast store of data,true\n"
+        "What is a bus?,a yellow vehicle,FALSE\nWhat is a loop?,code that repeats, True\n",
+        encoding="utf-8",
+    )
+    config = FineTuningConfig(dataset_path=str(data), objective="kto", eval_split=0.0)
+    prepared = prepare_preference(config)
+    assert [e.label for e in prepared.train] == [True, False, True]
+    assert "KTO rows: 2 desirable (true), 1 undesirable (false)." in format_preference_summary(
+        prepared.manifest
+    )
+    with pytest.raises(TunelabError, match=r"kto.csv:3: the row has 'label': false"):
+        prepare_examples(FineTuningConfig(dataset_path=str(data), data_cache=False))

@@ -244,6 +244,10 @@ def _unpaired(row: dict[str, Any], origin: str) -> PreferenceExample:
                 f"Add '{key}' to the row",
             )
     label = row["label"]
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        # a CSV or TSV file has no booleans: its true and false arrive as text (as pandas and
+        # datasets read such a column, they are the booleans)
+        label = label.strip().lower() == "true"
     if not isinstance(label, bool):
         raise _bad(
             origin,

@@ -295,8 +295,10 @@ def to_example(
     if schema == "text":
         return Example(origin, text=_need_str(row, "text", origin, "the document"))
     if schema == "prompt_completion":
-        if row.get("label") is False:
-            # KTO's unpaired rows: the completion is one the model should not give
+        label = row.get("label")
+        if label is False or isinstance(label, str) and label.strip().lower() == "false":
+            # KTO's unpaired rows: the completion is one the model should not give (a CSV or
+            # TSV file writes its false as text)
             raise TunelabError(
                 f"{origin}: the row has 'label': false (KTO's prompt/completion/label format): "
                 "its completion is marked bad, and SFT would teach it. Train this file with "
