@@ -84,3 +84,33 @@ def test_pairs_never_cut_a_one_line_file_they_did_not_write(tmp_path, tiny_model
     assert code != 0
     assert "notes.txt:1 is not a JSON line" in capsys.readouterr().err
     assert notes.read_text(encoding="utf-8") == "my notes, one line, no newline"
+
+
+def test_a_conversation_is_sampled_as_training_renders_it(tmp_path, tiny_model_dir, monkeypatch):
+    # a conversation's prompt was rendered by apply_chat_template alone: without the run's
+    # system prompt, which training puts first, so the rejected answers came from another start
+    import tunelab.generation as generation
+    from tunelab.data.tokenize import render_chat
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is term {i}?"},
+                      {"role": "assistant", "content": f"answer number {i}"}]}
+        for i in range(2)
+    ]  # fmt: skip
+    config = FineTuningConfig(dataset_path=str(write_jsonl(tmp_path / "chat.jsonl", rows)))
+    loaded = generation.load_for_inference(str(tiny_model_dir))
+    loaded.system_prompt = "Answer in one line."
+    seen = []
+
+    def spy(loaded, texts, *args, **options):
+        seen.extend(texts)
+        return ["a sampled answer"] * len(texts)
+
+    monkeypatch.setattr(generation, "load_for_inference", lambda *a, **k: loaded)
+    monkeypatch.setattr(generation, "generate_from_text", spy)
+    make_pairs(config, str(tiny_model_dir), tmp_path / "pairs.jsonl", progress=lambda _: None)
+    system = {"role": "system", "content": "Answer in one line."}
+    assert seen == [
+        render_chat(loaded.tokenizer, [system, r["messages"][0]], add_generation_prompt=True)
+        for r in rows
+    ]
