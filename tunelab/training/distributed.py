@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import atexit
 import gc
+import json
 import logging
 import os
-import pickle
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TypeGuard
@@ -160,12 +160,14 @@ def all_reduce_sum(value: float | int, world: World) -> float:
 
 
 def gather_objects(value: Any, world: World) -> list[Any]:
-    """Every process's ``value`` (picklable), in rank order; ``[value]`` for one process."""
+    """Every process's ``value`` (JSON: dicts, lists, strings, numbers, exact for floats, nan
+    and inf included), in rank order; ``[value]`` for one process."""
     if not world.active:
         return [value]
-    # all_gather_object's own tensors die in torch's frame, out of hold's reach: the same
-    # pickled-bytes exchange (sizes first, then the bytes padded to the longest), on held tensors
-    data = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8)
+    # all_gather_object's own tensors die in torch's frame, out of hold's reach: its exchange
+    # (sizes first, then the bytes padded to the longest) on held tensors, in JSON, not pickle,
+    # which would run code from another process's bytes
+    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
     size = torch.tensor([data.numel()], dtype=torch.int64, device=world.device)
     sizes = [torch.zeros_like(size) for _ in range(world.size)]
     all_gather(sizes, size)
@@ -175,7 +177,7 @@ def gather_objects(value: Any, world: World) -> list[Any]:
     parts = [torch.empty_like(padded) for _ in range(world.size)]
     all_gather(parts, padded)
     pairs = zip(parts, sizes, strict=True)
-    return [pickle.loads(part[: int(n)].cpu().numpy().tobytes()) for part, n in pairs]
+    return [json.loads(part[: int(n)].cpu().numpy().tobytes()) for part, n in pairs]
 
 
 def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:
