@@ -201,7 +201,9 @@ world = init_world("cpu")
 assert dist.is_initialized() and world.size == 2
 for _ in range(20):
     assert all_reduce_sum(world.rank + 1, world) == 3.0
-assert len(distributed._held) <= 2, len(distributed._held)  # let go once the backend has
+# held on torch < 2.8 only (its destructor's deadlock), and let go once the backend has: not
+# one per call (20), only the last few the gloo threads may still be finishing
+assert (len(distributed._held) >= 1) is distributed._HOLD and len(distributed._held) < 10
 # the eval's last step: a gather of results (what the rank reports on may differ in size)
 assert gather_objects({"rank": world.rank, "text": "x" * world.rank}, world) == [
     {"rank": 0, "text": ""}, {"rank": 1, "text": "x"}

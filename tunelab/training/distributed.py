@@ -206,13 +206,17 @@ def all_reduce_gradients(params: list[torch.Tensor], world: World) -> None:
 # waited forever: a two-process run hung at exit in 7 runs of 20 on torch 2.5. Held here, the
 # worker's reference is never the last one, so dropping it needs no GIL; leave_world lets go of
 # them once the group is destroyed. A tensor only Python holds (use count 1) is let go at the
-# next collective, so this keeps at most the last step's buffers.
+# next collective, so this keeps at most the last step's buffers. torch 2.8 releases the GIL in
+# the destructor, and nothing is held there (a held gradient buffer would outlive its step).
 _held: list[torch.Tensor] = []
+_HOLD = torch.__version__ < "2.8"
 
 
 def hold(*tensors: torch.Tensor) -> None:
     """Keep ``tensors`` (just handed to a collective) alive until the group is destroyed or the
-    backend no longer holds them; see _held."""
+    backend no longer holds them, on torch < 2.8; see _held."""
+    if not _HOLD:
+        return
     _held[:] = [t for t in _held if t._use_count() > 1]  # type: ignore[attr-defined]
     _held.extend(tensors)
 
