@@ -92,4 +92,6 @@ def test_preference_data_is_not_reread_as_sft_data(tmp_path, tiny_model_dir):
     # the generic collator probe warned that EOS is masked, which tunelab's pairs never do
     assert "eos_masked" not in {f.code for f in findings}
     (note,) = [f for f in findings if f.code == "pad_is_eos"]
-    assert "dpo training labels each answer by its span, its EOS included" in note.evidence
+    assert "dpo training labels each answer by its span, with the token that closes it" in (
+        note.evidence
+    )

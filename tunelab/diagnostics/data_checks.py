@@ -220,8 +220,9 @@ def check_eos_label(
                 "pad_is_eos",
                 "info",
                 "Pad token equals EOS (harmless here)",
-                f"{same}; {config.objective} training labels each answer by its span, its EOS "
-                "included, so the model keeps learning to end its answers.",
+                f"{same}; {config.objective} training labels each answer by its span, with the "
+                "token that closes it (EOS, or the chat template's end of turn), so padding "
+                "never hides it and the model keeps learning to end its answers.",
                 "nothing to do: tunelab builds labels from masks, not from input_ids != pad. "
                 "Other trainers may mask EOS when pad = EOS.",
             )
