@@ -18,7 +18,7 @@ from typing import Any
 from tunelab.config import FineTuningConfig
 from tunelab.data.dedup import exact_key
 from tunelab.data.schema import Example
-from tunelab.data.tokenize import render_chat
+from tunelab.data.tokenize import as_messages, render_chat
 from tunelab.errors import TunelabError
 
 
@@ -33,13 +33,6 @@ def _prompt_and_reference(example: Example) -> tuple[str | list[dict[str, str]],
         "conversation ending with the assistant's answer); this row has neither. Use "
         "prompt_template/completion_template to map other columns."
     )
-
-
-def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
-    """``messages`` with the run's system prompt first, as training adds it (as_messages)."""
-    if system_prompt and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system_prompt}, *messages]
-    return messages
 
 
 def _done_rows(out: Path, model_id: str) -> set[str]:
@@ -125,8 +118,8 @@ def make_pairs(
             # a conversation's prompt as training renders it (system prompt, template limits),
             # as generate renders a plain one
             texts = [
-                render_chat(loaded.tokenizer, _with_system(p, loaded.system_prompt),
-                            add_generation_prompt=True)
+                render_chat(loaded.tokenizer, as_messages(Example("", messages=p),
+                            loaded.system_prompt), add_generation_prompt=True)
                 for _, p, _ in batch
                 if not isinstance(p, str)
             ]  # fmt: skip
