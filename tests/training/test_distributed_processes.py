@@ -93,13 +93,8 @@ def test_two_gloo_processes_match_one_process(make_config, tmp_path):
     single = train(write_config(make_config, tmp_path, "single", gradient_accumulation_steps=2,
                                 **values))  # fmt: skip
     assert single.wait(timeout=300) == 0, single.stdout.read()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    pair = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "tunelab.cli", "train",
-         str(write_config(make_config, tmp_path, "pair", gradient_accumulation_steps=1, **values))],
-        capture_output=True, text=True, env=env, timeout=400,
-    )  # fmt: skip
+    pair = torchrun(write_config(make_config, tmp_path, "pair", gradient_accumulation_steps=1,
+                                 **values))  # fmt: skip
     assert pair.returncode == 0, pair.stdout + pair.stderr
     note = (
         "Global batch: 4 rows per optimizer step = batch_size 2 per process x "
@@ -109,11 +104,7 @@ def test_two_gloo_processes_match_one_process(make_config, tmp_path):
     for start in ("Data: 24 rows loaded", "Device ", "Trainable parameters:"):
         assert pair.stdout.count(start) == 1, pair.stdout  # every process loads; rank 0 says so
     assert "would idle" not in pair.stdout + pair.stderr
-    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "pair" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    same_weights(tmp_path / "single", tmp_path / "pair")
     # only rank 0 wrote: one line per step, as in the single run
     lines = (tmp_path / "pair" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
@@ -247,6 +238,16 @@ def torchrun(path, *extra):
     )  # fmt: skip
 
 
+def same_weights(expected, actual, file="adapter_model.safetensors", msg=None):
+    """The tensors of ``expected``/``file``, once ``actual``/``file`` is checked to hold the same
+    names and values (1e-4 relative, 1e-6 absolute: one process against several)."""
+    a, b = load_file(str(expected / file)), load_file(str(actual / file))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=msg)
+    return a
+
+
 def resume_copy(tmp_path, run, step, name):
     """A fresh run folder holding only ``run``'s checkpoint at ``step`` (and its config)."""
     folder = tmp_path / name
@@ -273,11 +274,8 @@ def test_fsdp_over_two_gloo_processes_matches_one_process_and_resumes(make_confi
     assert pair.returncode == 0, pair.stdout + pair.stderr
     assert "FSDP: 2 decoder layers sharded over 2 processes." in pair.stdout
     assert pair.stdout.count("Run folder:") == 1  # the main process reports
-    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and len(a) == 8  # q and v, A and B, 2 layers: whole tensors
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    a = same_weights(tmp_path / "single", tmp_path / "fsdp")
+    assert len(a) == 8  # q and v, A and B, 2 layers: whole tensors
     single_losses = [json.loads(x)["loss"] for x in (tmp_path / "single" / "metrics.jsonl").open()]
     losses = [json.loads(x)["loss"] for x in (tmp_path / "fsdp" / "metrics.jsonl").open()]
     assert losses == pytest.approx(single_losses, rel=1e-5)
@@ -312,9 +310,7 @@ def test_fsdp_over_two_gloo_processes_matches_one_process_and_resumes(make_confi
         resumed = run(folder)
         assert resumed.returncode == 0, name + resumed.stdout + resumed.stderr
         assert "Resuming from" in resumed.stdout and "(step 2 of 4)" in resumed.stdout, name
-        c = load_file(str(folder / "adapter_model.safetensors"))
-        for key in a:
-            torch.testing.assert_close(c[key], b[key], rtol=1e-4, atol=1e-6, msg=name)
+        same_weights(tmp_path / "fsdp", folder, msg=name)
 
 
 @pytest.mark.skipif(fsdp_unavailable() is not None, reason="FSDP2 sum reductions need torch 2.8")
@@ -427,17 +423,9 @@ def test_two_gloo_processes_match_one_process_on_a_preference_run(objective, tmp
 
     single = train(config("single", 2))
     assert single.wait(timeout=300) == 0, single.stdout.read()
-    pair = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "tunelab.cli", "train", str(config("pair", 1))],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=400,
-    )  # fmt: skip
+    pair = torchrun(config("pair", 1))
     assert pair.returncode == 0, pair.stdout + pair.stderr
-    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "pair" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    same_weights(tmp_path / "single", tmp_path / "pair")
 
     def records(name):
         return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").open()]
@@ -502,11 +490,7 @@ def test_fsdp_preference_run_over_two_gloo_processes_matches_one_process_and_res
     pair = torchrun(path)
     assert pair.returncode == 0, pair.stdout + pair.stderr
     assert "FSDP: 2 decoder layers sharded over 2 processes." in pair.stdout
-    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and len(a) == 8
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    assert len(same_weights(tmp_path / "single", tmp_path / "fsdp")) == 8
 
     def records(folder):
         return [json.loads(x) for x in (folder / "metrics.jsonl").open()]
@@ -545,9 +529,7 @@ def test_fsdp_preference_run_over_two_gloo_processes_matches_one_process_and_res
     resumed = torchrun(path, "--resume", "--set", f"output_dir={folder}")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "(step 2 of 3)" in resumed.stdout
-    c = load_file(str(folder / "adapter_model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(c[key], b[key], rtol=1e-4, atol=1e-6)
+    same_weights(tmp_path / "fsdp", folder)
     same_records(records(folder), [r for r in single_records if r["step"] == 3])
     if objective != "simpo":
         assert json.loads((folder / REFERENCE_CACHE).read_text()) == pytest.approx(pair_cache)
@@ -586,11 +568,7 @@ def test_fsdp_dpo_with_other_adapters_matches_one_process(method, tmp_path, tiny
     assert single.returncode == 0, single.stdout + single.stderr
     pair = torchrun(paths[1])
     assert pair.returncode == 0, pair.stdout + pair.stderr
-    a = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and a
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    assert same_weights(tmp_path / "single", tmp_path / "fsdp")
     losses = [
         [json.loads(x).get("loss") for x in (tmp_path / name / "metrics.jsonl").open()]
         for name in ("single", "fsdp")
@@ -622,11 +600,8 @@ def test_fsdp_full_fine_tuning_with_dpo_matches_one_process(tmp_path, tiny_model
     pair = torchrun(config("fsdp", 1, sharding="fsdp"))
     assert pair.returncode == 0, pair.stdout + pair.stderr
     assert "AdamW (per tensor: sharded and whole weights)" in pair.stdout
-    a = load_file(str(tmp_path / "single" / "model.safetensors"))
-    b = load_file(str(tmp_path / "fsdp" / "model.safetensors"))
-    assert a.keys() == b.keys() and len(a) > 8  # every weight, whole
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    a = same_weights(tmp_path / "single", tmp_path / "fsdp", "model.safetensors")
+    assert len(a) > 8  # every weight, whole
     records = [
         [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").open()]
         for name in ("single", "fsdp")
@@ -655,11 +630,7 @@ def test_fsdp_full_fine_tuning_matches_one_process(make_config, tmp_path):
     )
     pair = torchrun(path)
     assert pair.returncode == 0, pair.stdout + pair.stderr
-    a = load_file(str(tmp_path / "single" / "model.safetensors"))
-    b = load_file(str(tmp_path / "fsdp" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    same_weights(tmp_path / "single", tmp_path / "fsdp", "model.safetensors")
     losses = [
         [
             r["loss"]
