@@ -548,8 +548,10 @@ def _tokenize_answer(
     max_length: int,
     chat: bool,
     system_prompt: str | None,
+    bos: str | None = None,
 ) -> TokenizedExample:
-    """Prompt and answer as one sequence; only the answer's tokens are in the loss."""
+    """Prompt and answer as one sequence; only the answer's tokens are in the loss. ``bos``:
+    the tokenizer's ``bos_text``, worked out once by the caller (None: ask the tokenizer)."""
     if isinstance(prompt, list) or chat:
         prompt_messages = (
             prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
@@ -570,7 +572,8 @@ def _tokenize_answer(
         spans = [span for span in spans if span[0] >= len(prompt_text)]
         return _tokenize_with_spans(tokenizer, text, spans, max_length)
     assert isinstance(answer, str)
-    prompt = with_bos(bos_text(tokenizer), prompt)  # as SFT renders a plain prompt
+    # as SFT renders a plain prompt (render_example)
+    prompt = with_bos(bos_text(tokenizer) if bos is None else bos, prompt)
     text = prompt + answer + (tokenizer.eos_token or "")
     return _tokenize_with_spans(tokenizer, text, [(len(prompt), len(text))], max_length)
 
@@ -586,8 +589,12 @@ def tokenize_preference(
     previous example's completion as its KL sequence (TRL's mismatched pairs)."""
     from tunelab.training.preference import Unit
 
+    bos = bos_text(tokenizer)  # once, not per answer
+
     def encode(prompt: Text, answer: Text, origin: str) -> TokenizedExample:
-        tokenized = _tokenize_answer(prompt, answer, tokenizer, max_length, chat, system_prompt)
+        tokenized = _tokenize_answer(
+            prompt, answer, tokenizer, max_length, chat, system_prompt, bos
+        )
         if all(label == IGNORE_INDEX for label in tokenized.labels[1:]):
             raise TunelabError(
                 f"{origin}: the answer has no tokens left within max_length {max_length}. Raise "
@@ -605,7 +612,7 @@ def tokenize_preference(
             sides = {
                 "completion": encode(e.prompt, e.completion, e.origin),
                 "kl": _tokenize_answer(
-                    e.prompt, previous, tokenizer, max_length, chat, system_prompt
+                    e.prompt, previous, tokenizer, max_length, chat, system_prompt, bos
                 ),
             }
             units.append(Unit(i, sides, e.origin, desirable=e.label))
